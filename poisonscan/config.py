@@ -1,0 +1,240 @@
+"""Typed configuration: one dataclass per command, the paper's defaults in one place.
+
+Resolution order: dataclass defaults < config file (TOML, YAML or JSON) < command-line flags. Flags left at
+``None`` do not override. The resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from poisonscan.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PaperDefaults:
+    """PoisonCAM's defaults (Qian et al., section VI; the same as PatchSearch where shared)."""
+
+    n_clusters: int = 1000          # l, k-means clusters
+    n_masks: int = 256              # B, masks per image
+    window: int = 60                # w, masking window and candidate trigger side on 224 px images
+    reference_size: int = 224       # the image side the pixel defaults refer to
+    flip_set_size: int = 1000       # images in the flip test set (1 per cluster at l = 1000)
+    samples_per_cluster: int = 2    # s, images scored per live cluster per search round
+    drop_fraction: float = 0.25     # r, live clusters dropped per round
+    top_k: int = 20                 # poison set size
+    drop_top: float = 0.10          # p, top fraction by poison score left out of the classifier's negatives
+    mask_strategy: str = "full"     # full coverage masking (VI-D)
+    trigger_size: int = 50          # attack: trigger side on 224 px images
+    train_margin: float = 0.25      # attack: corner in [m W, (1 - m) W - size] on training images
+    val_margin: float = 0.10        # attack: the same on the patched validation set
+
+
+PAPER = PaperDefaults()
+
+
+@dataclass
+class CommonConfig:
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class PretrainConfig(CommonConfig):
+    data: str = ""
+    out: str | None = None
+    method: str = "simclr"
+    arch: str = "resnet18"
+    image_size: int = 64
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str = "auto"
+    temperature: float = 0.2
+    warmup_epochs: float = 1.0
+    grad_clip: float | None = None
+    num_workers: int = 2
+    resume: str | None = None
+    save_fp16: bool = False
+    knn_val: str | None = None
+    knn_every: int = 0
+
+
+@dataclass
+class PoisonConfig:
+    data: str = ""
+    out: str = ""
+    targets: list[str] = field(default_factory=list)   # CLASS=TRIGGER.png
+    attack: str = "patch"
+    rate: float | None = None
+    dataset_rate: float | None = None
+    trigger_size: float = PAPER.trigger_size / PAPER.reference_size
+    margin: float = PAPER.train_margin
+    val_margin: float = PAPER.val_margin
+    opacity: float = 1.0
+    blend_alpha: float = 0.2
+    ctrl_magnitude: float = 50.0
+    val: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    link: bool = False
+    preset: str | None = None
+
+
+@dataclass
+class DetectConfig(CommonConfig):
+    data: str = ""
+    model: str = ""
+    arch: str | None = None
+    image_size: int | None = None
+    out: str | None = None
+    resume: str | None = None
+    method: str = "poisoncam"
+    clusters: int = PAPER.n_clusters
+    masks: int = PAPER.n_masks
+    window: float = PAPER.window / PAPER.reference_size
+    mask_strategy: str = PAPER.mask_strategy
+    flip_size: int = PAPER.flip_set_size
+    samples_per_cluster: int = PAPER.samples_per_cluster
+    drop_fraction: float = PAPER.drop_fraction
+    top_k: int = PAPER.top_k
+    drop_top: float = PAPER.drop_top
+    classifier_iters: int = 2000
+    ensemble: int = 1
+    min_evidence: float = 3.0
+    force: bool = False
+    fail_on: float | None = None
+    batch_size: int = 256
+    trust_checkpoint: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class CleanConfig:
+    run: str | None = None
+    source: str | None = None
+    removed: str | None = None
+    out: str = ""
+    reshard: str | None = None
+    strict: bool = False
+
+
+@dataclass
+class EvalDetectionConfig:
+    run: str = ""
+    truth: str = ""
+    csv: str | None = None
+    plots: str | None = None
+
+
+@dataclass
+class EvalProbeConfig(CommonConfig):
+    model: str = ""
+    train: str = ""
+    val: str = ""
+    val_patched: str | None = None
+    trigger: str | None = None
+    targets: list[str] = field(default_factory=list)
+    fraction: float = 0.01
+    epochs: int = 100
+    out: str | None = None
+
+
+@dataclass
+class EvalBackdoorConfig(CommonConfig):
+    model: str = ""
+    data: str = ""
+    trigger: str = ""
+    target: str = ""
+    train: str | None = None
+    truth: str | None = None
+    out: str | None = None
+
+
+@dataclass
+class DemoConfig(CommonConfig):
+    data: str | None = None
+    trigger: str | None = None
+    out: str | None = None
+    pretrain: bool = False
+    epochs: int | None = None
+
+
+T = TypeVar("T")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise ConfigError(f"config file {path} is not valid: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    return data
+
+
+def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key.replace("-", "_") not in known:
+            close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown setting '{key}' in {where}{hint}")
+
+
+def resolve_config(cls: type[T], file: Path | str | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from its defaults, then ``file``, then ``overrides`` (``None`` values are skipped)."""
+    values: dict[str, Any] = {}
+    if file:
+        data = _read_file(Path(file))
+        # allow a [detect] / [pretrain] table in a shared file
+        section = cls.__name__.removesuffix("Config").lower()
+        if section in data and isinstance(data[section], dict):
+            data = data[section]
+        _check_keys(cls, data, str(file))
+        values.update({k.replace("-", "_"): v for k, v in data.items()})
+    if overrides:
+        _check_keys(cls, overrides, "flags")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-safe dict of a config dataclass (Paths as str)."""
+    if not is_dataclass(cfg):
+        raise TypeError("not a config dataclass")
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The default value of every field of ``cls`` (for docs and tests)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out

@@ -1,0 +1,176 @@
+"""Device, precision, seeds, progress and torch.distributed helpers.
+
+Every stage runs the same code for one process and under ``torchrun``: the world size decides (nanoGPT style).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from poisonscan.errors import UsageError
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors are computed in this process."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (no-op when ``amp_dtype`` is None)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "torch_threads": torch.get_num_threads(),
+        }
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if device == "cuda":
+            return torch.device(f"cuda:{local_rank}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device}: {exc}") from None
+
+
+def _pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision not in table:
+        raise UsageError(f"--precision {precision}: choose auto, bf16, fp16 or fp32")
+    return table[precision]
+
+
+def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Pick the device and precision; join torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return Runtime(dev, _pick_precision(precision, dev), rank, world, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Gather a picklable object from every rank (a one-element list without distributed)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send ``obj`` from rank ``src`` to every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 the tensors of every rank (sizes may differ)."""
+    if not is_distributed():
+        return t
+    parts = all_gather_object(t.detach().cpu())
+    return torch.cat(parts, dim=0)
+
+
+def shard_indices(n: int, rank: int, world: int) -> range:
+    """Contiguous share of ``range(n)`` for ``rank``: no index lost or duplicated."""
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
+
+
+class _Bar:
+    def __init__(self, progress: Any, task: Any) -> None:
+        self._p, self._t = progress, task
+
+    def advance(self, n: float = 1) -> None:
+        if self._p is not None:
+            self._p.advance(self._t, n)
+
+    def update(self, **fields: Any) -> None:
+        if self._p is not None:
+            self._p.update(self._t, **fields)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int | None, quiet: bool = False) -> Iterator[_Bar]:
+    """A rich progress bar on stderr, shown on rank 0 only when stderr is a terminal."""
+    show = (not quiet) and sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0
+    if not show:
+        yield _Bar(None, None)
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=Console(stderr=True), transient=False) as p:
+        task = p.add_task(description, total=total, info="")
+        yield _Bar(p, task)
