@@ -66,6 +66,9 @@ class PretrainConfig(CommonConfig):
     save_fp16: bool = False
     knn_val: str | None = None
     knn_every: int = 0
+    store_cache: str | None = None      # folder caching the decoded uint8 image store (reused across runs)
+    proj_hidden: int | None = None      # projector (and MoCo v3 predictor) hidden width [simclr 2048, mocov3 4096]
+    proj_dim: int | None = None         # projection output width [simclr 128, mocov3 256]
 
 
 @dataclass
@@ -81,12 +84,15 @@ class PoisonConfig:
     val_margin: float = PAPER.val_margin
     opacity: float = 1.0
     blend_alpha: float = 0.2
-    ctrl_magnitude: float = 50.0
+    ctrl_magnitude: float = 50.0        # CTRL reference: 50 on the training set
+    ctrl_val_magnitude: float = 100.0   # ... and 100 on the test set
+    ctrl_block: int = 32                # DCT block side; 0 = scaled with the image (32 px on 224 px)
     val: str | None = None
     seed: int = 0
     overwrite: bool = False
     link: bool = False
     preset: str | None = None
+    shared_data: str | None = None      # presets' data root (default $POISONSCAN_DATA, else ../shared/data)
 
 
 @dataclass
@@ -107,8 +113,12 @@ class DetectConfig(CommonConfig):
     drop_fraction: float = PAPER.drop_fraction
     top_k: int = PAPER.top_k
     drop_top: float = PAPER.drop_top
+    score_rule: str = "changed"         # poison score: "changed" (paper) or "to_source" (PatchSearch)
+    aggregate: str = "sum"              # cluster score in the search: "sum" (paper) or "max" (PatchSearch)
+    null_size: int = 256                # random windows scored for the backdoor-evidence test
     classifier_iters: int = 2000
     ensemble: int = 1
+    threshold: float = 0.5              # removed = classifier probability > threshold
     min_evidence: float = 3.0
     force: bool = False
     fail_on: float | None = None
@@ -125,6 +135,8 @@ class CleanConfig:
     out: str = ""
     reshard: str | None = None
     strict: bool = False
+    shard_size: int = 5000
+    compress: bool = False
 
 
 @dataclass
@@ -133,29 +145,51 @@ class EvalDetectionConfig:
     truth: str = ""
     csv: str | None = None
     plots: str | None = None
+    topk: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])   # retrieved-trigger cut-offs
+    fpr: list[float] = field(default_factory=lambda: [0.001, 0.01])         # TPR at these FPRs
 
 
 @dataclass
 class EvalProbeConfig(CommonConfig):
     model: str = ""
+    arch: str | None = None
+    image_size: int | None = None
+    trust_checkpoint: bool = False
     train: str = ""
     val: str = ""
     val_patched: str | None = None
-    trigger: str | None = None
+    triggers: list[str] = field(default_factory=list)     # one for every target, or one per target
     targets: list[str] = field(default_factory=list)
+    trigger_size: float = PAPER.trigger_size / PAPER.reference_size
+    margin: float = PAPER.val_margin
     fraction: float = 0.01
     epochs: int = 100
+    optimizer: str = "sgd"
+    lr: float | None = None                               # default 0.1 x probe_batch / 256 (SGD), 1e-3 (Adam)
+    probe_batch: int = 256
+    batch_size: int = 256                                 # feature extraction
     out: str | None = None
 
 
 @dataclass
 class EvalBackdoorConfig(CommonConfig):
     model: str = ""
+    arch: str | None = None
+    image_size: int | None = None
+    trust_checkpoint: bool = False
     data: str = ""
     trigger: str = ""
     target: str = ""
     train: str | None = None
     truth: str | None = None
+    k: int = 20
+    temperature: float = 0.07
+    clusters: int = PAPER.n_clusters                       # capped at N // 50 like detect
+    trigger_size: float = PAPER.trigger_size / PAPER.reference_size
+    margin: float = PAPER.val_margin
+    fraction: float = 0.01
+    epochs: int = 100
+    batch_size: int = 256
     out: str | None = None
 
 

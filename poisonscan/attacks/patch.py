@@ -1,0 +1,105 @@
+"""The HTBA patch attack (Saha et al.): paste a resized trigger patch at a random corner inside the margins."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from poisonscan.errors import UsageError
+
+ImageLike = Image.Image | np.ndarray
+
+
+def as_rgb_array(img: ImageLike) -> np.ndarray:
+    """``img`` as an ``H x W x 3`` uint8 array (PIL images are converted to RGB)."""
+    if isinstance(img, Image.Image):
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 image, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def load_trigger(path: Path | str) -> Image.Image:
+    """Read a trigger image as RGB (alpha composited on black); a missing or unreadable file is a ``UsageError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"trigger file {path} not found")
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                return Image.alpha_composite(black, rgba).convert("RGB")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"trigger file {path} is not a readable image ({exc.__class__.__name__})") from None
+
+
+def resize_trigger(trigger: ImageLike, width: int, height: int | None = None) -> np.ndarray:
+    """The trigger resized to ``width x height`` (bicubic, PIL's default as in the reference attack code)."""
+    height = width if height is None else height
+    if width < 1 or height < 1:
+        raise ValueError(f"trigger size must be at least 1 px, got {width}x{height}")
+    if isinstance(trigger, np.ndarray) and trigger.shape[:2] == (height, width):
+        return as_rgb_array(trigger)
+    pil = trigger if isinstance(trigger, Image.Image) else Image.fromarray(as_rgb_array(trigger), "RGB")
+    pil = pil.convert("RGB")
+    if pil.size != (width, height):
+        pil = pil.resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def trigger_side(trigger_size: float, width: int, height: int) -> int:
+    """Trigger side in pixels: ``trigger_size < 1`` is a fraction of the short side, otherwise pixels."""
+    if trigger_size <= 0:
+        raise ValueError(f"trigger size must be positive, got {trigger_size}")
+    if trigger_size < 1:
+        return max(1, int(round(trigger_size * min(width, height))))
+    return int(round(trigger_size))
+
+
+def corner_range(extent: int, size: int, margin: float) -> tuple[int, int]:
+    """Inclusive range of the top-left coordinate: ``[int(m * extent), int((1 - m) * extent) - size]``."""
+    lo, hi = int(margin * extent), int((1.0 - margin) * extent) - size
+    if size > extent:
+        raise ValueError(f"trigger of {size} px is larger than the image side of {extent} px")
+    if hi < lo:
+        raise ValueError(f"trigger of {size} px does not fit between margins of {margin:g} on a {extent} px side")
+    return lo, hi
+
+
+def random_corner(rng: np.random.Generator, width: int, height: int, size: int, margin: float) -> tuple[int, int]:
+    """Uniform top-left corner ``(x, y)`` with ``x`` in ``[m W, (1 - m) W - size]`` (likewise ``y``)."""
+    x_lo, x_hi = corner_range(width, size, margin)
+    y_lo, y_hi = corner_range(height, size, margin)
+    x, y = rng.integers((x_lo, y_lo), (x_hi + 1, y_hi + 1))
+    return int(x), int(y)
+
+
+def paste_trigger(img: ImageLike, trigger: ImageLike, x: int, y: int, size: int, opacity: float = 1.0) -> np.ndarray:
+    """Return a copy of ``img`` with ``trigger`` resized to ``size x size`` pasted with its top-left at ``(x, y)``.
+
+    ``opacity`` 1.0 replaces the pixels (the HTBA paste); below 1 the patch is alpha-blended:
+    ``round((1 - a) * img + a * trigger)`` inside the box, pixels outside it are untouched.
+    """
+    arr = as_rgb_array(img)
+    h, w = arr.shape[:2]
+    if not 0.0 < opacity <= 1.0:
+        raise ValueError(f"opacity must be in (0, 1], got {opacity}")
+    if x < 0 or y < 0 or x + size > w or y + size > h:
+        raise ValueError(f"box ({x}, {y}, {size}, {size}) does not fit in a {w}x{h} image")
+    patch = resize_trigger(trigger, size)
+    out = arr.copy()
+    if opacity >= 1.0:
+        out[y:y + size, x:x + size] = patch
+    else:
+        region = arr[y:y + size, x:x + size].astype(np.float32)
+        mixed = (1.0 - opacity) * region + opacity * patch.astype(np.float32)
+        out[y:y + size, x:x + size] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return out

@@ -1,0 +1,452 @@
+"""Poison classifier (PoisonCAM IV-D, PatchSearch step 9).
+
+A small ResNet (BasicBlock, [1, 1, 1, 1], 2 outputs) trained from scratch to tell images carrying a pasted candidate
+trigger (one of the top-k windows) from original images. Training pool: every image ordered by poison score minus the
+top ``drop_top`` share (noisy: likely poisons) and minus the bottom ``k`` (validation negatives); the top-k images are
+the validation positives. Each training image gets a random resized crop, with probability 0.5 a pasted trigger
+(positive), then colour jitter, grayscale and a horizontal flip, all batched on the device. Early stopping on the
+validation F1 (ties: lower validation loss) keeps the best weights; an ensemble averages logits. Every image with P(poisonous) > threshold is
+removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from poisonscan.errors import CheckpointError, PoisonscanError, UsageError
+from poisonscan.runtime import Runtime, progress
+
+#: classifier input normalisation (ImageNet statistics; the classifier is trained from scratch on any data)
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ClassifierConfig:
+    """Training settings; the defaults follow PatchSearch (SGD, batch 32, 2000 iterations, eval every 20)."""
+
+    iterations: int = 2000
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    eval_every: int = 20
+    patience: int = 10                      # evaluations without improvement before stopping
+    ensemble: int = 1
+    threshold: float = 0.5
+    min_side: float = 20 / 224              # pasted trigger side, fraction of the image side
+    max_side: float = 80 / 224
+    margin: float = 10 / 224                # pasted trigger distance from the border, fraction of the side
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    paste_prob: float = 0.5
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    predict_batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ClassifierSplit:
+    """Indices into the image store: training pool, validation positives (top-k), validation negatives."""
+
+    train: np.ndarray
+    val_pos: np.ndarray
+    val_neg: np.ndarray
+
+
+@dataclass
+class ClassifierResult:
+    models: list[nn.Module]
+    val_f1: float                            # ensemble F1 on the validation set (best weights)
+    iterations: list[int]                    # iterations run per member (early stopping)
+    best_iteration: list[int]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a (projected) identity shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+def stem_stride_for(image_size: int) -> int:
+    """Stem downsampling: ImageNet-style /4 from 64 px up, /2 for CIFAR-sized images, none below 24 px."""
+    return 4 if image_size >= 64 else 2 if image_size >= 24 else 1
+
+
+class PoisonResNet(nn.Module):
+    """ResNet with one BasicBlock per stage and two outputs (clean, poisonous)."""
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), stem_stride: int = 4, num_classes: int = 2) -> None:
+        super().__init__()
+        if stem_stride not in (1, 2, 4):
+            raise ValueError("stem_stride must be 1, 2 or 4")
+        self.widths = tuple(int(w) for w in widths)
+        self.stem_stride = stem_stride
+        stem: list[nn.Module] = [nn.Conv2d(3, self.widths[0], 3, min(stem_stride, 2), 1, bias=False),
+                                 nn.BatchNorm2d(self.widths[0]), nn.ReLU(inplace=True)]
+        if stem_stride == 4:
+            stem.append(nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(*stem)
+        blocks, c_in = [], self.widths[0]
+        for i, w in enumerate(self.widths):
+            blocks.append(BasicBlock(c_in, w, stride=1 if i == 0 else 2))
+            c_in = w
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # zero-init the last BN of each block: each block starts as the identity
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build_classifier(image_size: int, widths: Sequence[int] = (32, 64, 128, 256)) -> PoisonResNet:
+    return PoisonResNet(widths, stem_stride_for(image_size))
+
+
+# ----------------------------------------------------------------------------------------------------- data split
+
+
+def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top: float, seed: int = 0
+                     ) -> ClassifierSplit:
+    """Split the store for the classifier.
+
+    ``scores``: poison score per image, NaN where the image was not scored (ranked lowest). Images are ordered by
+    score (ties, in particular the unscored images, in a seeded random order); the top ``max(ceil(drop_top * N), k)``
+    and the ``top_k_indices`` are left out of training, the bottom ``k`` become validation negatives.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    val_pos = np.asarray(list(top_k_indices), dtype=np.int64)
+    k = len(val_pos)
+    if k == 0:
+        raise PoisonscanError("the poison classifier needs at least one top-k image")
+    key = np.where(np.isnan(scores), -np.inf, scores)
+    shuffled = np.random.default_rng(seed).permutation(n)
+    order = shuffled[np.argsort(-key[shuffled], kind="stable")]       # high -> low, random among ties
+    n_top = max(math.ceil(drop_top * n), k)
+    excluded = np.zeros(n, dtype=bool)
+    excluded[order[:n_top]] = True
+    excluded[val_pos] = True
+    rest = order[~excluded[order]]
+    val_neg = rest[len(rest) - min(k, len(rest) // 2):]
+    train = rest[: len(rest) - len(val_neg)]
+    if len(train) == 0 or len(val_neg) == 0:
+        raise UsageError(f"too few images ({n}) to train the poison classifier with top-k {k} and drop-top "
+                         f"{drop_top} (lower --top-k / --drop-top)")
+    return ClassifierSplit(np.sort(train), val_pos, np.sort(val_neg))
+
+
+# --------------------------------------------------------------------------------------------- batched augmentation
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+
+
+def random_resized_crop(x: Tensor, scale: tuple[float, float], g: torch.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """Per-image random resized crop of a float batch back to its size (bilinear ``roi_align``)."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = x.shape
+    dev = x.device
+    area = _uniform(n, *scale, g, dev) * h * w
+    logr = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g, dev)
+    r = torch.exp(logr)
+    cw = torch.sqrt(area * r).clamp(1, w)
+    ch = torch.sqrt(area / r).clamp(1, h)
+    x0 = torch.rand(n, generator=g, device=dev) * (w - cw)
+    y0 = torch.rand(n, generator=g, device=dev) * (h - ch)
+    boxes = torch.stack([torch.arange(n, device=dev, dtype=x.dtype), x0, y0, x0 + cw, y0 + ch], 1).to(x.dtype)
+    return roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def paste_resized(x: Tensor, patches: Tensor, which: Tensor, sides: Tensor, x0: Tensor, y0: Tensor) -> Tensor:
+    """Paste ``patches[which[b]]`` resized to ``sides[b]`` px at ``(x0[b], y0[b])`` on image b (float, batched).
+
+    ``which`` may hold -1 for images left unchanged. One ``grid_sample`` for the whole batch.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    sel = which.clamp(min=0)
+    src = patches[sel].to(x.dtype)
+    xs = torch.arange(w, device=dev, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, device=dev, dtype=torch.float32) + 0.5
+    gx = (xs[None, :] - x0[:, None]) / sides[:, None] * 2 - 1                     # n x w
+    gy = (ys[None, :] - y0[:, None]) / sides[:, None] * 2 - 1                     # n x h
+    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], -1)
+    pasted = F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None] & (which >= 0)[:, None, None]
+    return torch.where(inside[:, None], pasted, x)
+
+
+def random_paste(x: Tensor, patches: Tensor, prob: float, min_side: float, max_side: float, margin: float,
+                 g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """With probability ``prob`` paste a random patch (side in [min_side, max_side) of the image side, fully inside
+    with ``margin``) on each image. Returns the batch and the labels (1 = pasted)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    size = min(h, w)
+    lo, hi = max(1.0, min_side * size), max(1.0, max_side * size)
+    sides = torch.floor(_uniform(n, lo, hi, g, dev)).clamp(1, size)
+    m = torch.full((n,), margin * size, device=dev)
+    m = torch.minimum(m, ((size - sides) / 2).clamp(min=0))
+    x0 = torch.floor(m + torch.rand(n, generator=g, device=dev) * (w - sides - 2 * m + 1).clamp(min=1))
+    y0 = torch.floor(m + torch.rand(n, generator=g, device=dev) * (h - sides - 2 * m + 1).clamp(min=1))
+    labels = (torch.rand(n, generator=g, device=dev) < prob).long()
+    which = torch.randint(len(patches), (n,), generator=g, device=dev)
+    which = torch.where(labels.bool(), which, torch.full_like(which, -1))
+    return paste_resized(x, patches, which, sides, x0, y0), labels
+
+
+def colour_augment(x: Tensor, g: torch.Generator, jitter: float = 0.4, hue: float = 0.1, p_jitter: float = 0.8,
+                   p_gray: float = 0.2, p_flip: float = 0.5) -> Tensor:
+    """Colour jitter, grayscale and horizontal flip on a float batch in [0, 1].
+
+    Brightness, contrast, saturation and hue (a rotation of the YIQ chroma plane) are all affine in the pixel
+    values, so the jitter is one per-image 3 x 3 matrix plus an offset: ``y = A x + t``, one pass over the batch.
+    """
+    n = x.shape[0]
+    dev = x.device
+    on = torch.rand(n, generator=g, device=dev) < p_jitter
+
+    def factor(spread: float) -> Tensor:
+        return torch.where(on, _uniform(n, 1 - spread, 1 + spread, g, dev), torch.ones(n, device=dev))
+
+    b, c, s = factor(jitter), factor(jitter), factor(jitter)
+    theta = torch.where(on, _uniform(n, -hue, hue, g, dev), torch.zeros(n, device=dev)) * 2 * math.pi
+    gw = torch.tensor([0.299, 0.587, 0.114], device=dev)
+    eye = torch.eye(3, device=dev)
+    sat = s[:, None, None] * eye + (1 - s)[:, None, None] * gw[None, None, :]          # (y - gray) s + gray
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    rot = eye.repeat(n, 1, 1)
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    hue_m = torch.linalg.inv(to_yiq)[None] @ rot @ to_yiq[None]
+    # brightness b, then contrast c around the mean grey m: c b x + (1 - c) m; saturation and hue keep greys
+    mat = (c * b)[:, None, None] * (hue_m @ sat)
+    mean_grey = b * torch.einsum("c,nc->n", gw, x.mean((2, 3)))
+    offset = ((1 - c) * mean_grey)[:, None, None, None]
+    y = (torch.einsum("nij,njhw->nihw", mat.to(x.dtype), x) + offset.to(x.dtype)).clamp_(0, 1)
+    to_gray = torch.rand(n, generator=g, device=dev) < p_gray
+    grey = torch.einsum("c,nchw->nhw", gw.to(x.dtype), y)[:, None]
+    y = torch.where(to_gray[:, None, None, None], grey.expand_as(y), y)
+    flip = torch.rand(n, generator=g, device=dev) < p_flip
+    return torch.where(flip[:, None, None, None], y.flip(3), y)
+
+
+def _on_gpu(runtime: Runtime) -> bool:
+    """Autocast and channels_last pay off on GPUs; on CPU this small ResNet trains fastest in fp32, NCHW
+    (measured: bf16 + channels_last backward is several times slower there)."""
+    return runtime.device.type == "cuda"
+
+
+def _amp(runtime: Runtime) -> contextlib.AbstractContextManager:
+    return runtime.autocast() if _on_gpu(runtime) else contextlib.nullcontext()
+
+
+def _normalise(x: Tensor, channels_last: bool) -> Tensor:
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
+    std = torch.tensor(STD, device=x.device, dtype=x.dtype)[None, :, None, None]
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def training_batch(images_u8: Tensor, patches: Tensor, cfg: ClassifierConfig, g: torch.Generator,
+                   channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    """Augmented, normalised training batch and labels (1 = pasted) from a uint8 batch already on the device."""
+    x = random_resized_crop(images_u8.float() / 255, cfg.crop_scale, g)
+    x, labels = random_paste(x, patches.float() / 255, cfg.paste_prob, cfg.min_side, cfg.max_side, cfg.margin, g)
+    return _normalise(colour_augment(x, g), channels_last), labels
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+
+def f1_score(pred: np.ndarray, target: np.ndarray) -> float:
+    tp = float(np.sum((pred == 1) & (target == 1)))
+    fp = float(np.sum((pred == 1) & (target == 0)))
+    fn = float(np.sum((pred == 0) & (target == 1)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+@torch.inference_mode()
+def _logits(models: Sequence[nn.Module], images_u8: Tensor, runtime: Runtime, batch_size: int) -> Tensor:
+    """Mean logits of the ensemble over ``images_u8`` (any device), float32 on CPU."""
+    for m in models:
+        m.eval()
+    out = []
+    for s in range(0, len(images_u8), batch_size):
+        x = _normalise(images_u8[s:s + batch_size].to(runtime.device, non_blocking=True).float() / 255,
+                       _on_gpu(runtime))
+        with _amp(runtime):
+            logits = torch.stack([m(x).float() for m in models]).mean(0)
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x: Tensor, val_y: np.ndarray,
+               cfg: ClassifierConfig, runtime: Runtime, member: int, bar: Any) -> tuple[nn.Module, dict[str, Any]]:
+    dev = runtime.device
+    seed = cfg.seed * 1009 + member
+    torch.manual_seed(seed)
+    model = build_classifier(images_u8.shape[-1], cfg.widths).to(dev)
+    if _on_gpu(runtime):
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    total = max(1, cfg.iterations)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    g = torch.Generator(device=dev).manual_seed(seed)
+    g_cpu = torch.Generator().manual_seed(seed)
+    patches_dev = patches.to(dev)
+    train = torch.as_tensor(split.train)
+    perm, pos = train[torch.randperm(len(train), generator=g_cpu)], 0
+    best: dict[str, Any] = {"key": (-1.0, -math.inf), "state": None, "iteration": 0, "f1": 0.0}
+    stale, history, it = 0, [], 0
+    for it in range(1, cfg.iterations + 1):
+        if pos + cfg.batch_size > len(perm):
+            perm, pos = train[torch.randperm(len(train), generator=g_cpu)], 0
+        idx = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        model.train()
+        x, y = training_batch(images_u8[idx].to(dev, non_blocking=True), patches_dev, cfg, g, _on_gpu(runtime))
+        with _amp(runtime):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.advance(1)
+        if it % cfg.eval_every == 0 or it == cfg.iterations:
+            logits = _logits([model], val_x, runtime, cfg.predict_batch_size)
+            val_loss = float(F.cross_entropy(logits, torch.as_tensor(val_y)))
+            f1 = f1_score(logits.argmax(1).numpy(), val_y)
+            history.append({"member": member, "iteration": it, "train_loss": float(loss.detach()), "val_loss": val_loss,
+                            "val_f1": f1})
+            bar.update(info=f"model {member + 1}/{cfg.ensemble} F1 {f1:.2f}")
+            key = (f1, -val_loss)
+            if key > best["key"]:
+                best.update(key=key, state=copy.deepcopy(model.state_dict()), iteration=it, f1=f1)
+                stale = 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    bar.advance(cfg.iterations - it)
+                    break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    return model, {"iterations": it, "best_iteration": best["iteration"], "history": history}
+
+
+def train_poison_classifier(images_u8: Tensor, patches: Tensor | Sequence[Tensor], split: ClassifierSplit,
+                            cfg: ClassifierConfig, runtime: Runtime, quiet: bool = False) -> ClassifierResult:
+    """Train ``cfg.ensemble`` classifiers on ``images_u8`` (uint8 N x 3 x S x S) with the top-k ``patches``
+    (uint8 3 x h x w each, resized at paste time) and the given ``split``; keep each one's best weights."""
+    if isinstance(patches, (list, tuple)):
+        side = max(max(p.shape[-2:]) for p in patches)
+        patches = torch.stack([F.interpolate(p[None].float(), size=(side, side), mode="bilinear",
+                                             align_corners=False, antialias=True)[0].round().clamp(0, 255)
+                               .to(torch.uint8) for p in patches])
+    if len(patches) == 0:
+        raise PoisonscanError("the poison classifier needs at least one candidate trigger patch")
+    images_u8 = torch.as_tensor(images_u8)
+    val_idx = np.concatenate([split.val_pos, split.val_neg])
+    val_y = np.concatenate([np.ones(len(split.val_pos)), np.zeros(len(split.val_neg))]).astype(np.int64)
+    val_x = images_u8[torch.as_tensor(val_idx)]
+    models, iters, best_its, history = [], [], [], []
+    with progress("poison classifier", total=cfg.iterations * cfg.ensemble, quiet=quiet) as bar:
+        for member in range(cfg.ensemble):
+            model, info = _train_one(images_u8, patches, split, val_x, val_y, cfg, runtime, member, bar)
+            models.append(model)
+            iters.append(info["iterations"])
+            best_its.append(info["best_iteration"])
+            history.extend(info["history"])
+    logits = _logits(models, val_x, runtime, cfg.predict_batch_size)
+    return ClassifierResult(models, f1_score(logits.argmax(1).numpy(), val_y), iters, best_its, history)
+
+
+def predict_poison(models: Sequence[nn.Module], images_u8: Tensor, runtime: Runtime, batch_size: int = 256,
+                   quiet: bool = True) -> np.ndarray:
+    """P(poisonous) of every image (softmax of the ensemble's mean logits), float32 N."""
+    images_u8 = torch.as_tensor(images_u8)
+    probs = []
+    with progress("classify", total=len(images_u8), quiet=quiet) as bar:
+        for s in range(0, len(images_u8), batch_size):
+            logits = _logits(models, images_u8[s:s + batch_size], runtime, batch_size)
+            probs.append(torch.softmax(logits, 1)[:, 1])
+            bar.advance(len(logits))
+    return torch.cat(probs).numpy().astype(np.float32) if probs else np.zeros(0, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- persistence
+
+
+def classifier_bytes(models: Sequence[PoisonResNet], **metadata: Any) -> bytes:
+    """Safetensors bytes of an ensemble (``m<i>.<param>``), architecture in the metadata."""
+    from safetensors.torch import save
+
+    tensors = {f"m{i}.{k}": v.detach().cpu().contiguous() for i, m in enumerate(models)
+               for k, v in m.state_dict().items()}
+    meta = {"format": "poisonscan-poison-classifier", "ensemble": str(len(models)),
+            "widths": json.dumps(list(models[0].widths)), "stem_stride": str(models[0].stem_stride)}
+    meta.update({k: json.dumps(v) for k, v in metadata.items()})
+    return save(tensors, metadata=meta)
+
+
+def load_classifier(path: Path | str) -> tuple[list[PoisonResNet], dict[str, Any]]:
+    """Load an ensemble written by :func:`classifier_bytes` (safetensors only, no pickle)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"classifier {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"classifier {path} is not a valid safetensors file: {exc}") from None
+    if meta.get("format") != "poisonscan-poison-classifier":
+        raise CheckpointError(f"{path} is not a poisonscan poison classifier")
+    widths, stride = json.loads(meta["widths"]), int(meta["stem_stride"])
+    models = []
+    for i in range(int(meta["ensemble"])):
+        model = PoisonResNet(widths, stride)
+        state = {k[len(f"m{i}."):]: v for k, v in tensors.items() if k.startswith(f"m{i}.")}
+        model.load_state_dict(state)
+        models.append(model.eval())
+    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "ensemble", "widths", "stem_stride")}
+    return models, extra

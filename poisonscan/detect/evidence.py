@@ -1,0 +1,87 @@
+"""Is there a backdoor at all? Compare the top-k poison scores with those of random windows (a null test).
+
+On a clean data set or a weak threat model the search still returns k "most poisonous" images; they only mean
+something if their candidate windows move the flip test set much more than random windows of the same size do.
+The top-k are maxima over ``n_scored`` scored images, so they are compared with the same order statistics of the
+null: the median of the top-k of ``n_scored`` draws from the null scores, bootstrapped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from poisonscan.detect.masking import cut_windows
+from poisonscan.detect.search import torch_generator
+
+_BOOT_CHUNK_ELEMS = 4_000_000
+
+
+def null_windows(images_u8: Tensor, n: int, window: int, generator: torch.Generator | int) -> Tensor:
+    """``n`` random ``window x window`` patches (uint8 n x 3 x w x w), each cut at a uniform position fully inside an
+    image drawn uniformly (with replacement) from ``images_u8`` (N x 3 x S x S)."""
+    gen = torch_generator(generator)
+    total, _, h, w = images_u8.shape
+    if total == 0 or n <= 0:
+        return torch.zeros(max(n, 0), 3, window, window, dtype=torch.uint8)
+    win = min(int(window), h, w)
+    idx = torch.randint(0, total, (n,), generator=gen)
+    xs = torch.randint(0, w - win + 1, (n,), generator=gen)
+    ys = torch.randint(0, h - win + 1, (n,), generator=gen)
+    boxes = torch.stack([xs, ys, torch.full_like(xs, win), torch.full_like(xs, win)], dim=1)
+    return cut_windows(images_u8[idx], boxes)
+
+
+def bootstrap_topk_medians(null_scores: np.ndarray, n_scored: int, k: int, n_boot: int, seed: int) -> np.ndarray:
+    """``n_boot`` medians of the top ``k`` of ``n_scored`` draws (with replacement) from ``null_scores``."""
+    null = np.asarray(null_scores, dtype=np.float64).reshape(-1)
+    rng = np.random.default_rng(seed)
+    k = max(1, min(int(k), int(n_scored)))
+    rows = max(1, _BOOT_CHUNK_ELEMS // max(1, n_scored))
+    out = np.empty(n_boot, dtype=np.float64)
+    for start in range(0, n_boot, rows):
+        stop = min(start + rows, n_boot)
+        draws = null[rng.integers(0, null.shape[0], size=(stop - start, n_scored))]
+        top = np.partition(draws, n_scored - k, axis=1)[:, n_scored - k:]
+        out[start:stop] = np.median(top, axis=1)
+    return out
+
+
+def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored: int, n_flip: int,
+                      n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """How far the top-k poison scores stand above what random windows reach when picked the same way.
+
+    Returns ``topk_median`` (observed), ``null_median`` (median of the bootstrap top-k medians), ``z``
+    (``(observed - bootstrap mean) / max(bootstrap std, 0.5)``: the floor keeps a near-constant null from turning a
+    one-flip difference into a huge z), ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``),
+    ``best_flip_share`` (largest top-k score / ``n_flip``), ``null_size``, plus ``k``, ``n_scored``, ``n_boot``,
+    ``boot_mean`` and ``boot_std``.
+    """
+    topk = np.asarray(topk_scores, dtype=np.float64).reshape(-1)
+    null = np.asarray(null_scores, dtype=np.float64).reshape(-1)
+    if topk.size == 0:
+        raise ValueError("no top-k scores to test")
+    if null.size == 0:
+        raise ValueError("no null scores: score some random windows first")
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    n_draw = max(int(n_scored), topk.size)
+    boot = bootstrap_topk_medians(null, n_draw, topk.size, n_boot, seed)
+    observed = float(np.median(topk))
+    mean, std = float(boot.mean()), float(boot.std())
+    return {
+        "topk_median": observed,
+        "null_median": float(np.median(boot)),
+        "z": (observed - mean) / max(std, 0.5),
+        "p_value": float((1 + int((boot >= observed).sum())) / (1 + n_boot)),
+        "best_flip_share": float(topk.max() / n_flip) if n_flip > 0 else 0.0,
+        "null_size": int(null.size),
+        "k": int(topk.size),
+        "n_scored": int(n_draw),
+        "n_boot": int(n_boot),
+        "boot_mean": mean,
+        "boot_std": std,
+    }

@@ -1,0 +1,130 @@
+"""Encoder features of uint8 image batches: normalised input, optional zero masks, L2-normalised output.
+
+Every detection stage (k-means, masking, flip tests) sees the threat model through :func:`encode`, so clustering
+features and re-assignment queries are computed the same way (PatchSearch forgot to L2-normalise its queries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from poisonscan import runtime as rt
+from poisonscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+_STATS_CACHE: dict[tuple[str, tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor]] = {}
+
+
+def prepare_encoder(encoder: nn.Module, runtime: rt.Runtime) -> nn.Module:
+    """Move ``encoder`` to the runtime's device in channels_last layout (idempotent, cheap when already there)."""
+    return encoder.to(device=runtime.device, memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block and restore its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def norm_stats(encoder: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The encoder's input ``(mean, std)`` (ImageNet statistics when it has none)."""
+    mean = tuple(float(v) for v in getattr(encoder, "mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in getattr(encoder, "std", IMAGENET_STD))
+    return mean, std
+
+
+_norm_stats = norm_stats  # older private name, still imported by detect/gradcam.py
+
+
+def _stats_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    key = (str(device), mean, std)
+    if key not in _STATS_CACHE:
+        _STATS_CACHE[key] = (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                             torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+    return _STATS_CACHE[key]
+
+
+def normalise_u8(u8: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """``(x / 255 - mean) / std`` in channels_last, the same arithmetic as ``data.transforms.to_input`` but with the
+    statistics cached on the device (no host-to-device copy per batch in the hot loops)."""
+    if u8.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 tensor, got {u8.dtype}")
+    m, s = _stats_on(u8.device, mean, std)
+    x = (u8.float().div_(255.0) - m) / s
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask: Tensor | None = None,
+           to_cpu: bool = True) -> Tensor:
+    """L2-normalised float32 features of a uint8 batch ``N x 3 x S x S``.
+
+    The batch is normalised like ``data.transforms.to_input`` with ``encoder.mean``/``encoder.std`` (ImageNet
+    statistics when absent); where
+    ``zero_mask`` (bool ``N x S x S`` or ``1 x S x S`` / ``S x S``, True = masked) is set the *normalised* input is
+    zero, as the reference implementations zero the model input. Runs under ``runtime.autocast()`` and
+    ``torch.inference_mode()`` in channels_last layout. The caller keeps the encoder in eval mode
+    (:func:`eval_mode`). With ``to_cpu=False`` the features stay on the device (hot loops).
+    """
+    if images_u8.ndim != 4 or images_u8.shape[1] != 3:
+        raise ValueError(f"expected uint8 N x 3 x S x S images, got shape {tuple(images_u8.shape)}")
+    mean, std = norm_stats(encoder)
+    with torch.inference_mode():
+        u8 = images_u8.to(runtime.device, non_blocking=True)
+        x = normalise_u8(u8, mean, std)
+        if zero_mask is not None:
+            m = zero_mask.to(device=x.device, dtype=torch.bool)
+            if m.ndim == 2:
+                m = m.unsqueeze(0)
+            x.masked_fill_(m.unsqueeze(1), 0.0)
+        with runtime.autocast():
+            feats = encoder(x)
+        feats = F.normalize(feats.float().flatten(1), dim=1)
+    return feats.cpu() if to_cpu else feats
+
+
+def extract_features(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256,
+                     quiet: bool = False) -> np.ndarray:
+    """Features of every image (float32 ``N x D``, L2-normalised), computed in batches with a progress bar.
+
+    Under torch.distributed each rank encodes its contiguous shard (:func:`runtime.shard_indices`) and the shards
+    are gathered, in rank order, to every rank: the result is the same array as in one process.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    n = int(images_u8.shape[0])
+    shard = rt.shard_indices(n, runtime.rank, runtime.world_size)
+    prepare_encoder(encoder, runtime)
+    parts: list[Tensor] = []
+    with eval_mode(encoder), rt.progress("features", total=n, quiet=quiet) as bar:
+        for start in range(shard.start, shard.stop, batch_size):
+            stop = min(start + batch_size, shard.stop)
+            parts.append(encode(encoder, images_u8[start:stop], runtime))
+            bar.advance((stop - start) * runtime.world_size)
+    if parts:
+        local = torch.cat(parts)
+    else:  # an empty shard still needs the feature width for the gather
+        dim = _feature_dim(encoder, images_u8, runtime)
+        local = torch.zeros(0, dim, dtype=torch.float32)
+    feats = rt.all_gather_tensor(local) if runtime.world_size > 1 else local
+    return np.ascontiguousarray(feats.numpy().astype(np.float32, copy=False))
+
+
+def _feature_dim(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime) -> int:
+    dim = getattr(encoder, "feature_dim", None)
+    if dim is not None:
+        return int(dim)
+    if images_u8.shape[0] == 0:
+        size = images_u8.shape[-1]
+        images_u8 = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    with eval_mode(encoder):
+        return int(encode(encoder, images_u8[:1], runtime).shape[1])

@@ -1,0 +1,596 @@
+"""The detect pipeline: stages with done-markers and resume, work split across ranks, and the run's outputs.
+
+Stages (each writes its files, then ``stages/<stage>.done``; ``--resume`` skips finished ones):
+
+1. ``store``      decode the data set at the threat model's resolution (``store/``)
+2. ``features``   L2-normalised encoder features (``features.npy``, ``ids.json``)
+3. ``clusters``   k-means on rank 0, broadcast (``clusters.npz``)
+4. ``search``     iterative search; each round: candidate windows (cluster activation masking, or Grad-CAM for
+                  ``--method patchsearch``) and poison scores on the flip test set; ``search.json`` after every round
+                  so a killed search resumes from its last finished round with the same result (``attention.npy``)
+5. ``evidence``   random windows scored like candidates; do the top-k stand out? (``evidence.json``)
+6. ``classifier`` poison classifier, only when the evidence clears ``min_evidence`` or ``force``
+                  (``classifier.safetensors``)
+7. ``outputs``    ``scores.csv``, ``removed.txt``, ``errors.csv``, ``gallery/``, ``report.html``, ``summary.json``
+
+Under torchrun the features, candidate detection and poison scores are split across ranks by index and gathered;
+every random draw is made from a generator seeded by ``(seed, purpose, round)`` before the split, so the result does
+not depend on the world size. Classifier and outputs run on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from poisonscan import __version__
+from poisonscan import runtime as rt
+from poisonscan.config import DetectConfig, config_to_dict
+from poisonscan.data.manifest import write_removal_list
+from poisonscan.data.sources import open_source
+from poisonscan.data.store import ImageStore, build_store, open_store, write_errors_csv
+from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, predict_poison,
+                                          train_poison_classifier)
+from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
+from poisonscan.detect.evidence import backdoor_evidence, null_windows
+from poisonscan.detect.features import extract_features, prepare_encoder
+from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
+from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
+                                       make_masks, window_pixels)
+from poisonscan.detect.search import AGGREGATES, RULES, draw_positions, flip_test_set, iterative_search, \
+    poison_scores, top_k
+from poisonscan.errors import ConfigError, DataError, UsageError
+from poisonscan.models.checkpoints import load_encoder
+from poisonscan.runs import RunDir, create_run
+
+STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "outputs")
+METHODS = ("poisoncam", "patchsearch")
+
+#: the settings each stage's result depends on: changing one on --resume reruns that stage and all later ones
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "store": ("data", "model", "arch", "image_size", "trust_checkpoint"),
+    "features": (),
+    "clusters": ("clusters", "seed"),
+    "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
+               "score_rule", "aggregate"),
+    "evidence": ("null_size", "top_k"),
+    "classifier": ("drop_top", "classifier_iters", "ensemble", "threshold", "min_evidence", "force"),
+    "outputs": ("fail_on",),
+}
+
+SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
+                 "box_h", "classifier_prob", "removed", "top_k_rank")
+
+RoundHook = Callable[[int], None]
+
+
+# --------------------------------------------------------------------------------------------------- config checks
+
+
+def validate_config(cfg: DetectConfig) -> None:
+    """Raise ``ConfigError`` for settings the pipeline cannot run with."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(bool(cfg.data), "no data set: give DATA (a folder, file list or WebDataset shards)")
+    need(bool(cfg.model), "no threat model: give --model CKPT")
+    need(cfg.method in METHODS, f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
+    need(cfg.mask_strategy in STRATEGIES, f"--mask-strategy {cfg.mask_strategy}: choose one of "
+                                          f"{', '.join(STRATEGIES)}")
+    need(cfg.score_rule in RULES, f"score_rule {cfg.score_rule}: choose one of {', '.join(RULES)}")
+    need(cfg.aggregate in AGGREGATES, f"aggregate {cfg.aggregate}: choose one of {', '.join(AGGREGATES)}")
+    for name in ("clusters", "masks", "flip_size", "samples_per_cluster", "top_k", "classifier_iters", "ensemble",
+                 "batch_size", "null_size"):
+        need(int(getattr(cfg, name)) >= 1, f"{name.replace('_', '-')} must be >= 1")
+    need(cfg.window > 0, "--window must be > 0 (pixels, or a fraction of the image side like 60/224)")
+    need(0.0 <= cfg.drop_fraction <= 1.0, "--drop-fraction must be in [0, 1]")
+    need(0.0 <= cfg.drop_top < 1.0, "--drop-top must be in [0, 1)")
+    need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
+    need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
+    need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
+
+
+def fail_on_exceeded(fail_on: float | None, removed: int, scanned: int) -> bool:
+    """``--fail-on``: a value below 1 is a fraction of the scanned images, from 1 up a count; exceeded = strictly
+    more removed."""
+    if fail_on is None:
+        return False
+    if fail_on < 1:
+        return scanned > 0 and removed / scanned > fail_on
+    return removed > fail_on
+
+
+def derive_seed(seed: int, *tags: Any) -> int:
+    """A stable 63-bit seed for ``(seed, *tags)`` (the same in every process and Python run)."""
+    text = ":".join(str(t) for t in (seed, *tags))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _torch_gen(seed: int, *tags: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, *tags))
+
+
+# ---------------------------------------------------------------------------------------------------- run folder
+
+
+def _clear_from(run: RunDir, stage: str) -> None:
+    """Forget ``stage`` and every later one (and a partial search when the search is redone)."""
+    for s in STAGES[STAGES.index(stage):]:
+        run.clear_stage(s)
+    if STAGES.index(stage) <= STAGES.index("search"):
+        run.file("search.json").unlink(missing_ok=True)
+        shutil.rmtree(run.file("search"), ignore_errors=True)
+
+
+def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first stage whose settings differ between the saved and the new config."""
+    defaults = config_to_dict(DetectConfig())
+    for stage in STAGES:
+        for key in STAGE_KEYS[stage]:
+            if saved.get(key, defaults.get(key)) != new.get(key):
+                return stage
+    return None
+
+
+def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> tuple[RunDir, str | None]:
+    """Create the run folder (or reopen it for ``--resume``); returns it and the first stage to redo when the
+    resumed run's settings changed. Rank 0 writes ``config.json`` and ``environment.json``."""
+    rerun: str | None = None
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--resume {path}: not a detect run folder (no config.json)")
+        run = RunDir(path)
+        if runtime.is_main:
+            rerun = _invalidated_stage(run.read_json("config.json"), config_to_dict(cfg))
+            if rerun is not None:
+                _clear_from(run, rerun)
+    else:
+        path = None
+        if runtime.is_main:
+            path = create_run("detect", cfg.out, overwrite=cfg.overwrite).path
+        run = RunDir(rt.broadcast_object(path))
+        if runtime.is_main:
+            _clear_from(run, STAGES[0])      # --overwrite of an older run: start from scratch
+    if runtime.is_main:
+        run.write_config(cfg)
+        run.write_environment(cfg.seed, runtime)
+    rt.barrier()
+    return run, rerun
+
+
+# ------------------------------------------------------------------------------------------------------ context
+
+
+@dataclass
+class _Ctx:
+    cfg: DetectConfig
+    runtime: rt.Runtime
+    run: RunDir
+    quiet: bool
+    on_round: RoundHook | None
+    encoder: nn.Module | None = None
+    enc_meta: dict[str, Any] = field(default_factory=dict)
+    store: ImageStore | None = None
+    features: np.ndarray | None = None
+    clustering: Clustering | None = None
+    flip: np.ndarray | None = None
+    search: dict[str, Any] | None = None
+    evidence: dict[str, Any] | None = None
+    classifier: dict[str, Any] | None = None
+    probs: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    stage_start: float = 0.0
+    _flip_cache: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.encoder.image_size)
+
+    @property
+    def window(self) -> int:
+        return window_pixels(self.cfg.window, self.size)
+
+    def flip_data(self) -> tuple[Tensor, Tensor]:
+        """The flip test set's images (uint8) and their cluster labels."""
+        if self.flip is None:
+            self.flip = flip_test_set(self.clustering, self.features, self.cfg.flip_size, self.cfg.clusters)
+        if self._flip_cache is None:
+            idx = torch.as_tensor(self.flip)
+            self._flip_cache = (self.store.images[idx], torch.as_tensor(self.clustering.labels[self.flip]))
+        return self._flip_cache
+
+
+def _split_gather(runtime: rt.Runtime, n: int, work: Callable[[range], Any]) -> list[Any]:
+    """Run ``work`` on this rank's contiguous share of ``range(n)``; the shares of all ranks, in rank order."""
+    shard = rt.shard_indices(n, runtime.rank, runtime.world_size)
+    part = work(shard)
+    return rt.all_gather_object(part) if runtime.world_size > 1 else [part]
+
+
+def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: Any) -> np.ndarray:
+    """Poison scores of ``patches`` (n x 3 x w x w) on the flip set; positions drawn from ``(seed, *tags)`` before
+    the candidates are split across ranks."""
+    flip_images, flip_labels = ctx.flip_data()
+    positions = draw_positions(len(patches), len(flip_images), _torch_gen(ctx.cfg.seed, "paste", *tags))
+    rule = ctx.cfg.score_rule
+
+    def work(shard: range) -> np.ndarray:
+        sl = slice(shard.start, shard.stop)
+        return poison_scores(ctx.encoder, ctx.clustering, flip_images, flip_labels, patches[sl], ctx.runtime, None,
+                             batch_size=ctx.cfg.batch_size, rule=rule,
+                             source_clusters=sources[sl] if rule == "to_source" else None,
+                             positions=positions[sl], quiet=True)
+
+    parts = _split_gather(ctx.runtime, len(patches), work)
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _candidates(ctx: _Ctx, indices: np.ndarray, masks: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate windows of the images ``indices``, split across ranks: (attention float16 n x S x S, boxes n x 4,
+    eta n)."""
+    def work(shard: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        imgs = ctx.store.images[torch.as_tensor(indices[shard.start:shard.stop])]
+        if ctx.cfg.method == "patchsearch":
+            att, boxes, eta = gradcam_candidates(ctx.encoder, ctx.clustering, imgs, ctx.window, ctx.runtime,
+                                                 batch_size=gradcam_batch_size(ctx.cfg.batch_size))
+        else:
+            att, boxes, eta = cluster_activation_masking(ctx.encoder, ctx.clustering, imgs, masks, ctx.runtime,
+                                                         batch_size=ctx.cfg.batch_size, window=ctx.window)
+        return att.numpy().astype(np.float16), boxes.numpy().astype(np.int64), eta.numpy().astype(np.int64)
+
+    parts = _split_gather(ctx.runtime, len(indices), work)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]))
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+
+
+def _stage_store(ctx: _Ctx) -> dict[str, Any]:
+    source = open_source(ctx.cfg.data)
+    ctx.store = build_store(source, ctx.size, ctx.run.file("store"), ctx.runtime, ctx.quiet)
+    if len(ctx.store) == 0:
+        if ctx.runtime.is_main:
+            write_errors_csv(ctx.store.errors, ctx.run.file("errors.csv"))
+        raise DataError(f"{ctx.cfg.data}: no readable image ({len(ctx.store.errors)} unreadable, see "
+                        f"{ctx.run.file('errors.csv')})")
+    return {"n": len(ctx.store), "errors": len(ctx.store.errors), "size": ctx.size}
+
+
+def _load_store(ctx: _Ctx) -> None:
+    ctx.store = open_store(ctx.run.file("store"))
+    if ctx.store.size != ctx.size:
+        raise DataError(f"{ctx.run.file('store')} holds {ctx.store.size} px images but the model needs {ctx.size} "
+                        "px (start a new run)")
+
+
+def _stage_features(ctx: _Ctx) -> dict[str, Any]:
+    ctx.features = extract_features(ctx.encoder, ctx.store.images, ctx.runtime, ctx.cfg.batch_size, ctx.quiet)
+    if ctx.runtime.is_main:
+        ctx.run.save_npy("features.npy", ctx.features)
+        ctx.run.write_json("ids.json", ctx.store.ids)
+    return {"dim": int(ctx.features.shape[1])}
+
+
+def _load_features(ctx: _Ctx) -> None:
+    ctx.features = np.ascontiguousarray(np.load(ctx.run.file("features.npy"), allow_pickle=False), np.float32)
+    if ctx.features.shape[0] != len(ctx.store):
+        raise DataError(f"{ctx.run.file('features.npy')} does not match the image store (start a new run)")
+
+
+def _stage_clusters(ctx: _Ctx) -> dict[str, Any]:
+    n = choose_n_clusters(len(ctx.store), ctx.cfg.clusters)
+    clustering = None
+    if ctx.runtime.is_main:
+        clustering = fit_kmeans(ctx.features, n, ctx.cfg.seed)
+        clustering.save(ctx.run.file("clusters.npz"))
+    ctx.clustering = rt.broadcast_object(clustering)
+    return {"n_clusters": n, "requested": ctx.cfg.clusters}
+
+
+def _load_clusters(ctx: _Ctx) -> None:
+    ctx.clustering = Clustering.load(ctx.run.file("clusters.npz"))
+
+
+def _search_doc(ctx: _Ctx, result: Any, entries: dict[int, dict[str, Any]], completed: bool) -> dict[str, Any]:
+    rounds = [{k: r[k] for k in ("round", "live_clusters", "scored", "retired", "dropped") if k in r}
+              for r in result.rounds]
+    return {"format": "poisonscan-search", "completed": completed, "method": ctx.cfg.method,
+            "window": ctx.window, "n_masks": ctx.cfg.masks, "mask_strategy": ctx.cfg.mask_strategy,
+            "rule": ctx.cfg.score_rule, "aggregate": ctx.cfg.aggregate,
+            "flip_set": [int(i) for i in ctx.flip], "rounds": rounds,
+            "scored": [entries[i] for i in result.order],
+            "cluster_scores": [[int(c), float(s)] for c, s in sorted(result.cluster_scores.items())]}
+
+
+def _stage_search(ctx: _Ctx) -> dict[str, Any]:
+    cfg, run, main = ctx.cfg, ctx.run, ctx.runtime.is_main
+    ctx.flip_data()
+    masks = make_masks(MaskingConfig(cfg.masks, ctx.window, cfg.mask_strategy, batch_size=cfg.batch_size),
+                       ctx.size, _torch_gen(cfg.seed, "masks"))
+    # a search killed after some rounds: keep what they computed (search.json is rewritten after every round)
+    saved = rt.broadcast_object(run.read_json("search.json") if main and run.exists("search.json") else None)
+    entries: dict[int, dict[str, Any]] = {int(e["index"]): e for e in (saved or {}).get("scored", [])}
+    labels = ctx.clustering.labels
+    state: dict[str, Any] = {"rounds_done": 0, "pending": None}
+
+    def score_fn(indices: np.ndarray) -> np.ndarray:
+        rnd = state["rounds_done"] + 1
+        att, boxes, eta = _candidates(ctx, indices, masks)
+        patches = cut_windows(ctx.store.images[torch.as_tensor(indices)], torch.as_tensor(boxes))
+        scores = _flip_scores(ctx, patches, labels[indices], "round", rnd)
+        for j, i in enumerate(indices):
+            entries[int(i)] = {"index": int(i), "poison_score": int(scores[j]), "box": [int(v) for v in boxes[j]],
+                               "eta": int(eta[j]), "cluster": int(labels[i]), "round": rnd}
+        state["pending"] = att
+        return scores
+
+    def on_round(result: Any) -> None:
+        state["rounds_done"] = rnd = len(result.rounds)
+        if main:
+            if state["pending"] is not None:
+                run.save_npy(f"search/attention_{rnd:04d}.npy", state["pending"])
+            run.write_json("search.json", _search_doc(ctx, result, entries, completed=False))
+        state["pending"] = None
+        bar.update(info=f"round {rnd}: {result.rounds[-1]['live_clusters']} live clusters, "
+                        f"{len(result.order)} scored")
+        bar.advance(result.rounds[-1]["scored"])
+        if ctx.on_round is not None:
+            ctx.on_round(rnd)
+
+    with rt.progress("search", total=None, quiet=ctx.quiet) as bar:
+        result = iterative_search(labels, score_fn, cfg.samples_per_cluster, cfg.drop_fraction,
+                                  np.random.default_rng(derive_seed(cfg.seed, "search")),
+                                  already_scored={i: e["poison_score"] for i, e in entries.items()},
+                                  on_round=on_round, aggregate=cfg.aggregate)
+    doc = _search_doc(ctx, result, entries, completed=True)
+    if main:
+        chunks = [np.load(run.file(f"search/attention_{r:04d}.npy")) for r in range(1, len(result.rounds) + 1)
+                  if run.exists(f"search/attention_{r:04d}.npy")]
+        attention = np.concatenate(chunks) if chunks else np.zeros((0, ctx.size, ctx.size), np.float16)
+        if attention.shape[0] != len(result.order):
+            raise DataError(f"{run.file('search')}: attention maps of {attention.shape[0]} images for "
+                            f"{len(result.order)} scored (start a new run)")
+        run.save_npy("attention.npy", attention.astype(np.float16))
+        run.write_json("search.json", doc)
+    ctx.search = doc
+    return {"rounds": len(result.rounds), "n_scored": len(result.order)}
+
+
+def _load_search(ctx: _Ctx) -> None:
+    ctx.search = ctx.run.read_json("search.json")
+    ctx.flip = np.asarray(ctx.search["flip_set"], dtype=np.int64)
+
+
+def _scores(ctx: _Ctx) -> dict[int, int]:
+    return {int(e["index"]): int(e["poison_score"]) for e in ctx.search["scored"]}
+
+
+def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
+    cfg = ctx.cfg
+    scores = _scores(ctx)
+    top = top_k(scores, cfg.top_k)
+    gen = _torch_gen(cfg.seed, "null")
+    images = ctx.store.images
+    if cfg.score_rule == "to_source":  # the null windows need their source image's cluster
+        src = torch.randint(0, len(images), (cfg.null_size,), generator=gen)
+        patches = torch.cat([null_windows(images[int(i):int(i) + 1], 1, ctx.window, gen) for i in src])
+        sources = ctx.clustering.labels[src.numpy()]
+    else:
+        patches, sources = null_windows(images, cfg.null_size, ctx.window, gen), None
+    null = _flip_scores(ctx, patches, sources, "null")
+    n_flip = len(ctx.flip)
+    ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
+    ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip)
+    if ctx.runtime.is_main:
+        ctx.run.write_json("evidence.json", ev)
+    ctx.evidence = ev
+    return {"z": ev["z"]}
+
+
+def _load_evidence(ctx: _Ctx) -> None:
+    ctx.evidence = ctx.run.read_json("evidence.json")
+
+
+def _boxes(ctx: _Ctx) -> dict[int, list[int]]:
+    return {int(e["index"]): [int(v) for v in e["box"]] for e in ctx.search["scored"]}
+
+
+def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
+    cfg, n = ctx.cfg, len(ctx.store)
+    found = ctx.evidence["z"] >= cfg.min_evidence
+    info: dict[str, Any] = {"trained": False, "ensemble": cfg.ensemble, "iterations": 0, "val_f1": None,
+                            "threshold": cfg.threshold, "backdoor_found": bool(found),
+                            "forced": bool(cfg.force and not found)}
+    if not (found or cfg.force):
+        info["reason"] = "no backdoor signal"
+        for stale in ("classifier.safetensors", "classifier_probs.npy"):
+            ctx.run.file(stale).unlink(missing_ok=True)
+        ctx.run.write_json("classifier.json", info)
+        ctx.classifier, ctx.probs = info, None
+        return {"trained": False}
+    scores = _scores(ctx)
+    score_arr = np.full(n, np.nan)
+    score_arr[list(scores)] = list(scores.values())
+    top = [int(i) for i in ctx.evidence["top_k"]]
+    split = classifier_split(score_arr, top, cfg.drop_top, seed=cfg.seed)
+    boxes = _boxes(ctx)
+    top_t = torch.as_tensor(top)
+    patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))
+    ccfg = ClassifierConfig(iterations=cfg.classifier_iters, ensemble=cfg.ensemble, threshold=cfg.threshold,
+                            predict_batch_size=cfg.batch_size, seed=cfg.seed)
+    res = train_poison_classifier(ctx.store.images, patches, split, ccfg, ctx.runtime, ctx.quiet)
+    probs = predict_poison(res.models, ctx.store.images, ctx.runtime, cfg.batch_size, ctx.quiet)
+    ctx.run.write_bytes("classifier.safetensors", classifier_bytes(res.models, image_size=ctx.size,
+                                                                   threshold=cfg.threshold, val_f1=res.val_f1))
+    ctx.run.save_npy("classifier_probs.npy", probs)
+    info.update(trained=True, iterations=max(res.iterations), iterations_per_model=res.iterations,
+                best_iteration=res.best_iteration, val_f1=res.val_f1,
+                split={"train": len(split.train), "val_pos": len(split.val_pos), "val_neg": len(split.val_neg)},
+                history=res.history)
+    ctx.run.write_json("classifier.json", info)
+    ctx.classifier, ctx.probs = info, probs
+    return {"trained": True, "val_f1": res.val_f1}
+
+
+def _load_classifier(ctx: _Ctx) -> None:
+    ctx.classifier = ctx.run.read_json("classifier.json")
+    ctx.probs = (np.load(ctx.run.file("classifier_probs.npy"), allow_pickle=False)
+                 if ctx.classifier.get("trained") else None)
+
+
+def _scores_csv(ctx: _Ctx, removed: np.ndarray, ranks: dict[int, int]) -> str:
+    by_index = {int(e["index"]): e for e in ctx.search["scored"]}
+    cl = ctx.clustering
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SCORE_COLUMNS)
+    for i, sid in enumerate(ctx.store.ids):
+        e = by_index.get(i)
+        label = ctx.store.labels[i]
+        box = e["box"] if e else ["", "", "", ""]
+        prob = "" if ctx.probs is None else f"{float(ctx.probs[i]):.6f}"
+        w.writerow([i, sid, "" if label is None else label, int(cl.labels[i]), f"{float(cl.distances[i]):.6f}",
+                    e["poison_score"] if e else "", *box, prob, int(removed[i]), ranks.get(i, "")])
+    return buf.getvalue()
+
+
+def _top_clusters(ctx: _Ctx, removed: np.ndarray, limit: int = 10) -> list[dict[str, Any]]:
+    cl = ctx.clustering
+    sizes = cl.sizes()
+    rem = np.bincount(cl.labels, weights=removed.astype(np.float64), minlength=cl.n_clusters).astype(np.int64)
+    best: dict[int, int] = {}
+    for e in ctx.search["scored"]:
+        c = int(cl.labels[int(e["index"])])
+        best[c] = max(best.get(c, -1), int(e["poison_score"]))
+    order = sorted(range(cl.n_clusters), key=lambda c: (-rem[c], -best.get(c, -1), c))
+    return [{"cluster": c, "size": int(sizes[c]), "removed": int(rem[c]), "max_score": best.get(c)}
+            for c in order[:limit]]
+
+
+def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
+    cfg, store, ev, clf = ctx.cfg, ctx.store, ctx.evidence, ctx.classifier
+    scores, boxes = _scores(ctx), _boxes(ctx)
+    top = [int(i) for i in ev["top_k"]]
+    n, n_removed = len(store), int(removed.sum())
+    found = bool(clf["backdoor_found"])
+    evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "best_flip_share", "null_size")}
+    evidence.update(min_evidence=cfg.min_evidence, backdoor_found=found, forced=bool(clf["forced"]))
+    meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}
+    exit_code = 1 if fail_on_exceeded(cfg.fail_on, n_removed, n) else 0
+    verdict = "backdoor signal found" if found else \
+        "no backdoor signal (removal forced)" if clf["forced"] else "no backdoor signal"
+    return {
+        "command": "detect", "method": cfg.method, "run_dir": str(ctx.run.path), "version": __version__,
+        "source": {"spec": cfg.data, "kind": store.source.get("kind"), "n_samples": n + len(store.errors),
+                   "n_errors": len(store.errors)},
+        "model": {"checkpoint": cfg.model, "arch": getattr(ctx.encoder, "arch", None), "image_size": ctx.size,
+                  "metadata": meta},
+        "counts": {"scanned": n, "scored": len(scores), "removed": n_removed,
+                   "removed_fraction": n_removed / n if n else 0.0, "errors": len(store.errors)},
+        "clusters": {"requested": cfg.clusters, "n_clusters": ctx.clustering.n_clusters,
+                     "flip_set": len(ctx.search["flip_set"])},
+        "search": {"rounds": [{k: r[k] for k in ("round", "live_clusters", "scored")} for r in ctx.search["rounds"]],
+                   "n_scored": len(scores)},
+        "top_k": [{"rank": r + 1, "index": i, "id": store.ids[i], "cluster": int(ctx.clustering.labels[i]),
+                   "poison_score": scores[i], "box": boxes[i]} for r, i in enumerate(top)],
+        "top_clusters": _top_clusters(ctx, removed),
+        "evidence": evidence,
+        "verdict": verdict,
+        "classifier": {"trained": bool(clf["trained"]), "ensemble": int(clf["ensemble"]),
+                       "iterations": int(clf["iterations"]), "val_f1": clf.get("val_f1"),
+                       "threshold": float(clf["threshold"])},
+        "timings": dict(ctx.timings),
+        "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",
+                  "summary": "summary.json"},
+        "fail_on": cfg.fail_on, "exit_code": exit_code,
+    }
+
+
+def _stage_outputs(ctx: _Ctx) -> dict[str, Any]:
+    from poisonscan.report.gallery import write_gallery
+    from poisonscan.report.html import write_report
+
+    run, store = ctx.run, ctx.store
+    n = len(store)
+    removed = (ctx.probs > ctx.cfg.threshold) if ctx.probs is not None else np.zeros(n, dtype=bool)
+    top = [int(i) for i in ctx.evidence["top_k"]]
+    ranks = {i: r + 1 for r, i in enumerate(top)}
+    run.write_text("scores.csv", _scores_csv(ctx, removed, ranks))
+    write_removal_list([store.ids[i] for i in np.flatnonzero(removed)], run.file("removed.txt"))
+    write_errors_csv(store.errors, run.file("errors.csv"))
+    ctx.timings["outputs"] = time.perf_counter() - ctx.stage_start   # the gallery and report come on top
+    summary = _summary(ctx, removed)
+    attention = np.load(run.file("attention.npy"), mmap_mode="r")
+    row = {int(e["index"]): j for j, e in enumerate(ctx.search["scored"])}
+    top_att = {i: np.asarray(attention[row[i]], dtype=np.float32) for i in top}
+    write_gallery(run, store.images, summary, top_att, _boxes(ctx), removed, ctx.clustering.labels, _scores(ctx))
+    run.write_json("summary.json", summary)
+    write_report(run, summary)
+    return {"removed": int(removed.sum())}
+
+
+STAGE_FUNCS: dict[str, tuple[Callable[[_Ctx], dict[str, Any]], Callable[[_Ctx], None] | None]] = {
+    "store": (_stage_store, _load_store),
+    "features": (_stage_features, _load_features),
+    "clusters": (_stage_clusters, _load_clusters),
+    "search": (_stage_search, _load_search),
+    "evidence": (_stage_evidence, _load_evidence),
+    "classifier": (_stage_classifier, _load_classifier),
+    "outputs": (_stage_outputs, None),
+}
+MAIN_ONLY = ("classifier", "outputs")
+
+
+def run_detect(cfg: DetectConfig, runtime: rt.Runtime | None = None, quiet: bool = False,
+               on_round: RoundHook | None = None) -> dict[str, Any]:
+    """Run (or resume) detection and return the summary (the content of ``summary.json``; ``{}`` on ranks > 0).
+
+    ``on_round(round)`` is called after each search round has been saved (tests use it to simulate a kill).
+    """
+    validate_config(cfg)
+    runtime = runtime or rt.setup_runtime(cfg.device, cfg.precision)
+    quiet = quiet or cfg.quiet
+    rt.seed_everything(cfg.seed)
+    encoder, meta = load_encoder(cfg.model, arch=cfg.arch, image_size=cfg.image_size,
+                                 trust_pickle=cfg.trust_checkpoint)
+    run, _ = open_run(cfg, runtime)
+    main = runtime.is_main
+    done = rt.broadcast_object({s: run.stage_done(s) for s in STAGES} if main else None)
+    if done["outputs"]:                     # a finished run: its summary
+        return run.read_json("summary.json") if main else {}
+    ctx = _Ctx(cfg, runtime, run, quiet, on_round, prepare_encoder(encoder.eval(), runtime), meta)
+    for stage in STAGES:
+        if stage in MAIN_ONLY and not main:
+            return {}                       # ranks > 0 have nothing left to share
+        compute, load = STAGE_FUNCS[stage]
+        if done[stage] and load is not None:
+            load(ctx)
+            if main:
+                ctx.timings[stage] = float(run.read_json(f"stages/{stage}.done").get("seconds", 0.0))
+            continue
+        ctx.stage_start = time.perf_counter()
+        info = compute(ctx)
+        seconds = time.perf_counter() - ctx.stage_start
+        ctx.timings.setdefault(stage, seconds)
+        if main:
+            run.mark_done(stage, {"seconds": seconds, **info})
+            if stage == "search":
+                shutil.rmtree(run.file("search"), ignore_errors=True)   # per-round maps, now in attention.npy
+        if stage not in MAIN_ONLY:
+            rt.barrier()
+    return run.read_json("summary.json")

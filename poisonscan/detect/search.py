@@ -1,0 +1,254 @@
+"""Poisonous image search (PoisonCAM IV-C): flip test set, poison scores and the iterative cluster search."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from poisonscan import runtime as rt
+from poisonscan.config import PAPER
+from poisonscan.detect.clustering import Clustering
+from poisonscan.detect.features import encode, eval_mode, prepare_encoder
+
+RULES = ("changed", "to_source")
+AGGREGATES = ("sum", "max")
+
+
+# -- flip test set ------------------------------------------------------------------------------------------------
+
+def flip_test_set(clustering: Clustering, features: np.ndarray, size: int = PAPER.flip_set_size,
+                  requested_clusters: int = PAPER.n_clusters) -> np.ndarray:
+    """Indices of the images nearest each cluster centre (the fixed test set X^f).
+
+    ``per_cluster = max(1, size // requested_clusters)`` nearest images of every non-empty cluster (1 per cluster at
+    the paper's 1000 / 1000); when the cluster count was capped for a small data set the flip set shrinks with it.
+    Distances are recomputed from ``features``; ties go to the smaller index. Sorted by cluster, then distance.
+    """
+    feats = np.asarray(features, dtype=np.float32)
+    labels = clustering.labels
+    if feats.shape[0] != labels.shape[0]:
+        raise ValueError(f"{feats.shape[0]} features but {labels.shape[0]} cluster labels")
+    per_cluster = max(1, int(size) // max(1, int(requested_clusters)))
+    dist = np.linalg.norm(feats - clustering.centroids[labels], axis=1)
+    index = np.arange(labels.shape[0])
+    order = np.lexsort((index, dist, labels))
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(order.shape[0]) - starts
+    return order[rank < per_cluster].astype(np.int64)
+
+
+# -- pasting ------------------------------------------------------------------------------------------------------
+
+def draw_positions(n_candidates: int, n_images: int, generator: torch.Generator | int) -> Tensor:
+    """Uniform numbers ``n_candidates x n_images x 2`` in [0, 1) fixing where each candidate lands on each image.
+
+    Drawn before any batching or splitting across ranks, so scores do not depend on the batch size or world size;
+    :func:`positions_to_corners` turns them into top-left corners for a given patch size.
+    """
+    gen = torch_generator(generator)
+    return torch.rand(n_candidates, n_images, 2, generator=gen, dtype=torch.float64)
+
+
+def positions_to_corners(u: Tensor, image_hw: tuple[int, int], patch_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` top-left corners (int64) of a patch kept fully inside the image, from uniforms ``u`` (... x 2)."""
+    (h, w), (ph, pw) = image_hw, patch_hw
+    if ph > h or pw > w:
+        raise ValueError(f"patch {ph}x{pw} does not fit in a {h}x{w} image")
+    xs = (u[..., 0] * (w - pw + 1)).floor().long().clamp_(0, w - pw)
+    ys = (u[..., 1] * (h - ph + 1)).floor().long().clamp_(0, h - ph)
+    return xs, ys
+
+
+def paste_at(images: Tensor, patches: Tensor, xs: Tensor, ys: Tensor, inplace: bool = False) -> Tensor:
+    """Paste ``patches`` (n x 3 x h x w, one per image, or 3 x h x w for all) into a copy of ``images`` (n x 3 x H x W)
+    (into ``images`` itself with ``inplace``) with top-left corners ``(xs, ys)``: one advanced-indexing write."""
+    out = images if inplace else images.clone()
+    n, c = images.shape[:2]
+    ph, pw = patches.shape[-2:]
+    dev = images.device
+    rows = ys.to(dev)[:, None] + torch.arange(ph, device=dev)  # n x h
+    cols = xs.to(dev)[:, None] + torch.arange(pw, device=dev)  # n x w
+    ni = torch.arange(n, device=dev)[:, None, None, None]
+    ci = torch.arange(c, device=dev)[None, :, None, None]
+    src = patches.to(device=dev, dtype=images.dtype)
+    out[ni, ci, rows[:, None, :, None], cols[:, None, None, :]] = src if src.ndim == 4 else src.unsqueeze(0)
+    return out
+
+
+def paste_patches(images_u8: Tensor, patch: Tensor, generator: torch.Generator | int) -> Tensor:
+    """A copy of ``images_u8`` (n x 3 x H x W) with ``patch`` (3 x h x w uint8) pasted fully inside each image at a
+    random position (vectorised)."""
+    u = draw_positions(1, images_u8.shape[0], generator)[0]
+    xs, ys = positions_to_corners(u, tuple(images_u8.shape[-2:]), tuple(patch.shape[-2:]))
+    return paste_at(images_u8, patch, xs, ys)
+
+
+# -- poison score -------------------------------------------------------------------------------------------------
+
+def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Tensor, flip_labels: Tensor,
+                  patches: Sequence[Tensor] | Tensor, runtime: rt.Runtime, generator: torch.Generator | int,
+                  batch_size: int = 256, rule: str = "changed", source_clusters: Sequence[int] | Tensor | None = None,
+                  positions: Tensor | None = None, quiet: bool = True) -> np.ndarray:
+    """Poison score of each candidate patch on the flip test set (int64, one per patch).
+
+    Each patch is pasted at a random position on every flip image, the patched images are re-encoded
+    (L2-normalised) and re-assigned. ``rule="changed"`` (paper): the number of flip images whose cluster differs
+    from ``flip_labels``. ``rule="to_source"`` (PatchSearch): the number of flip images not in the candidate's own
+    cluster (``source_clusters``) that move into it. Batches hold ``batch_size`` (candidate, flip image) pairs, so
+    the batch never depends on the flip-set size. ``positions`` (n_patches x n_flip x 2 uniforms from
+    :func:`draw_positions`) replaces ``generator`` when the caller splits candidates across ranks.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r}: choose one of {', '.join(RULES)}")
+    plist = list(patches) if not isinstance(patches, Tensor) or patches.ndim == 4 else [patches]
+    n_cand, n_flip = len(plist), int(flip_images_u8.shape[0])
+    if n_cand == 0 or n_flip == 0:
+        return np.zeros(n_cand, dtype=np.int64)
+    if flip_labels.shape[0] != n_flip:
+        raise ValueError("one flip label per flip image is needed")
+    if rule == "to_source":
+        if source_clusters is None or len(source_clusters) != n_cand:
+            raise ValueError('rule "to_source" needs one source cluster per patch')
+    u = positions if positions is not None else draw_positions(n_cand, n_flip, generator)
+    if tuple(u.shape) != (n_cand, n_flip, 2):
+        raise ValueError(f"positions must be {n_cand} x {n_flip} x 2, got {tuple(u.shape)}")
+
+    device = runtime.device
+    prepare_encoder(encoder, runtime)
+    scores = torch.zeros(n_cand, dtype=torch.int64, device=device)
+    hw = (int(flip_images_u8.shape[-2]), int(flip_images_u8.shape[-1]))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(plist):
+        groups.setdefault((int(p.shape[-2]), int(p.shape[-1])), []).append(i)
+    with eval_mode(encoder), torch.inference_mode(), rt.progress("poison scores", n_cand * n_flip, quiet) as bar:
+        flip_dev = flip_images_u8.to(device)
+        flip_lab = torch.as_tensor(flip_labels).to(device=device, dtype=torch.int64)
+        src_all = (torch.as_tensor(source_clusters).to(device=device, dtype=torch.int64)
+                   if rule == "to_source" else None)
+        for patch_hw, members in groups.items():
+            cand = torch.tensor(members, dtype=torch.int64)
+            cand_dev = cand.to(device)
+            stack = torch.stack([plist[i] for i in members]).to(device=device, dtype=torch.uint8)
+            xs, ys = positions_to_corners(u[cand], hw, patch_hw)  # len(members) x n_flip each
+            xs, ys = xs.to(device), ys.to(device)
+            total = len(members) * n_flip
+            for start in range(0, total, batch_size):
+                stop = min(start + batch_size, total)
+                pair = torch.arange(start, stop, device=device)
+                ci, fi = pair // n_flip, pair % n_flip
+                imgs = paste_at(flip_dev[fi], stack[ci], xs[ci, fi], ys[ci, fi], inplace=True)
+                new_lab, _ = clustering.assign_torch(encode(encoder, imgs, runtime, to_cpu=False))
+                if rule == "changed":
+                    hit = new_lab != flip_lab[fi]
+                else:
+                    src = src_all[cand_dev[ci]]
+                    hit = (new_lab == src) & (flip_lab[fi] != src)
+                scores.index_add_(0, cand_dev[ci], hit.long())
+                bar.advance(stop - start)
+    return scores.cpu().numpy()
+
+
+# -- iterative search ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SearchResult:
+    """Every poison score computed by the search (``scores``: image index -> score), the ``order`` in which images
+    were scored, one entry per round in ``rounds`` and the final aggregated ``cluster_scores``."""
+
+    scores: dict[int, int] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    cluster_scores: dict[int, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (keys as strings are avoided: scores as ``[index, score]`` pairs in scoring order)."""
+        return {"scored": [[i, int(self.scores[i])] for i in self.order], "rounds": self.rounds,
+                "cluster_scores": [[c, float(s)] for c, s in sorted(self.cluster_scores.items())]}
+
+
+def _numpy_generator(generator: np.random.Generator | int) -> np.random.Generator:
+    return generator if isinstance(generator, np.random.Generator) else np.random.default_rng(int(generator))
+
+
+def torch_generator(generator: torch.Generator | int) -> torch.Generator:
+    if isinstance(generator, torch.Generator):
+        return generator
+    return torch.Generator().manual_seed(int(generator))
+
+
+def iterative_search(cluster_labels: np.ndarray, score_fn: Callable[[np.ndarray], np.ndarray],
+                     samples_per_cluster: int = PAPER.samples_per_cluster,
+                     drop_fraction: float = PAPER.drop_fraction, generator: np.random.Generator | int = 0,
+                     already_scored: dict[int, int] | None = None,
+                     on_round: Callable[[SearchResult], None] | None = None, aggregate: str = "sum",
+                     stop_below: int = 1) -> SearchResult:
+    """Heuristic search of IV-C: score a few images per live cluster each round, drop the least poisonous clusters.
+
+    The visiting order inside every cluster is one random permutation drawn up front from ``generator``. Each round
+    takes the next ``samples_per_cluster`` images of every live cluster and scores the ones not in
+    ``already_scored`` with a single ``score_fn(indices)`` call (so the caller batches masking and flip tests);
+    a cluster's score is the ``aggregate`` ("sum": paper; "max": PatchSearch) of all its scored images. Clusters
+    with no unscored image left retire, then the lowest ``drop_fraction`` of the remaining live clusters (at least
+    one; ties: the smaller cluster id goes first) are dropped, until fewer than ``stop_below`` clusters are live
+    (1: until none; PatchSearch stops below 4). ``on_round(result)`` runs after every round (checkpointing): with
+    the same generator seed and the scores it saved as ``already_scored`` a resumed search repeats the same rounds
+    and returns the same result, calling ``score_fn`` only for the missing images.
+    """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate {aggregate!r}: choose one of {', '.join(AGGREGATES)}")
+    if samples_per_cluster < 1 or not 0.0 <= drop_fraction <= 1.0:
+        raise ValueError("samples_per_cluster must be >= 1 and drop_fraction in [0, 1]")
+    labels = np.asarray(cluster_labels, dtype=np.int64)
+    rng = _numpy_generator(generator)
+    cache = {int(k): int(v) for k, v in (already_scored or {}).items()}
+    queues: dict[int, np.ndarray] = {}
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        queues[int(c)] = members[rng.permutation(members.shape[0])]
+    pointer = {c: 0 for c in queues}
+    live = sorted(queues)
+    result = SearchResult()
+    per_cluster: dict[int, list[int]] = {c: [] for c in queues}
+    rnd = 0
+    while live and len(live) >= stop_below:
+        rnd += 1
+        picked: list[int] = []
+        for c in live:
+            take = queues[c][pointer[c]:pointer[c] + samples_per_cluster]
+            pointer[c] += take.shape[0]
+            picked.extend(int(i) for i in take)
+        missing = np.array([i for i in picked if i not in cache], dtype=np.int64)
+        if missing.size:
+            got = np.asarray(score_fn(missing)).reshape(-1)
+            if got.shape[0] != missing.shape[0]:
+                raise ValueError(f"score_fn returned {got.shape[0]} scores for {missing.shape[0]} images")
+            cache.update({int(i): int(s) for i, s in zip(missing, got)})
+        for i in picked:
+            result.scores[i] = cache[i]
+            result.order.append(i)
+            per_cluster[int(labels[i])].append(cache[i])
+        agg = {c: float((sum if aggregate == "sum" else max)(per_cluster[c])) if per_cluster[c] else 0.0
+               for c in live}
+        result.cluster_scores.update(agg)
+        retired = [c for c in live if pointer[c] >= queues[c].shape[0]]
+        remaining = [c for c in live if pointer[c] < queues[c].shape[0]]
+        n_drop = min(len(remaining), max(1, int(drop_fraction * len(remaining)))) if remaining else 0
+        dropped = sorted(remaining, key=lambda c: (agg[c], c))[:n_drop]
+        result.rounds.append({"round": rnd, "live_clusters": len(live), "scored": len(picked),
+                              "computed": int(missing.size), "retired": len(retired), "dropped": len(dropped)})
+        gone = set(retired) | set(dropped)
+        live = [c for c in live if c not in gone]
+        if on_round is not None:
+            on_round(result)
+    return result
+
+
+def top_k(scores: dict[int, int], k: int = PAPER.top_k) -> list[int]:
+    """The ``k`` highest-scoring image indices, ties broken by the smaller index (deterministic)."""
+    return [i for i, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:max(0, int(k))]]

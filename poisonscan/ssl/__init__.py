@@ -1,0 +1,1 @@
+"""poisonscan.ssl"""

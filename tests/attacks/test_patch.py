@@ -1,0 +1,92 @@
+"""Pixels of the HTBA patch attack and its placement helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from poisonscan.attacks.patch import (corner_range, load_trigger, paste_trigger, random_corner, resize_trigger,
+                                      trigger_side)
+from poisonscan.errors import UsageError
+
+
+def _image(h: int = 40, w: int = 48, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _trigger(size: int = 16) -> Image.Image:
+    yy, xx = np.mgrid[0:size, 0:size]
+    arr = np.stack([xx * 255 // (size - 1), yy * 255 // (size - 1), (xx + yy) % 2 * 255], -1).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def test_opaque_paste_replaces_only_the_box() -> None:
+    img, trig = _image(), _trigger()
+    before = img.copy()
+    out = paste_trigger(img, trig, x=10, y=5, size=12)
+    assert np.array_equal(img, before)                                  # input untouched
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert np.array_equal(out[5:17, 10:22], resize_trigger(trig, 12))   # the resized trigger, exactly
+    mask = np.ones(img.shape[:2], bool)
+    mask[5:17, 10:22] = False
+    assert np.array_equal(out[mask], img[mask])                         # nothing else changed
+
+
+def test_partial_opacity_blends_inside_the_box() -> None:
+    img = np.full((20, 20, 3), 100, np.uint8)
+    trig = np.full((8, 8, 3), 200, np.uint8)
+    out = paste_trigger(img, trig, 4, 6, 8, opacity=0.25)
+    assert np.all(out[6:14, 4:12] == 125)                               # 0.75 * 100 + 0.25 * 200
+    assert np.all(out[:6] == 100) and np.all(out[14:] == 100) and np.all(out[:, :4] == 100)
+
+
+def test_paste_accepts_pil_and_rejects_boxes_outside() -> None:
+    pil = Image.fromarray(_image(), "RGB")
+    assert np.array_equal(paste_trigger(pil, _trigger(), 0, 0, 8), paste_trigger(_image(), _trigger(), 0, 0, 8))
+    with pytest.raises(ValueError):
+        paste_trigger(_image(), _trigger(), 40, 0, 10)
+    with pytest.raises(ValueError):
+        paste_trigger(_image(), _trigger(), 0, 0, 8, opacity=0.0)
+
+
+def test_trigger_side_fraction_and_pixels() -> None:
+    assert trigger_side(50 / 224, 224, 300) == 50
+    assert trigger_side(50 / 224, 96, 96) == 21
+    assert trigger_side(50 / 224, 32, 32) == 7
+    assert trigger_side(8, 32, 32) == 8
+    with pytest.raises(ValueError):
+        trigger_side(0, 32, 32)
+
+
+def test_corner_range_follows_the_reference_formula() -> None:
+    assert corner_range(224, 50, 0.25) == (56, 118)      # [0.25 W, 0.75 W - 50]
+    assert corner_range(224, 50, 0.10) == (22, 151)      # patched val
+    with pytest.raises(ValueError, match="larger"):
+        corner_range(32, 40, 0.0)
+    with pytest.raises(ValueError, match="margins"):
+        corner_range(32, 20, 0.25)
+
+
+def test_random_corner_is_uniform_over_the_range() -> None:
+    rng = np.random.default_rng(0)
+    xs, ys = zip(*(random_corner(rng, 96, 64, 21, 0.25) for _ in range(3000)))
+    assert set(xs) == set(range(24, 72 - 21 + 1)) and set(ys) == set(range(16, 48 - 21 + 1))
+    again = np.random.default_rng(0)
+    assert [random_corner(again, 96, 64, 21, 0.25) for _ in range(5)] == list(zip(xs, ys))[:5]
+
+
+def test_load_trigger(tmp_path: Path) -> None:
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, ..., 3] = 255                                               # top half opaque red, bottom transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    arr = np.asarray(load_trigger(tmp_path / "t.png"))
+    assert arr.shape == (4, 4, 3) and np.all(arr[:2, :, 0] == 255) and np.all(arr[2:] == 0)
+    with pytest.raises(UsageError, match="not found"):
+        load_trigger(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(UsageError, match="not a readable image"):
+        load_trigger(tmp_path / "bad.png")

@@ -1,0 +1,85 @@
+"""``poisonscan clean`` through Typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from poisonscan.cli import app
+from poisonscan.data.sources import open_source
+
+runner = CliRunner()
+
+
+def _run_dir(tmp_path: Path, data: str, removed: list[str]) -> Path:
+    run = tmp_path / "runs" / "detect" / "run1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": data, "method": "poisoncam"}))
+    (run / "removed.txt").write_text("".join(f"{i}\n" for i in removed))
+    return run
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_clean_folder_run(image_folder: Path, tmp_path: Path) -> None:
+    before = _snapshot(image_folder)
+    run = _run_dir(tmp_path, str(image_folder), ["dog/dog_1.jpg", "cat/cat_0.png"])
+    out = tmp_path / "clean.txt"
+    res = runner.invoke(app, ["clean", "--run", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "removed 2, kept 4, unknown ids in removal list 0" in res.stdout
+    kept = open_source(out)
+    assert [Path(p).name for p in kept.ids] == ["cat_1.png", "cat_2.png", "dog_0.jpg", "dog_2.jpg"]
+    assert kept.labels == [0, 0, 1, 1]
+    assert _snapshot(image_folder) == before
+
+
+def test_clean_wds_json_reshard_and_unknown_ids(wds_shards_gz: Path, tmp_path: Path) -> None:
+    run = _run_dir(tmp_path, str(wds_shards_gz / "train-{000000..000001}.tar.gz"),
+                   ["train-000001.tar.gz::s0005", "not-a-sample::x"])
+    out, rs = tmp_path / "clean.tsv", tmp_path / "shards"
+    res = runner.invoke(app, ["clean", "--run", str(run), "--out", str(out), "--reshard", str(rs),
+                              "--shard-size", "3", "--compress", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (summary["removed"], summary["kept"], summary["unknown"]) == (1, 7, 1)
+    assert summary["manifest_format"] == "wds-manifest" and summary["reshard"]["written"] == 7
+    assert "not in the source" in res.stderr
+    kept = open_source(out)
+    assert len(kept) == 7 and "train-000001.tar.gz::s0005" not in kept.ids
+    assert len(open_source(rs)) == 7 and len(summary["reshard"]["shards"]) == 3
+    assert all(p.endswith(".tar.gz") for p in summary["reshard"]["shards"])
+
+
+def test_clean_strict_unknown_ids_exits_2_and_writes_nothing(file_list: Path, tmp_path: Path) -> None:
+    removed = tmp_path / "removed.txt"
+    removed.write_text("images/img_0.png\nghost.png\n")
+    out = tmp_path / "clean.txt"
+    res = runner.invoke(app, ["clean", "--source", str(file_list), "--removed", str(removed), "--out", str(out),
+                              "--strict"])
+    assert res.exit_code == 2 and not out.exists()
+    res = runner.invoke(app, ["clean", "--source", str(file_list), "--removed", str(removed), "--out", str(out)])
+    assert res.exit_code == 0 and "unknown ids in removal list 1" in res.stdout
+    assert open_source(out).labels == [1, 2, 0, 1, 2]
+
+
+def test_clean_usage_errors(file_list: Path, tmp_path: Path) -> None:
+    removed = tmp_path / "removed.txt"
+    removed.write_text("images/img_0.png\n")
+    cases = [
+        ["--run", str(tmp_path / "absent"), "--out", str(tmp_path / "o.txt")],
+        ["--source", str(file_list), "--removed", str(removed), "--out", str(file_list)],  # would overwrite input
+        ["--source", str(tmp_path / "nothing"), "--removed", str(removed), "--out", str(tmp_path / "o.txt")],
+        ["--source", str(file_list), "--out", str(tmp_path / "o.txt")],  # no removal list
+        ["--source", str(file_list), "--removed", str(removed)],  # no --out
+    ]
+    original = file_list.read_bytes()
+    for args in cases:
+        res = runner.invoke(app, ["clean", *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
+    assert file_list.read_bytes() == original

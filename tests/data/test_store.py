@@ -1,0 +1,131 @@
+"""ImageStore: decode, resize/crop, cache and reuse, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from poisonscan.data.sources import SampleError, open_source
+from poisonscan.data.store import (ImageStore, build_store, open_store, resize_center_crop, write_errors_csv)
+from poisonscan.errors import DataError
+
+
+@pytest.mark.parametrize("wh", [(40, 30), (30, 47), (64, 64), (17, 90)])
+def test_resize_center_crop_matches_torchvision(wh: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    ref = np.asarray(T.Compose([T.Resize(24), T.CenterCrop(24)])(img))
+    out = resize_center_crop(img, 24)
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, ref)
+
+
+def test_build_store_in_memory(image_folder: Path) -> None:
+    src = open_source(image_folder)
+    store = build_store(src, 16, num_workers=0)
+    assert isinstance(store, ImageStore) and store.path is None
+    assert store.images.shape == (6, 3, 16, 16) and store.images.dtype == torch.uint8
+    assert store.ids == src.ids and store.labels == src.labels and store.source_indices == list(range(6))
+    assert store.class_names == ["cat", "dog"] and store.label_array().tolist() == src.labels
+    expected = resize_center_crop(src.load(3).image, 16).transpose(2, 0, 1)
+    assert np.array_equal(store.images[3].numpy(), expected)
+    fast = build_store(src, 16, num_workers=0, draft=True)  # JPEG DCT-scaled decode: close, not identical
+    assert (fast.images.int() - store.images.int()).abs().float().mean() < 20
+
+
+def test_build_store_leaves_out_and_lists_errors(corrupt_folder: Path, tmp_path: Path) -> None:
+    src = open_source(corrupt_folder)
+    store = build_store(src, 8, path=tmp_path / "store", num_workers=0)
+    assert store.ids == [f"a/good_{i}.png" for i in range(3)]
+    assert store.source_indices == [src.ids.index(i) for i in store.ids]
+    assert sorted(e.id for e in store.errors) == ["a/bad.jpg", "a/empty.png", "a/trunc.jpg"]
+    assert store.images.shape == (3, 3, 8, 8)
+    for k, i in enumerate(store.source_indices):
+        assert np.array_equal(store.images[k].numpy(), resize_center_crop(src.load(i).image, 8).transpose(2, 0, 1))
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["images.npy", "store.json"]
+    write_errors_csv(store.errors, tmp_path / "errors.csv")
+    with open(tmp_path / "errors.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["id", "reason"] and {r[0] for r in rows[1:]} == {e.id for e in store.errors}
+
+
+def test_store_is_saved_and_reused(wds_shards_gz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = open_source(wds_shards_gz)
+    path = tmp_path / "store"
+    first = build_store(src, 16, path=path, num_workers=0)
+    meta = json.loads((path / "store.json").read_text())
+    assert meta["size"] == 16 and meta["ids"] == src.ids and meta["source"]["kind"] == "wds"
+
+    def boom(*args, **kwargs):
+        raise AssertionError("decoded again instead of reusing the saved store")
+
+    monkeypatch.setattr(type(src), "iter_indexed", boom)
+    again = build_store(src, 16, path=path)
+    assert again.ids == first.ids and torch.equal(again.images, first.images)
+    assert open_store(path).labels == src.labels
+    monkeypatch.undo()
+    other = build_store(src, 12, path=path, num_workers=0)  # a different size rebuilds
+    assert other.images.shape == (8, 3, 12, 12)
+
+
+def test_parallel_workers_match_serial(wds_shards_gz: Path, file_list: Path) -> None:
+    for spec in (wds_shards_gz, file_list):
+        src = open_source(spec)
+        serial = build_store(src, 16, num_workers=0)
+        parallel = build_store(src, 16, num_workers=2, batch_size=2)
+        assert parallel.ids == serial.ids and torch.equal(parallel.images, serial.images)
+
+
+def test_store_with_non_utf8_ids(tmp_path: Path, make_images) -> None:
+    import os
+
+    root = tmp_path / "u"
+    root.mkdir()
+    make_images(1, 16, 0)[0].save(os.fsencode(root) + b"/caf\xe9.png", format="PNG")
+    src = open_source(root)
+    store = build_store(src, 8, path=tmp_path / "s", num_workers=0)
+    assert open_store(tmp_path / "s").ids == src.ids
+    write_errors_csv([SampleError(src.ids[0], "a, \"quoted\" reason")], tmp_path / "e.csv")
+
+
+def test_open_store_missing_and_bad_size(tmp_path: Path, image_folder: Path) -> None:
+    with pytest.raises(DataError, match="no image store"):
+        open_store(tmp_path / "nothing")
+    with pytest.raises(DataError):
+        build_store(open_source(image_folder), 0)
+
+
+def _distributed_worker(rank: int, world: int, init: str, spec: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from poisonscan.runtime import Runtime
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        runtime = Runtime(torch.device("cpu"), None, rank=rank, world_size=world)
+        store = build_store(open_source(spec), 16, path=Path(out), runtime=runtime, num_workers=0, batch_size=2)
+        torch.save({"ids": store.ids, "images": store.images.clone()}, f"{out}.rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_build_store_distributed_matches_single(corrupt_folder: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    serial = build_store(open_source(corrupt_folder), 16, num_workers=0)
+    out = tmp_path / "store"
+    mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path / 'rdv'}", str(corrupt_folder), str(out)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(f"{out}.rank{rank}.pt", weights_only=True)
+        assert got["ids"] == serial.ids and torch.equal(got["images"], serial.images)
+    saved = open_store(out)
+    assert saved.ids == serial.ids and torch.equal(saved.images, serial.images)
+    assert sorted(e.id for e in saved.errors) == sorted(e.id for e in serial.errors)

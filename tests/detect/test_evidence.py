@@ -1,0 +1,89 @@
+"""Backdoor evidence: random null windows and the order-statistics bootstrap test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from poisonscan.detect.evidence import backdoor_evidence, bootstrap_topk_medians, null_windows
+
+
+def test_null_windows_are_cut_from_the_images() -> None:
+    n_img, size, w = 6, 20, 7
+    base = torch.arange(n_img, dtype=torch.uint8).mul(40).view(n_img, 1, 1, 1).expand(n_img, 3, size, size)
+    imgs = base.clone()
+    imgs[:, 1] = torch.arange(size, dtype=torch.uint8).view(1, 1, size)  # column index in channel 1
+    imgs[:, 2] = torch.arange(size, dtype=torch.uint8).view(1, size, 1)  # row index in channel 2
+    out = null_windows(imgs, 50, w, torch.Generator().manual_seed(0))
+    assert out.shape == (50, 3, w, w) and out.dtype == torch.uint8
+    sources, xs, ys = set(), set(), set()
+    for win in out:
+        v = int(win[0, 0, 0])
+        assert (win[0] == v).all() and v % 40 == 0  # one source image per window
+        x0, y0 = int(win[1, 0, 0]), int(win[2, 0, 0])
+        assert torch.equal(win[1, 0], torch.arange(x0, x0 + w, dtype=torch.uint8))  # contiguous, fully inside
+        assert torch.equal(win[2, :, 0], torch.arange(y0, y0 + w, dtype=torch.uint8))
+        assert 0 <= x0 <= size - w and 0 <= y0 <= size - w
+        sources.add(v)
+        xs.add(x0)
+        ys.add(y0)
+    assert len(sources) == n_img and len(xs) > 5 and len(ys) > 5
+    again = null_windows(imgs, 50, w, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_clear_outlier_gives_small_p_and_large_z() -> None:
+    rng = np.random.default_rng(0)
+    null = rng.poisson(3, size=400)
+    topk = np.full(20, 60)
+    ev = backdoor_evidence(topk, null, n_scored=2000, n_flip=100, n_boot=500)
+    assert ev["p_value"] == pytest.approx(1 / 501)
+    assert ev["z"] > 10
+    assert ev["topk_median"] == 60.0
+    assert ev["best_flip_share"] == pytest.approx(0.6)
+    assert ev["null_size"] == 400
+    assert ev["null_median"] < 15  # top-20 of 2000 Poisson(3) draws sit around 7-8, not 3
+    assert ev["null_median"] > float(np.median(null))
+
+
+def test_null_like_topk_is_not_significant() -> None:
+    """Top-k of the same number of draws from the null itself: p near 0.5, z near 0."""
+    ps, zs = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        null = rng.normal(20, 4, size=600).round()
+        scored = rng.normal(20, 4, size=1000).round()
+        topk = np.sort(scored)[-20:]
+        ev = backdoor_evidence(topk, null, n_scored=1000, n_flip=100, n_boot=400, seed=seed)
+        ps.append(ev["p_value"])
+        zs.append(ev["z"])
+    assert 0.25 < float(np.mean(ps)) < 0.8
+    assert abs(float(np.mean(zs))) < 1.5
+    assert min(ps) > 0.02
+
+
+def test_constant_null_uses_std_floor() -> None:
+    ev = backdoor_evidence(np.array([2, 2, 1]), np.zeros(50), n_scored=10, n_flip=10, n_boot=100)
+    assert ev["z"] == pytest.approx((ev["topk_median"] - 0.0) / 0.5)
+    same = backdoor_evidence(np.zeros(3), np.zeros(50), n_scored=10, n_flip=10, n_boot=100)
+    assert same["z"] == 0.0 and same["p_value"] == 1.0  # every bootstrap median ties the observation
+
+
+def test_bootstrap_matches_order_statistics_and_is_seeded() -> None:
+    null = np.arange(10, dtype=np.float64)
+    meds = bootstrap_topk_medians(null, n_scored=10_000, k=5, n_boot=50, seed=1)
+    assert (meds == 9).all()  # with 10,000 draws the top 5 are all the maximum
+    a = backdoor_evidence(np.array([5, 6]), null, n_scored=30, n_flip=10, n_boot=200, seed=4)
+    b = backdoor_evidence(np.array([5, 6]), null, n_scored=30, n_flip=10, n_boot=200, seed=4)
+    assert a == b
+    # fewer scored images than k: the draw count is raised to k instead of failing
+    small = backdoor_evidence(np.array([1, 2, 3]), null, n_scored=1, n_flip=10, n_boot=20)
+    assert small["n_scored"] == 3
+
+
+def test_evidence_rejects_empty_inputs() -> None:
+    with pytest.raises(ValueError):
+        backdoor_evidence(np.array([]), np.ones(3), 10, 10)
+    with pytest.raises(ValueError):
+        backdoor_evidence(np.ones(3), np.array([]), 10, 10)
