@@ -69,6 +69,7 @@ class PretrainConfig(CommonConfig):
     store_cache: str | None = None      # folder caching the decoded uint8 image store (reused across runs)
     proj_hidden: int | None = None      # projector (and MoCo v3 predictor) hidden width [simclr 2048, mocov3 4096]
     proj_dim: int | None = None         # projection output width [simclr 128, mocov3 256]
+    overwrite: bool = False             # allow writing into a non-empty --out folder
 
 
 @dataclass
@@ -195,11 +196,14 @@ class EvalBackdoorConfig(CommonConfig):
 
 @dataclass
 class DemoConfig(CommonConfig):
-    data: str | None = None
+    data: str | None = None          # your own labelled training set instead of the bundled one (needs --pretrain)
+    val: str | None = None           # its labelled validation set
     trigger: str | None = None
+    target: str | None = None
     out: str | None = None
-    pretrain: bool = False
-    epochs: int | None = None
+    pretrain: bool = False           # train the threat model instead of using the bundled one
+    epochs: int | None = None        # pretraining epochs with --pretrain
+    retrain_epochs: int = 0          # retrain on the cleaned manifest and probe again (0: skip)
 
 
 T = TypeVar("T")

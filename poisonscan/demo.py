@@ -40,3 +40,134 @@ def poison_demo_data(dest: Path, train: Path | str = DEMO_TRAIN, val: Path | str
     summary = poison_dataset(cfg, quiet=quiet)
     return {"summary": summary, "train": Path(dest) / "train", "val_patched": Path(dest) / "val_patched",
             "ground_truth": Path(dest) / "ground_truth.csv"}
+
+
+def _bundled_model_matches(ground_truth: Path) -> bool:
+    """Whether the bundled threat model was trained on exactly this poisoned data (hash of the ground truth)."""
+    import hashlib
+    import json
+
+    record = DEMO_MODEL.with_suffix(".json")
+    if not record.is_file():
+        return False
+    expected = json.loads(record.read_text(encoding="utf-8"))["data"]["ground_truth_sha256"]
+    return hashlib.sha256(Path(ground_truth).read_bytes()).hexdigest() == expected
+
+
+def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
+    """Run the whole pipeline and return the demo summary (also written as ``demo.json`` in the run folder)."""
+    import time
+
+    from poisonscan.cli.clean import clean_dataset
+    from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig,
+                                   EvalProbeConfig, PretrainConfig)
+    from poisonscan.detect.pipeline import run_detect
+    from poisonscan.errors import UsageError
+    from poisonscan.eval.runner import run_backdoor, run_detection, run_probe
+    from poisonscan.runs import create_run
+    from poisonscan.ssl.trainer import run_pretrain
+
+    run = create_run("demo", cfg.out, overwrite=True)
+    say = (lambda msg: None) if quiet else (lambda msg: print(f"[demo] {msg}", file=__import__("sys").stderr,
+                                                               flush=True))
+    common = {"device": cfg.device, "precision": cfg.precision, "seed": cfg.seed, "quiet": True}
+    timings: dict[str, float] = {}
+    custom = cfg.data is not None
+    if custom and not cfg.pretrain:
+        raise UsageError("--data needs --pretrain (the bundled threat model was trained on the bundled data)")
+    train = Path(cfg.data) if custom else DEMO_TRAIN
+    val = Path(cfg.val) if cfg.val else (DEMO_VAL if not custom else None)
+    if val is None:
+        raise UsageError("--data needs --val (a labelled validation set for ACC/ASR)")
+    trigger = Path(cfg.trigger) if cfg.trigger else DEMO_TRIGGER
+    target = cfg.target or DEMO_TARGET
+
+    t0 = time.perf_counter()
+    say(f"1/6 planting poisons: trigger {trigger.name} on {DEMO_ATTACK['rate']:.0%} of class {target}")
+    poisoned = poison_demo_data(run.file("data"), train, val, trigger, target, overwrite=True)
+    planted = int(poisoned["summary"]["train"]["poisoned"])
+    timings["poison"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if cfg.pretrain or not _bundled_model_matches(poisoned["ground_truth"]):
+        if not cfg.pretrain:
+            raise UsageError("the bundled threat model does not match the planted data; run with --pretrain")
+        recipe = dict(DEMO_RECIPE, epochs=cfg.epochs or DEMO_RECIPE["epochs"])
+        say(f"2/6 pretraining the threat model ({recipe['method']}, {recipe['arch']}, {recipe['epochs']} epochs)")
+        pre = run_pretrain(PretrainConfig(data=str(poisoned["train"]), out=str(run.file("pretrain")),
+                                          **{**common, **recipe}))
+        model, model_origin = Path(pre["encoder"]), "trained by this demo"
+    else:
+        model, model_origin = DEMO_MODEL, "bundled (benchmarks/make_demo_assets.py, docs/demo.md)"
+        say("2/6 threat model: the bundled one, trained by `poisonscan pretrain` on this exact poisoned data")
+    timings["threat_model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("3/6 measuring the threat model's backdoor (k-NN ASR, poison clusters, oracle flips)")
+    size = DEMO_ATTACK["trigger_size"]
+    strength = run_backdoor(EvalBackdoorConfig(
+        model=str(model), data=str(val), trigger=str(trigger), target=target, train=str(poisoned["train"]),
+        truth=str(poisoned["ground_truth"]), trigger_size=size, fraction=0.1, out=str(run.file("backdoor")),
+        **common)) or {}
+    timings["backdoor"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("4/6 detecting (PoisonCAM)")
+    detect = run_detect(DetectConfig(data=str(poisoned["train"]), model=str(model), out=str(run.file("detect")),
+                                     overwrite=True, **common), quiet=True)
+    timings["detect"] = time.perf_counter() - t0
+    quality = run_detection(EvalDetectionConfig(run=str(run.file("detect")), truth=str(poisoned["ground_truth"])))
+
+    t0 = time.perf_counter()
+    say("5/6 writing the cleaned manifest")
+    cleaned = clean_dataset(CleanConfig(run=str(run.file("detect")), out=str(run.file("clean.tsv"))))
+    timings["clean"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("6/6 linear probe ACC/ASR of the threat model (10% labels)")
+    probe_cfg = dict(train=str(train), val=str(val), val_patched=str(poisoned["val_patched"]), targets=[target],
+                     fraction=0.1, **common)
+    before = run_probe(EvalProbeConfig(model=str(model), out=str(run.file("probe-before")), **probe_cfg)) or {}
+    after: dict[str, Any] | None = None
+    if cfg.retrain_epochs:
+        recipe = dict(DEMO_RECIPE, epochs=cfg.retrain_epochs)
+        say(f"   retraining on the cleaned manifest ({cfg.retrain_epochs} epochs)")
+        re = run_pretrain(PretrainConfig(data=str(run.file("clean.tsv")), out=str(run.file("retrain")),
+                                         **{**common, **recipe}))
+        after = run_probe(EvalProbeConfig(model=re["encoder"], out=str(run.file("probe-after")), **probe_cfg))
+    timings["probe"] = time.perf_counter() - t0
+
+    removal = quality["removal"]
+    summary = {
+        "command": "demo", "run_dir": str(run.path),
+        "planted": planted, "n_samples": int(poisoned["summary"]["train"]["n"]),
+        "threat_model": {"path": str(model), "origin": model_origin,
+                         "knn_accuracy": strength.get("knn", {}).get("accuracy"),
+                         "knn_asr": strength.get("knn", {}).get("asr"),
+                         "knn_target_rate_clean": strength.get("knn", {}).get("target_rate_clean"),
+                         "poison_cluster_purity": (strength.get("clusters") or {}).get("purity"),
+                         "oracle_flips": strength.get("flips")},
+        "evidence": detect.get("evidence"),
+        "detection": {"removed": int(removal["removed"]), "poisons_found": int(removal["tp"]),
+                      "clean_removed": int(removal["fp"]), "recall": removal["recall"],
+                      "precision": removal["precision"],
+                      "auroc_poison_score": quality["scores"]["poison_score"]["auroc"],
+                      "top20_trigger_accuracy": quality["triggers"]["topk"].get("20", {}).get("accuracy")},
+        "probe_before": _probe_brief(before),
+        "probe_after": _probe_brief(after) if after else None,
+        "retrained": bool(after),
+        "kept": cleaned.get("kept"),
+        "files": {"report": str(run.file("detect/report.html")), "gallery": str(run.file("detect/gallery")),
+                  "manifest": str(run.file("clean.tsv")), "detect_summary": str(run.file("detect/summary.json"))},
+        "timings": timings,
+    }
+    run.write_json("demo.json", summary)
+    return summary
+
+
+def _probe_brief(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not result:
+        return None
+    target = result["targets"][0] if result.get("targets") else {}
+    return {"acc_clean": result.get("acc_clean"), "acc_patched": result.get("acc_patched"),
+            "asr": target.get("asr"), "fp_rate_clean": target.get("fp_rate_clean")}

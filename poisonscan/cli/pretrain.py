@@ -35,31 +35,36 @@ def pretrain(
     data: str | None = typer.Option(None, "--data", help="Training images: folder, file list / manifest, or "
                                                          "WebDataset shards (brace pattern or folder)."),
     method: str | None = typer.Option(None, "--method", help="simclr or mocov3 (default: simclr)."),
-    arch: str | None = typer.Option(None, "--arch", help="Encoder: any timm name or cifar_resnet18 (default: resnet18)."),
+    arch: str | None = typer.Option(None, "--arch", help="Encoder: any timm name or cifar_resnet18 "
+                                                         "(default: resnet18)."),
     image_size: int | None = typer.Option(None, "--image-size", min=8, help="Training resolution in px (default: 64)."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs (default: 100)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=2, help="Global batch size (default: 256)."),
     lr: float | None = typer.Option(None, "--lr", help="Base learning rate at batch 256, scaled by batch/256  "
                                                        "(default: sgd 0.5, lars 0.3, adamw 1.5e-4)."),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="(default: sgd 5e-4, lars 1e-6, adamw 0.1)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay "
+                                                                           "(default: sgd 5e-4, lars 1e-6, adamw 0.1)."),
     optimizer: str | None = typer.Option(None, "--optimizer", help="auto, sgd, lars or adamw  "
                                                                    "(default: auto: adamw for ViTs, else sgd)."),
     temperature: float | None = typer.Option(None, "--temperature", help="Contrastive temperature (default: 0.2)."),
     proj_hidden: int | None = typer.Option(None, "--proj-hidden", min=1, help="Projector/predictor hidden width  "
                                                                               "(default: simclr 2048, mocov3 4096)."),
-    proj_dim: int | None = typer.Option(None, "--proj-dim", min=1, help="Projection width (default: simclr 128, mocov3 256)."),
+    proj_dim: int | None = typer.Option(None, "--proj-dim", min=1, help="Projection width "
+                                                                         "(default: simclr 128, mocov3 256)."),
     warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs (default: 1)."),
     grad_clip: float | None = typer.Option(None, "--grad-clip", help="Clip the gradient norm (off by default)."),
     num_workers: int | None = typer.Option(None, "--num-workers", min=0, help="Decoding workers (default: 2)."),
     store_cache: Path | None = typer.Option(None, "--store-cache", help="Folder caching the decoded images "
                                                                         "(reused by later runs)."),
     knn_val: str | None = typer.Option(None, "--knn-val", help="Labelled val source for a k-NN monitor."),
-    knn_every: int | None = typer.Option(None, "--knn-every", min=0, help="k-NN monitor every N epochs (default: 0: off)."),
+    knn_every: int | None = typer.Option(None, "--knn-every", min=0, help="k-NN monitor every N epochs "
+                                                                           "(default: 0, off)."),
     save_fp16: bool | None = typer.Option(None, "--save-fp16/--save-fp32", help="Store encoder weights in fp16."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/pretrain/runN)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: 0)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default: auto)."),
     precision: str | None = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (default: auto)."),
+    overwrite: bool | None = typer.Option(None, "--overwrite", help="Write into a non-empty --out folder."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue a pretrain run folder from its last epoch."),
     config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON file of settings."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -74,7 +79,7 @@ def pretrain(
         proj_dim=proj_dim, warmup_epochs=warmup_epochs,
         grad_clip=grad_clip, num_workers=num_workers, store_cache=str(store_cache) if store_cache else None,
         knn_val=knn_val, knn_every=knn_every, save_fp16=save_fp16, out=str(out) if out else None, seed=seed,
-        device=device, precision=precision, quiet=quiet)
+        device=device, precision=precision, quiet=quiet, overwrite=overwrite)
     if resume is not None:
         cfg = resume_config(resume, flags)
     else:

@@ -33,9 +33,12 @@ def _stats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               channels_last: bool = True) -> torch.Tensor:
-    """Normalise a float batch in ``[0, 1]`` with per-channel ``mean``/``std``."""
-    x = (x - _stats(mean, x)) / _stats(std, x)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    """Normalise a float batch in ``[0, 1]`` with per-channel ``mean``/``std`` (one fused pass)."""
+    scale = 1.0 / _stats(std, x)
+    shift = -_stats(mean, x) * scale
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device).contiguous(memory_format=fmt)
+    return torch.addcmul(shift, x, scale, out=out)
 
 
 def to_input(u8: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -105,18 +108,21 @@ class SSLAugment:
         """One normalised float view per view spec (two by default) of the uint8 batch ``u8`` (N x 3 x H x W)."""
         if u8.dtype != torch.uint8 or u8.ndim != 4 or u8.shape[1] != 3:
             raise TypeError(f"SSLAugment expects uint8 N x 3 x H x W, got {u8.dtype} {tuple(u8.shape)}")
-        x = u8.float().div_(255.0)
+        x = u8.float()  # 0..255: the 1/255 is folded into the geometry matrices
         return [self.view(x, spec, generator) for spec in self.views]
 
     # -- one view -------------------------------------------------------------------------------------------
     def view(self, x: torch.Tensor, spec: ViewSpec, gen: torch.Generator | None) -> torch.Tensor:
-        """Augment a float batch in [0, 1] (N x 3 x H x W) into one normalised view (N x 3 x size x size)."""
-        n = x.shape[0]
-        my, mx = self.geometry(n, x.shape[2], x.shape[3], spec, gen)
+        """Augment a float batch in [0, 255] (N x 3 x H x W) into one normalised view (N x 3 x size x size)."""
+        n, _, h, w = x.shape
+        s = self.size
+        my, mx = self.geometry(n, h, w, spec, gen)
         dev = x.device
-        # crop + resize + flip + blur are separable linear maps: out = My @ x @ Mx^T (two batched matmuls)
-        out = torch.matmul(my.to(dev).unsqueeze(1), torch.matmul(x, mx.to(dev).transpose(1, 2).unsqueeze(1)))
-        out = self._color(out.clamp_(0.0, 1.0), gen)
+        # crop + resize + flip + blur are separable linear maps: out = My @ x @ Mx^T (two batched matmuls);
+        # their rows are convex combinations, so the result stays in [0, 1] without clamping
+        cols = torch.bmm(x.reshape(n, 3 * h, w), mx.to(dev).mul_(1 / 255).transpose(1, 2))
+        out = torch.matmul(my.to(dev).unsqueeze(1), cols.view(n, 3, h, s))
+        out = self._color(out, gen)
         sol = torch.nonzero(_bernoulli(n, spec.solarize_p, gen)).flatten().to(dev)
         if sol.numel():
             sub = out[sol]
@@ -133,13 +139,15 @@ class SSLAugment:
         x0 = torch.rand(n, generator=gen) * (w - cw)
         y0 = torch.rand(n, generator=gen) * (h - ch)
         flip = _bernoulli(n, self.flip_p, gen)
-        blur = _bernoulli(n, spec.blur_p, gen)
+        blur = torch.nonzero(_bernoulli(n, spec.blur_p, gen)).flatten()
         sigma = _uniform(n, *self.blur_sigma, gen)
         rx = resample_matrix(x0, cw, self.size, w)
         rx = torch.where(flip.view(-1, 1, 1), rx.flip(1), rx)
         ry = resample_matrix(y0, ch, self.size, h)
-        g = blur_matrix(torch.where(blur, sigma, torch.zeros_like(sigma)), self.size, self.blur_kernel)
-        return g @ ry, g @ rx
+        if blur.numel():
+            g = blur_matrix(sigma[blur], self.size, self.blur_kernel)
+            rx[blur], ry[blur] = g @ rx[blur], g @ ry[blur]
+        return ry, rx
 
     def _color(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         n, dev = x.shape[0], x.device
@@ -151,12 +159,12 @@ class SSLAugment:
         sf = torch.where(apply, _uniform(n, max(0.0, 1 - s), 1 + s, gen), one)
         hf = torch.where(apply, _uniform(n, -hue, hue, gen), torch.zeros(n))
         gray = _bernoulli(n, self.gray_p, gen)
-        # brightness, then contrast around each image's mean luma (torchvision's definitions)
-        x = x.mul_(bf.to(dev).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+        # brightness then contrast around the mean luma (torchvision's definitions), fused into one affine map
         luma = torch.as_tensor(_LUMA, device=dev).view(1, 1, 3)
-        mean = torch.matmul(luma, x.view(n, 3, -1)).mean(2).view(-1, 1, 1, 1)
-        cfd = cf.to(dev).view(-1, 1, 1, 1)
-        x = torch.addcmul(mean * (1 - cfd), x, cfd).clamp_(0.0, 1.0)
+        mean = torch.matmul(luma, x.view(n, 3, -1)).mean(2).view(-1)
+        bfd, cfd = bf.to(dev), cf.to(dev)
+        shift = ((1 - cfd) * bfd * mean).view(-1, 1, 1, 1)
+        x = torch.addcmul(shift, x, (bfd * cfd).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
         # saturation and hue (rotation of the YIQ chroma plane), then grayscale: one 3x3 matrix per sample
         theta = hf * 2 * math.pi
         cos, sin = torch.cos(theta) * sf, torch.sin(theta) * sf
@@ -175,16 +183,17 @@ def resample_matrix(start: torch.Tensor, length: torch.Tensor, out: int, size: i
     """N x out x size matrices resampling the window ``[start, start + length)`` of a ``size`` axis to ``out`` pixels.
 
     Bilinear (triangle filter) sampling at pixel centres, widened by the zoom factor when shrinking (antialiasing,
-    as PIL does), rows normalised so that pixels outside the image borrow weight from the edge.
+    as PIL does); taps beyond the border reuse the edge pixel; each row sums to 1.
     """
     scale = (length / out).view(-1, 1, 1)
-    centres = start.view(-1, 1, 1) + (torch.arange(out, dtype=torch.float32).view(1, -1, 1) + 0.5) * scale - 0.5
     support = scale.clamp(min=1.0)
-    j = torch.arange(size, dtype=torch.float32).view(1, 1, -1)
-    wgt = (1.0 - (j - centres).abs() / support).clamp(min=0.0)
-    nearest = centres.round().clamp(0, size - 1).long()
-    wgt = wgt.scatter_add(2, nearest, torch.full_like(centres, 1e-6))  # never an all-zero row
-    return wgt / wgt.sum(2, keepdim=True)
+    centres = start.view(-1, 1, 1) + (torch.arange(out, dtype=torch.float32).view(1, -1, 1) + 0.5) * scale - 0.5
+    taps = int(math.ceil(2 * float(support.max()))) + 1
+    idx = torch.floor(centres - support) + 1 + torch.arange(taps, dtype=torch.float32).view(1, 1, -1)
+    wgt = (1.0 - (idx - centres).abs() / support).clamp_(min=0.0)
+    wgt = wgt / wgt.sum(2, keepdim=True)
+    mat = torch.zeros(start.shape[0], out, size)
+    return mat.scatter_add_(2, idx.long().clamp_(0, size - 1), wgt)
 
 
 def blur_matrix(sigma: torch.Tensor, size: int, kernel: int) -> torch.Tensor:

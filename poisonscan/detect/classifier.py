@@ -42,7 +42,8 @@ class ClassifierConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     eval_every: int = 20
-    patience: int = 10                      # evaluations without improvement before stopping
+    patience: int = 10                      # evaluations without improvement before stopping ...
+    min_iterations: int | None = None       # ... but never before this many (None: a quarter of the iterations)
     ensemble: int = 1
     threshold: float = 0.5
     min_side: float = 20 / 224              # pasted trigger side, fraction of the image side
@@ -123,9 +124,6 @@ class PoisonResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():  # zero-init the last BN of each block: each block starts as the identity
-            if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.stem(x))
@@ -335,6 +333,7 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
     perm, pos = train[torch.randperm(len(train), generator=g_cpu)], 0
     best: dict[str, Any] = {"key": (-1.0, -math.inf), "state": None, "iteration": 0, "f1": 0.0}
     stale, history, it = 0, [], 0
+    min_its = cfg.iterations // 4 if cfg.min_iterations is None else cfg.min_iterations
     for it in range(1, cfg.iterations + 1):
         if pos + cfg.batch_size > len(perm):
             perm, pos = train[torch.randperm(len(train), generator=g_cpu)], 0
@@ -362,7 +361,7 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
                 stale = 0
             else:
                 stale += 1
-                if stale >= cfg.patience:
+                if stale >= cfg.patience and it >= min_its:
                     bar.advance(cfg.iterations - it)
                     break
     if best["state"] is not None:

@@ -115,7 +115,8 @@ def head_kwargs(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 # -- data order and randomness ------------------------------------------------------------------------------
-def epoch_batches(n: int, global_batch: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+def epoch_batches(n: int, global_batch: int, epoch: int, seed: int, rank: int = 0,
+                  world: int = 1) -> list[torch.Tensor]:
     """This rank's index batches of one epoch: a permutation seeded by ``(seed, epoch)``, cut into global batches
     (the last incomplete one dropped), each split into ``world`` equal local parts."""
     gen = torch.Generator().manual_seed(int(seed) * 100_003 + epoch)
@@ -348,6 +349,16 @@ class Pretrainer:
                                  self.runtime.rank, self.runtime.world_size):
             yield self.images[idx]
 
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        """Average floating buffers (BatchNorm running statistics) over ranks so every rank holds the same state."""
+        if not rt.is_distributed():
+            return
+        bufs = [b for b in self.method.buffers() if b.is_floating_point()]
+        for b in bufs:
+            dist.all_reduce(b)
+        torch._foreach_div_(bufs, float(dist.get_world_size()))
+
     def knn(self) -> float | None:
         """k-NN accuracy of the current encoder on the val set (train set as the bank), or None."""
         if self.knn_val is None or self.labels is None or any(v is None for v in self.labels):
@@ -381,6 +392,7 @@ class Pretrainer:
                         bar.update(info=f"ep {self.epoch + 1}/{cfg.epochs} loss {float(loss_sum) / n:.3f} "
                                         f"{ips:.0f} img/s")
                 self.epoch += 1
+                self._sync_buffers()
                 elapsed = time.perf_counter() - t0
                 trained_images += n * cfg.batch_size
                 row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "loss": _all_mean(loss_sum / n),
@@ -434,7 +446,8 @@ def build_trainer(cfg: PretrainConfig, run: RunDir | None = None,
         run = run or create_run("pretrain", resume_dir, resume=True)
     elif run is None:
         name = rt.broadcast_object(None if not runtime.is_main else
-                                   str(create_run("pretrain", Path(cfg.out) if cfg.out else None).path))
+                                   str(create_run("pretrain", Path(cfg.out) if cfg.out else None,
+                                                  overwrite=cfg.overwrite).path))
         run = RunDir(name)
     cache = Path(cfg.store_cache) if cfg.store_cache else None
     store = _load_store(cfg.data, cfg.image_size, runtime, cfg, cache)
@@ -473,5 +486,5 @@ def run_pretrain(cfg: PretrainConfig, run: RunDir | None = None, runtime: rt.Run
     return summary
 
 
-__all__ = ["LARS", "Pretrainer", "build_optimizer", "build_trainer", "embed", "epoch_batches", "knn_accuracy", "load_checkpoint",
-           "lr_at", "resolve_optimizer", "resume_config", "run_pretrain", "step_generator"]
+__all__ = ["LARS", "Pretrainer", "build_optimizer", "build_trainer", "embed", "epoch_batches", "knn_accuracy",
+           "load_checkpoint", "lr_at", "resolve_optimizer", "resume_config", "run_pretrain", "step_generator"]

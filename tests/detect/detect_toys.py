@@ -1,7 +1,7 @@
 """A hand-made backdoored "threat model" and a tiny poisoned data set for the detect tests.
 
 ``TriggerNet`` reads colour statistics (so clean images cluster by colour) plus one template-matching channel that
-fires on the trigger (a 6 x 6 magenta/green checkerboard): a trigger anywhere pulls the features into their own
+fires on the trigger (a 6 x 6 magenta square with a green centre): a trigger anywhere pulls the features into their own
 cluster, masking at least half of it pulls them back, exactly the behaviour PoisonCAM exploits in a real backdoored
 SSL model. Registered as the encoder ``toy_trigger_net`` so it round-trips through ``save_encoder``/``load_encoder``.
 """
@@ -24,9 +24,10 @@ CLASS_COLOURS = ((200, 70, 60), (60, 190, 80), (70, 80, 200))
 
 
 def trigger_u8(side: int = TRIGGER_SIDE) -> Tensor:
-    """The trigger: a checkerboard of magenta and green pixels (uint8 3 x side x side)."""
+    """The trigger: a magenta square with a green centre (uint8 3 x side x side); it survives resizing."""
     yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    on = ((yy + xx) % 2 == 0)
+    c = (side - 1) / 2
+    on = torch.maximum((yy - c).abs(), (xx - c).abs()) > side / 6
     out = torch.zeros(3, side, side, dtype=torch.uint8)
     out[0][on] = 255
     out[2][on] = 255

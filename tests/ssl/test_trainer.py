@@ -18,8 +18,8 @@ from poisonscan.ssl.trainer import load_checkpoint, run_pretrain
 
 
 def _cfg(data: Path, out: Path, **kw: object) -> PretrainConfig:
-    base = dict(data=str(data), out=str(out), arch="test_resnet", image_size=16, proj_hidden=64, proj_dim=32, epochs=2, batch_size=4,
-                num_workers=0, quiet=True, device="cpu", precision="fp32", seed=3)
+    base = dict(data=str(data), out=str(out), arch="test_resnet", image_size=16, proj_hidden=64, proj_dim=32,
+                epochs=2, batch_size=4, num_workers=0, quiet=True, device="cpu", precision="fp32", seed=3)
     base.update(kw)
     return PretrainConfig(**base)  # type: ignore[arg-type]
 

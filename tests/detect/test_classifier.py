@@ -1,0 +1,155 @@
+"""Poison classifier: split, batched augmentation, training on pasted triggers, ensemble, safetensors round trip."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from detect_toys import trigger_batch, trigger_u8  # noqa: E402
+
+from poisonscan.detect import classifier as C  # noqa: E402
+from poisonscan.detect.masking import cut_windows  # noqa: E402
+from poisonscan.errors import CheckpointError, UsageError  # noqa: E402
+from poisonscan.runtime import setup_runtime  # noqa: E402
+
+TINY = (8, 16, 32, 64)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return setup_runtime("cpu")
+
+
+def test_split_orders_by_score_and_leaves_out_top_and_validation():
+    scores = np.full(100, np.nan)
+    scores[:30] = np.arange(30)                         # 29 is the best
+    top = [29, 28, 27, 26, 25]
+    split = C.classifier_split(scores, top, drop_top=0.10, seed=0)
+    assert list(split.val_pos) == top
+    assert len(split.val_neg) == 5
+    assert np.isnan(scores[split.val_neg]).all()      # unscored images rank lowest
+    excluded = set(range(20, 30))                       # top 10% of 100 images by score
+    assert not excluded & set(split.train.tolist())
+    assert not set(split.val_neg.tolist()) & set(split.train.tolist())
+    assert len(split.train) == 100 - 10 - 5
+    again = C.classifier_split(scores, top, drop_top=0.10, seed=0)
+    assert np.array_equal(split.val_neg, again.val_neg)  # seeded tie-breaking
+
+
+def test_split_refuses_too_few_images():
+    with pytest.raises(UsageError, match="too few images"):
+        C.classifier_split(np.arange(4, dtype=float), [3, 2, 1], drop_top=0.5)
+
+
+def test_paste_resized_writes_the_patch_exactly_where_asked():
+    x = torch.zeros(3, 3, 16, 16)
+    patches = torch.ones(2, 3, 4, 4)
+    patches[1] *= 0.5
+    which = torch.tensor([0, -1, 1])
+    out = C.paste_resized(x, patches, which, torch.tensor([4.0, 4.0, 8.0]), torch.tensor([2.0, 0.0, 8.0]),
+                          torch.tensor([3.0, 0.0, 0.0]))
+    assert out[0, :, 3:7, 2:6].eq(1).all() and out[0].sum() == 3 * 16
+    assert out[1].eq(0).all()                            # -1: left unchanged
+    assert torch.allclose(out[2, :, 0:8, 8:16], torch.full((3, 8, 8), 0.5)) and out[2].sum() == 3 * 64 * 0.5
+
+
+def test_random_paste_respects_sizes_margins_and_labels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 3, 64, 64)
+    y, labels = C.random_paste(x, torch.ones(1, 3, 10, 10), 0.5, 20 / 224, 80 / 224, 10 / 224, g)
+    changed = y.flatten(1).abs().sum(1) > 0
+    assert torch.equal(changed, labels.bool()) and 10 < int(labels.sum()) < 54
+    margin = int(10 / 224 * 64)
+    for i in labels.nonzero().flatten().tolist():
+        rows, cols = y[i, 0].nonzero().unbind(1)
+        side = int(rows.max() - rows.min() + 1)
+        assert 5 <= side <= 23
+        assert rows.min() >= margin and cols.min() >= margin
+        assert rows.max() < 64 - margin and cols.max() < 64 - margin
+
+
+def test_colour_augment_keeps_range_shape_and_is_seeded():
+    x = torch.rand(16, 3, 24, 24)
+    a = C.colour_augment(x, torch.Generator().manual_seed(3))
+    b = C.colour_augment(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
+    grey = C.colour_augment(x, torch.Generator().manual_seed(0), p_jitter=0, p_gray=1, p_flip=0)
+    assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])
+    flipped = C.colour_augment(x, torch.Generator().manual_seed(0), p_jitter=0, p_gray=0, p_flip=1)
+    assert torch.allclose(flipped, x.flip(3))
+
+
+def test_training_batch_is_normalised_with_labels():
+    imgs, _ = trigger_batch(8, poisoned=False)
+    x, y = C.training_batch(imgs, trigger_u8()[None], C.ClassifierConfig(), torch.Generator().manual_seed(0))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (8,)
+    assert set(y.tolist()) <= {0, 1} and x.min() < -1 and x.max() > 1
+
+
+def test_model_shapes_for_small_and_large_images():
+    for size, stride in ((16, 1), (32, 2), (64, 4)):
+        model = C.build_classifier(size, TINY).eval()
+        assert model.stem_stride == stride == C.stem_stride_for(size)
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 2)
+
+
+def _trigger_task() -> tuple[torch.Tensor, torch.Tensor, C.ClassifierSplit]:
+    """10 triggered images ranked on top, 200 clean ones; patches = 9 x 9 windows around the triggers."""
+    clean, _ = trigger_batch(200, seed=1, poisoned=False)
+    pois, corners = trigger_batch(10, seed=2, poisoned=True)
+    images = torch.cat([pois, clean])
+    scores = np.full(len(images), np.nan)
+    scores[:10], scores[10:30] = 30, 1
+    boxes = torch.stack([corners[:, 0] - 1, corners[:, 1] - 1, torch.full((10,), 9), torch.full((10,), 9)], 1)
+    patches = cut_windows(pois, boxes.clamp(min=0))
+    return images, patches, C.classifier_split(scores, list(range(5)), 0.10)
+
+
+def test_classifier_learns_pasted_triggers_and_finds_real_ones(runtime):
+    images, patches, split = _trigger_task()
+    cfg = C.ClassifierConfig(iterations=150, widths=TINY, eval_every=20)
+    res = C.train_poison_classifier(images, patches, split, cfg, runtime, quiet=True)
+    assert res.val_f1 == 1.0 and len(res.models) == 1
+    assert 1 <= res.best_iteration[0] <= res.iterations[0] <= 150
+    assert res.history and {"member", "iteration", "train_loss", "val_loss", "val_f1"} <= set(res.history[0])
+    # unseen images: the real trigger pasted by the attacker (not a resized candidate window) vs clean
+    triggered, _ = trigger_batch(40, seed=7, poisoned=True)
+    clean, _ = trigger_batch(40, seed=8, poisoned=False)
+    p_trig = C.predict_poison(res.models, triggered, runtime, batch_size=16)
+    p_clean = C.predict_poison(res.models, clean, runtime, batch_size=16)
+    assert p_trig.dtype == np.float32 and p_trig.shape == (40,)
+    assert (p_trig > 0.5).mean() >= 0.9 and (p_clean > 0.5).mean() <= 0.1
+
+
+def test_early_stopping_and_ensemble_and_round_trip(runtime, tmp_path):
+    images, patches, split = _trigger_task()
+    cfg = C.ClassifierConfig(iterations=400, widths=TINY, eval_every=10, patience=2, min_iterations=40, ensemble=2)
+    res = C.train_poison_classifier(images, patches, split, cfg, runtime, quiet=True)
+    assert len(res.models) == 2 and all(40 <= it < 400 for it in res.iterations)   # stopped early, not too early
+    path = tmp_path / "clf.safetensors"
+    path.write_bytes(C.classifier_bytes(res.models, image_size=32, threshold=0.5))
+    models, meta = C.load_classifier(path)
+    assert len(models) == 2 and meta == {"image_size": 32, "threshold": 0.5}
+    probe = images[:12]
+    assert np.allclose(C.predict_poison(models, probe, runtime), C.predict_poison(res.models, probe, runtime),
+                       atol=1e-5)
+
+
+def test_load_classifier_refuses_other_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        C.load_classifier(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError):
+        C.load_classifier(bad)
+    from safetensors.torch import save_file
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(CheckpointError, match="not a poisonscan poison classifier"):
+        C.load_classifier(other)
