@@ -28,8 +28,8 @@ def print_demo_summary(s: dict[str, Any]) -> None:
     t.add_row("threat model", f"{tm['origin']}")
     t.add_row("  backdoor strength", f"k-NN acc {_pct(tm['knn_accuracy'])}, k-NN ASR {_pct(tm['knn_asr'])} "
               f"(clean: {_pct(tm['knn_target_rate_clean'])}), poison-cluster purity "
-              f"{', '.join(_pct(p) for p in (tm.get('poison_cluster_purity') or [])) or '-'}, "
-              f"oracle flips {flips.get('changed', '-')}/{flips.get('n_flip', '-')}")
+              f"{_pct(tm.get('poison_cluster_purity'))}, "
+              f"oracle flips {flips.get('changed', '-')}/{flips.get('flip_set', '-')}")
     found = "backdoor found" if ev.get("backdoor_found") else "NO backdoor signal"
     t.add_row("backdoor evidence", f"{found}: z = {ev.get('z', float('nan')):.1f}, p = {ev.get('p_value', 1):.3g}, "
               f"best candidate moves {_pct(ev.get('best_flip_share'))} of the flip set")

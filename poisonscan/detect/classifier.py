@@ -331,7 +331,7 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
     patches_dev = patches.to(dev)
     train = torch.as_tensor(split.train)
     perm, pos = train[torch.randperm(len(train), generator=g_cpu)], 0
-    best: dict[str, Any] = {"key": (-1.0, -math.inf), "state": None, "iteration": 0, "f1": 0.0}
+    best: dict[str, Any] = {"key": (-1.0, -math.inf), "state": None, "iteration": 0, "f1": -1.0}
     stale, history, it = 0, [], 0
     min_its = cfg.iterations // 4 if cfg.min_iterations is None else cfg.min_iterations
     for it in range(1, cfg.iterations + 1):
@@ -352,18 +352,17 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
             logits = _logits([model], val_x, runtime, cfg.predict_batch_size)
             val_loss = float(F.cross_entropy(logits, torch.as_tensor(val_y)))
             f1 = f1_score(logits.argmax(1).numpy(), val_y)
-            history.append({"member": member, "iteration": it, "train_loss": float(loss.detach()), "val_loss": val_loss,
-                            "val_f1": f1})
+            history.append({"member": member, "iteration": it, "train_loss": float(loss.detach()),
+                            "val_loss": val_loss, "val_f1": f1})
             bar.update(info=f"model {member + 1}/{cfg.ensemble} F1 {f1:.2f}")
-            key = (f1, -val_loss)
-            if key > best["key"]:
-                best.update(key=key, state=copy.deepcopy(model.state_dict()), iteration=it, f1=f1)
-                stale = 0
+            if (f1, -val_loss) > best["key"]:            # best weights: highest F1, then lowest loss
+                stale = 0 if f1 > best["f1"] else stale + 1
+                best.update(key=(f1, -val_loss), state=copy.deepcopy(model.state_dict()), iteration=it, f1=f1)
             else:
-                stale += 1
-                if stale >= cfg.patience and it >= min_its:
-                    bar.advance(cfg.iterations - it)
-                    break
+                stale += 1                                # F1 stalls: counts toward early stopping
+            if stale >= cfg.patience and it >= min_its:
+                bar.advance(cfg.iterations - it)
+                break
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()

@@ -36,10 +36,15 @@ def trigger_u8(side: int = TRIGGER_SIDE) -> Tensor:
 
 
 class TriggerNet(nn.Module):
-    """Features ``[mean colour (3), 1, 4 * trigger response]``; ``detect`` is the Grad-CAM layer."""
+    """Features ``[mean colour (3), 1, 4 * trigger response]``; ``detect`` is the Grad-CAM layer.
+
+    ``detect``: template matching (a 7 x 7 convolution whose bias keeps only matches above half the template's
+    energy), then a 4 x 4 average pool with stride 2, so its map is a coarse, smooth grid like a CNN's last stage.
+    ``gain`` scales a full trigger's response to about 1 wherever it sits.
+    """
 
     num_features = 5
-    feature_info = [{"module": "detect", "num_chs": 1, "reduction": 1}]
+    feature_info = [{"module": "detect", "num_chs": 1, "reduction": 2}]
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,10 +56,16 @@ class TriggerNet(nn.Module):
             conv.weight.zero_()
             conv.weight[0, :, :TRIGGER_SIDE, :TRIGGER_SIDE] = template / (template ** 2).sum()
             conv.bias.fill_(-0.5)                     # fires only above half the template's energy
-        self.detect = nn.Sequential(conv, nn.ReLU())
+        self.detect = nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(4, stride=2, padding=1))
+        probe = torch.zeros(8, 3, 32, 32)
+        for i in range(8):
+            o = 2 + 3 * i
+            probe[i, :, o:o + TRIGGER_SIDE, 24 - o:24 - o + TRIGGER_SIDE] = t
+        with torch.no_grad():
+            self.gain = 1.0 / float(self.detect(probe).amax((1, 2, 3)).min())
 
     def forward(self, x: Tensor) -> Tensor:
-        response = self.detect(x).amax((1, 2, 3))[:, None] * 2
+        response = self.detect(x).amax((1, 2, 3))[:, None] * self.gain
         colour = x.mean((2, 3))
         return torch.cat([colour, torch.ones_like(response), 4 * response], 1)
 

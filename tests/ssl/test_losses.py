@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -78,6 +79,7 @@ def _worker(rank: int, world: int, init: str, z1: torch.Tensor, z2: torch.Tensor
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gather_equals_one_big_batch(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(2)
     z1, z2, q, k = (torch.randn(6, 4, generator=g) for _ in range(4))

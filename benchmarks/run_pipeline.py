@@ -1,0 +1,153 @@
+"""End-to-end benchmark: poison -> pretrain -> detect (PoisonCAM and PatchSearch) -> eval -> clean -> retrain -> probe.
+
+Prints a table and writes ``results.json`` (machine, versions, seeds, commit with every result). Settings per
+configuration are documented in docs/benchmarks.md. Each step is skipped when its output already exists, so an
+interrupted benchmark resumes.
+
+    python benchmarks/run_pipeline.py --config imagenette-96 [--epochs 40] [--work .bench/imagenette]
+    python benchmarks/run_pipeline.py --config cifar10 --epochs 60
+    python benchmarks/run_pipeline.py --config imagenette-96 --clean-control   # no poison planted
+    python benchmarks/run_pipeline.py --config imagenette-96 --scale paper     # documents the GPU setting
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from poisonscan.attacks.poison import poison_dataset
+from poisonscan.attacks.presets import preset_values
+from poisonscan.cli.clean import clean_dataset
+from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig,
+                               PoisonConfig, PretrainConfig)
+from poisonscan.detect.pipeline import run_detect
+from poisonscan.eval.runner import run_backdoor, run_detection, run_probe
+from poisonscan.runs import atomic_write_json, environment_record
+from poisonscan.ssl.trainer import run_pretrain
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # like STL-10 in the paper: 10 classes, 96 px images, 50% of one class poisoned (5% of the data)
+    "imagenette-96": {"preset": "imagenette-96", "image_size": 64, "arch": "resnet18", "epochs": 40,
+                      "trigger_size_eval": 50 / 224},
+    "cifar10": {"preset": "cifar10", "image_size": 32, "arch": "resnet18", "epochs": 60, "trigger_size_eval": 8.0},
+}
+PAPER_SCALE = {"note": "ImageNet-100, ViT-B/16 MoCo v3, 200 epochs, 224 px, l=1000, B=256, w=60 (GPU machines)",
+               "pretrain": {"method": "mocov3", "arch": "vit_base_patch16_224", "image_size": 224, "epochs": 200,
+                            "batch_size": 1024}}
+
+
+def _step(name: str, out: Path, fn: Any, timings: dict[str, float]) -> Any:
+    t0 = time.perf_counter()
+    result = fn()
+    timings[name] = round(time.perf_counter() - t0, 1)
+    print(f"[bench] {name}: {timings[name]} s", flush=True)
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    conf = dict(CONFIGS[args.config])
+    if args.scale == "paper":
+        conf.update(PAPER_SCALE["pretrain"])
+    epochs = args.epochs or conf["epochs"]
+    work = args.work or Path(".bench") / f"{args.config}{'-control' if args.clean_control else ''}-e{epochs}"
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    values = preset_values(conf["preset"], args.shared_data)
+    if args.clean_control:
+        values["rate"] = None
+        values["dataset_rate"] = None
+    poisoned = work / "data"
+    if not (poisoned / "summary.json").exists():
+        if args.clean_control:
+            train_spec, truth = values["data"], None
+        else:
+            _step("poison", work, lambda: poison_dataset(PoisonConfig(out=str(poisoned), seed=args.seed, **{
+                k: v for k, v in values.items() if k in PoisonConfig.__dataclass_fields__ and k != "seed"}),
+                quiet=True), timings)
+    train_spec = values["data"] if args.clean_control else str(poisoned / "train")
+    truth = None if args.clean_control else str(poisoned / "ground_truth.csv")
+    val_spec, val_patched = values["val"], None if args.clean_control else str(poisoned / "val_patched")
+    trigger = values["targets"][0].split("=", 1)[1]
+    target = values["targets"][0].split("=", 1)[0]
+
+    model = work / "pretrain" / "encoder.safetensors"
+    if not model.exists():
+        _step("pretrain", work, lambda: run_pretrain(PretrainConfig(
+            data=train_spec, out=str(work / "pretrain"), arch=conf["arch"], image_size=conf["image_size"],
+            epochs=epochs, seed=args.seed, quiet=True, store_cache=str(work / "cache-train"))), timings)
+    strength = _step("backdoor", work, lambda: run_backdoor(EvalBackdoorConfig(
+        model=str(model), data=val_spec, trigger=trigger, target=target, train=train_spec, truth=truth,
+        trigger_size=conf["trigger_size_eval"], out=str(work / "backdoor"), seed=args.seed, quiet=True)), timings)
+
+    rows: dict[str, Any] = {}
+    for method in args.methods:
+        det_dir = work / f"detect-{method}"
+        det = _step(f"detect-{method}", work, lambda: run_detect(DetectConfig(
+            data=train_spec, model=str(model), out=str(det_dir), method=method, seed=args.seed, quiet=True,
+            resume=str(det_dir) if det_dir.exists() else None), quiet=True), timings)
+        row: dict[str, Any] = {"removed": det["counts"]["removed"], "evidence": det.get("evidence"),
+                               "timings": det.get("timings")}
+        if truth:
+            q = run_detection(EvalDetectionConfig(run=str(det_dir), truth=truth))
+            row.update({"recall": q["removal"]["recall"], "precision": q["removal"]["precision"],
+                        "auroc": q["scores"]["poison_score"]["auroc"],
+                        "auroc_classifier": q["scores"]["classifier_prob"]["auroc"],
+                        "top20_trigger_accuracy": q["triggers"]["topk"].get("20", {}).get("accuracy")})
+        clean_dataset(CleanConfig(run=str(det_dir), out=str(work / f"clean-{method}.tsv")))
+        rows[method] = row
+
+    probes: dict[str, Any] = {}
+    if val_patched and not args.no_probe:
+        for frac in args.fractions:
+            p = run_probe(EvalProbeConfig(model=str(model), train=values["data"], val=val_spec,
+                                          val_patched=val_patched, targets=[target], fraction=frac,
+                                          out=str(work / f"probe-{frac}"), seed=args.seed, quiet=True)) or {}
+            probes[f"no_defence@{frac}"] = {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
+                                            "asr": (p.get("targets") or [{}])[0].get("asr")}
+    result = {"config": args.config, "settings": conf, "epochs": epochs, "seed": args.seed,
+              "clean_control": args.clean_control,
+              "threat_model": {"knn": strength.get("knn"), "clusters": strength.get("clusters"),
+                               "flips": strength.get("flips")} if strength else None,
+              "detection": rows, "probe": probes, "timings": timings, "environment": environment_record(args.seed)}
+    atomic_write_json(work / "results.json", result)
+    _print(result)
+    return result
+
+
+def _print(r: dict[str, Any]) -> None:
+    tm = r["threat_model"] or {}
+    knn = tm.get("knn") or {}
+    print(f"\n{r['config']} (epochs {r['epochs']}, seed {r['seed']}{', clean control' if r['clean_control'] else ''})")
+    print(f"threat model: k-NN acc {knn.get('accuracy')}, k-NN ASR {knn.get('asr')}, "
+          f"purity {(tm.get('clusters') or {}).get('purity')}, oracle flips {(tm.get('flips') or {})}")
+    print(f"{'method':<12}{'removed':>8}{'recall':>8}{'prec':>8}{'AUROC':>8}{'top20':>8}{'z':>7}")
+    for m, row in r["detection"].items():
+        ev = row.get("evidence") or {}
+        print(f"{m:<12}{row['removed']:>8}{row.get('recall', float('nan')):>8.3f}"
+              f"{row.get('precision', float('nan')):>8.3f}{row.get('auroc') or float('nan'):>8.3f}"
+              f"{row.get('top20_trigger_accuracy') or float('nan'):>8.2f}{ev.get('z', float('nan')):>7.1f}")
+    for k, p in r["probe"].items():
+        print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']}")
+    print("timings:", r["timings"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="imagenette-96")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--shared-data", default=None)
+    ap.add_argument("--methods", nargs="+", default=["poisoncam", "patchsearch"])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1])
+    ap.add_argument("--clean-control", action="store_true", help="plant no poison (how much is removed?)")
+    ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--scale", choices=["cpu", "paper"], default="cpu")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()

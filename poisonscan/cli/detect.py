@@ -1,0 +1,126 @@
+"""``poisonscan detect``: find the poisoned images of a data set with a (possibly backdoored) SSL threat model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from poisonscan.cli.common import emit_json, handle_errors, overrides
+from poisonscan.config import PAPER, DetectConfig, resolve_config
+from poisonscan.errors import ConfigError, UsageError
+
+
+def parse_window(text: str | None) -> float | None:
+    """``60/224`` (a fraction of the image side), ``0.27`` (a fraction) or ``17`` (pixels)."""
+    if text is None:
+        return None
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"--window {text}: give pixels (17) or a fraction of the image side (60/224, 0.27)") \
+            from None
+    if not value > 0:
+        raise ConfigError(f"--window {text} must be > 0")
+    return value
+
+
+def _flag(value: bool) -> bool | None:
+    """A switch given on the command line overrides the config; one left out does not."""
+    return True if value else None
+
+
+@handle_errors
+def detect(
+    data: str | None = typer.Argument(None, help="Data set: image folder, .txt file list or WebDataset shards "
+                                                 "(optional with --resume)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Threat model checkpoint (safetensors or "
+                                                                 "foreign state dict)."),
+    arch: str | None = typer.Option(None, "--arch", help="Architecture of a foreign checkpoint (timm name)."),
+    image_size: int | None = typer.Option(None, "--image-size", min=8, help="Input resolution S [checkpoint's]."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [runs/detect/runN]."),
+    config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON settings (a [detect] table is "
+                                                              "accepted)."),
+    method: str | None = typer.Option(None, "--method", help="poisoncam (cluster activation masking) or "
+                                                             "patchsearch (Grad-CAM baseline) [poisoncam]."),
+    clusters: int | None = typer.Option(None, "--clusters", min=1, help=f"k-means clusters l, capped at N / 50 "
+                                                                        f"[{PAPER.n_clusters}]."),
+    masks: int | None = typer.Option(None, "--masks", min=1, help=f"Masks per image B [{PAPER.n_masks}]."),
+    window: str | None = typer.Option(None, "--window", help="Window side: pixels (17) or a fraction of the "
+                                                             "image side (60/224) [60/224]."),
+    mask_strategy: str | None = typer.Option(None, "--mask-strategy", help="full, interval or random [full]."),
+    flip_size: int | None = typer.Option(None, "--flip-size", min=1, help=f"Flip test set size "
+                                                                          f"[{PAPER.flip_set_size}]."),
+    samples_per_cluster: int | None = typer.Option(None, "--samples-per-cluster", min=1,
+                                                   help=f"Images scored per live cluster and round s "
+                                                        f"[{PAPER.samples_per_cluster}]."),
+    drop_fraction: float | None = typer.Option(None, "--drop-fraction", min=0.0, max=1.0,
+                                               help=f"Live clusters dropped per round r [{PAPER.drop_fraction}]."),
+    top_k: int | None = typer.Option(None, "--top-k", min=1, help=f"Poison set size k [{PAPER.top_k}]."),
+    drop_top: float | None = typer.Option(None, "--drop-top", min=0.0, max=0.99,
+                                          help=f"Top share by poison score kept out of the classifier's training "
+                                               f"[{PAPER.drop_top}]."),
+    classifier_iters: int | None = typer.Option(None, "--classifier-iters", min=1,
+                                                help="Poison classifier iterations [2000]."),
+    ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
+    min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
+                                                                           "random windows to remove anything [3]."),
+    force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
+    fail_on: float | None = typer.Option(None, "--fail-on", min=0.0, help="Exit 1 when more images are removed: "
+                                                                          "a count (>= 1) or a fraction (< 1)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue this run folder from its last finished "
+                                                              "stage."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty --out folder (starts afresh)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow pickled (.pth) checkpoints: "
+                                                                            "only for files you trust."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N [auto]."),
+    precision: str | None = typer.Option(None, "--precision", help="auto, bf16, fp16, fp32 [auto]."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice [0]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Forward batch size [256]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; one result line instead of tables."),
+) -> None:
+    """Scan DATA with the threat model: search poisonous images, test the evidence, remove with a classifier."""
+    from poisonscan.detect.pipeline import run_detect
+    from poisonscan.report.summary import print_detect_summary
+
+    flags = overrides(
+        data=data, model=model, arch=arch, image_size=image_size, out=str(out) if out else None, method=method,
+        clusters=clusters, masks=masks, window=parse_window(window), mask_strategy=mask_strategy,
+        flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
+        drop_top=drop_top, classifier_iters=classifier_iters, ensemble=ensemble, min_evidence=min_evidence,
+        force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
+        trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,
+        batch_size=batch_size, quiet=_flag(quiet))
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("--resume continues with the run's own config.json: give changed settings as flags, "
+                              "not --config")
+        if not (resume / "config.json").is_file():
+            raise UsageError(f"--resume {resume}: not a detect run folder (no config.json)")
+        cfg = resolve_config(DetectConfig, resume / "config.json", flags)
+    else:
+        cfg = resolve_config(DetectConfig, config, flags)
+    summary = run_detect(cfg, quiet=cfg.quiet)
+    if not summary:                          # ranks > 0 under torchrun: rank 0 reports
+        return
+    if json_out:
+        emit_json(summary)
+    elif cfg.quiet:
+        counts = summary["counts"]
+        typer.echo(f"{summary['verdict']}: removed {counts['removed']} of {counts['scanned']} "
+                   f"({summary['run_dir']})")
+    else:
+        print_detect_summary(summary, Console())
+    if summary.get("exit_code"):
+        raise typer.Exit(int(summary["exit_code"]))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``detect`` to the ``poisonscan`` app."""
+    app.command("detect")(detect)
