@@ -204,6 +204,9 @@ class DemoConfig(CommonConfig):
     pretrain: bool = False           # train the threat model instead of using the bundled one
     epochs: int | None = None        # pretraining epochs with --pretrain
     retrain_epochs: int = 0          # retrain on the cleaned manifest and probe again (0: skip)
+    limit: int | None = None         # reduced budget: an evenly spaced subset of this many training images
+    masks: int | None = None         # reduced budget: masks per image (default: the paper's 256)
+    classifier_iters: int | None = None  # reduced budget: poison-classifier iterations
 
 
 T = TypeVar("T")

@@ -83,13 +83,15 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
     target = cfg.target or DEMO_TARGET
 
     t0 = time.perf_counter()
+    if cfg.limit:
+        train = _subset(train, cfg.limit, run.file("subset"))
     say(f"1/6 planting poisons: trigger {trigger.name} on {DEMO_ATTACK['rate']:.0%} of class {target}")
     poisoned = poison_demo_data(run.file("data"), train, val, trigger, target, overwrite=True)
     planted = int(poisoned["summary"]["train"]["poisoned"])
     timings["poison"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if cfg.pretrain or not _bundled_model_matches(poisoned["ground_truth"]):
+    if cfg.pretrain or not (cfg.limit or _bundled_model_matches(poisoned["ground_truth"])):
         if not cfg.pretrain:
             raise UsageError("the bundled threat model does not match the planted data; run with --pretrain")
         recipe = dict(DEMO_RECIPE, epochs=cfg.epochs or DEMO_RECIPE["epochs"])
@@ -113,8 +115,9 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     say("4/6 detecting (PoisonCAM)")
+    budget = {k: v for k, v in (("masks", cfg.masks), ("classifier_iters", cfg.classifier_iters)) if v}
     detect = run_detect(DetectConfig(data=str(poisoned["train"]), model=str(model), out=str(run.file("detect")),
-                                     overwrite=True, **common), quiet=True)
+                                     overwrite=True, **budget, **common), quiet=True)
     timings["detect"] = time.perf_counter() - t0
     quality = run_detection(EvalDetectionConfig(run=str(run.file("detect")), truth=str(poisoned["ground_truth"])))
 
@@ -163,6 +166,19 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
     }
     run.write_json("demo.json", summary)
     return summary
+
+
+def _subset(train: Path, limit: int, dest: Path) -> Path:
+    """An evenly spaced subset of ``limit`` training samples (every class kept), as new shards in ``dest``."""
+    import numpy as np
+
+    from poisonscan.data.manifest import reshard
+    from poisonscan.data.sources import open_source
+
+    source = open_source(train)
+    keep = np.linspace(0, len(source) - 1, num=min(limit, len(source))).round().astype(int).tolist()
+    reshard(source, sorted(set(keep)), dest, shard_size=len(keep), compress=True, prefix="train")
+    return dest
 
 
 def _probe_brief(result: dict[str, Any] | None) -> dict[str, Any] | None:

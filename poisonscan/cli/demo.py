@@ -66,6 +66,11 @@ def demo(
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Pretraining epochs with --pretrain [100]."),
     retrain_epochs: int | None = typer.Option(None, "--retrain-epochs", min=0,
                                               help="Retrain on the cleaned set and probe again (0: skip)."),
+    limit: int | None = typer.Option(None, "--limit", min=100, help="Reduced budget: use an evenly spaced subset "
+                                                                     "of this many training images."),
+    masks: int | None = typer.Option(None, "--masks", min=1, help="Reduced budget: masks per image [256]."),
+    classifier_iters: int | None = typer.Option(None, "--classifier-iters", min=1,
+                                                help="Reduced budget: poison-classifier iterations."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed [0]."),
     config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON file of settings."),
@@ -78,7 +83,7 @@ def demo(
     cfg = resolve_config(DemoConfig, config, overrides(
         data=data, val=val, trigger=str(trigger) if trigger else None, target=target,
         out=str(out) if out else None, pretrain=pretrain, epochs=epochs, retrain_epochs=retrain_epochs,
-        device=device, seed=seed))
+        limit=limit, masks=masks, classifier_iters=classifier_iters, device=device, seed=seed))
     summary = run_demo(cfg, quiet=quiet or json_out)
     if json_out:
         print_json(summary)

@@ -42,18 +42,18 @@ def detect(
     model: str | None = typer.Option(None, "--model", "-m", help="Threat model checkpoint (safetensors or "
                                                                  "foreign state dict)."),
     arch: str | None = typer.Option(None, "--arch", help="Architecture of a foreign checkpoint (timm name)."),
-    image_size: int | None = typer.Option(None, "--image-size", min=8, help="Input resolution S [checkpoint's]."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [runs/detect/runN]."),
-    config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON settings (a [detect] table is "
+    image_size: int | None = typer.Option(None, "--image-size", min=8, help="Input resolution S \\[checkpoint's]."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder \\[runs/detect/runN]."),
+    config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON settings (a \\[detect] table is "
                                                               "accepted)."),
     method: str | None = typer.Option(None, "--method", help="poisoncam (cluster activation masking) or "
-                                                             "patchsearch (Grad-CAM baseline) [poisoncam]."),
+                                                             "patchsearch (Grad-CAM baseline) \\[poisoncam]."),
     clusters: int | None = typer.Option(None, "--clusters", min=1, help=f"k-means clusters l, capped at N / 50 "
                                                                         f"[{PAPER.n_clusters}]."),
     masks: int | None = typer.Option(None, "--masks", min=1, help=f"Masks per image B [{PAPER.n_masks}]."),
     window: str | None = typer.Option(None, "--window", help="Window side: pixels (17) or a fraction of the "
                                                              "image side (60/224) [60/224]."),
-    mask_strategy: str | None = typer.Option(None, "--mask-strategy", help="full, interval or random [full]."),
+    mask_strategy: str | None = typer.Option(None, "--mask-strategy", help="full, interval or random \\[full]."),
     flip_size: int | None = typer.Option(None, "--flip-size", min=1, help=f"Flip test set size "
                                                                           f"[{PAPER.flip_set_size}]."),
     samples_per_cluster: int | None = typer.Option(None, "--samples-per-cluster", min=1,
@@ -78,8 +78,8 @@ def detect(
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty --out folder (starts afresh)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow pickled (.pth) checkpoints: "
                                                                             "only for files you trust."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N [auto]."),
-    precision: str | None = typer.Option(None, "--precision", help="auto, bf16, fp16, fp32 [auto]."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N \\[auto]."),
+    precision: str | None = typer.Option(None, "--precision", help="auto, bf16, fp16, fp32 \\[auto]."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice [0]."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Forward batch size [256]."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),

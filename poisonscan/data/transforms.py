@@ -6,7 +6,9 @@ batch's device, which is much faster on CPU than per-image PIL transforms in dat
 crop, flip and gaussian blur are all separable linear maps, so each view's geometry is two batched matrix products
 ``My @ x @ Mx^T`` with per-sample matrices (antialiased bilinear resampling); colour jitter (brightness, contrast,
 saturation, hue as a YIQ chroma rotation), grayscale and solarize follow on the whole batch. Blur is applied with the
-geometry, i.e. before colour jitter rather than after it; the two orders differ only where jitter clips.
+geometry, i.e. before colour jitter rather than after it, and jitter runs in a fixed order (brightness and contrast
+as one affine map, then saturation, hue and grayscale as one 3x3 matrix) instead of torchvision's random order; these
+shortcuts differ from the per-image recipe only where values clip.
 """
 
 from __future__ import annotations

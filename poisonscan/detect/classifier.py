@@ -4,9 +4,9 @@ A small ResNet (BasicBlock, [1, 1, 1, 1], 2 outputs) trained from scratch to tel
 trigger (one of the top-k windows) from original images. Training pool: every image ordered by poison score minus the
 top ``drop_top`` share (noisy: likely poisons) and minus the bottom ``k`` (validation negatives); the top-k images are
 the validation positives. Each training image gets a random resized crop, with probability 0.5 a pasted trigger
-(positive), then colour jitter, grayscale and a horizontal flip, all batched on the device. Early stopping on the
-validation F1 (ties: lower validation loss) keeps the best weights; an ensemble averages logits. Every image with P(poisonous) > threshold is
-removed.
+(positive), then colour jitter, grayscale and a horizontal flip, all batched on the device. Early stopping when the
+validation F1 stalls; the weights with the best F1 (ties: lower validation loss) are kept. An ensemble averages
+logits. Every image with P(poisonous) > threshold is removed.
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ class ClassifierConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     eval_every: int = 20
-    patience: int = 10                      # evaluations without improvement before stopping ...
+    patience: int = 10                      # evaluations without a better val F1 before stopping ...
     min_iterations: int | None = None       # ... but never before this many (None: a quarter of the iterations)
     ensemble: int = 1
-    threshold: float = 0.5
     min_side: float = 20 / 224              # pasted trigger side, fraction of the image side
     max_side: float = 80 / 224
     margin: float = 10 / 224                # pasted trigger distance from the border, fraction of the side

@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poisonscan import runtime as rt
-from poisonscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-_STATS_CACHE: dict[tuple[str, tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor]] = {}
+from poisonscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_input
 
 
 def prepare_encoder(encoder: nn.Module, runtime: rt.Runtime) -> nn.Module:
@@ -43,25 +41,9 @@ def norm_stats(encoder: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]
     return mean, std
 
 
-_norm_stats = norm_stats  # older private name, still imported by detect/gradcam.py
-
-
-def _stats_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
-    key = (str(device), mean, std)
-    if key not in _STATS_CACHE:
-        _STATS_CACHE[key] = (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-                             torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
-    return _STATS_CACHE[key]
-
-
 def normalise_u8(u8: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """``(x / 255 - mean) / std`` in channels_last, the same arithmetic as ``data.transforms.to_input`` but with the
-    statistics cached on the device (no host-to-device copy per batch in the hot loops)."""
-    if u8.dtype != torch.uint8:
-        raise TypeError(f"expected a uint8 tensor, got {u8.dtype}")
-    m, s = _stats_on(u8.device, mean, std)
-    x = (u8.float().div_(255.0) - m) / s
-    return x.contiguous(memory_format=torch.channels_last)
+    """``(x / 255 - mean) / std`` in channels_last: ``data.transforms.to_input``, the one implementation."""
+    return to_input(u8, mean, std)
 
 
 def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask: Tensor | None = None,

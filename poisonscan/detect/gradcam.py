@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from poisonscan import runtime as rt
 from poisonscan.detect.clustering import Clustering
-from poisonscan.detect.features import _norm_stats, eval_mode, normalise_u8, prepare_encoder
+from poisonscan.detect.features import eval_mode, norm_stats, normalise_u8, prepare_encoder
 from poisonscan.detect.masking import best_window
 
 
@@ -58,7 +58,7 @@ def gradcam_maps(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, 
         raise ValueError("batch_size must be >= 1")
     prepare_encoder(encoder, runtime)
     device = runtime.device
-    mean, std = _norm_stats(encoder)
+    mean, std = norm_stats(encoder)
     centroids = F.normalize(torch.from_numpy(clustering.centroids).to(device).float(), dim=1)
     layer = encoder.gradcam_layer()
     captured: list[Tensor] = []

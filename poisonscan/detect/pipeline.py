@@ -53,6 +53,8 @@ from poisonscan.detect.search import AGGREGATES, RULES, draw_positions, flip_tes
     poison_scores, top_k
 from poisonscan.errors import ConfigError, DataError, UsageError
 from poisonscan.models.checkpoints import load_encoder
+from poisonscan.report.gallery import write_gallery
+from poisonscan.report.html import write_report
 from poisonscan.runs import RunDir, create_run
 
 STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "outputs")
@@ -60,7 +62,7 @@ METHODS = ("poisoncam", "patchsearch")
 
 #: the settings each stage's result depends on: changing one on --resume reruns that stage and all later ones
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "store": ("data", "model", "arch", "image_size", "trust_checkpoint"),
+    "store": ("data", "model", "arch", "image_size"),
     "features": (),
     "clusters": ("clusters", "seed"),
     "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
@@ -145,10 +147,11 @@ def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None
     return None
 
 
-def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> tuple[RunDir, str | None]:
-    """Create the run folder (or reopen it for ``--resume``); returns it and the first stage to redo when the
-    resumed run's settings changed. Rank 0 writes ``config.json`` and ``environment.json``."""
-    rerun: str | None = None
+def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
+    """Create the run folder, or reopen it for ``--resume`` and forget the stages whose settings changed.
+
+    Rank 0 writes ``config.json`` and ``environment.json``.
+    """
     if cfg.resume:
         path = Path(cfg.resume)
         if not (path / "config.json").is_file():
@@ -169,7 +172,7 @@ def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> tuple[RunDir, str | None
         run.write_config(cfg)
         run.write_environment(cfg.seed, runtime)
     rt.barrier()
-    return run, rerun
+    return run
 
 
 # ------------------------------------------------------------------------------------------------------ context
@@ -374,6 +377,8 @@ def _stage_search(ctx: _Ctx) -> dict[str, Any]:
 def _load_search(ctx: _Ctx) -> None:
     ctx.search = ctx.run.read_json("search.json")
     ctx.flip = np.asarray(ctx.search["flip_set"], dtype=np.int64)
+    if ctx.runtime.is_main:                 # killed right after the search finished: drop its per-round maps
+        shutil.rmtree(ctx.run.file("search"), ignore_errors=True)
 
 
 def _scores(ctx: _Ctx) -> dict[int, int]:
@@ -431,8 +436,8 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     boxes = _boxes(ctx)
     top_t = torch.as_tensor(top)
     patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))
-    ccfg = ClassifierConfig(iterations=cfg.classifier_iters, ensemble=cfg.ensemble, threshold=cfg.threshold,
-                            predict_batch_size=cfg.batch_size, seed=cfg.seed)
+    ccfg = ClassifierConfig(iterations=cfg.classifier_iters, ensemble=cfg.ensemble, predict_batch_size=cfg.batch_size,
+                            seed=cfg.seed)
     res = train_poison_classifier(ctx.store.images, patches, split, ccfg, ctx.runtime, ctx.quiet)
     probs = predict_poison(res.models, ctx.store.images, ctx.runtime, cfg.batch_size, ctx.quiet)
     ctx.run.write_bytes("classifier.safetensors", classifier_bytes(res.models, image_size=ctx.size,
@@ -522,9 +527,6 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
 
 
 def _stage_outputs(ctx: _Ctx) -> dict[str, Any]:
-    from poisonscan.report.gallery import write_gallery
-    from poisonscan.report.html import write_report
-
     run, store = ctx.run, ctx.store
     n = len(store)
     removed = (ctx.probs > ctx.cfg.threshold) if ctx.probs is not None else np.zeros(n, dtype=bool)
@@ -568,7 +570,7 @@ def run_detect(cfg: DetectConfig, runtime: rt.Runtime | None = None, quiet: bool
     rt.seed_everything(cfg.seed)
     encoder, meta = load_encoder(cfg.model, arch=cfg.arch, image_size=cfg.image_size,
                                  trust_pickle=cfg.trust_checkpoint)
-    run, _ = open_run(cfg, runtime)
+    run = open_run(cfg, runtime)
     main = runtime.is_main
     done = rt.broadcast_object({s: run.stage_done(s) for s in STAGES} if main else None)
     if done["outputs"]:                     # a finished run: its summary

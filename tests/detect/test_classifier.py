@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from detect_toys import trigger_batch, trigger_u8  # noqa: E402
+from detect_toys import trigger_batch, trigger_u8, one_torch_thread  # noqa: E402,F401
 
 from poisonscan.detect import classifier as C  # noqa: E402
 from poisonscan.detect.masking import cut_windows  # noqa: E402
@@ -18,6 +18,8 @@ from poisonscan.errors import CheckpointError, UsageError  # noqa: E402
 from poisonscan.runtime import setup_runtime  # noqa: E402
 
 TINY = (8, 16, 32, 64)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

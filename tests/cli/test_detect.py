@@ -1,0 +1,105 @@
+"""``poisonscan detect`` through Typer's CliRunner: exit codes, --json, --fail-on, --min-evidence, --resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "detect"))
+from detect_toys import make_poisoned_folder, save_toy_checkpoint, one_torch_thread  # noqa: E402,F401
+
+from poisonscan.cli import app  # noqa: E402
+from poisonscan.cli.detect import parse_window  # noqa: E402
+from poisonscan.errors import ConfigError  # noqa: E402
+
+runner = CliRunner()
+
+SMALL = {"clusters": 4, "masks": 64, "flip_size": 40, "top_k": 5, "null_size": 64, "classifier_iters": 100,
+         "batch_size": 128, "device": "cpu", "precision": "fp32"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli_toy")
+    make_poisoned_folder(root / "data")
+    (root / "small.json").write_text(json.dumps({"detect": SMALL}))
+    return {"data": root / "data", "model": save_toy_checkpoint(root / "toy.safetensors"),
+            "config": root / "small.json"}
+
+
+def detect(toy: dict[str, Path], out: Path, *extra: str):
+    args = ["detect", str(toy["data"]), "--model", str(toy["model"]), "--out", str(out), "--config",
+            str(toy["config"]), *extra]
+    return runner.invoke(app, args)
+
+
+def test_fail_on_exit_codes_and_json(toy, tmp_path):
+    res = detect(toy, tmp_path / "a", "--fail-on", "5", "--json")
+    assert res.exit_code == 1, res.output
+    summary = json.loads(res.stdout)                          # stdout holds the JSON only
+    assert summary["exit_code"] == 1 and summary["fail_on"] == 5
+    assert summary["counts"]["removed"] > 5 and summary["evidence"]["backdoor_found"]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text()) == summary
+    # the same findings under a fraction threshold they do not exceed (resume: nothing is recomputed but the
+    # outputs stage, whose setting changed)
+    res = runner.invoke(app, ["detect", "--resume", str(tmp_path / "a"), "--fail-on", "0.5", "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("backdoor signal found: removed ")
+
+
+def test_min_evidence_removes_nothing_and_passes_fail_on(toy, tmp_path):
+    res = detect(toy, tmp_path / "b", "--min-evidence", "1e9", "--fail-on", "0")
+    assert res.exit_code == 0, res.output
+    assert "Overview" in res.stdout and "Evidence" in res.stdout
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["counts"]["removed"] == 0 and summary["verdict"] == "no backdoor signal"
+    assert (tmp_path / "b" / "removed.txt").read_text() == ""
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--window", "sixty"], "--window"),
+    (["--method", "gradcam"], "--method"),
+    (["--mask-strategy", "diagonal"], "--mask-strategy"),
+])
+def test_usage_errors_exit_2(toy, tmp_path, extra, message):
+    res = detect(toy, tmp_path / "c", *extra)
+    assert res.exit_code == 2
+    assert message in res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "c" / "stages").exists()
+
+
+def test_input_errors_exit_2(toy, tmp_path):
+    res = runner.invoke(app, ["detect", str(toy["data"]), "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "--model" in res.stderr
+    res = runner.invoke(app, ["detect", str(tmp_path / "missing"), "--model", str(toy["model"]), "--out",
+                              str(tmp_path / "d")])
+    assert res.exit_code == 2 and "error:" in res.stderr
+    res = runner.invoke(app, ["detect", str(toy["data"]), "--model", str(tmp_path / "none.safetensors")])
+    assert res.exit_code == 2 and "error:" in res.stderr
+    res = runner.invoke(app, ["detect", "--resume", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "not a detect run" in res.stderr
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text("{}")
+    res = runner.invoke(app, ["detect", "--resume", str(tmp_path / "e"), "--config", str(toy["config"])])
+    assert res.exit_code == 2 and "--resume" in res.stderr
+
+
+def test_parse_window():
+    assert parse_window("60/224") == pytest.approx(60 / 224)
+    assert parse_window("17") == 17.0 and parse_window("0.25") == 0.25 and parse_window(None) is None
+    for bad in ("0", "-3", "1/0", "a/b"):
+        with pytest.raises(ConfigError):
+            parse_window(bad)
+
+
+def test_help_lists_the_flags():
+    res = runner.invoke(app, ["detect", "--help"])
+    assert res.exit_code == 0
+    for flag in ("--model", "--method", "--fail-on", "--min-evidence", "--resume", "--window", "--json"):
+        assert flag in res.stdout

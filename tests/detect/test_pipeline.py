@@ -1,0 +1,244 @@
+"""The detect pipeline end to end on a tiny poisoned folder with a hand-made backdoored encoder (see detect_toys)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from detect_toys import iou, make_poisoned_folder, save_toy_checkpoint, one_torch_thread  # noqa: E402,F401
+
+from poisonscan.config import DetectConfig  # noqa: E402
+from poisonscan.detect import pipeline as P  # noqa: E402
+from poisonscan.errors import ConfigError, UsageError  # noqa: E402
+from poisonscan.runtime import setup_runtime  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    """A poisoned ImageFolder (3 x 60 clean + 20 triggered), a clean one, and the toy threat model."""
+    root = tmp_path_factory.mktemp("toy")
+    poisoned = make_poisoned_folder(root / "poisoned")
+    make_poisoned_folder(root / "clean", n_poison=0)
+    ckpt = save_toy_checkpoint(root / "toy.safetensors")
+    return {"root": root, "poisoned": poisoned, "model": str(ckpt)}
+
+
+def small_cfg(toy: dict, out: Path, data: str = "poisoned", **kw) -> DetectConfig:
+    base = dict(data=str(toy["root"] / data), model=toy["model"], out=str(out), clusters=4, masks=64, flip_size=40,
+                top_k=5, null_size=64, classifier_iters=100, batch_size=128, device="cpu", precision="fp32")
+    base.update(kw)
+    return DetectConfig(**base)
+
+
+def read_scores(run: Path) -> list[dict[str, str]]:
+    with open(run / "scores.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return setup_runtime("cpu", precision="fp32")
+
+
+def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
+    run = tmp_path / "run"
+    summary = P.run_detect(small_cfg(toy, run), runtime, quiet=True)
+    poisoned = toy["poisoned"]
+
+    # the poison score ranks every scored poisoned image above every scored clean one
+    rows = read_scores(run)
+    assert [r["index"] for r in rows] == [str(i) for i in range(200)]
+    assert list(rows[0]) == list(P.SCORE_COLUMNS)
+    scored = [r for r in rows if r["poison_score"]]
+    pois_scores = [int(r["poison_score"]) for r in scored if r["id"] in poisoned]
+    clean_scores = [int(r["poison_score"]) for r in scored if r["id"] not in poisoned]
+    assert pois_scores and clean_scores and min(pois_scores) > max(clean_scores)
+    for r in scored:                                  # the candidate windows sit on the triggers
+        if r["id"] in poisoned:
+            box = [int(r[k]) for k in ("box_x", "box_y", "box_w", "box_h")]
+            assert iou(box, *poisoned[r["id"]]) > 0.2
+
+    # evidence, top-k and the classifier's removal
+    assert summary["evidence"]["backdoor_found"] and summary["evidence"]["z"] >= 3
+    assert [t["id"] in poisoned for t in summary["top_k"]] == [True] * 5
+    removed = (run / "removed.txt").read_text().split()
+    assert sum(i in poisoned for i in removed) >= 18 and sum(i not in poisoned for i in removed) <= 5
+    assert summary["counts"] == {"scanned": 200, "scored": len(scored), "removed": len(removed),
+                                 "removed_fraction": len(removed) / 200, "errors": 0}
+    assert summary["classifier"]["trained"] and summary["verdict"] == "backdoor signal found"
+    assert all(r["classifier_prob"] for r in rows)
+    assert {r["id"] for r in rows if r["removed"] == "1"} == set(removed)
+    assert sorted(int(r["top_k_rank"]) for r in rows if r["top_k_rank"]) == [1, 2, 3, 4, 5]
+
+    # the run folder's schema
+    for name in ("config.json", "environment.json", "store/images.npy", "store/store.json", "features.npy",
+                 "ids.json", "clusters.npz", "search.json", "attention.npy", "evidence.json",
+                 "classifier.safetensors", "errors.csv", "gallery/topk.png", "report.html", "summary.json"):
+        assert (run / name).is_file(), name
+    assert {p.stem for p in (run / "stages").glob("*.done")} == set(P.STAGES)
+    assert not (run / "search").exists()              # per-round chunks folded into attention.npy
+    search = json.loads((run / "search.json").read_text())
+    attention = np.load(run / "attention.npy")
+    assert attention.dtype == np.float16 and attention.shape == (len(scored), 32, 32)
+    assert [e["index"] for e in search["scored"]] and search["completed"]
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert set(summary) >= {"command", "method", "run_dir", "version", "source", "model", "counts", "clusters",
+                            "search", "top_k", "top_clusters", "evidence", "classifier", "timings", "files",
+                            "fail_on", "exit_code"}
+    assert set(summary["timings"]) == set(P.STAGES)
+    assert summary["top_clusters"][0]["removed"] >= 18 and summary["exit_code"] == 0
+
+
+def test_kill_mid_search_then_resume_gives_identical_results(toy, tmp_path, runtime):
+    ref = tmp_path / "ref"
+    P.run_detect(small_cfg(toy, ref, min_evidence=1e9), runtime, quiet=True)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_1(rnd: int) -> None:
+        if rnd == 1:
+            raise Killed
+
+    run = tmp_path / "killed"
+    with pytest.raises(Killed):
+        P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True, on_round=kill_after_round_1)
+    partial = json.loads((run / "search.json").read_text())
+    assert len(partial["rounds"]) == 1 and not partial["completed"]
+    assert not (run / "stages/search.done").exists() and (run / "stages/clusters.done").exists()
+
+    rounds_seen: list[int] = []
+    P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True,
+                 on_round=rounds_seen.append)
+    assert rounds_seen == [1, 2, 3, 4]               # round 1 replayed from search.json, the rest computed
+    assert (run / "scores.csv").read_text() == (ref / "scores.csv").read_text()
+    assert json.loads((run / "search.json").read_text()) == json.loads((ref / "search.json").read_text())
+    assert np.array_equal(np.load(run / "attention.npy"), np.load(ref / "attention.npy"))
+
+
+def test_no_backdoor_signal_removes_nothing(toy, tmp_path, runtime):
+    run = tmp_path / "clean"
+    summary = P.run_detect(small_cfg(toy, run, data="clean"), runtime, quiet=True)
+    assert not summary["evidence"]["backdoor_found"] and summary["evidence"]["z"] < 3
+    assert summary["verdict"] == "no backdoor signal"
+    assert summary["counts"]["removed"] == 0 and not summary["classifier"]["trained"]
+    assert summary["classifier"]["val_f1"] is None
+    assert (run / "removed.txt").read_text() == ""
+    assert not (run / "classifier.safetensors").exists()
+    assert all(r["classifier_prob"] == "" and r["removed"] == "0" for r in read_scores(run))
+
+
+def test_min_evidence_gate_and_force_on_resume(toy, tmp_path, runtime):
+    run = tmp_path / "gate"
+    summary = P.run_detect(small_cfg(toy, run, min_evidence=1e9, classifier_iters=20), runtime, quiet=True)
+    assert summary["counts"]["removed"] == 0 and summary["verdict"] == "no backdoor signal"
+    search_done = (run / "stages/search.done").read_text()
+    # --force on resume reruns only the classifier and the outputs
+    forced = P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9, classifier_iters=20,
+                                    force=True), runtime, quiet=True)
+    assert (run / "stages/search.done").read_text() == search_done
+    assert forced["classifier"]["trained"] and forced["evidence"]["forced"]
+    assert forced["verdict"] == "no backdoor signal (removal forced)"
+    assert (run / "classifier.safetensors").is_file()
+    # a changed search setting reruns the search and everything after it
+    again = P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9, samples_per_cluster=1),
+                         runtime, quiet=True)
+    assert (run / "stages/search.done").read_text() != search_done
+    assert again["search"]["n_scored"] < summary["search"]["n_scored"]
+    assert not again["classifier"]["trained"] and not (run / "classifier.safetensors").exists()
+
+
+def test_patchsearch_method_swaps_only_candidate_detection(toy, tmp_path, runtime):
+    run = tmp_path / "ps"
+    summary = P.run_detect(small_cfg(toy, run, method="patchsearch", min_evidence=1e9), runtime, quiet=True)
+    assert summary["method"] == "patchsearch"
+    search = json.loads((run / "search.json").read_text())
+    assert search["method"] == "patchsearch" and search["rule"] == "changed" and search["aggregate"] == "sum"
+    # Grad-CAM misses some triggers (an image aligned with its centroid has a near-zero gradient), but the
+    # top of the ranking is poisoned
+    assert sum(t["id"] in toy["poisoned"] for t in summary["top_k"]) >= 3
+    assert np.load(run / "attention.npy").shape[0] == summary["search"]["n_scored"]
+
+
+def test_patchsearch_rules_to_source_and_max(toy, tmp_path, runtime):
+    run = tmp_path / "ps_rules"
+    summary = P.run_detect(small_cfg(toy, run, method="patchsearch", score_rule="to_source", aggregate="max",
+                                     min_evidence=1e9), runtime, quiet=True)
+    search = json.loads((run / "search.json").read_text())
+    assert search["rule"] == "to_source" and search["aggregate"] == "max"
+    assert summary["top_k"][0]["id"] in toy["poisoned"] and summary["top_k"][0]["poison_score"] == 30
+    evidence = json.loads((run / "evidence.json").read_text())
+    assert len(evidence["null_scores"]) == 64 and np.median(evidence["null_scores"]) < 5
+
+
+def test_finished_run_resumes_to_its_summary_and_outputs_need_a_fresh_folder(toy, tmp_path, runtime):
+    run = tmp_path / "done"
+    first = P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True)
+    assert P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True) == first
+    with pytest.raises(UsageError, match="not empty"):
+        P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True)
+    with pytest.raises(UsageError, match="not a detect run"):
+        P.run_detect(small_cfg(toy, None, resume=str(tmp_path / "nothing")), runtime, quiet=True)
+
+
+def test_config_validation_and_fail_on():
+    good = DetectConfig(data="d", model="m")
+    P.validate_config(good)
+    for bad in (dict(method="gradcam"), dict(mask_strategy="diagonal"), dict(window=0), dict(drop_top=1.0),
+                dict(top_k=0), dict(score_rule="moved"), dict(aggregate="mean"), dict(fail_on=-1), dict(data="")):
+        with pytest.raises(ConfigError):
+            P.validate_config(replace(good, **bad))
+    assert not P.fail_on_exceeded(None, 100, 100)
+    assert P.fail_on_exceeded(0, 1, 100) and not P.fail_on_exceeded(0, 0, 100)
+    assert P.fail_on_exceeded(0.05, 6, 100) and not P.fail_on_exceeded(0.05, 5, 100)
+    assert P.fail_on_exceeded(10, 11, 1000) and not P.fail_on_exceeded(10, 10, 1000)
+    assert P.derive_seed(0, "masks") == P.derive_seed(0, "masks") != P.derive_seed(1, "masks")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world: int, port: int, cfg: DetectConfig) -> None:
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)                          # as in the single-process run (float sums in the same order)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import detect_toys  # noqa: F401  (registers the toy encoder in this process)
+
+    try:
+        P.run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_result(toy, tmp_path, runtime):
+    import torch.multiprocessing as mp
+
+    single = tmp_path / "single"
+    P.run_detect(small_cfg(toy, single), runtime, quiet=True)
+    multi = tmp_path / "multi"
+    mp.spawn(_distributed_worker, args=(2, _free_port(), small_cfg(toy, multi)), nprocs=2, join=True)
+    assert json.loads((multi / "search.json").read_text()) == json.loads((single / "search.json").read_text())
+    assert json.loads((multi / "evidence.json").read_text()) == json.loads((single / "evidence.json").read_text())
+    a, b = read_scores(single), read_scores(multi)
+    assert a == b
