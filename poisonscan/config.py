@@ -66,6 +66,9 @@ class PretrainConfig(CommonConfig):
     save_fp16: bool = False
     knn_val: str | None = None
     knn_every: int = 0
+    backdoor_trigger: str | None = None     # with knn_val: k-NN ASR of this trigger every knn_every epochs
+    backdoor_target: str | None = None      # the attack's target class (name or index)
+    backdoor_trigger_size: float = PAPER.trigger_size / PAPER.reference_size
     store_cache: str | None = None      # folder caching the decoded uint8 image store (reused across runs)
     proj_hidden: int | None = None      # projector (and MoCo v3 predictor) hidden width [simclr 2048, mocov3 4096]
     proj_dim: int | None = None         # projection output width [simclr 128, mocov3 256]

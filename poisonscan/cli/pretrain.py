@@ -59,6 +59,11 @@ def pretrain(
     knn_val: str | None = typer.Option(None, "--knn-val", help="Labelled val source for a k-NN monitor."),
     knn_every: int | None = typer.Option(None, "--knn-every", min=0, help="k-NN monitor every N epochs "
                                                                            "(default: 0, off)."),
+    backdoor_trigger: Path | None = typer.Option(None, "--backdoor-trigger", help="With --knn-val: also log the "
+                                                 "k-NN ASR of this trigger every --knn-every epochs (monitor.png)."),
+    backdoor_target: str | None = typer.Option(None, "--backdoor-target", help="The attack's target class."),
+    backdoor_trigger_size: float | None = typer.Option(None, "--backdoor-trigger-size",
+                                                       help="Trigger side: pixels or fraction [50/224]."),
     save_fp16: bool | None = typer.Option(None, "--save-fp16/--save-fp32", help="Store encoder weights in fp16."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/pretrain/runN)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: 0)."),
@@ -78,7 +83,8 @@ def pretrain(
         weight_decay=weight_decay, optimizer=optimizer, temperature=temperature, proj_hidden=proj_hidden,
         proj_dim=proj_dim, warmup_epochs=warmup_epochs,
         grad_clip=grad_clip, num_workers=num_workers, store_cache=str(store_cache) if store_cache else None,
-        knn_val=knn_val, knn_every=knn_every, save_fp16=save_fp16, out=str(out) if out else None, seed=seed,
+        knn_val=knn_val, knn_every=knn_every, backdoor_trigger=str(backdoor_trigger) if backdoor_trigger else None,
+        backdoor_target=backdoor_target, backdoor_trigger_size=backdoor_trigger_size, save_fp16=save_fp16, out=str(out) if out else None, seed=seed,
         device=device, precision=precision, quiet=quiet, overwrite=overwrite)
     if resume is not None:
         cfg = resume_config(resume, flags)

@@ -248,13 +248,24 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def _write_logs(run: RunDir, history: list[dict[str, Any]]) -> None:
-    cols = ["epoch", "step", "loss", "lr", "images_per_s", "time_s", "knn_acc"]
+    cols = ["epoch", "step", "loss", "lr", "images_per_s", "time_s", "knn_acc", "knn_asr"]
     lines = [",".join(cols)]
     for row in history:
         lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" if isinstance(row[c], float)
                               else str(row[c]) for c in cols))
     run.write_text("log.csv", "\n".join(lines) + "\n")
     run.write_json("log.json", history)
+    monitored = [r for r in history if r.get("knn_acc") is not None]
+    if len(monitored) >= 1:
+        from poisonscan.eval.plots import line_chart
+
+        epochs = [r["epoch"] for r in monitored]
+        series = [("k-NN accuracy", epochs, [r["knn_acc"] for r in monitored])]
+        if any(r.get("knn_asr") is not None for r in monitored):
+            series.append(("k-NN ASR (trigger pasted)", epochs,
+                           [r.get("knn_asr") or 0.0 for r in monitored]))
+        run.write_bytes("monitor.png", line_chart(series, title="Threat model during pretraining", xlabel="epoch",
+                                                   ylabel="share of val images", ylim=(0.0, 1.0)))
 
 
 def _all_mean(x: torch.Tensor) -> float:
@@ -275,6 +286,7 @@ class Pretrainer:
 
         self.cfg, self.run, self.runtime = cfg, run, runtime
         self.images, self.labels, self.knn_val = images, labels, knn_val
+        self.backdoor: tuple[torch.Tensor, int] | None = None  # (patched val images, target) for the ASR monitor
         world = runtime.world_size
         if cfg.batch_size % world:
             raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
@@ -359,20 +371,31 @@ class Pretrainer:
             dist.all_reduce(b)
         torch._foreach_div_(bufs, float(dist.get_world_size()))
 
-    def knn(self) -> float | None:
-        """k-NN accuracy of the current encoder on the val set (train set as the bank), or None."""
+    def knn(self) -> tuple[float | None, float | None]:
+        """k-NN accuracy of the current encoder on the val set (train set as the bank) and, when a trigger and target
+        were given, the k-NN ASR: the share of non-target val images predicted as the target with the trigger
+        pasted. ``(None, None)`` without labels."""
         if self.knn_val is None or self.labels is None or any(v is None for v in self.labels):
-            return None
+            return None, None
         val_images, val_labels = self.knn_val
         if any(v is None for v in val_labels):
-            return None
-        acc = None
+            return None, None
+        result: tuple[float | None, float | None] = (None, None)
         if self.runtime.is_main:
             bank = embed(self.method.encoder, self.images, self.runtime)
+            bank_labels = torch.tensor(self.labels, device=bank.device)
             query = embed(self.method.encoder, val_images, self.runtime)
-            acc = knn_accuracy(bank, torch.tensor(self.labels, device=bank.device), query,
-                               torch.tensor(val_labels, device=bank.device))
-        return rt.broadcast_object(acc)
+            labels = torch.tensor(val_labels, device=bank.device)
+            acc = knn_accuracy(bank, bank_labels, query, labels)
+            asr = None
+            if self.backdoor is not None:
+                patched, target = self.backdoor
+                keep = labels != target
+                if bool(keep.any()):
+                    q = embed(self.method.encoder, patched, self.runtime)[keep]
+                    asr = knn_accuracy(bank, bank_labels, q, torch.full_like(labels[keep], target))
+            result = (acc, asr)
+        return rt.broadcast_object(result)
 
     def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
         """Train from the current epoch to ``cfg.epochs`` (or stop after ``stop_after_epoch``); returns a summary."""
@@ -399,7 +422,7 @@ class Pretrainer:
                                        "lr": self.last_lr, "images_per_s": n * cfg.batch_size / elapsed,
                                        "time_s": elapsed}
                 if cfg.knn_val and cfg.knn_every and (self.epoch % cfg.knn_every == 0 or self.epoch == cfg.epochs):
-                    row["knn_acc"] = self.knn()
+                    row["knn_acc"], row["knn_asr"] = self.knn()
                 self.history.append(row)
                 if self.runtime.is_main:
                     _save_checkpoint(self.run, self.method, self.optimizer, self.scaler, cfg, self.epoch,
@@ -408,6 +431,7 @@ class Pretrainer:
                     _write_logs(self.run, self.history)
                 rt.barrier()
                 knn = f" knn {row['knn_acc']:.3f}" if row.get("knn_acc") is not None else ""
+                knn += f" knn-asr {row['knn_asr']:.3f}" if row.get("knn_asr") is not None else ""
                 _log(f"epoch {self.epoch}/{cfg.epochs} loss {row['loss']:.4f} lr {row['lr']:.4g} "
                      f"{row['images_per_s']:.0f} img/s{knn}", cfg.quiet or sys.stderr.isatty())
         wall = time.perf_counter() - start
@@ -457,6 +481,16 @@ def build_trainer(cfg: PretrainConfig, run: RunDir | None = None,
         val = _load_store(cfg.knn_val, cfg.image_size, runtime, cfg, val_cache)
         knn_val = (val.images, list(val.labels))
     trainer = Pretrainer(cfg, run, runtime, store.images, list(store.labels), knn_val)
+    if cfg.backdoor_trigger or cfg.backdoor_target is not None:
+        if not (cfg.knn_val and cfg.backdoor_trigger and cfg.backdoor_target is not None):
+            raise UsageError("the backdoor monitor needs --knn-val, --backdoor-trigger and --backdoor-target")
+        from poisonscan.eval.patching import paste_trigger_batch, read_trigger
+        from poisonscan.eval.probe import resolve_class
+
+        target = resolve_class(cfg.backdoor_target, val.class_names or store.class_names, Path(cfg.knn_val))
+        patched, _ = paste_trigger_batch(val.images, read_trigger(cfg.backdoor_trigger),
+                                         size=cfg.backdoor_trigger_size, seed=cfg.seed)
+        trainer.backdoor = (patched, target)
     trainer.skipped = len(store.errors)
     if ckpt is not None:
         trainer.load(ckpt)

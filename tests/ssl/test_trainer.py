@@ -114,3 +114,24 @@ def test_cli_usage_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2
     res = runner.invoke(app, ["pretrain", "--resume", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "checkpoint" in res.output
+
+
+def test_backdoor_monitor_logs_knn_asr_and_plot(image_folder: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    trigger = tmp_path / "trigger.png"
+    Image.new("RGB", (8, 8), (255, 0, 255)).save(trigger)
+    out = tmp_path / "run"
+    run_pretrain(_cfg(image_folder, out, epochs=1, knn_val=str(image_folder), knn_every=1,
+                      backdoor_trigger=str(trigger), backdoor_target="cat", backdoor_trigger_size=4.0))
+    row = json.loads((out / "log.json").read_text())[0]
+    assert 0.0 <= row["knn_asr"] <= 1.0
+    assert "knn_asr" in (out / "log.csv").read_text().splitlines()[0]
+    assert (out / "monitor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backdoor_monitor_needs_val_trigger_and_target(image_folder: Path, tmp_path: Path) -> None:
+    from poisonscan.errors import UsageError
+
+    with pytest.raises(UsageError, match="backdoor monitor"):
+        run_pretrain(_cfg(image_folder, tmp_path / "run", epochs=1, backdoor_target="cat"))
