@@ -152,6 +152,8 @@ def backdoor(
     truth: Optional[Path] = typer.Option(None, "--truth", help="Ground truth of --train: cluster purity."),
     k: Optional[int] = typer.Option(None, "--k", help="k-NN neighbours (default 20)."),
     clusters: Optional[int] = typer.Option(None, "--clusters", help="k-means clusters (capped at N // 50)."),
+    trigger_size: Optional[float] = typer.Option(None, "--trigger-size", help="Trigger side on val: pixels "
+                                                 "(>= 1) or fraction of the side (< 1) [50/224]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of trigger corners, k-means and probe."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (reused: its cached features too)."),
     arch: Optional[str] = _ARCH, image_size: Optional[int] = _SIZE, trust_checkpoint: Optional[bool] = _TRUST,
@@ -161,7 +163,8 @@ def backdoor(
     """Backdoor strength: k-NN ACC and ASR, probe ASR, purity of the poison clusters, oracle flips."""
     cfg = resolve_config(EvalBackdoorConfig, config, overrides(
         model=str(model) if model else None, data=data, trigger=str(trigger) if trigger else None, target=target,
-        train=train, truth=str(truth) if truth else None, k=k, clusters=clusters, seed=seed,
+        train=train, truth=str(truth) if truth else None, k=k, clusters=clusters, trigger_size=trigger_size,
+        seed=seed,
         out=str(out) if out else None, arch=arch, image_size=image_size, trust_checkpoint=trust_checkpoint,
         device=device, precision=precision, quiet=quiet))
     from poisonscan.eval.runner import run_backdoor
