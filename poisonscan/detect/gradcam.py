@@ -11,6 +11,7 @@ swaps only this stage of the pipeline.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -21,6 +22,8 @@ from poisonscan import runtime as rt
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.features import eval_mode, norm_stats, normalise_u8, prepare_encoder
 from poisonscan.detect.masking import best_window
+
+log = logging.getLogger(__name__)
 
 
 def _to_map(encoder: nn.Module, t: Tensor) -> Tensor:
@@ -81,6 +84,9 @@ def gradcam_maps(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, 
                 act = captured[-1]
                 (grad,) = torch.autograd.grad(sims.gather(1, eta[:, None]).sum(), act)
                 a, g = _to_map(encoder, act.detach()).float(), _to_map(encoder, grad).float()
+                if start == 0 and a.shape[-2] * a.shape[-1] == 1:
+                    log.warning("Grad-CAM layer output is 1 x 1 at %d px: the attention map carries no location "
+                                "(candidate windows are arbitrary); use a larger --image-size", size)
                 cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
                 cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
                 maps.append(minmax_scale(cam).cpu())
