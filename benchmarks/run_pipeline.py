@@ -20,7 +20,7 @@ from typing import Any
 
 from poisonscan.attacks.poison import poison_dataset
 from poisonscan.attacks.presets import preset_values
-from poisonscan.cli.clean import clean_dataset
+from poisonscan.data.cleaning import clean_dataset
 from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig,
                                PoisonConfig, PretrainConfig)
 from poisonscan.detect.pipeline import run_detect

@@ -58,7 +58,7 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
     """Run the whole pipeline and return the demo summary (also written as ``demo.json`` in the run folder)."""
     import time
 
-    from poisonscan.cli.clean import clean_dataset
+    from poisonscan.data.cleaning import clean_dataset
     from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig,
                                    EvalProbeConfig, PretrainConfig)
     from poisonscan.detect.pipeline import run_detect

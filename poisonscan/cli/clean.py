@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,77 +9,8 @@ import typer
 
 from poisonscan.cli.common import emit_json, err_console, handle_errors, overrides
 from poisonscan.config import CleanConfig, resolve_config
-from poisonscan.data.manifest import read_removal_list, removal_indices, reshard, write_manifest
-from poisonscan.data.sources import Source, open_source
-from poisonscan.errors import EXIT_USAGE, UsageError
-
-
-def _run_config(run: Path) -> dict[str, Any]:
-    if not run.is_dir():
-        raise UsageError(f"run folder {run} does not exist")
-    cfg = run / "config.json"
-    if not cfg.is_file():
-        raise UsageError(f"{cfg} not found (is {run} a detect run?); give --source")
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {cfg}: {exc}") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _input_files(source: Source) -> set[str]:
-    spec = source.spec()
-    files = [spec] if isinstance(spec, str) else list(spec)
-    base = getattr(source, "base", None)  # a WebDataset manifest also reads its shards
-    if base is not None:
-        files += base.spec()
-    return {os.path.realpath(f) for f in files}
-
-
-def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
-    """Resolve inputs, write the manifest (and shards); returns the summary. Raises ``UsageError``."""
-    if not cfg.out:
-        raise UsageError("--out is required (the cleaned manifest: .txt for folders/file lists, .tsv for shards)")
-    run = Path(cfg.run) if cfg.run else None
-    run_cfg = _run_config(run) if run is not None and (cfg.source is None or cfg.removed is None) else {}
-    spec = cfg.source if cfg.source is not None else run_cfg.get("data")
-    if not spec:
-        raise UsageError("no data source: give --source, or --run with a detect run whose config.json has 'data'")
-    removed_path = Path(cfg.removed) if cfg.removed else (run / "removed.txt" if run is not None else None)
-    if removed_path is None:
-        raise UsageError("no removal list: give --removed, or --run with a detect run folder")
-    if not removed_path.is_file():
-        raise UsageError(f"removal list {removed_path} not found")
-
-    source = open_source(spec)
-    removed_ids = read_removal_list(removed_path)
-    keep, removed, unknown = removal_indices(source, removed_ids)
-
-    out = Path(cfg.out)
-    protected = _input_files(source) | {os.path.realpath(removed_path)}
-    if os.path.realpath(out) in protected:
-        raise UsageError(f"--out {out} is an input file; the input is never modified")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name")
-
-    summary: dict[str, Any] = {
-        "source": {"kind": source.kind, "spec": source.spec(), "n": len(source), "errors": len(source.errors)},
-        "removal_list": str(removed_path), "listed": len(removed_ids), "removed": len(removed), "kept": len(keep),
-        "unknown": len(unknown), "unknown_examples": unknown[:5], "manifest": str(out),
-        "manifest_format": "wds-manifest" if source.kind in ("wds", "wds-manifest") else "filelist",
-        "strict": cfg.strict,
-    }
-    if unknown and cfg.strict:
-        summary["ok"] = False
-        return summary
-    write_manifest(source, keep, out)
-    if cfg.reshard:
-        res = reshard(source, keep, Path(cfg.reshard), shard_size=cfg.shard_size, compress=cfg.compress)
-        summary["reshard"] = {"dir": cfg.reshard, "shards": [str(p) for p in res.shards],
-                              "written": res.n_written,
-                              "errors": [{"id": e.id, "reason": e.reason} for e in res.errors]}
-    summary["ok"] = True
-    return summary
+from poisonscan.data.cleaning import clean_dataset
+from poisonscan.errors import EXIT_USAGE
 
 
 def _print(summary: dict[str, Any]) -> None:
