@@ -64,6 +64,7 @@ class PretrainConfig(CommonConfig):
     num_workers: int = 2
     resume: str | None = None
     save_fp16: bool = False
+    keep_every: int = 0                 # also keep encoder-eNNN.safetensors every N epochs (0: only the last)
     knn_val: str | None = None
     knn_every: int = 0
     backdoor_trigger: str | None = None     # with knn_val: k-NN ASR of this trigger every knn_every epochs

@@ -37,13 +37,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 for _name in COMMANDS:
-    try:
-        _mod = importlib.import_module(f"poisonscan.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # a command still being written
-        if _exc.name != f"poisonscan.cli.{_name}":
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(f"poisonscan.cli.{_name}").register(app)
 
 
 def main() -> None:

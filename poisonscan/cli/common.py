@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Any, Callable, TypeVar
@@ -14,12 +15,16 @@ from poisonscan.runs import to_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: errors of the storage the run writes to (full disk, quota, file size limit, read-only or forbidden folder)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
 #: people-facing output goes to stderr so that ``--json`` keeps stdout machine-readable
 err_console = Console(stderr=True)
 
 
 def handle_errors(fn: F) -> F:
-    """Turn poisonscan's usage/input errors into one line on stderr and exit code 2."""
+    """Turn poisonscan's usage/input errors, and storage errors (full disk, read-only or forbidden folder) that
+    escape the library's own checks, into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -27,6 +32,13 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UsageError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            typer.echo(f"error: cannot write{where}: {exc.strerror or exc} (finished stages are kept; free space "
+                       "or choose another --out, then rerun with --resume where the command has it)", err=True)
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

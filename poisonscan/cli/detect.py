@@ -70,6 +70,8 @@ def detect(
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
                                                                            "random windows to remove anything [3]."),
+    null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
+                                                                          "test's null sample [256]."),
     force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
     fail_on: float | None = typer.Option(None, "--fail-on", min=0.0, help="Exit 1 when more images are removed: "
                                                                           "a count (>= 1) or a fraction (< 1)."),
@@ -94,6 +96,7 @@ def detect(
         clusters=clusters, masks=masks, window=parse_window(window), mask_strategy=mask_strategy,
         flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
         drop_top=drop_top, classifier_iters=classifier_iters, ensemble=ensemble, min_evidence=min_evidence,
+        null_size=null_size,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,
         batch_size=batch_size, quiet=_flag(quiet))

@@ -65,6 +65,8 @@ def pretrain(
     backdoor_trigger_size: float | None = typer.Option(None, "--backdoor-trigger-size",
                                                        help="Trigger side: pixels or fraction [50/224]."),
     save_fp16: bool | None = typer.Option(None, "--save-fp16/--save-fp32", help="Store encoder weights in fp16."),
+    keep_every: int | None = typer.Option(None, min=0, help="Also keep encoder-eNNN.safetensors every N epochs "
+                                          "(default: 0, only the last)."),
     out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/pretrain/runN)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: 0)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default: auto)."),
@@ -84,7 +86,8 @@ def pretrain(
         proj_dim=proj_dim, warmup_epochs=warmup_epochs,
         grad_clip=grad_clip, num_workers=num_workers, store_cache=str(store_cache) if store_cache else None,
         knn_val=knn_val, knn_every=knn_every, backdoor_trigger=str(backdoor_trigger) if backdoor_trigger else None,
-        backdoor_target=backdoor_target, backdoor_trigger_size=backdoor_trigger_size, save_fp16=save_fp16, out=str(out) if out else None, seed=seed,
+        backdoor_target=backdoor_target, backdoor_trigger_size=backdoor_trigger_size, save_fp16=save_fp16,
+        keep_every=keep_every, out=str(out) if out else None, seed=seed,
         device=device, precision=precision, quiet=quiet, overwrite=overwrite)
     if resume is not None:
         cfg = resume_config(resume, flags)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from poisonscan import runtime as rt
 from poisonscan.data.sources import SampleError, Source
-from poisonscan.errors import DataError
+from poisonscan.errors import DataError, UsageError
 from poisonscan.runs import atomic_write_text
 
 STORE_FORMAT = "poisonscan-image-store"
@@ -180,6 +180,22 @@ def _tmp_npy(path: Path) -> Path:
     return Path(tmp)
 
 
+def _allocate_npy(tmp: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 ``.npy`` memory map of ``shape`` at ``tmp`` with its blocks reserved up front, so a full disk fails
+    here with a clear error instead of as a SIGBUS while decoded images are written into the map."""
+    nbytes = int(np.prod(shape))
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        if nbytes and hasattr(os, "posix_fallocate"):
+            with open(tmp, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        return arr
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write the image store {tmp.parent / IMAGES_FILE} ({nbytes / 1e6:.0f} MB): "
+                         f"{exc.strerror or exc}") from None
+
+
 def open_store(path: Path | str) -> ImageStore:
     """Load a saved store (images memory-mapped copy-on-write). Raises ``DataError`` when absent or damaged."""
     return _open_store(Path(path))[0]
@@ -250,7 +266,7 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_npy(path)
-        buf: np.ndarray = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+        buf: np.ndarray = _allocate_npy(tmp, (n, 3, size, size))
     else:
         buf = np.empty((n, 3, size, size), dtype=np.uint8)
 
@@ -266,7 +282,7 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
         final = tmp
         if len(ok) < n:
             final = _tmp_npy(path)
-            out = np.lib.format.open_memmap(final, mode="w+", dtype=np.uint8, shape=(len(ok), 3, size, size))
+            out = _allocate_npy(final, (len(ok), 3, size, size))
             for start in range(0, len(ok), 1024):
                 out[start:start + 1024] = buf[ok[start:start + 1024]]
             out.flush()

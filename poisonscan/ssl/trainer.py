@@ -229,7 +229,13 @@ def _save_checkpoint(run: RunDir, method: SSLMethod, opt: torch.optim.Optimizer,
     run.write_bytes(CHECKPOINT, buf.getvalue())
 
 
+def snapshot_name(epoch: int) -> str:
+    """File name of the encoder kept at ``epoch`` by ``--keep-every``."""
+    return f"encoder-e{epoch:03d}.safetensors"
+
+
 def _save_encoder(run: RunDir, method: SSLMethod, cfg: PretrainConfig, epochs_done: int) -> Path:
+    """Write ``encoder.safetensors`` (and a kept snapshot every ``cfg.keep_every`` epochs)."""
     from poisonscan.models import save_encoder
 
     meta: dict[str, Any] = {"method": method.name, "epochs": epochs_done, "data": cfg.data, "seed": cfg.seed,
@@ -238,6 +244,8 @@ def _save_encoder(run: RunDir, method: SSLMethod, cfg: PretrainConfig, epochs_do
         meta["dtype"] = torch.float16
     path = run.file(ENCODER)
     save_encoder(method.encoder, path, **meta)
+    if cfg.keep_every and epochs_done % cfg.keep_every == 0:
+        save_encoder(method.encoder, run.file(snapshot_name(epochs_done)), **meta)
     return path
 
 

@@ -242,3 +242,65 @@ def test_two_processes_give_the_single_process_result(toy, tmp_path, runtime):
     assert json.loads((multi / "evidence.json").read_text()) == json.loads((single / "evidence.json").read_text())
     a, b = read_scores(single), read_scores(multi)
     assert a == b
+
+
+CHILD = Path(__file__).parent / "detect_child.py"
+
+
+def _child_args(toy: dict, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(CHILD), *extra, "--", str(toy["root"] / "poisoned"), "--model",
+            toy["model"], "--out", str(out), "--clusters", "4", "--masks", "64", "--flip-size", "40", "--top-k", "5",
+            "--null-size", "64", "--classifier-iters", "100", "--batch-size", "128", "--device", "cpu",
+            "--precision", "fp32", "--min-evidence", "1e9", "--quiet"]
+
+
+def test_sigkill_in_the_middle_of_masking_then_resume_gives_identical_outputs(toy, tmp_path):
+    """A real SIGKILL (no exception handler, no finally block runs) while round 2's masking is half done."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    ref = tmp_path / "ref"
+    subprocess.run(_child_args(toy, ref), check=True, timeout=300, capture_output=True)
+
+    run, ready = tmp_path / "killed", tmp_path / "ready"
+    proc = subprocess.Popen(_child_args(toy, run, "--stall-in-masking-round", "2", str(ready)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "child ended early"
+        assert time.monotonic() < deadline, "the child never reached round 2's masking"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+    # what the killed run left: finished stages marked, the search's round 1 saved, nothing that looks complete
+    partial = json.loads((run / "search.json").read_text())
+    assert len(partial["rounds"]) == 1 and not partial["completed"]
+    assert (run / "stages/clusters.done").exists() and not (run / "stages/search.done").exists()
+    assert not (run / "scores.csv").exists() and not (run / "summary.json").exists()
+    assert not list(run.rglob("*.tmp"))               # atomic writes: no half-written file under a final name
+
+    done = subprocess.run(_child_args(toy, run)[:3] + ["--resume", str(run), "--quiet"], capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    for name in ("scores.csv", "removed.txt"):
+        assert (run / name).read_text() == (ref / name).read_text(), name
+    assert json.loads((run / "search.json").read_text()) == json.loads((ref / "search.json").read_text())
+    assert np.array_equal(np.load(run / "attention.npy"), np.load(ref / "attention.npy"))
+
+
+def test_full_disk_gives_one_clear_line_and_no_partial_file(toy, tmp_path):
+    """Writes beyond RLIMIT_FSIZE fail with EFBIG exactly where a full disk fails with ENOSPC."""
+    import subprocess
+
+    run = tmp_path / "full"
+    # the image store (200 x 3 x 32 x 32 = 614 kB) does not fit under the limit; config.json etc. do
+    done = subprocess.run(_child_args(toy, run, "--fsize-limit", str(100_000)), capture_output=True, timeout=300)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "File too large" in err and "store" in err
+    assert not list(run.rglob("*.tmp")) and not (run / "store/images.npy").exists()
+    assert not (run / "stages/store.done").exists()
