@@ -121,6 +121,7 @@ class DetectConfig(CommonConfig):
     score_rule: str = "changed"         # poison score: "changed" (paper) or "to_source" (PatchSearch)
     aggregate: str = "sum"              # cluster score in the search: "sum" (paper) or "max" (PatchSearch)
     null_size: int = 256                # random windows scored for the backdoor-evidence test
+    feature_dtype: str = "float32"      # features.npy and host copy: float32 or float16 (half the memory)
     classifier_iters: int = 2000
     ensemble: int = 1
     threshold: float = 0.5              # removed = classifier probability > threshold

@@ -72,6 +72,8 @@ def detect(
                                                                            "random windows to remove anything [3]."),
     null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
                                                                           "test's null sample [256]."),
+    feature_dtype: str | None = typer.Option(None, "--feature-dtype", help="Feature storage: float32 or float16 "
+                                                                            "(half the memory) [float32]."),
     force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
     fail_on: float | None = typer.Option(None, "--fail-on", min=0.0, help="Exit 1 when more images are removed: "
                                                                           "a count (>= 1) or a fraction (< 1)."),
@@ -96,7 +98,7 @@ def detect(
         clusters=clusters, masks=masks, window=parse_window(window), mask_strategy=mask_strategy,
         flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
         drop_top=drop_top, classifier_iters=classifier_iters, ensemble=ensemble, min_evidence=min_evidence,
-        null_size=null_size,
+        null_size=null_size, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,
         batch_size=batch_size, quiet=_flag(quiet))

@@ -113,26 +113,39 @@ def _faiss_gpus() -> int:
 
 
 def fit_kmeans(features: np.ndarray, n_clusters: int, seed: int, niter: int = 20,
-               use_gpu: bool | None = None) -> Clustering:
-    """faiss k-means (L2, not spherical, ``niter`` iterations, seeded) on ``features`` (N x D float32).
+               use_gpu: bool | None = None, max_points_per_centroid: int = 256) -> Clustering:
+    """faiss k-means (L2, not spherical, ``niter`` iterations, seeded) on ``features`` (N x D, float32 or float16,
+    possibly memory-mapped).
 
-    Uses faiss' GPU index when faiss sees a GPU (``use_gpu=None``). Labels and distances of the training features
-    come from an exact nearest-centroid search after fitting.
+    Like faiss, k-means trains on at most ``max_points_per_centroid`` points per centroid (a seeded sample when N is
+    larger); only that sample is converted to float32, and the labels and distances of every feature come from an
+    exact nearest-centroid search in chunks, so a float16 matrix is never copied whole. Uses faiss' GPU index when
+    faiss sees a GPU (``use_gpu=None``).
     """
     import faiss
 
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    if x.ndim != 2:
+    if features.ndim != 2:
         raise ValueError("features must be N x D")
-    n, dim = x.shape
+    n, dim = features.shape
     if not 1 <= n_clusters <= n:
         raise ValueError(f"cannot make {n_clusters} clusters of {n} samples")
+    cap = int(n_clusters) * int(max_points_per_centroid)
+    if n > cap:
+        sample = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+        train = np.ascontiguousarray(features[sample], dtype=np.float32)
+    else:
+        train = np.ascontiguousarray(features, dtype=np.float32)
     gpu = _faiss_gpus() > 0 if use_gpu is None else bool(use_gpu)
     km = faiss.Kmeans(dim, int(n_clusters), niter=int(niter), seed=int(seed) % (2**31), spherical=False,
-                      gpu=gpu, verbose=False, min_points_per_centroid=1)
-    km.train(x)
+                      gpu=gpu, verbose=False, min_points_per_centroid=1, max_points_per_centroid=n + 1)
+    km.train(train)
+    del train
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     index = faiss.IndexFlatL2(dim)
     index.add(centroids)
-    d2, idx = index.search(x, 1)
-    return Clustering(centroids, idx[:, 0].astype(np.int64), np.sqrt(np.maximum(d2[:, 0], 0)).astype(np.float32))
+    labels, dists = np.empty(n, np.int64), np.empty(n, np.float32)
+    for start in range(0, n, _ASSIGN_CHUNK):
+        d2, idx = index.search(np.ascontiguousarray(features[start:start + _ASSIGN_CHUNK], dtype=np.float32), 1)
+        labels[start:start + len(idx)] = idx[:, 0]
+        dists[start:start + len(idx)] = np.sqrt(np.maximum(d2[:, 0], 0))
+    return Clustering(centroids, labels, dists)

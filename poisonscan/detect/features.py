@@ -74,31 +74,39 @@ def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask
     return feats.cpu() if to_cpu else feats
 
 
-def extract_features(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256,
-                     quiet: bool = False) -> np.ndarray:
-    """Features of every image (float32 ``N x D``, L2-normalised), computed in batches with a progress bar.
+#: storage types of the feature matrix (``--feature-dtype``): float16 halves host memory and ``features.npy``
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
-    Under torch.distributed each rank encodes its contiguous shard (:func:`runtime.shard_indices`) and the shards
-    are gathered, in rank order, to every rank: the result is the same array as in one process.
+
+def extract_features(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256,
+                     quiet: bool = False, dtype: str | type = "float32") -> np.ndarray:
+    """Features of every image (``N x D``, L2-normalised), computed in batches with a progress bar.
+
+    Each batch is written into one preallocated array of ``dtype`` (``float32`` or ``float16``), so host memory holds
+    a single copy of the matrix. Under torch.distributed each rank encodes its contiguous shard
+    (:func:`runtime.shard_indices`) and the shards are gathered, in rank order, to every rank: the result is the same
+    array as in one process.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    np_dtype = np.dtype(FEATURE_DTYPES[dtype] if isinstance(dtype, str) else dtype)
     n = int(images_u8.shape[0])
     shard = rt.shard_indices(n, runtime.rank, runtime.world_size)
     prepare_encoder(encoder, runtime)
-    parts: list[Tensor] = []
+    local: np.ndarray | None = None
     with eval_mode(encoder), rt.progress("features", total=n, quiet=quiet) as bar:
         for start in range(shard.start, shard.stop, batch_size):
             stop = min(start + batch_size, shard.stop)
-            parts.append(encode(encoder, images_u8[start:stop], runtime))
+            feats = encode(encoder, images_u8[start:stop], runtime).numpy()
+            if local is None:
+                local = np.empty((len(shard), feats.shape[1]), np_dtype)
+            local[start - shard.start:stop - shard.start] = feats
             bar.advance((stop - start) * runtime.world_size)
-    if parts:
-        local = torch.cat(parts)
-    else:  # an empty shard still needs the feature width for the gather
-        dim = _feature_dim(encoder, images_u8, runtime)
-        local = torch.zeros(0, dim, dtype=torch.float32)
-    feats = rt.all_gather_tensor(local) if runtime.world_size > 1 else local
-    return np.ascontiguousarray(feats.numpy().astype(np.float32, copy=False))
+    if local is None:  # an empty shard still needs the feature width for the gather
+        local = np.zeros((0, _feature_dim(encoder, images_u8, runtime)), np_dtype)
+    if runtime.world_size > 1:
+        return np.ascontiguousarray(rt.all_gather_tensor(torch.from_numpy(local)).numpy())
+    return local
 
 
 def _feature_dim(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime) -> int:

@@ -45,7 +45,7 @@ from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, cl
                                           train_poison_classifier)
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import backdoor_evidence, null_windows
-from poisonscan.detect.features import extract_features, prepare_encoder
+from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
 from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
                                        make_masks, window_pixels)
@@ -63,7 +63,7 @@ METHODS = ("poisoncam", "patchsearch")
 #: the settings each stage's result depends on: changing one on --resume reruns that stage and all later ones
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "store": ("data", "model", "arch", "image_size"),
-    "features": (),
+    "features": ("feature_dtype",),
     "clusters": ("clusters", "seed"),
     "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
                "score_rule", "aggregate"),
@@ -94,6 +94,8 @@ def validate_config(cfg: DetectConfig) -> None:
                                           f"{', '.join(STRATEGIES)}")
     need(cfg.score_rule in RULES, f"score_rule {cfg.score_rule}: choose one of {', '.join(RULES)}")
     need(cfg.aggregate in AGGREGATES, f"aggregate {cfg.aggregate}: choose one of {', '.join(AGGREGATES)}")
+    need(cfg.feature_dtype in FEATURE_DTYPES, f"--feature-dtype {cfg.feature_dtype}: choose one of "
+                                              f"{', '.join(FEATURE_DTYPES)}")
     for name in ("clusters", "masks", "flip_size", "samples_per_cluster", "top_k", "classifier_iters", "ensemble",
                  "batch_size", "null_size"):
         need(int(getattr(cfg, name)) >= 1, f"{name.replace('_', '-')} must be >= 1")
@@ -282,7 +284,8 @@ def _load_store(ctx: _Ctx) -> None:
 
 
 def _stage_features(ctx: _Ctx) -> dict[str, Any]:
-    ctx.features = extract_features(ctx.encoder, ctx.store.images, ctx.runtime, ctx.cfg.batch_size, ctx.quiet)
+    ctx.features = extract_features(ctx.encoder, ctx.store.images, ctx.runtime, ctx.cfg.batch_size, ctx.quiet,
+                                    dtype=ctx.cfg.feature_dtype)
     if ctx.runtime.is_main:
         ctx.run.save_npy("features.npy", ctx.features)
         ctx.run.write_json("ids.json", ctx.store.ids)
@@ -290,7 +293,8 @@ def _stage_features(ctx: _Ctx) -> dict[str, Any]:
 
 
 def _load_features(ctx: _Ctx) -> None:
-    ctx.features = np.ascontiguousarray(np.load(ctx.run.file("features.npy"), allow_pickle=False), np.float32)
+    # memory-mapped in its stored dtype: k-means and the flip set read it in chunks
+    ctx.features = np.load(ctx.run.file("features.npy"), mmap_mode="r", allow_pickle=False)
     if ctx.features.shape[0] != len(ctx.store):
         raise DataError(f"{ctx.run.file('features.npy')} does not match the image store (start a new run)")
 

@@ -29,12 +29,15 @@ def flip_test_set(clustering: Clustering, features: np.ndarray, size: int = PAPE
     the paper's 1000 / 1000); when the cluster count was capped for a small data set the flip set shrinks with it.
     Distances are recomputed from ``features``; ties go to the smaller index. Sorted by cluster, then distance.
     """
-    feats = np.asarray(features, dtype=np.float32)
     labels = clustering.labels
-    if feats.shape[0] != labels.shape[0]:
-        raise ValueError(f"{feats.shape[0]} features but {labels.shape[0]} cluster labels")
+    if features.shape[0] != labels.shape[0]:
+        raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} cluster labels")
     per_cluster = max(1, int(size) // max(1, int(requested_clusters)))
-    dist = np.linalg.norm(feats - clustering.centroids[labels], axis=1)
+    dist = np.empty(labels.shape[0], np.float32)
+    for start in range(0, labels.shape[0], 65536):            # chunks: float16 / memory-mapped features stay so
+        stop = min(start + 65536, labels.shape[0])
+        chunk = np.asarray(features[start:stop], dtype=np.float32)
+        dist[start:stop] = np.linalg.norm(chunk - clustering.centroids[labels[start:stop]], axis=1)
     index = np.arange(labels.shape[0])
     order = np.lexsort((index, dist, labels))
     sorted_labels = labels[order]

@@ -86,3 +86,18 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
 def test_fit_kmeans_rejects_too_many_clusters() -> None:
     with pytest.raises(ValueError):
         fit_kmeans(np.zeros((3, 2), np.float32), 4, seed=0)
+
+
+def test_kmeans_on_float16_memmap_with_a_training_sample(tmp_path: Path) -> None:
+    """float16, memory-mapped features (the --feature-dtype float16 path) and more points than k-means trains on."""
+    x, truth = blobs(n_per=50)
+    np.save(tmp_path / "f.npy", x.astype(np.float16))
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    a = fit_kmeans(mm, 4, seed=3, max_points_per_centroid=10)      # 200 points, trains on a seeded 40
+    b = fit_kmeans(mm, 4, seed=3, max_points_per_centroid=10)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    for t in range(4):                                              # every point labelled, each blob one cluster
+        assert len(set(a.labels[truth == t])) == 1
+    assert len(set(a.labels)) == 4 and a.labels.shape == (200,)
+    own = np.linalg.norm(x - a.centroids[a.labels], axis=1)
+    np.testing.assert_allclose(a.distances, own, atol=1e-2)

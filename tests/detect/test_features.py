@@ -132,3 +132,13 @@ def test_distributed_shards_gather_to_same_result(tmp_path: Path) -> None:
     expected = extract_features(TinyConv().eval(), images(7), fp32(), quiet=True)
     for rank in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"rank{rank}.npy"), expected, atol=1e-5)
+
+
+def test_extract_features_float16_storage() -> None:
+    torch.manual_seed(0)
+    enc = TinyConv().eval()
+    u8 = images(13)
+    full = extract_features(enc, u8, fp32(), batch_size=4, quiet=True)
+    half = extract_features(enc, u8, fp32(), batch_size=4, quiet=True, dtype="float16")
+    assert half.dtype == np.float16 and half.shape == full.shape
+    np.testing.assert_allclose(half.astype(np.float32), full, atol=1e-3)

@@ -126,6 +126,16 @@ def test_kill_mid_search_then_resume_gives_identical_results(toy, tmp_path, runt
     assert np.array_equal(np.load(run / "attention.npy"), np.load(ref / "attention.npy"))
 
 
+def test_float16_features_keep_the_result(toy, tmp_path, runtime):
+    ref, half = tmp_path / "ref", tmp_path / "half"
+    a = P.run_detect(small_cfg(toy, ref, min_evidence=1e9), runtime, quiet=True)
+    b = P.run_detect(small_cfg(toy, half, min_evidence=1e9, feature_dtype="float16"), runtime, quiet=True)
+    assert np.load(half / "features.npy").dtype == np.float16
+    assert [t["id"] for t in b["top_k"]] == [t["id"] for t in a["top_k"]]
+    with pytest.raises(ConfigError, match="feature-dtype"):
+        P.run_detect(small_cfg(toy, tmp_path / "bad", feature_dtype="int8"), runtime, quiet=True)
+
+
 def test_no_backdoor_signal_removes_nothing(toy, tmp_path, runtime):
     run = tmp_path / "clean"
     summary = P.run_detect(small_cfg(toy, run, data="clean"), runtime, quiet=True)
