@@ -2,9 +2,11 @@
 
 Prints a table and writes ``results.json`` (machine, versions, seeds, commit with every result). Settings per
 configuration are documented in docs/benchmarks.md. Each step is skipped when its output already exists, so an
-interrupted benchmark resumes.
+interrupted benchmark resumes. ``--retrain`` pretrains again on each cleaned manifest (same recipe) and probes the
+result; compare its ASR with ``--clean-control``'s (a model trained on data with no poison).
 
-    python benchmarks/run_pipeline.py --config imagenette-96 [--epochs 40] [--work .bench/imagenette]
+    python benchmarks/run_pipeline.py --config imagenette-96 [--epochs 40] [--work .bench/imagenette] [--retrain]
+    python benchmarks/run_pipeline.py --config imagenette-96 --data-dir D --model M.safetensors  # reuse both
     python benchmarks/run_pipeline.py --config cifar10 --epochs 60
     python benchmarks/run_pipeline.py --config imagenette-96 --clean-control   # no poison planted
     python benchmarks/run_pipeline.py --config imagenette-96 --scale paper     # documents the GPU setting
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.clean_control:
         values["rate"] = None
         values["dataset_rate"] = None
-    poisoned = work / "data"
+    poisoned = args.data_dir or work / "data"
     if not (poisoned / "summary.json").exists():
         if args.clean_control:
             train_spec, truth = values["data"], None
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trigger = values["targets"][0].split("=", 1)[1]
     target = values["targets"][0].split("=", 1)[0]
 
-    model = work / "pretrain" / "encoder.safetensors"
+    model = args.model or work / "pretrain" / "encoder.safetensors"
     if not model.exists():
         _step("pretrain", work, lambda: run_pretrain(PretrainConfig(
             data=train_spec, out=str(work / "pretrain"), arch=conf["arch"], image_size=conf["image_size"],
@@ -96,7 +98,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "auroc": q["scores"]["poison_score"]["auroc"],
                         "auroc_classifier": q["scores"]["classifier_prob"]["auroc"],
                         "top20_trigger_accuracy": q["triggers"]["topk"].get("20", {}).get("accuracy")})
-        clean_dataset(CleanConfig(run=str(det_dir), out=str(work / f"clean-{method}.tsv")))
+        manifest = work / f"clean-{method}.tsv"
+        if not manifest.exists():
+            clean_dataset(CleanConfig(run=str(det_dir), out=str(manifest)))
+        if args.retrain and val_patched:
+            row["retrained"] = _retrain(args, conf, epochs, work, method, manifest, values, val_spec, val_patched,
+                                        target, timings)
         rows[method] = row
 
     probes: dict[str, Any] = {}
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           out=str(work / f"probe-{frac}"), seed=args.seed, quiet=True)) or {}
             probes[f"no_defence@{frac}"] = {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
                                             "asr": (p.get("targets") or [{}])[0].get("asr")}
-    result = {"config": args.config, "settings": conf, "epochs": epochs, "seed": args.seed,
+    result = {"config": args.config, "settings": conf, "epochs": epochs, "seed": args.seed, "model": str(model),
               "clean_control": args.clean_control,
               "threat_model": {"knn": strength.get("knn"), "clusters": strength.get("clusters"),
                                "flips": strength.get("flips")} if strength else None,
@@ -115,6 +122,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(work / "results.json", result)
     _print(result)
     return result
+
+
+def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: Path, method: str, manifest: Path,
+             values: dict[str, Any], val_spec: str, val_patched: str, target: str,
+             timings: dict[str, float]) -> dict[str, Any]:
+    """Pretrain on the cleaned manifest with the threat model's recipe, then probe it (ACC, ASR)."""
+    out = work / f"retrain-{method}"
+    model = out / "encoder.safetensors"
+    if not (out / "stages" / "pretrain.done").exists():
+        _step(f"retrain-{method}", work, lambda: run_pretrain(PretrainConfig(
+            data=str(manifest), out=str(out), arch=conf["arch"], image_size=conf["image_size"], epochs=epochs,
+            seed=args.seed, quiet=True, store_cache=str(work / f"cache-{method}"),
+            resume=str(out) if (out / "last.pt").exists() else None, overwrite=True)), timings)
+    probes = {}
+    for frac in args.fractions:
+        p = run_probe(EvalProbeConfig(model=str(model), train=values["data"], val=val_spec, val_patched=val_patched,
+                                      targets=[target], fraction=frac, out=str(out / f"probe-{frac}"),
+                                      seed=args.seed, quiet=True)) or {}
+        probes[str(frac)] = {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
+                             "asr": (p.get("targets") or [{}])[0].get("asr")}
+    return {"model": str(model), "probe": probes}
 
 
 def _print(r: dict[str, Any]) -> None:
@@ -131,6 +159,10 @@ def _print(r: dict[str, Any]) -> None:
               f"{row.get('top20_trigger_accuracy') or float('nan'):>8.2f}{ev.get('z', float('nan')):>7.1f}")
     for k, p in r["probe"].items():
         print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']}")
+    for m, row in r["detection"].items():
+        for frac, p in ((row.get("retrained") or {}).get("probe") or {}).items():
+            print(f"probe retrained after {m}@{frac}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, "
+                  f"ASR {p['asr']}")
     print("timings:", r["timings"])
 
 
@@ -145,6 +177,9 @@ def main() -> None:
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1])
     ap.add_argument("--clean-control", action="store_true", help="plant no poison (how much is removed?)")
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--retrain", action="store_true", help="pretrain again on each cleaned manifest and probe it")
+    ap.add_argument("--model", type=Path, default=None, help="threat model to use (skips pretraining)")
+    ap.add_argument("--data-dir", type=Path, default=None, help="poisoned data made earlier by the same preset")
     ap.add_argument("--scale", choices=["cpu", "paper"], default="cpu")
     run(ap.parse_args())
 
