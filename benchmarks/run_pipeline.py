@@ -44,7 +44,8 @@ PAPER_SCALE = {"note": "ImageNet-100, ViT-B/16 MoCo v3, 200 epochs, 224 px, l=10
 def _step(name: str, out: Path, fn: Any, timings: dict[str, float]) -> Any:
     t0 = time.perf_counter()
     result = fn()
-    timings[name] = round(time.perf_counter() - t0, 1)
+    took = round(time.perf_counter() - t0, 1)
+    timings[name] = max(took, timings.get(name, 0.0))         # a resumed step keeps the time it first took
     print(f"[bench] {name}: {timings[name]} s", flush=True)
     return result
 
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs or conf["epochs"]
     work = args.work or Path(".bench") / f"{args.config}{'-control' if args.clean_control else ''}-e{epochs}"
     work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    old = work / "results.json"
+    timings: dict[str, float] = json.loads(old.read_text()).get("timings", {}) if old.exists() else {}
     values = preset_values(conf["preset"], args.shared_data)
     if args.clean_control:
         values["rate"] = None
@@ -91,12 +93,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             data=train_spec, model=str(model), out=str(det_dir), method=method, seed=args.seed, quiet=True,
             resume=str(det_dir) if det_dir.exists() else None), quiet=True), timings)
         row: dict[str, Any] = {"removed": det["counts"]["removed"], "evidence": det.get("evidence"),
+                               "verdict": det.get("verdict"), "top_k": det.get("top_k"),
                                "timings": det.get("timings")}
         if truth:
             q = run_detection(EvalDetectionConfig(run=str(det_dir), truth=truth))
             row.update({"recall": q["removal"]["recall"], "precision": q["removal"]["precision"],
                         "auroc": q["scores"]["poison_score"]["auroc"],
-                        "auroc_classifier": q["scores"]["classifier_prob"]["auroc"],
+                        "auroc_classifier": (q["scores"].get("classifier_prob") or {}).get("auroc"),
                         "top20_trigger_accuracy": q["triggers"]["topk"].get("20", {}).get("accuracy")})
         manifest = work / f"clean-{method}.tsv"
         if not manifest.exists():
@@ -145,6 +148,10 @@ def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: 
     return {"model": str(model), "probe": probes}
 
 
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def _print(r: dict[str, Any]) -> None:
     tm = r["threat_model"] or {}
     knn = tm.get("knn") or {}
@@ -155,8 +162,8 @@ def _print(r: dict[str, Any]) -> None:
     for m, row in r["detection"].items():
         ev = row.get("evidence") or {}
         print(f"{m:<12}{row['removed']:>8}{row.get('recall', float('nan')):>8.3f}"
-              f"{row.get('precision', float('nan')):>8.3f}{row.get('auroc') or float('nan'):>8.3f}"
-              f"{row.get('top20_trigger_accuracy') or float('nan'):>8.2f}{ev.get('z', float('nan')):>7.1f}")
+              f"{row.get('precision', float('nan')):>8.3f}{_num(row.get('auroc')):>8.3f}"
+              f"{_num(row.get('top20_trigger_accuracy')):>8.2f}{ev.get('z', float('nan')):>7.1f}")
     for k, p in r["probe"].items():
         print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']}")
     for m, row in r["detection"].items():

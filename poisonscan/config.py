@@ -123,6 +123,7 @@ class DetectConfig(CommonConfig):
     null_size: int = 256                # random windows scored for the backdoor-evidence test
     feature_dtype: str = "float32"      # features.npy and host copy: float32 or float16 (half the memory)
     classifier_iters: int = 2000
+    classifier_holdout: float = 0.0     # share of the training pool held out as extra validation negatives
     ensemble: int = 1
     threshold: float = 0.5              # removed = classifier probability > threshold
     min_evidence: float = 3.0

@@ -67,6 +67,9 @@ def detect(
                                                f"[{PAPER.drop_top}]."),
     classifier_iters: int | None = typer.Option(None, "--classifier-iters", min=1,
                                                 help="Poison classifier iterations [2000]."),
+    classifier_holdout: float | None = typer.Option(
+        None, "--classifier-holdout", min=0.0, max=0.5,
+        help="Share of the classifier's training pool held out as extra validation negatives [0: bottom-k only]."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
                                                                            "random windows to remove anything [3]."),
@@ -97,7 +100,8 @@ def detect(
         data=data, model=model, arch=arch, image_size=image_size, out=str(out) if out else None, method=method,
         clusters=clusters, masks=masks, window=parse_window(window), mask_strategy=mask_strategy,
         flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
-        drop_top=drop_top, classifier_iters=classifier_iters, ensemble=ensemble, min_evidence=min_evidence,
+        drop_top=drop_top, classifier_iters=classifier_iters,
+        classifier_holdout=classifier_holdout, ensemble=ensemble, min_evidence=min_evidence,
         null_size=null_size, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,

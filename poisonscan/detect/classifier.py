@@ -136,13 +136,16 @@ def build_classifier(image_size: int, widths: Sequence[int] = (32, 64, 128, 256)
 # ----------------------------------------------------------------------------------------------------- data split
 
 
-def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top: float, seed: int = 0
-                     ) -> ClassifierSplit:
+def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top: float, seed: int = 0,
+                     holdout: float = 0.0) -> ClassifierSplit:
     """Split the store for the classifier.
 
     ``scores``: poison score per image, NaN where the image was not scored (ranked lowest). Images are ordered by
     score (ties, in particular the unscored images, in a seeded random order); the top ``max(ceil(drop_top * N), k)``
-    and the ``top_k_indices`` are left out of training, the bottom ``k`` become validation negatives.
+    and the ``top_k_indices`` are left out of training, the bottom ``k`` become validation negatives (PatchSearch's
+    rule). ``holdout`` > 0 also holds out that share of the remaining pool, drawn at random, as validation negatives:
+    images like the ones the classifier will judge, so model selection sees its false positives (the bottom ``k``
+    alone are the easiest negatives there are, and the F1 on them saturates within a few hundred iterations).
     """
     scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
@@ -151,7 +154,8 @@ def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top:
     if k == 0:
         raise PoisonscanError("the poison classifier needs at least one top-k image")
     key = np.where(np.isnan(scores), -np.inf, scores)
-    shuffled = np.random.default_rng(seed).permutation(n)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(n)
     order = shuffled[np.argsort(-key[shuffled], kind="stable")]       # high -> low, random among ties
     n_top = max(math.ceil(drop_top * n), k)
     excluded = np.zeros(n, dtype=bool)
@@ -160,6 +164,12 @@ def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top:
     rest = order[~excluded[order]]
     val_neg = rest[len(rest) - min(k, len(rest) // 2):]
     train = rest[: len(rest) - len(val_neg)]
+    n_hold = min(int(round(holdout * len(train))), len(train) // 2)
+    if n_hold > 0:
+        held = rng.choice(len(train), n_hold, replace=False)
+        keep = np.ones(len(train), dtype=bool)
+        keep[held] = False
+        val_neg, train = np.concatenate([val_neg, train[held]]), train[keep]
     if len(train) == 0 or len(val_neg) == 0:
         raise UsageError(f"too few images ({n}) to train the poison classifier with top-k {k} and drop-top "
                          f"{drop_top} (lower --top-k / --drop-top)")

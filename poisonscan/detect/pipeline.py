@@ -68,7 +68,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
                "score_rule", "aggregate"),
     "evidence": ("null_size", "top_k"),
-    "classifier": ("drop_top", "classifier_iters", "ensemble", "threshold", "min_evidence", "force"),
+    "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "ensemble", "threshold", "min_evidence",
+                   "force"),
     "outputs": ("fail_on",),
 }
 
@@ -102,6 +103,7 @@ def validate_config(cfg: DetectConfig) -> None:
     need(cfg.window > 0, "--window must be > 0 (pixels, or a fraction of the image side like 60/224)")
     need(0.0 <= cfg.drop_fraction <= 1.0, "--drop-fraction must be in [0, 1]")
     need(0.0 <= cfg.drop_top < 1.0, "--drop-top must be in [0, 1)")
+    need(0.0 <= cfg.classifier_holdout <= 0.5, "--classifier-holdout must be in [0, 0.5]")
     need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
     need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
@@ -436,7 +438,7 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     score_arr = np.full(n, np.nan)
     score_arr[list(scores)] = list(scores.values())
     top = [int(i) for i in ctx.evidence["top_k"]]
-    split = classifier_split(score_arr, top, cfg.drop_top, seed=cfg.seed)
+    split = classifier_split(score_arr, top, cfg.drop_top, seed=cfg.seed, holdout=cfg.classifier_holdout)
     boxes = _boxes(ctx)
     top_t = torch.as_tensor(top)
     patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))

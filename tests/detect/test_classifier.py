@@ -43,6 +43,25 @@ def test_split_orders_by_score_and_leaves_out_top_and_validation():
     assert np.array_equal(split.val_neg, again.val_neg)  # seeded tie-breaking
 
 
+def test_split_holdout_adds_random_pool_images_to_the_validation_negatives():
+    scores = np.full(1000, np.nan)
+    scores[:300] = np.arange(300)
+    top = list(range(299, 289, -1))
+    plain = C.classifier_split(scores, top, drop_top=0.10, seed=0)
+    split = C.classifier_split(scores, top, drop_top=0.10, seed=0, holdout=0.1)
+    n_hold = round(0.1 * len(plain.train))
+    assert len(split.val_neg) == len(plain.val_neg) + n_hold
+    assert set(plain.val_neg.tolist()) <= set(split.val_neg.tolist())    # the bottom k stay
+    assert len(split.train) == len(plain.train) - n_hold
+    assert not set(split.train.tolist()) & set(split.val_neg.tolist())
+    assert set(split.train.tolist()) | set(split.val_neg.tolist()) == \
+        set(plain.train.tolist()) | set(plain.val_neg.tolist())        # nothing lost, nothing added
+    held = sorted(set(split.val_neg.tolist()) - set(plain.val_neg.tolist()))
+    assert any(scores[i] == scores[i] for i in held)                     # drawn across the pool, scored or not
+    again = C.classifier_split(scores, top, drop_top=0.10, seed=0, holdout=0.1)
+    assert np.array_equal(split.val_neg, again.val_neg) and np.array_equal(split.train, again.train)
+
+
 def test_split_refuses_too_few_images():
     with pytest.raises(UsageError, match="too few images"):
         C.classifier_split(np.arange(4, dtype=float), [3, 2, 1], drop_top=0.5)
