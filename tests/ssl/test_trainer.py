@@ -85,6 +85,20 @@ def test_knn_monitor_logged(image_folder: Path, tmp_path: Path) -> None:
     assert json.loads((out / "log.json").read_text())[0]["knn_acc"] == summary["knn_acc"]
 
 
+def test_keep_every_writes_loadable_snapshots(image_folder: Path, tmp_path: Path) -> None:
+    from poisonscan.models import load_encoder
+    from poisonscan.ssl.trainer import snapshot_name
+
+    out = tmp_path / "run"
+    run_pretrain(_cfg(image_folder, out, epochs=3, keep_every=2))
+    assert sorted(p.name for p in out.glob("encoder-e*.safetensors")) == [snapshot_name(2)]
+    assert snapshot_name(2) == "encoder-e002.safetensors"
+    snap = load_encoder(out / snapshot_name(2))[0]
+    last = load_encoder(out / "encoder.safetensors")[0]
+    assert snap.state_dict().keys() == last.state_dict().keys()
+    assert any(not torch.equal(snap.state_dict()[k], last.state_dict()[k]) for k in snap.state_dict())
+
+
 def test_batch_larger_than_data_is_a_usage_error(image_folder: Path, tmp_path: Path) -> None:
     from poisonscan.errors import UsageError
     with pytest.raises(UsageError, match="larger than the data set"):
