@@ -36,9 +36,10 @@ def handle_errors(fn: F) -> F:
         except OSError as exc:
             if exc.errno not in STORAGE_ERRNOS:
                 raise
-            where = f" {exc.filename}" if exc.filename else ""
-            typer.echo(f"error: cannot write{where}: {exc.strerror or exc} (finished stages are kept; free space "
-                       "or choose another --out, then rerun with --resume where the command has it)", err=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{exc.strerror or exc} (finished stages are kept; free space or fix the "
+                       "folder's permissions, or choose another --out, then rerun with --resume where the command "
+                       "has it)", err=True)
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

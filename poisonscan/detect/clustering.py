@@ -12,7 +12,8 @@ from torch import Tensor
 
 from poisonscan.runs import atomic_write_bytes
 
-_ASSIGN_CHUNK = 65536
+#: rows per chunk when features are read, converted or assigned piecewise (float16 / memory-mapped stay so)
+ASSIGN_CHUNK = 65536
 
 
 @dataclass
@@ -70,8 +71,8 @@ class Clustering:
         if x.ndim != 2 or x.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"features must be N x {self.centroids.shape[1]}, got {tuple(x.shape)}")
         labels, dists = [], []
-        for start in range(0, x.shape[0], _ASSIGN_CHUNK):
-            lab, dist = self.assign_torch(x[start:start + _ASSIGN_CHUNK])
+        for start in range(0, x.shape[0], ASSIGN_CHUNK):
+            lab, dist = self.assign_torch(x[start:start + ASSIGN_CHUNK])
             labels.append(lab.cpu())
             dists.append(dist.cpu())
         if not labels:
@@ -144,8 +145,8 @@ def fit_kmeans(features: np.ndarray, n_clusters: int, seed: int, niter: int = 20
     index = faiss.IndexFlatL2(dim)
     index.add(centroids)
     labels, dists = np.empty(n, np.int64), np.empty(n, np.float32)
-    for start in range(0, n, _ASSIGN_CHUNK):
-        d2, idx = index.search(np.ascontiguousarray(features[start:start + _ASSIGN_CHUNK], dtype=np.float32), 1)
+    for start in range(0, n, ASSIGN_CHUNK):
+        d2, idx = index.search(np.ascontiguousarray(features[start:start + ASSIGN_CHUNK], dtype=np.float32), 1)
         labels[start:start + len(idx)] = idx[:, 0]
         dists[start:start + len(idx)] = np.sqrt(np.maximum(d2[:, 0], 0))
     return Clustering(centroids, labels, dists)

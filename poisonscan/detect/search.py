@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from poisonscan import runtime as rt
 from poisonscan.config import PAPER
-from poisonscan.detect.clustering import Clustering
+from poisonscan.detect.clustering import ASSIGN_CHUNK, Clustering
 from poisonscan.detect.features import encode, eval_mode, prepare_encoder
 
 RULES = ("changed", "to_source")
@@ -34,8 +34,8 @@ def flip_test_set(clustering: Clustering, features: np.ndarray, size: int = PAPE
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} cluster labels")
     per_cluster = max(1, int(size) // max(1, int(requested_clusters)))
     dist = np.empty(labels.shape[0], np.float32)
-    for start in range(0, labels.shape[0], 65536):            # chunks: float16 / memory-mapped features stay so
-        stop = min(start + 65536, labels.shape[0])
+    for start in range(0, labels.shape[0], ASSIGN_CHUNK):
+        stop = min(start + ASSIGN_CHUNK, labels.shape[0])
         chunk = np.asarray(features[start:stop], dtype=np.float32)
         dist[start:stop] = np.linalg.norm(chunk - clustering.centroids[labels[start:stop]], axis=1)
     index = np.arange(labels.shape[0])
