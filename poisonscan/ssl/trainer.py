@@ -245,7 +245,7 @@ def _save_encoder(run: RunDir, method: SSLMethod, cfg: PretrainConfig, epochs_do
     path = run.file(ENCODER)
     save_encoder(method.encoder, path, **meta)
     if cfg.keep_every and epochs_done % cfg.keep_every == 0:
-        save_encoder(method.encoder, run.file(snapshot_name(epochs_done)), **meta)
+        run.write_bytes(snapshot_name(epochs_done), path.read_bytes())
     return path
 
 
@@ -264,7 +264,7 @@ def _write_logs(run: RunDir, history: list[dict[str, Any]]) -> None:
     run.write_text("log.csv", "\n".join(lines) + "\n")
     run.write_json("log.json", history)
     monitored = [r for r in history if r.get("knn_acc") is not None]
-    if len(monitored) >= 1:
+    if history and history[-1].get("knn_acc") is not None:          # redraw only when the monitor ran
         from poisonscan.eval.plots import line_chart
 
         epochs = [r["epoch"] for r in monitored]
