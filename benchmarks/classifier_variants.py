@@ -7,7 +7,8 @@ the bundled demo data, ids ending in ``__poison``.
     python benchmarks/classifier_variants.py RUN '{"holdout": 0.05}' [--truth ground_truth.csv] [--threads 2]
 
 Keys of the JSON variant: any ``ClassifierConfig`` field (``iterations``, ``ensemble``, ``crop_scale``,
-``min_iterations``, ...) plus ``drop_top`` and ``holdout`` (``classifier_split``).
+``decoy_prob``, ``min_iterations``, ...), ``drop_top`` and ``holdout`` (``classifier_split``) and ``rounds``
+(``train_with_refinement``). Defaults: detect's (``'{"decoy_prob": 0, "rounds": 1}'`` is the paper's recipe).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from poisonscan.data.store import open_store
-from poisonscan.detect.classifier import ClassifierConfig, classifier_split, predict_poison, train_poison_classifier
+from poisonscan.config import ROUNDS_DEFAULT
+from poisonscan.detect.classifier import ClassifierConfig, classifier_split, train_with_refinement
 from poisonscan.detect.masking import cut_windows
 from poisonscan.runtime import setup_runtime
 
@@ -54,11 +56,13 @@ def main() -> None:
     patches = cut_windows(store.images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     runtime = setup_runtime("cpu", "fp32")
     t0 = time.perf_counter()
-    res = train_poison_classifier(store.images, patches, split, ClassifierConfig(**variant), runtime, quiet=True)
-    probs = predict_poison(res.models, store.images, runtime)
-    print(f"variant {variant}: poisons among the training negatives {int(y[split.train].sum())} of "
-          f"{len(split.train)}; iterations {res.iterations} (best {res.best_iteration}); "
-          f"{time.perf_counter() - t0:.0f} s")
+    rounds = int(variant.pop("rounds", ROUNDS_DEFAULT))
+    refined = train_with_refinement(store.images, patches, split, ClassifierConfig(**variant), runtime, rounds,
+                                    quiet=True)
+    res, probs = refined.result, refined.probs
+    print(f"variant {variant} rounds {rounds}: poisons among the training negatives {int(y[split.train].sum())} of "
+          f"{len(split.train)}; dropped by refinement {refined.dropped}; iterations {res.iterations} "
+          f"(best {res.best_iteration}); {time.perf_counter() - t0:.0f} s")
     for threshold in (0.5, 0.9, 0.99):
         removed = probs > threshold
         tp = int((removed & y).sum())

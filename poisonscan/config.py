@@ -37,6 +37,14 @@ class PaperDefaults:
 
 PAPER = PaperDefaults()
 
+#: poisonscan's one departure from the paper's classifier recipe: this share of the poison classifier's clean
+#: training (and validation) images get a pasted window of another image, so the classifier learns the trigger's
+#: content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the paper's recipe.
+DECOY_DEFAULT = 0.5
+#: ... and its second: the classifier is trained twice, the second time without the training negatives the first
+#: one calls poisonous (the unscored poisons among them); 1 restores the paper's single training.
+ROUNDS_DEFAULT = 2
+
 
 @dataclass
 class CommonConfig:
@@ -124,6 +132,8 @@ class DetectConfig(CommonConfig):
     feature_dtype: str = "float32"      # features.npy and host copy: float32 or float16 (half the memory)
     classifier_iters: int = 2000
     classifier_holdout: float = 0.0     # share of the training pool held out as extra validation negatives
+    classifier_decoys: float = DECOY_DEFAULT  # share of the classifier's negatives with a pasted natural window
+    classifier_rounds: int = ROUNDS_DEFAULT   # 2: retrain once without the negatives the first classifier flags
     ensemble: int = 1
     threshold: float = 0.5              # removed = classifier probability > threshold
     min_evidence: float = 3.0

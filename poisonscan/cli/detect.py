@@ -70,6 +70,14 @@ def detect(
     classifier_holdout: float | None = typer.Option(
         None, "--classifier-holdout", min=0.0, max=0.5,
         help="Share of the classifier's training pool held out as extra validation negatives [0: bottom-k only]."),
+    classifier_decoys: float | None = typer.Option(
+        None, "--classifier-decoys", min=0.0, max=1.0,
+        help="Share of the classifier's clean examples that get a pasted window of another image, so it learns the "
+             "trigger rather than the pasting [0.5; 0 = PatchSearch's augmentation]."),
+    classifier_rounds: int | None = typer.Option(
+        None, "--classifier-rounds", min=1,
+        help="Classifier trainings; each after the first drops the training negatives the last one flags [2; 1 = "
+             "the paper's single training]."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
                                                                            "random windows to remove anything [3]."),
@@ -101,7 +109,8 @@ def detect(
         clusters=clusters, masks=masks, window=parse_window(window), mask_strategy=mask_strategy,
         flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
         drop_top=drop_top, classifier_iters=classifier_iters,
-        classifier_holdout=classifier_holdout, ensemble=ensemble, min_evidence=min_evidence,
+        classifier_holdout=classifier_holdout, classifier_decoys=classifier_decoys,
+        classifier_rounds=classifier_rounds, ensemble=ensemble, min_evidence=min_evidence,
         null_size=null_size, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,

@@ -7,6 +7,11 @@ the validation positives. Each training image gets a random resized crop, with p
 (positive), then colour jitter, grayscale and a horizontal flip, all batched on the device. Early stopping when the
 validation F1 stalls; the weights with the best F1 (ties: lower validation loss) are kept. An ensemble averages
 logits. Every image with P(poisonous) > threshold is removed.
+
+Two departures from the paper's recipe, both on by default and both off with ``decoy_prob=0``, one round
+(docs/benchmarks.md section 5 measures them): *decoys*, a share of the negatives (and a copy of the validation
+negatives) get a pasted window of another image, so pasting alone is not evidence; *refinement*, a second training
+without the negatives the first classifier flags (the poisons the search never scored).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from poisonscan.config import DECOY_DEFAULT
 from poisonscan.errors import CheckpointError, PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
 
@@ -50,6 +56,7 @@ class ClassifierConfig:
     margin: float = 10 / 224                # pasted trigger distance from the border, fraction of the side
     crop_scale: tuple[float, float] = (0.2, 1.0)
     paste_prob: float = 0.5
+    decoy_prob: float = DECOY_DEFAULT       # share of negatives that get a pasted window of another image
     widths: tuple[int, ...] = (32, 64, 128, 256)
     predict_batch_size: int = 256
     seed: int = 0
@@ -220,10 +227,31 @@ def paste_resized(x: Tensor, patches: Tensor, which: Tensor, sides: Tensor, x0: 
     return torch.where(inside[:, None], pasted, x)
 
 
+def decoy_windows(x: Tensor, side: int, min_side: float, max_side: float, g: torch.Generator) -> Tensor:
+    """One square window per image, cut at a random place from another image of the batch (the batch rolled by
+    one) with a side in [min_side, max_side) of the image side, resized to ``side`` px: natural content to paste."""
+    from torchvision.ops import roi_align
+
+    n, _, h, w = x.shape
+    dev = x.device
+    size = min(h, w)
+    s = _uniform(n, max(1.0, min_side * size), max(1.0, max_side * size), g, dev).clamp(1, size)
+    x0 = torch.rand(n, generator=g, device=dev) * (w - s)
+    y0 = torch.rand(n, generator=g, device=dev) * (h - s)
+    boxes = torch.stack([torch.arange(n, device=dev, dtype=torch.float32), x0, y0, x0 + s, y0 + s], 1)
+    return roi_align(x.roll(1, 0), boxes.to(x.dtype), output_size=(side, side), spatial_scale=1.0,
+                     sampling_ratio=2, aligned=True)
+
+
 def random_paste(x: Tensor, patches: Tensor, prob: float, min_side: float, max_side: float, margin: float,
-                 g: torch.Generator) -> tuple[Tensor, Tensor]:
+                 g: torch.Generator, decoy_prob: float = 0.0) -> tuple[Tensor, Tensor]:
     """With probability ``prob`` paste a random patch (side in [min_side, max_side) of the image side, fully inside
-    with ``margin``) on each image. Returns the batch and the labels (1 = pasted)."""
+    with ``margin``) on each image. Returns the batch and the labels (1 = pasted).
+
+    ``decoy_prob``: the share of the other (negative) images that get a *decoy* instead: a window of another image
+    pasted the same way (:func:`decoy_windows`). Labelled clean, decoys teach the classifier the trigger's content
+    rather than the traces of pasting (hard edges, a foreign square), which also fire on clean images that happen to
+    hold a sharp-edged rectangle."""
     n, _, h, w = x.shape
     dev = x.device
     size = min(h, w)
@@ -236,6 +264,10 @@ def random_paste(x: Tensor, patches: Tensor, prob: float, min_side: float, max_s
     labels = (torch.rand(n, generator=g, device=dev) < prob).long()
     which = torch.randint(len(patches), (n,), generator=g, device=dev)
     which = torch.where(labels.bool(), which, torch.full_like(which, -1))
+    if decoy_prob > 0:
+        decoy = ~labels.bool() & (torch.rand(n, generator=g, device=dev) < decoy_prob)
+        patches = torch.cat([patches.to(x.dtype), decoy_windows(x, patches.shape[-1], min_side, max_side, g)])
+        which = torch.where(decoy, len(patches) - n + torch.arange(n, device=dev), which)
     return paste_resized(x, patches, which, sides, x0, y0), labels
 
 
@@ -295,7 +327,8 @@ def training_batch(images_u8: Tensor, patches: Tensor, cfg: ClassifierConfig, g:
                    channels_last: bool = False) -> tuple[Tensor, Tensor]:
     """Augmented, normalised training batch and labels (1 = pasted) from a uint8 batch already on the device."""
     x = random_resized_crop(images_u8.float() / 255, cfg.crop_scale, g)
-    x, labels = random_paste(x, patches.float() / 255, cfg.paste_prob, cfg.min_side, cfg.max_side, cfg.margin, g)
+    x, labels = random_paste(x, patches.float() / 255, cfg.paste_prob, cfg.min_side, cfg.max_side, cfg.margin, g,
+                             cfg.decoy_prob)
     return _normalise(colour_augment(x, g), channels_last), labels
 
 
@@ -378,6 +411,14 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
     return model, {"iterations": it, "best_iteration": best["iteration"], "history": history}
 
 
+def decoy_validation(images_u8: Tensor, patches: Tensor, cfg: ClassifierConfig) -> Tensor:
+    """The validation negatives again, each with a decoy window pasted (fixed seed), uint8."""
+    g = torch.Generator().manual_seed(cfg.seed * 1009 + 7919)
+    x = images_u8.float() / 255
+    x, _ = random_paste(x, patches.float() / 255, 0.0, cfg.min_side, cfg.max_side, cfg.margin, g, decoy_prob=1.0)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def train_poison_classifier(images_u8: Tensor, patches: Tensor | Sequence[Tensor], split: ClassifierSplit,
                             cfg: ClassifierConfig, runtime: Runtime, quiet: bool = False) -> ClassifierResult:
     """Train ``cfg.ensemble`` classifiers on ``images_u8`` (uint8 N x 3 x S x S) with the top-k ``patches``
@@ -393,6 +434,9 @@ def train_poison_classifier(images_u8: Tensor, patches: Tensor | Sequence[Tensor
     val_idx = np.concatenate([split.val_pos, split.val_neg])
     val_y = np.concatenate([np.ones(len(split.val_pos)), np.zeros(len(split.val_neg))]).astype(np.int64)
     val_x = images_u8[torch.as_tensor(val_idx)]
+    if cfg.decoy_prob > 0:                # model selection also sees pasted natural windows, labelled clean
+        decoys = decoy_validation(images_u8[torch.as_tensor(split.val_neg)], patches, cfg)
+        val_x, val_y = torch.cat([val_x, decoys]), np.concatenate([val_y, np.zeros(len(decoys), np.int64)])
     models, iters, best_its, history = [], [], [], []
     with progress("poison classifier", total=cfg.iterations * cfg.ensemble, quiet=quiet) as bar:
         for member in range(cfg.ensemble):
@@ -403,6 +447,39 @@ def train_poison_classifier(images_u8: Tensor, patches: Tensor | Sequence[Tensor
             history.extend(info["history"])
     logits = _logits(models, val_x, runtime, cfg.predict_batch_size)
     return ClassifierResult(models, f1_score(logits.argmax(1).numpy(), val_y), iters, best_its, history)
+
+
+@dataclass
+class RefinedClassifier:
+    result: ClassifierResult                 # the last round's classifier
+    probs: np.ndarray                        # its P(poisonous) of every image
+    dropped: list[int]                       # training negatives dropped before each further round
+    train: np.ndarray                        # the last round's training pool
+
+
+def train_with_refinement(images_u8: Tensor, patches: Tensor | Sequence[Tensor], split: ClassifierSplit,
+                          cfg: ClassifierConfig, runtime: Runtime, rounds: int = 1, threshold: float = 0.5,
+                          batch_size: int = 256, quiet: bool = False) -> RefinedClassifier:
+    """Train, score every image, and for each further round drop from the training negatives the images the last
+    classifier calls poisonous (P > ``threshold``), then train afresh on the cleaner pool.
+
+    The pool is noisy: the poisons the search never scored sit among the negatives (a few percent of them), which
+    teaches the classifier that a real trigger can be clean and leaves the traces of pasting as the safer cue. The
+    paper drops the top share by poison score for that reason; a round of refinement also drops the unscored ones.
+    """
+    train = split.train
+    dropped: list[int] = []
+    for r in range(max(1, rounds)):
+        if r:
+            flagged = probs[train] > threshold
+            dropped.append(int(flagged.sum()))
+            if not flagged.any():
+                break
+            train = train[~flagged]
+        res = train_poison_classifier(images_u8, patches, ClassifierSplit(train, split.val_pos, split.val_neg), cfg,
+                                      runtime, quiet)
+        probs = predict_poison(res.models, images_u8, runtime, batch_size, quiet)
+    return RefinedClassifier(res, probs, dropped, train)
 
 
 def predict_poison(models: Sequence[nn.Module], images_u8: Tensor, runtime: Runtime, batch_size: int = 256,

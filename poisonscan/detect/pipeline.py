@@ -41,8 +41,7 @@ from poisonscan.config import DetectConfig, config_to_dict
 from poisonscan.data.manifest import write_removal_list
 from poisonscan.data.sources import open_source
 from poisonscan.data.store import ImageStore, build_store, open_store, write_errors_csv
-from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, predict_poison,
-                                          train_poison_classifier)
+from poisonscan.detect.classifier import ClassifierConfig, classifier_bytes, classifier_split, train_with_refinement
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import backdoor_evidence, null_windows
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
@@ -68,7 +67,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
                "score_rule", "aggregate"),
     "evidence": ("null_size", "top_k"),
-    "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "ensemble", "threshold", "min_evidence",
+    "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds", "ensemble", "threshold", "min_evidence",
                    "force"),
     "outputs": ("fail_on",),
 }
@@ -104,6 +103,8 @@ def validate_config(cfg: DetectConfig) -> None:
     need(0.0 <= cfg.drop_fraction <= 1.0, "--drop-fraction must be in [0, 1]")
     need(0.0 <= cfg.drop_top < 1.0, "--drop-top must be in [0, 1)")
     need(0.0 <= cfg.classifier_holdout <= 0.5, "--classifier-holdout must be in [0, 0.5]")
+    need(0.0 <= cfg.classifier_decoys <= 1.0, "--classifier-decoys must be in [0, 1]")
+    need(cfg.classifier_rounds >= 1, "--classifier-rounds must be at least 1")
     need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
     need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
@@ -443,15 +444,17 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     top_t = torch.as_tensor(top)
     patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))
     ccfg = ClassifierConfig(iterations=cfg.classifier_iters, ensemble=cfg.ensemble, predict_batch_size=cfg.batch_size,
-                            seed=cfg.seed)
-    res = train_poison_classifier(ctx.store.images, patches, split, ccfg, ctx.runtime, ctx.quiet)
-    probs = predict_poison(res.models, ctx.store.images, ctx.runtime, cfg.batch_size, ctx.quiet)
+                            decoy_prob=cfg.classifier_decoys, seed=cfg.seed)
+    refined = train_with_refinement(ctx.store.images, patches, split, ccfg, ctx.runtime, cfg.classifier_rounds,
+                                    cfg.threshold, cfg.batch_size, ctx.quiet)
+    res, probs = refined.result, refined.probs
     ctx.run.write_bytes("classifier.safetensors", classifier_bytes(res.models, image_size=ctx.size,
                                                                    threshold=cfg.threshold, val_f1=res.val_f1))
     ctx.run.save_npy("classifier_probs.npy", probs)
     info.update(trained=True, iterations=max(res.iterations), iterations_per_model=res.iterations,
                 best_iteration=res.best_iteration, val_f1=res.val_f1,
                 split={"train": len(split.train), "val_pos": len(split.val_pos), "val_neg": len(split.val_neg)},
+                rounds=1 + len(refined.dropped), refinement_dropped=refined.dropped,
                 history=res.history)
     ctx.run.write_json("classifier.json", info)
     ctx.classifier, ctx.probs = info, probs

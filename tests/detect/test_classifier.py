@@ -94,6 +94,26 @@ def test_random_paste_respects_sizes_margins_and_labels():
         assert rows.max() < 64 - margin and cols.max() < 64 - margin
 
 
+def test_decoys_paste_a_window_of_another_image_and_stay_negative():
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    x = torch.arange(1, n + 1, dtype=torch.float32).div(n + 1)[:, None, None, None].expand(n, 3, 40, 40).clone()
+    windows = C.decoy_windows(x, 6, 20 / 224, 80 / 224, g)
+    assert windows.shape == (n, 3, 6, 6)
+    assert torch.allclose(windows, x.roll(1, 0)[:, :, :6, :6])          # image i gets a window of image i - 1
+    trigger = torch.zeros(1, 3, 6, 6)
+    y, labels = C.random_paste(x, trigger, 0.5, 20 / 224, 80 / 224, 10 / 224, g, decoy_prob=1.0)
+    pos, neg = labels.bool(), ~labels.bool()
+    assert 5 < int(pos.sum()) < n - 5
+    assert (y[pos].flatten(1) == 0).any(1).all()                         # the trigger (zeros) on positives
+    changed = (y != x).flatten(1).any(1)
+    assert changed[neg].all() and not (y[neg] == 0).any()                # every negative got a decoy, no trigger
+    for i in neg.nonzero().flatten().tolist():                           # ... whose pixels are image i - 1's
+        assert torch.allclose(y[i][y[i] != x[i]], x[i - 1, 0, 0, 0].expand(int((y[i] != x[i]).sum())))
+    none = C.random_paste(x, trigger, 0.0, 20 / 224, 80 / 224, 10 / 224, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(none, x)                                          # decoy_prob 0: PatchSearch's recipe
+
+
 def test_colour_augment_keeps_range_shape_and_is_seeded():
     x = torch.rand(16, 3, 24, 24)
     a = C.colour_augment(x, torch.Generator().manual_seed(3))
@@ -134,7 +154,7 @@ def _trigger_task() -> tuple[torch.Tensor, torch.Tensor, C.ClassifierSplit]:
 
 def test_classifier_learns_pasted_triggers_and_finds_real_ones(runtime):
     images, patches, split = _trigger_task()
-    cfg = C.ClassifierConfig(iterations=150, widths=TINY, eval_every=20)
+    cfg = C.ClassifierConfig(iterations=150, widths=TINY, eval_every=20, decoy_prob=0.0)   # the paper's recipe
     res = C.train_poison_classifier(images, patches, split, cfg, runtime, quiet=True)
     assert res.val_f1 == 1.0 and len(res.models) == 1
     assert 1 <= res.best_iteration[0] <= res.iterations[0] <= 150
@@ -146,6 +166,37 @@ def test_classifier_learns_pasted_triggers_and_finds_real_ones(runtime):
     p_clean = C.predict_poison(res.models, clean, runtime, batch_size=16)
     assert p_trig.dtype == np.float32 and p_trig.shape == (40,)
     assert (p_trig > 0.5).mean() >= 0.9 and (p_clean > 0.5).mean() <= 0.1
+
+
+def test_decoys_keep_clean_images_with_a_foreign_square_off_the_list(runtime):
+    """Clean images holding a pasted window of another image (sharp edges, foreign content, no trigger) are what a
+    classifier trained on plain negatives confuses with a pasted trigger; the decoy-trained one keeps them."""
+    images, patches, split = _trigger_task()
+    cfg = C.ClassifierConfig(iterations=400, widths=TINY, eval_every=20, decoy_prob=0.5)
+    res = C.train_poison_classifier(images, patches, split, cfg, runtime, quiet=True)
+    assert len(res.history) >= 1 and res.val_f1 == 1.0
+    clean, _ = trigger_batch(60, seed=9, poisoned=False)
+    squares = C.decoy_validation(clean, patches, C.ClassifierConfig(seed=5))
+    assert not torch.equal(squares, clean)
+    triggered, _ = trigger_batch(40, seed=7, poisoned=True)
+    assert (C.predict_poison(res.models, squares, runtime) > 0.5).mean() <= 0.1
+    assert (C.predict_poison(res.models, triggered, runtime) > 0.5).mean() >= 0.9
+
+
+def test_refinement_drops_the_real_poisons_hidden_among_the_negatives(runtime):
+    images, patches, split = _trigger_task()
+    hidden, _ = trigger_batch(12, seed=3, poisoned=True)                 # unscored poisons: in the training pool
+    images = torch.cat([images, hidden])
+    n = len(images)
+    split = C.ClassifierSplit(np.concatenate([split.train, np.arange(n - 12, n)]), split.val_pos, split.val_neg)
+    cfg = C.ClassifierConfig(iterations=300, widths=TINY, eval_every=20)
+    once = C.train_with_refinement(images, patches, split, cfg, runtime, rounds=1, quiet=True)
+    assert once.dropped == [] and len(once.train) == len(split.train) and once.probs.shape == (n,)
+    twice = C.train_with_refinement(images, patches, split, cfg, runtime, rounds=2, quiet=True)
+    assert len(twice.dropped) == 1 and twice.dropped[0] == len(split.train) - len(twice.train)
+    assert np.isin(np.arange(n - 12, n), twice.train).sum() <= 2          # the hidden poisons left the pool ...
+    assert np.isin(split.train[split.train < n - 12], twice.train).mean() >= 0.95   # ... the clean ones stayed
+    assert (twice.probs[n - 12:] > 0.5).mean() >= 0.9
 
 
 def test_early_stopping_and_ensemble_and_round_trip(runtime, tmp_path):
