@@ -67,10 +67,14 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
                "score_rule", "aggregate"),
     "evidence": ("null_size", "top_k"),
-    "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds", "ensemble", "threshold", "min_evidence",
-                   "force"),
+    "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
+                   "ensemble", "threshold", "min_evidence", "force"),
     "outputs": ("fail_on",),
 }
+
+#: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
+#: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
+LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1}
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
                  "box_h", "classifier_prob", "removed", "top_k_rank")
@@ -143,11 +147,12 @@ def _clear_from(run: RunDir, stage: str) -> None:
 
 
 def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first stage whose settings differ between the saved and the new config."""
+    """The first stage whose settings differ between the saved and the new config (a key the saved config lacks
+    counts as its :data:`LEGACY_VALUES` entry, else as today's default)."""
     defaults = config_to_dict(DetectConfig())
     for stage in STAGES:
         for key in STAGE_KEYS[stage]:
-            if saved.get(key, defaults.get(key)) != new.get(key):
+            if saved.get(key, LEGACY_VALUES.get(key, defaults.get(key))) != new.get(key):
                 return stage
     return None
 

@@ -168,6 +168,21 @@ def test_min_evidence_gate_and_force_on_resume(toy, tmp_path, runtime):
     assert not again["classifier"]["trained"] and not (run / "classifier.safetensors").exists()
 
 
+def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
+    from poisonscan.config import config_to_dict
+
+    new = config_to_dict(DetectConfig(data="d", model="m"))
+    saved = {k: v for k, v in new.items() if k not in ("classifier_decoys", "classifier_rounds")}
+    # written before decoys and refinement existed: it trained the paper's way, so today's default reruns it
+    assert P._invalidated_stage(saved, new) == "classifier"
+    assert P._invalidated_stage(saved, {**new, "classifier_decoys": 0.0, "classifier_rounds": 1}) is None
+    assert P._invalidated_stage(new, new) is None
+    assert P._invalidated_stage(new, {**new, "classifier_rounds": 3}) == "classifier"
+    assert P._invalidated_stage(new, {**new, "masks": 8, "classifier_rounds": 3}) == "search"
+    # a key without a legacy entry counts as today's default
+    assert P._invalidated_stage({k: v for k, v in new.items() if k != "null_size"}, new) is None
+
+
 def test_patchsearch_method_swaps_only_candidate_detection(toy, tmp_path, runtime):
     run = tmp_path / "ps"
     summary = P.run_detect(small_cfg(toy, run, method="patchsearch", min_evidence=1e9), runtime, quiet=True)
