@@ -37,7 +37,7 @@ class PaperDefaults:
 
 PAPER = PaperDefaults()
 
-#: poisonscan's one departure from the paper's classifier recipe: this share of the poison classifier's clean
+#: the first of poisonscan's two departures from the paper's classifier recipe: this share of the poison classifier's clean
 #: training (and validation) images get a pasted window of another image, so the classifier learns the trigger's
 #: content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the paper's recipe.
 DECOY_DEFAULT = 0.5
