@@ -37,9 +37,9 @@ class PaperDefaults:
 
 PAPER = PaperDefaults()
 
-#: the first of poisonscan's two departures from the paper's classifier recipe: this share of the poison classifier's clean
-#: training (and validation) images get a pasted window of another image, so the classifier learns the trigger's
-#: content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the paper's recipe.
+#: the first of poisonscan's two departures from the paper's classifier recipe: this share of the poison
+#: classifier's clean training (and validation) images get a pasted window of another image, so the classifier
+#: learns the trigger's content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the paper's recipe.
 DECOY_DEFAULT = 0.5
 #: ... and its second: the classifier is trained twice, the second time without the training negatives the first
 #: one calls poisonous (the unscored poisons among them); 1 restores the paper's single training.
