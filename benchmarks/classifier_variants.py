@@ -7,8 +7,10 @@ the bundled demo data, ids ending in ``__poison``.
     python benchmarks/classifier_variants.py RUN '{"holdout": 0.05}' [--truth ground_truth.csv] [--threads 2]
 
 Keys of the JSON variant: any ``ClassifierConfig`` field (``iterations``, ``ensemble``, ``crop_scale``,
-``decoy_prob``, ``min_iterations``, ...), ``drop_top`` and ``holdout`` (``classifier_split``) and ``rounds``
-(``train_with_refinement``). Defaults: detect's (``'{"decoy_prob": 0, "rounds": 1}'`` is the paper's recipe).
+``decoy_prob``, ``min_iterations``, ...), ``drop_top`` and ``holdout`` (``classifier_split``), ``rounds``
+(``train_with_refinement``) and ``neighbours`` (the removal score of ``detect/neighbours.py``). Defaults: detect's
+(``'{"decoy_prob": 0, "rounds": 1, "neighbours": 0}'`` is the paper's recipe). Each threshold is reported for the
+classifier's probability alone and for the removal score.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import numpy as np
 import torch
 
 from poisonscan.data.store import open_store
-from poisonscan.config import ROUNDS_DEFAULT
+from poisonscan.config import NEIGHBOURS_DEFAULT, ROUNDS_DEFAULT
 from poisonscan.detect.classifier import ClassifierConfig, classifier_split, train_with_refinement
 from poisonscan.detect.masking import cut_windows
+from poisonscan.detect.neighbours import nearest_neighbours, removal_score
 from poisonscan.runtime import setup_runtime
 
 
@@ -57,17 +60,21 @@ def main() -> None:
     runtime = setup_runtime("cpu", "fp32")
     t0 = time.perf_counter()
     rounds = int(variant.pop("rounds", ROUNDS_DEFAULT))
+    k = int(variant.pop("neighbours", NEIGHBOURS_DEFAULT))
     refined = train_with_refinement(store.images, patches, split, ClassifierConfig(**variant), runtime, rounds,
                                     quiet=True)
     res, probs = refined.result, refined.probs
     print(f"variant {variant} rounds {rounds}: poisons among the training negatives {int(y[split.train].sum())} of "
           f"{len(split.train)}; dropped by refinement {refined.dropped}; iterations {res.iterations} "
           f"(best {res.best_iteration}); {time.perf_counter() - t0:.0f} s")
-    for threshold in (0.5, 0.9, 0.99):
-        removed = probs > threshold
-        tp = int((removed & y).sum())
-        print(f"  P > {threshold}: removed {int(removed.sum())}, recall {tp / max(1, y.sum()):.3f}, "
-              f"precision {tp / max(1, removed.sum()):.3f}")
+    centroids = np.load(args.run / "clusters.npz")["centroids"]
+    nbrs = nearest_neighbours(np.load(args.run / "features.npy", mmap_mode="r"), k, centroids)
+    for name, score in (("P", probs), (f"removal score (k = {k})", removal_score(probs, nbrs))):
+        for threshold in (0.5, 0.9, 0.99):
+            removed = score > threshold
+            tp = int((removed & y).sum())
+            print(f"  {name} > {threshold}: removed {int(removed.sum())}, recall {tp / max(1, y.sum()):.3f}, "
+                  f"precision {tp / max(1, removed.sum()):.3f}")
 
 
 if __name__ == "__main__":

@@ -37,13 +37,18 @@ class PaperDefaults:
 
 PAPER = PaperDefaults()
 
-#: the first of poisonscan's two departures from the paper's classifier recipe: this share of the poison
+#: the first of poisonscan's three departures from the paper's classifier recipe: this share of the poison
 #: classifier's clean training (and validation) images get a pasted window of another image, so the classifier
-#: learns the trigger's content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the paper's recipe.
+#: learns the trigger's content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the
+#: paper's recipe.
 DECOY_DEFAULT = 0.5
 #: ... and its second: the classifier is trained twice, the second time without the training negatives the first
 #: one calls poisonous (the unscored poisons among them); 1 restores the paper's single training.
 ROUNDS_DEFAULT = 2
+#: ... and the third, in the removal decision: an image's removal score is its classifier probability averaged with
+#: the mean probability of its nearest neighbours in the threat model's feature space (detect/neighbours.py); 0
+#: restores the paper's decision on the classifier probability alone.
+NEIGHBOURS_DEFAULT = 10
 
 
 @dataclass
@@ -135,7 +140,8 @@ class DetectConfig(CommonConfig):
     classifier_decoys: float = DECOY_DEFAULT  # share of the classifier's negatives with a pasted natural window
     classifier_rounds: int = ROUNDS_DEFAULT   # 2: retrain once without the negatives the first classifier flags
     ensemble: int = 1
-    threshold: float = 0.5              # removed = classifier probability > threshold
+    threshold: float = 0.5              # removed = removal score > threshold
+    neighbours: int = NEIGHBOURS_DEFAULT  # removal score = (P + mean P of this many feature neighbours) / 2; 0: P
     min_evidence: float = 3.0
     force: bool = False
     fail_on: float | None = None

@@ -78,6 +78,10 @@ def detect(
         None, "--classifier-rounds", min=1,
         help="Classifier trainings; each after the first drops the training negatives the last one flags [2; 1 = "
              "the paper's single training]."),
+    neighbours: int | None = typer.Option(
+        None, "--neighbours", min=0,
+        help="Removal score = the classifier's probability averaged with the mean of this many nearest neighbours' "
+             "in the threat model's feature space [10; 0 = the probability alone, the paper's decision]."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
                                                                            "random windows to remove anything [3]."),
@@ -110,7 +114,7 @@ def detect(
         flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
         drop_top=drop_top, classifier_iters=classifier_iters,
         classifier_holdout=classifier_holdout, classifier_decoys=classifier_decoys,
-        classifier_rounds=classifier_rounds, ensemble=ensemble, min_evidence=min_evidence,
+        classifier_rounds=classifier_rounds, neighbours=neighbours, ensemble=ensemble, min_evidence=min_evidence,
         null_size=null_size, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,

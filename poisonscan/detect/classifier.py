@@ -6,7 +6,8 @@ top ``drop_top`` share (noisy: likely poisons) and minus the bottom ``k`` (valid
 the validation positives. Each training image gets a random resized crop, with probability 0.5 a pasted trigger
 (positive), then colour jitter, grayscale and a horizontal flip, all batched on the device. Early stopping when the
 validation F1 stalls; the weights with the best F1 (ties: lower validation loss) are kept. An ensemble averages
-logits. Every image with P(poisonous) > threshold is removed.
+logits. Its P(poisonous) of every image, averaged with the image's feature-space neighbours' (``neighbours``), is
+the removal score the pipeline thresholds.
 
 Two departures from the paper's recipe, both on by default and both off with ``decoy_prob=0``, one round
 (docs/benchmarks.md section 5 measures them): *decoys*, a share of the negatives (and a copy of the validation

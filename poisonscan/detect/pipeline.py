@@ -42,6 +42,7 @@ from poisonscan.data.manifest import write_removal_list
 from poisonscan.data.sources import open_source
 from poisonscan.data.store import ImageStore, build_store, open_store, write_errors_csv
 from poisonscan.detect.classifier import ClassifierConfig, classifier_bytes, classifier_split, train_with_refinement
+from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import backdoor_evidence, null_windows
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
@@ -69,15 +70,15 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evidence": ("null_size", "top_k"),
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
                    "ensemble", "threshold", "min_evidence", "force"),
-    "outputs": ("fail_on",),
+    "outputs": ("neighbours", "fail_on"),
 }
 
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
 #: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
-LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1}
+LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0}
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
-                 "box_h", "classifier_prob", "removed", "top_k_rank")
+                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "removed", "top_k_rank")
 
 RoundHook = Callable[[int], None]
 
@@ -109,6 +110,7 @@ def validate_config(cfg: DetectConfig) -> None:
     need(0.0 <= cfg.classifier_holdout <= 0.5, "--classifier-holdout must be in [0, 0.5]")
     need(0.0 <= cfg.classifier_decoys <= 1.0, "--classifier-decoys must be in [0, 1]")
     need(cfg.classifier_rounds >= 1, "--classifier-rounds must be at least 1")
+    need(cfg.neighbours >= 0, "--neighbours must be >= 0")
     need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
     need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
@@ -204,7 +206,9 @@ class _Ctx:
     search: dict[str, Any] | None = None
     evidence: dict[str, Any] | None = None
     classifier: dict[str, Any] | None = None
-    probs: np.ndarray | None = None
+    probs: np.ndarray | None = None             # the classifier's P(poisonous), N
+    neighbour_probs: np.ndarray | None = None   # mean P of each image's nearest neighbours (features), N
+    removal: np.ndarray | None = None           # the removal score thresholded by the decision, N
     timings: dict[str, float] = field(default_factory=dict)
     stage_start: float = 0.0
     _flip_cache: tuple[Tensor, Tensor] | None = None
@@ -472,6 +476,23 @@ def _load_classifier(ctx: _Ctx) -> None:
                  if ctx.classifier.get("trained") else None)
 
 
+def _decide(ctx: _Ctx) -> np.ndarray:
+    """Removal scores (the classifier's P averaged with its feature-space neighbours', see ``neighbours``) and the
+    removal decision ``score > threshold``; nothing is removed without a trained classifier."""
+    n = len(ctx.store)
+    if ctx.probs is None:
+        return np.zeros(n, dtype=bool)
+    k = int(ctx.cfg.neighbours)
+    nbrs = nearest_neighbours(ctx.features, k, ctx.clustering.centroids) if k > 0 else np.zeros((n, 0), np.int64)
+    ctx.neighbour_probs = neighbour_mean(ctx.probs, nbrs) if k > 0 else None
+    ctx.removal = removal_score(ctx.probs, nbrs)
+    return ctx.removal > ctx.cfg.threshold
+
+
+def _fmt(values: np.ndarray | None, i: int) -> str:
+    return "" if values is None else f"{float(values[i]):.6f}"
+
+
 def _scores_csv(ctx: _Ctx, removed: np.ndarray, ranks: dict[int, int]) -> str:
     by_index = {int(e["index"]): e for e in ctx.search["scored"]}
     cl = ctx.clustering
@@ -482,9 +503,9 @@ def _scores_csv(ctx: _Ctx, removed: np.ndarray, ranks: dict[int, int]) -> str:
         e = by_index.get(i)
         label = ctx.store.labels[i]
         box = e["box"] if e else ["", "", "", ""]
-        prob = "" if ctx.probs is None else f"{float(ctx.probs[i]):.6f}"
         w.writerow([i, sid, "" if label is None else label, int(cl.labels[i]), f"{float(cl.distances[i]):.6f}",
-                    e["poison_score"] if e else "", *box, prob, int(removed[i]), ranks.get(i, "")])
+                    e["poison_score"] if e else "", *box, _fmt(ctx.probs, i), _fmt(ctx.neighbour_probs, i),
+                    _fmt(ctx.removal, i), int(removed[i]), ranks.get(i, "")])
     return buf.getvalue()
 
 
@@ -532,7 +553,9 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
         "verdict": verdict,
         "classifier": {"trained": bool(clf["trained"]), "ensemble": int(clf["ensemble"]),
                        "iterations": int(clf["iterations"]), "val_f1": clf.get("val_f1"),
-                       "threshold": float(clf["threshold"])},
+                       "threshold": float(clf["threshold"]), "neighbours": int(cfg.neighbours),
+                       "removed_by_classifier_alone": None if ctx.probs is None else
+                       int((ctx.probs > cfg.threshold).sum())},
         "timings": dict(ctx.timings),
         "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",
                   "summary": "summary.json"},
@@ -542,8 +565,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
 
 def _stage_outputs(ctx: _Ctx) -> dict[str, Any]:
     run, store = ctx.run, ctx.store
-    n = len(store)
-    removed = (ctx.probs > ctx.cfg.threshold) if ctx.probs is not None else np.zeros(n, dtype=bool)
+    removed = _decide(ctx)
     top = [int(i) for i in ctx.evidence["top_k"]]
     ranks = {i: r + 1 for r, i in enumerate(top)}
     run.write_text("scores.csv", _scores_csv(ctx, removed, ranks))

@@ -73,6 +73,7 @@ class DetectRunScores:
     summary: dict[str, Any] = field(default_factory=dict)
     store_meta: dict[str, Any] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
+    removal_score: np.ndarray | None = None   # float N (classifier P averaged with its neighbours'); None: older run
 
 
 def _float(cell: str | None, what: str, where: str) -> float:
@@ -179,6 +180,8 @@ def read_run(run_dir: Path | str) -> DetectRunScores:
         raise UsageError(f"detect run {run} has no scores: every poison_score and classifier_prob is empty")
     removed = np.array([(r["removed"] or "0").strip() in ("1", "true", "True") for r in rows])
     rank = np.array([_float(r["top_k_rank"], "top_k_rank", where) for r in rows])
+    removal = (np.array([_float(r["removal_score"], "removal_score", where) for r in rows])
+               if "removal_score" in rows[0] else None)
     summary = _read_json(run / "summary.json")
     store_meta = _read_json(run / "store" / "store.json")
     size = store_meta.get("size") or summary.get("model", {}).get("image_size")
@@ -187,7 +190,7 @@ def read_run(run_dir: Path | str) -> DetectRunScores:
         _, err_rows = _read_csv(run / "errors.csv", ("id",), "error list")
         unreadable = [r["id"] for r in err_rows]
     return DetectRunScores(run, [r["id"] for r in rows], poison, _boxes_from(rows, BOX_COLUMNS, where), prob,
-                           removed, rank, int(size) if size else None, summary, store_meta, unreadable)
+                           removed, rank, int(size) if size else None, summary, store_meta, unreadable, removal)
 
 
 # ----------------------------------------------------------------------------------------------- box mapping
@@ -326,6 +329,10 @@ def _frame_truth_boxes(truth: GroundTruth, run: DetectRunScores, rows: np.ndarra
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def _optional_metrics(y: np.ndarray, scores: np.ndarray | None, fprs: Sequence[float]) -> dict[str, Any] | None:
+    return None if scores is None else _score_metrics(y, scores, fprs)
+
+
 def _lowest_fill(scores: np.ndarray) -> np.ndarray:
     """Scores with NaN (unscored) replaced below the lowest real score."""
     s = scores.astype(np.float64).copy()
@@ -428,7 +435,8 @@ def evaluate_detection(run: DetectRunScores, truth: GroundTruth, topk: Sequence[
         },
         "removal": M.precision_recall_f1(y, run.removed),
         "scores": {"poison_score": _score_metrics(y, run.poison_score, fprs),
-                   "classifier_prob": _score_metrics(y, run.classifier_prob, fprs)},
+                   "classifier_prob": _score_metrics(y, run.classifier_prob, fprs),
+                   "removal_score": _optional_metrics(y, run.removal_score, fprs)},
         "triggers": {
             "box_mapping": mapping,
             "candidates": int(order.size),
@@ -464,6 +472,7 @@ def _per_target(run: DetectRunScores, y: np.ndarray, target: np.ndarray, t: str,
         "recall": float((mine & run.removed).sum() / max(mine.sum(), 1)),
         "poison_score": _score_metrics(ymine, run.poison_score[sel], fprs),
         "classifier_prob": _score_metrics(ymine, run.classifier_prob[sel], fprs),
+        "removal_score": _optional_metrics(ymine, None if run.removal_score is None else run.removal_score[sel], fprs),
         "topk": {str(k): v for k, v in M.topk_trigger_accuracy(run.boxes[order], box_t[order], topk).items()},
         "scored_poisoned": _window_quality(run.boxes[mine], true_box[mine]),
     }
@@ -497,8 +506,9 @@ def detection_plots(run: DetectRunScores, truth: GroundTruth) -> dict[str, bytes
     y = np.zeros(len(run.ids), dtype=bool)
     ok = truth_rows >= 0
     y[ok] = truth.poisoned[truth_rows[ok]]
-    named = [(name, s) for name, s in (("poison score", run.poison_score), ("classifier prob.", run.classifier_prob))
-             if not np.isnan(s).all()]
+    named = [(name, s) for name, s in (("poison score", run.poison_score), ("classifier prob.", run.classifier_prob),
+                                       ("removal score", run.removal_score))
+             if s is not None and not np.isnan(s).all()]
     out: dict[str, bytes] = {}
     if y.any() and (~y).any() and named:
         pr, roc = [], []
@@ -517,7 +527,8 @@ def detection_plots(run: DetectRunScores, truth: GroundTruth) -> dict[str, bytes
         scored = ~np.isnan(s)
         if not scored.any():
             continue
-        file = "poison_score_hist.png" if name == "poison score" else "classifier_prob_hist.png"
+        file = {"poison score": "poison_score_hist.png", "classifier prob.": "classifier_prob_hist.png"}.get(
+            name, "removal_score_hist.png")
         out[file] = histogram_chart([("clean", s[scored & ~y]), ("poisoned", s[scored & y])],
                                     title=f"Distribution of the {name} (scored samples)", xlabel=name)
     return out

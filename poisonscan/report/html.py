@@ -160,8 +160,9 @@ class ScoresDigest:
     n_rows: int = 0
     poison_scores: list[float] = field(default_factory=list)
     poison_removed: list[bool] = field(default_factory=list)
-    probs: list[float] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)      # the thresholded score: removal score, else classifier P
     probs_removed: list[bool] = field(default_factory=list)
+    smoothed: bool = False                                  # probs are removal scores (neighbour consensus)
     n_removed: int = 0
     removed_rows: list[dict[str, str]] = field(default_factory=list)
 
@@ -179,7 +180,11 @@ def read_scores(path: Path, max_rows: int) -> ScoresDigest | None:
             if score is not None:
                 digest.poison_scores.append(score)
                 digest.poison_removed.append(is_removed)
-            prob = _num(row.get("classifier_prob"))
+            prob = _num(row.get("removal_score"))
+            if prob is not None:
+                digest.smoothed = True
+            else:
+                prob = _num(row.get("classifier_prob"))
             if prob is not None:
                 digest.probs.append(prob)
                 digest.probs_removed.append(is_removed)
@@ -379,8 +384,10 @@ def _histograms(digest: ScoresDigest | None, summary: Mapping[str, Any], run: Ru
                  "</figcaption></figure>")
     if digest.probs:
         threshold = (summary.get("classifier") or {}).get("threshold")
+        title, xlabel = (("Removal score (classifier P, neighbour-averaged)", "removal score")
+                         if digest.smoothed else ("Poison classifier probability", "probability"))
         img = score_histogram_image(digest.probs, digest.probs_removed, labels=("kept", "removed"),
-                                    title="Poison classifier probability", xlabel="probability", bins=40,
+                                    title=title, xlabel=xlabel, bins=40,
                                     value_range=(0.0, 1.0),
                                     threshold=float(threshold) if isinstance(threshold, (int, float)) else None)
         png = png_bytes(img)
@@ -397,13 +404,15 @@ def _removal(digest: ScoresDigest | None, max_rows: int) -> str:
     if digest.n_removed == 0:
         return '<p class="note">No image was removed.</p>'
     cols = ["index", "id", "label", "cluster", "poison_score", "classifier_prob", "top_k_rank"]
-    numeric = [True, False, True, True, True, True, True]
+    if digest.smoothed:
+        cols.insert(6, "removal_score")
+    numeric = [c != "id" for c in cols]
 
     def value(row: Mapping[str, str], col: str) -> Any:
         raw = row.get(col)
         if col == "id":
             return raw or ""
-        if col == "classifier_prob":
+        if col in ("classifier_prob", "removal_score"):
             return _num(raw)
         v = _num(raw)
         return int(v) if v is not None and v.is_integer() else v

@@ -181,6 +181,9 @@ def _overview(summary: Mapping[str, Any]) -> Table:
     if clf.get("trained"):
         parts = [f"ensemble {clf.get('ensemble', 1)}", f"{format_value(clf.get('iterations'))} iterations",
                  f"val F1 {format_value(clf.get('val_f1'), 3)}", f"threshold {format_value(clf.get('threshold'), 3)}"]
+        if clf.get("neighbours"):
+            parts.append(f"averaged with {clf['neighbours']} feature neighbours "
+                         f"({format_value(clf.get('removed_by_classifier_alone'))} above it alone)")
         classifier = Text("trained: " + ", ".join(parts))
     elif clf:
         classifier = Text("not trained", style="dim")

@@ -77,6 +77,11 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
                                  "removed_fraction": len(removed) / 200, "errors": 0}
     assert summary["classifier"]["trained"] and summary["verdict"] == "backdoor signal found"
     assert all(r["classifier_prob"] for r in rows)
+    for r in rows:                                    # removal score = (P + its feature neighbours' mean P) / 2
+        expect = (float(r["classifier_prob"]) + float(r["neighbour_prob"])) / 2
+        assert abs(float(r["removal_score"]) - expect) < 2e-6
+        assert (r["removed"] == "1") == (float(r["removal_score"]) > 0.5)
+    assert summary["classifier"]["neighbours"] == 10
     assert {r["id"] for r in rows if r["removed"] == "1"} == set(removed)
     assert sorted(int(r["top_k_rank"]) for r in rows if r["top_k_rank"]) == [1, 2, 3, 4, 5]
 
@@ -172,15 +177,32 @@ def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
     from poisonscan.config import config_to_dict
 
     new = config_to_dict(DetectConfig(data="d", model="m"))
-    saved = {k: v for k, v in new.items() if k not in ("classifier_decoys", "classifier_rounds")}
+    saved = {k: v for k, v in new.items() if k not in ("classifier_decoys", "classifier_rounds", "neighbours")}
     # written before decoys and refinement existed: it trained the paper's way, so today's default reruns it
     assert P._invalidated_stage(saved, new) == "classifier"
-    assert P._invalidated_stage(saved, {**new, "classifier_decoys": 0.0, "classifier_rounds": 1}) is None
+    paper = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0}
+    assert P._invalidated_stage(saved, {**new, **paper}) is None
+    assert P._invalidated_stage({**new, "neighbours": 0}, new) == "outputs"   # the decision only
     assert P._invalidated_stage(new, new) is None
     assert P._invalidated_stage(new, {**new, "classifier_rounds": 3}) == "classifier"
     assert P._invalidated_stage(new, {**new, "masks": 8, "classifier_rounds": 3}) == "search"
     # a key without a legacy entry counts as today's default
     assert P._invalidated_stage({k: v for k, v in new.items() if k != "null_size"}, new) is None
+
+
+def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, runtime):
+    run = tmp_path / "nb"
+    P.run_detect(small_cfg(toy, run), runtime, quiet=True)
+    classifier_done = (run / "stages/classifier.done").read_text()
+    probs = (run / "classifier_probs.npy").read_bytes()
+    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0), runtime, quiet=True)
+    assert (run / "stages/classifier.done").read_text() == classifier_done      # not retrained
+    assert (run / "classifier_probs.npy").read_bytes() == probs
+    rows = read_scores(run)
+    assert all(r["neighbour_prob"] == "" and r["removal_score"] == r["classifier_prob"] for r in rows)
+    assert all((r["removed"] == "1") == (float(r["classifier_prob"]) > 0.5) for r in rows)
+    assert summary["classifier"]["neighbours"] == 0
+    assert summary["counts"]["removed"] == summary["classifier"]["removed_by_classifier_alone"]
 
 
 def test_patchsearch_method_swaps_only_candidate_detection(toy, tmp_path, runtime):

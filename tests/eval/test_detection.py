@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,27 @@ def test_truth_in_poison_format_with_whole_image_trigger(tmp_path: Path) -> None
     assert res["triggers"]["topk"]["1"] == {"n": 1, "accuracy": 1.0, "mean_iou": 0.25, "catch_rate": 0.25,
                                             "poisoned": 1}
     assert res["per_target"][0]["target"] == "6" and res["per_target"][0]["target_name"] == "garbage truck"
+
+
+def test_removal_score_column_is_evaluated_when_present_and_null_for_older_runs(tmp_path: Path) -> None:
+    older = read_run(write_run(tmp_path / "old"))
+    truth = read_truth(write_truth(tmp_path / "truth.csv", IDS))
+    assert older.removal_score is None
+    assert evaluate_detection(older, truth)["scores"]["removal_score"] is None
+    # today's runs add the neighbour mean and the removal score after classifier_prob
+    path = write_run(tmp_path / "new") / "scores.csv"
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    removal = [0.95, 0.8, 0.75, 0.3, 0.1, 0.05, 0.2, 0.1, 0.0, 0.0]   # s1 rescued, s3 dropped: perfect ranking
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, [*rows[0], "neighbour_prob", "removal_score"])
+        w.writeheader()
+        for row, r in zip(rows, removal):
+            w.writerow({**row, "neighbour_prob": r, "removal_score": r})
+    run = read_run(tmp_path / "new")
+    assert run.removal_score is not None and run.removal_score.tolist() == removal
+    res = evaluate_detection(run, truth)
+    assert res["scores"]["removal_score"]["auroc"] == pytest.approx(1.0)
+    assert res["scores"]["classifier_prob"]["auroc"] == pytest.approx(20 / 21)
+    assert res["per_target"][0]["removal_score"]["auroc"] == pytest.approx(1.0)
+    assert "removal_score_hist.png" in detection_plots(run, truth)

@@ -78,6 +78,27 @@ def test_removal_list_is_capped(fake_run) -> None:
     assert "The first 2 of 5 removed images are listed" in text
 
 
+def test_removal_score_column_shown_and_histogrammed_when_present(fake_run) -> None:
+    import csv
+
+    path = fake_run.path / "scores.csv"
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, [*rows[0], "neighbour_prob", "removal_score"])
+        w.writeheader()
+        for row in rows:
+            w.writerow({**row, "neighbour_prob": "0.25", "removal_score": "0.625"})
+    from poisonscan.report.html import read_scores
+
+    digest = read_scores(path, max_rows=100)
+    assert digest.smoothed and set(digest.probs) == {0.625}          # the thresholded score is histogrammed
+    text = write_report(fake_run.path).read_text()
+    head = re.search(r'id="removal-table">.*?<thead>(.*?)</thead>', text, re.S).group(1)
+    assert "removal score" in head and "classifier prob" in head
+    assert (fake_run.path / "gallery/classifier_histogram.png").is_file()
+
+
 def test_linked_images_mode(fake_run) -> None:
     write_gallery(fake_run.path, fake_run.images, fake_run.summary, fake_run.attention, fake_run.boxes,
                   fake_run.removed, fake_run.clusters, fake_run.scores)
