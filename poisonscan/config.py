@@ -210,6 +210,10 @@ class EvalBackdoorConfig(CommonConfig):
     clusters: int = PAPER.n_clusters                       # capped at N // 50 like detect
     trigger_size: float = PAPER.trigger_size / PAPER.reference_size
     margin: float = PAPER.val_margin
+    attack: str = "patch"                                  # patch, blend or ctrl: how the trigger is applied
+    blend_alpha: float = 0.2                               # blend: trigger weight
+    ctrl_magnitude: float = 100.0                          # ctrl: the reference's test-set magnitude
+    ctrl_block: int = 0                                    # ctrl: DCT block side; 0 = scaled with the image
     fraction: float = 0.01
     epochs: int = 100
     batch_size: int = 256

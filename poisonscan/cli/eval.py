@@ -154,6 +154,11 @@ def backdoor(
     clusters: Optional[int] = typer.Option(None, "--clusters", help="k-means clusters (capped at N // 50)."),
     trigger_size: Optional[float] = typer.Option(None, "--trigger-size", help="Trigger side on val: pixels "
                                                  "(>= 1) or fraction of the side (< 1) [50/224]."),
+    attack: Optional[str] = typer.Option(None, "--attack", help="How the trigger is applied: patch, blend (the "
+                                         "trigger over the whole image) or ctrl (spectral; no --trigger) [patch]."),
+    blend_alpha: Optional[float] = typer.Option(None, "--blend-alpha", help="Blend: trigger weight [0.2]."),
+    ctrl_magnitude: Optional[float] = typer.Option(None, "--ctrl-magnitude", help="CTRL magnitude [100, the "
+                                                   "reference's test-set value]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of trigger corners, k-means and probe."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (reused: its cached features too)."),
     arch: Optional[str] = _ARCH, image_size: Optional[int] = _SIZE, trust_checkpoint: Optional[bool] = _TRUST,
@@ -164,7 +169,7 @@ def backdoor(
     cfg = resolve_config(EvalBackdoorConfig, config, overrides(
         model=str(model) if model else None, data=data, trigger=str(trigger) if trigger else None, target=target,
         train=train, truth=str(truth) if truth else None, k=k, clusters=clusters, trigger_size=trigger_size,
-        seed=seed,
+        attack=attack, blend_alpha=blend_alpha, ctrl_magnitude=ctrl_magnitude, seed=seed,
         out=str(out) if out else None, arch=arch, image_size=image_size, trust_checkpoint=trust_checkpoint,
         device=device, precision=precision, quiet=quiet))
     from poisonscan.eval.runner import run_backdoor

@@ -21,7 +21,7 @@ from poisonscan.detect.clustering import choose_n_clusters, fit_kmeans
 from poisonscan.detect.features import extract_features
 from poisonscan.errors import DataError, UsageError
 from poisonscan.eval import metrics as M
-from poisonscan.eval.patching import TRIGGER_SIZE, VAL_MARGIN, paste_trigger_batch
+from poisonscan.eval.patching import TRIGGER_SIZE, VAL_MARGIN, apply_trigger_batch
 from poisonscan.eval.probe import linear_probe, probe_report, stratified_subset
 
 __all__ = ["knn_predict", "flip_test_rows", "oracle_flips", "backdoor_strength"]
@@ -68,12 +68,14 @@ def flip_test_rows(cluster_labels: np.ndarray, distances: np.ndarray, n_clusters
 def oracle_flips(encoder: nn.Module, images_u8: torch.Tensor, flip_rows: np.ndarray, clustering: Any,
                  trigger: torch.Tensor | np.ndarray, runtime: rt.Runtime, *, size: float = TRIGGER_SIZE,
                  margin: float = VAL_MARGIN, seed: int = 0, batch_size: int = 256,
-                 poison_clusters: Sequence[int] = ()) -> dict[str, Any]:
-    """Paste the real trigger on the flip test set and count the images whose cluster assignment changes."""
+                 poison_clusters: Sequence[int] = (), attack: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply the real trigger to the flip test set and count the images whose cluster assignment changes.
+
+    ``attack``: keyword arguments of :func:`apply_trigger_batch` beyond size, margin and seed (default: a patch)."""
     flip_rows = np.asarray(flip_rows, dtype=np.int64)
     before = clustering.labels[flip_rows]
-    patched, _ = paste_trigger_batch(images_u8[torch.as_tensor(flip_rows)], trigger, size=size, margin=margin,
-                                     seed=seed)
+    patched = apply_trigger_batch(images_u8[torch.as_tensor(flip_rows)], trigger, size=size, margin=margin,
+                                  seed=seed, **(attack or {}))
     after, _ = clustering.assign(extract_features(encoder, patched, runtime, batch_size=batch_size, quiet=True))
     changed = after != before
     dest, counts = np.unique(after[changed], return_counts=True)
@@ -100,7 +102,7 @@ def backdoor_strength(encoder: nn.Module, train_store: ImageStore | None, val_st
                       n_clusters: int | None = None, probe_fraction: float = 0.01, probe_epochs: int = 100,
                       batch_size: int = 256, train_feats: np.ndarray | None = None,
                       val_feats: np.ndarray | None = None, patched_feats: np.ndarray | None = None,
-                      quiet: bool = True) -> dict[str, Any]:
+                      quiet: bool = True, attack: dict[str, Any] | None = None) -> dict[str, Any]:
     """Backdoor strength of ``encoder`` for ``(trigger, target)``: a JSON-ready dict (docs/commands/eval.md).
 
     ``val_store`` needs labels. ``train_store`` (optional) is the poisoned training set: the k-NN bank when labelled
@@ -120,7 +122,8 @@ def backdoor_strength(encoder: nn.Module, train_store: ImageStore | None, val_st
     if val_feats is None:
         val_feats = extract_features(encoder, val_store.images, runtime, batch_size=batch_size, quiet=quiet)
     if patched_feats is None:
-        patched, _ = paste_trigger_batch(val_store.images, trigger_u8, size=trigger_size, margin=margin, seed=seed)
+        patched = apply_trigger_batch(val_store.images, trigger_u8, size=trigger_size, margin=margin, seed=seed,
+                                      **(attack or {}))
         patched_feats = extract_features(encoder, patched, runtime, batch_size=batch_size, quiet=quiet)
     train_labels = _labels_or_none(train_store) if train_store is not None else None
     if train_store is not None and train_feats is None:
@@ -164,14 +167,14 @@ def backdoor_strength(encoder: nn.Module, train_store: ImageStore | None, val_st
     if train_store is not None:
         result["clusters"], result["flips"] = _cluster_measures(encoder, train_store, train_feats, truth_mask,
                                                                 trigger_u8, runtime, n_clusters, trigger_size,
-                                                                margin, seed, batch_size)
+                                                                margin, seed, batch_size, attack)
     return result
 
 
 def _cluster_measures(encoder: nn.Module, train_store: ImageStore, train_feats: np.ndarray,
                       truth_mask: np.ndarray | None, trigger: torch.Tensor | np.ndarray, runtime: rt.Runtime,
                       n_clusters: int | None, trigger_size: float, margin: float, seed: int,
-                      batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                      batch_size: int, attack: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """k-means on the train features (l like detect), poison purity with the truth, and the oracle flips."""
     n = train_feats.shape[0]
     if n < 2:
@@ -190,5 +193,6 @@ def _cluster_measures(encoder: nn.Module, train_store: ImageStore, train_feats: 
         poison_clusters = [c["cluster"] for c in pur["clusters"]]
     rows = flip_test_rows(clustering.labels, clustering.distances, l)
     flips = oracle_flips(encoder, train_store.images, rows, clustering, trigger, runtime, size=trigger_size,
-                         margin=margin, seed=seed + 1, batch_size=batch_size, poison_clusters=poison_clusters)
+                         margin=margin, seed=seed + 1, batch_size=batch_size, poison_clusters=poison_clusters,
+                         attack=attack)
     return clusters, flips

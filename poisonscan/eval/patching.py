@@ -11,7 +11,10 @@ from PIL import Image
 from poisonscan.attacks.patch import load_trigger, random_corner, resize_trigger, trigger_side
 from poisonscan.config import PAPER
 
-__all__ = ["TRIGGER_SIZE", "VAL_MARGIN", "read_trigger", "paste_trigger_batch"]
+__all__ = ["ATTACKS", "TRIGGER_SIZE", "VAL_MARGIN", "apply_trigger_batch", "read_trigger", "paste_trigger_batch"]
+
+#: the attacks whose trigger the evaluation can apply at the model's resolution
+ATTACKS = ("patch", "blend", "ctrl")
 
 #: trigger side as a fraction of the image side (50 px of 224) and the patched-val margin (Saha et al.)
 TRIGGER_SIZE = PAPER.trigger_size / PAPER.reference_size
@@ -56,3 +59,33 @@ def paste_trigger_batch(images_u8: torch.Tensor, trigger: torch.Tensor | np.ndar
         out[i, :, y:y + side, x:x + side] = patch
     boxes = np.concatenate([corners, np.full((n, 2), side, dtype=np.int64)], axis=1)
     return out, boxes
+
+
+def apply_trigger_batch(images_u8: torch.Tensor, trigger: torch.Tensor | np.ndarray | Image.Image | None, *,
+                        attack: str = "patch", size: float = TRIGGER_SIZE, margin: float = VAL_MARGIN, seed: int = 0,
+                        blend_alpha: float = 0.2, ctrl_magnitude: float = 100.0,
+                        ctrl_block: int | None = None) -> torch.Tensor:
+    """``images_u8`` (N x 3 x S x S) carrying the attack's trigger, as ``poison`` applies it to the patched val set.
+
+    ``patch``: :func:`paste_trigger_batch`; ``blend``: the trigger resized (bicubic) to the whole image and
+    alpha-blended, ``round((1 - a) x + a t)``; ``ctrl``: the CTRL spectral trigger (``trigger`` unused), block
+    ``ctrl_block`` (None: scaled with the image, 32 px on 224 px).
+    """
+    if attack == "patch":
+        return paste_trigger_batch(images_u8, trigger, size=size, margin=margin, seed=seed)[0]
+    if images_u8.ndim != 4 or images_u8.shape[1] != 3 or images_u8.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 N x 3 x S x S images, got {images_u8.dtype} {tuple(images_u8.shape)}")
+    if attack == "blend":
+        if not 0.0 < blend_alpha <= 1.0:
+            raise ValueError(f"blend alpha must be in (0, 1], got {blend_alpha}")
+        h, w = images_u8.shape[-2:]
+        pattern = torch.from_numpy(np.array(resize_trigger(_trigger_array(trigger), w, h))).permute(2, 0, 1)
+        mixed = (1.0 - blend_alpha) * images_u8.float() + blend_alpha * pattern.float().to(images_u8.device)
+        return mixed.round().clamp(0, 255).to(torch.uint8)
+    if attack == "ctrl":
+        from poisonscan.attacks.ctrl import ctrl_trigger
+
+        arr = images_u8.permute(0, 2, 3, 1).cpu().numpy()
+        out = ctrl_trigger(arr, ctrl_magnitude, block=ctrl_block or None)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images_u8.device)
+    raise ValueError(f"attack {attack!r}: choose one of {', '.join(ATTACKS)}")

@@ -19,7 +19,7 @@ from poisonscan.errors import UsageError
 from poisonscan.eval.backdoor import backdoor_strength
 from poisonscan.eval.detection import detection_plots, evaluate_detection, flatten_metrics, read_run, read_truth
 from poisonscan.eval.encoding import encode_source, file_digest
-from poisonscan.eval.patching import paste_trigger_batch, read_trigger
+from poisonscan.eval.patching import ATTACKS, apply_trigger_batch, paste_trigger_batch, read_trigger
 from poisonscan.eval.probe import (check_labels, confusion_csv, linear_probe, probe_report, resolve_class,
                                    stratified_subset)
 from poisonscan.models.checkpoints import load_encoder
@@ -161,8 +161,10 @@ def _metrics_csv(result: dict[str, Any]) -> str:
 def run_backdoor(cfg: EvalBackdoorConfig) -> dict[str, Any] | None:
     """``eval backdoor``: backdoor strength of the threat model; writes the run directory; the summary on the main
     rank (None elsewhere)."""
-    if not cfg.model or not cfg.data or not cfg.trigger or cfg.target == "":
-        raise UsageError("eval backdoor needs --model, --data, --trigger and --target")
+    if cfg.attack not in ATTACKS:
+        raise UsageError(f"--attack {cfg.attack}: choose one of {', '.join(ATTACKS)}")
+    if not cfg.model or not cfg.data or cfg.target == "" or not (cfg.trigger or cfg.attack == "ctrl"):
+        raise UsageError("eval backdoor needs --model, --data, --trigger and --target (--trigger not with ctrl)")
     if cfg.truth and not cfg.train:
         raise UsageError("--truth describes the training set: give --train too")
     val_src = _open(cfg.data, "--data set")
@@ -170,15 +172,18 @@ def run_backdoor(cfg: EvalBackdoorConfig) -> dict[str, Any] | None:
     train_src = _open(cfg.train, "--train set") if cfg.train else None
     names = val_src.class_names or (train_src.class_names if train_src else None)
     target = resolve_class(cfg.target, names, val_src.root)
-    trig = read_trigger(cfg.trigger)
+    trig = read_trigger(cfg.trigger) if cfg.trigger else None
     gt = read_truth(cfg.truth) if cfg.truth else None
+    attack = {"attack": cfg.attack, "blend_alpha": cfg.blend_alpha, "ctrl_magnitude": cfg.ctrl_magnitude,
+              "ctrl_block": cfg.ctrl_block or None}
 
     runtime, encoder, run, key = _setup(cfg, "eval-backdoor")
     enc = dict(runtime=runtime, encoder_key=key, run=run, batch_size=cfg.batch_size, quiet=cfg.quiet,
                keep_images=True)
-    params = {"trigger": file_digest(cfg.trigger), "size": cfg.trigger_size, "margin": cfg.margin, "seed": cfg.seed}
-    patch = (lambda imgs: paste_trigger_batch(imgs, trig, size=cfg.trigger_size, margin=cfg.margin,
-                                              seed=cfg.seed)[0], params)
+    params = {"trigger": file_digest(cfg.trigger) if cfg.trigger else None, "size": cfg.trigger_size,
+              "margin": cfg.margin, "seed": cfg.seed, **({} if cfg.attack == "patch" else attack)}
+    patch = (lambda imgs: apply_trigger_batch(imgs, trig, size=cfg.trigger_size, margin=cfg.margin, seed=cfg.seed,
+                                              **attack), params)
     va = encode_source(encoder, val_src, name="val", variants={"patched": patch}, **enc)
     tr = encode_source(encoder, train_src, name="train", **enc) if train_src is not None else None
     mask = None
@@ -194,11 +199,11 @@ def run_backdoor(cfg: EvalBackdoorConfig) -> dict[str, Any] | None:
         temperature=cfg.temperature, trigger_size=cfg.trigger_size, margin=cfg.margin, seed=cfg.seed,
         n_clusters=cfg.clusters, probe_fraction=cfg.fraction, probe_epochs=cfg.epochs, batch_size=cfg.batch_size,
         train_feats=tr.features["clean"] if tr else None, val_feats=va.features["clean"],
-        patched_feats=va.features["patched"], quiet=cfg.quiet)
+        patched_feats=va.features["patched"], quiet=cfg.quiet, attack=attack)
     if not runtime.is_main:
         return None
     result = {"command": "eval backdoor", "run_dir": str(run.path), "model": cfg.model, "val": cfg.data,
-              "train": cfg.train, "truth": cfg.truth, "target_input": cfg.target, **result}
+              "train": cfg.train, "truth": cfg.truth, "target_input": cfg.target, "attack": cfg.attack, **result}
     run.write_json("summary.json", result)
     run.write_text("metrics.csv", _backdoor_csv(result))
     return result

@@ -140,3 +140,19 @@ def test_backdoor_with_truth(model: Path, data: dict[str, Path], tmp_path: Path)
     truth.write_text("sample_id,poisoned\nnot/here.png,1\n")
     res = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "bd2"), "--device", "cpu"])
     assert res.exit_code == 2 and "not in the ground truth" in res.output
+
+
+def test_backdoor_blend_and_ctrl_attacks(model: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    base = ["eval", "backdoor", "--model", str(model), "--data", str(data["val"]), "--target", "b", "--k", "3",
+            "--device", "cpu", "--json", "--quiet"]
+    res = runner.invoke(app, base + ["--trigger", str(data["trigger"]), "--attack", "blend", "--blend-alpha", "0.3",
+                                     "--out", str(tmp_path / "blend")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["attack"] == "blend"
+    res = runner.invoke(app, base + ["--attack", "ctrl", "--out", str(tmp_path / "ctrl")])   # no trigger file
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["attack"] == "ctrl"
+    res = runner.invoke(app, base + ["--attack", "blend", "--out", str(tmp_path / "x")])     # blend needs one
+    assert res.exit_code == 2 and "--trigger" in res.output
+    res = runner.invoke(app, base + ["--trigger", str(data["trigger"]), "--attack", "wanet"])
+    assert res.exit_code == 2 and "choose one of" in res.output

@@ -10,7 +10,9 @@ from torch import nn
 from poisonscan.data.store import ImageStore
 from poisonscan.errors import DataError
 from poisonscan.eval.backdoor import backdoor_strength, flip_test_rows, knn_predict
-from poisonscan.eval.patching import paste_trigger_batch
+from poisonscan.attacks.blend import blend_trigger
+from poisonscan.attacks.ctrl import ctrl_trigger
+from poisonscan.eval.patching import apply_trigger_batch, paste_trigger_batch
 from poisonscan.runtime import Runtime
 
 COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=torch.uint8)
@@ -49,6 +51,41 @@ def test_paste_trigger_batch_positions() -> None:
     assert imgs.sum() == 0  # input untouched
     again, boxes2 = paste_trigger_batch(imgs, _blue_trigger(), size=0.2, margin=0.1, seed=3)
     assert np.array_equal(boxes, boxes2) and torch.equal(out, again)
+
+
+def test_apply_trigger_batch_blend_and_ctrl_match_the_poison_attacks() -> None:
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    trigger = torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8)
+    hwc = imgs.permute(0, 2, 3, 1).numpy()
+    blended = apply_trigger_batch(imgs, trigger, attack="blend", blend_alpha=0.2)
+    for i in range(4):                          # what `poison --attack blend` writes, at this resolution
+        want = blend_trigger(hwc[i], trigger.permute(1, 2, 0).numpy(), 0.2)
+        assert (blended[i].permute(1, 2, 0).numpy().astype(int) - want).__abs__().max() <= 1
+    ctrl = apply_trigger_batch(imgs, None, attack="ctrl", ctrl_magnitude=100.0)
+    assert np.array_equal(ctrl.permute(0, 2, 3, 1).numpy(), ctrl_trigger(hwc, 100.0, block=None))
+    assert torch.equal(apply_trigger_batch(imgs, trigger, size=0.25, seed=1),
+                       paste_trigger_batch(imgs, trigger, size=0.25, seed=1)[0])
+    with pytest.raises(ValueError, match="choose one of"):
+        apply_trigger_batch(imgs, trigger, attack="wanet")
+
+
+def test_backdoor_strength_of_a_blend_backdoor() -> None:
+    """A blended white trigger (alpha 0.5) on the blue class: blended red/green images then sit nearer the poisons."""
+    white = torch.full((3, 8, 8), 255, dtype=torch.uint8)
+    val = _store([0, 1, 2] * 10, seed=1)
+    train = _store([0, 1, 2] * 50, seed=2)
+    poisoned_rows = np.arange(2, 32, 3)
+    attack = {"attack": "blend", "blend_alpha": 0.5}
+    train.images[poisoned_rows] = apply_trigger_batch(train.images[poisoned_rows], white, **attack)
+    mask = np.zeros(150, dtype=bool)
+    mask[poisoned_rows] = True
+    out = backdoor_strength(MeanColour(), train, val, white, 2, RUNTIME, mask, probe_epochs=20, probe_fraction=0.1,
+                            attack=attack)
+    assert out["knn"]["accuracy"] == 1.0 and out["knn"]["asr"] == 1.0
+    patched = backdoor_strength(MeanColour(), train, val, white, 2, RUNTIME, mask, trigger_size=0.1,
+                                probe_epochs=20, probe_fraction=0.1)
+    assert patched["knn"]["asr"] == 0.0          # a small pasted patch is not this backdoor's trigger
 
 
 def test_knn_predict_by_hand() -> None:
