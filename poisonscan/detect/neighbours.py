@@ -4,9 +4,11 @@ neighbours' in the threat model's feature space.
 The backdoor ties the trigger to one region of the threat model's feature space (that is what the cluster step of
 PoisonCAM relies on), so a poison's nearest neighbours are mostly poisons the classifier also flags. A clean image the
 pixel classifier flags by accident (a stripe, a checker pattern, a sharp-edged sign) sits among clean images it does
-not flag. With ``p`` the classifier's P(poisonous) and ``m`` the mean of ``p`` over the image's ``k`` nearest
-neighbours (cosine, the image itself left out), the removal score is ``(p + m) / 2``; at the threshold 0.5 an image
-is removed when ``p + m > 1``. A clearly flagged image needs only some support from its neighbours, and a poison the
+not flag. With ``p`` the classifier's P(poisonous), ``m`` the mean of ``p`` over the image's ``k`` nearest neighbours
+(cosine, the image itself left out) and ``b`` the mean ``p`` of the whole data set (what ``k`` random neighbours
+would show), the neighbours' *support* is ``s = clip((m - b) / (1 - b), 0, 1)``, the share of their probability
+above that flag rate, and the removal score is ``(p + s) / 2``; at the threshold 0.5 an image is removed when
+``p + s > 1``. A clearly flagged image needs some support from its neighbours beyond chance, and a poison the
 classifier half-misses is removed when its neighbours are flagged. ``k = 0`` turns the step off (the paper's
 decision, ``p`` alone). Measured in docs/benchmarks.md section 5.
 """
@@ -79,9 +81,18 @@ def neighbour_mean(probs: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     return probs[neighbours].mean(axis=1).astype(np.float32)
 
 
+def neighbour_support(neighbour_means: np.ndarray, flag_rate: float) -> np.ndarray:
+    """``clip((m - b) / (1 - b), 0, 1)``: how far the neighbours' mean probability ``m`` lies above the data set's
+    flag rate ``b`` (the mean probability), as a share of the room above it (float32 N)."""
+    m = np.asarray(neighbour_means, dtype=np.float32)
+    b = min(max(float(flag_rate), 0.0), 1.0 - 1e-6)
+    return np.clip((m - b) / (1.0 - b), 0.0, 1.0).astype(np.float32)
+
+
 def removal_score(probs: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """``(p + mean of the neighbours' p) / 2`` (float32 N); ``p`` itself when there are no neighbours."""
+    """``(p + neighbour support) / 2`` (float32 N, see the module docstring); ``p`` itself without neighbours."""
     probs = np.asarray(probs, dtype=np.float32)
-    if neighbours.shape[1] == 0:
+    if neighbours.shape[1] == 0 or probs.size == 0:
         return probs.copy()
-    return ((probs + neighbour_mean(probs, neighbours)) / 2).astype(np.float32)
+    support = neighbour_support(neighbour_mean(probs, neighbours), float(probs.mean()))
+    return ((probs + support) / 2).astype(np.float32)

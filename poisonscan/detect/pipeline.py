@@ -554,6 +554,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
         "classifier": {"trained": bool(clf["trained"]), "ensemble": int(clf["ensemble"]),
                        "iterations": int(clf["iterations"]), "val_f1": clf.get("val_f1"),
                        "threshold": float(clf["threshold"]), "neighbours": int(cfg.neighbours),
+                       "flag_rate": None if ctx.probs is None else float(np.mean(ctx.probs)),
                        "removed_by_classifier_alone": None if ctx.probs is None else
                        int((ctx.probs > cfg.threshold).sum())},
         "timings": dict(ctx.timings),

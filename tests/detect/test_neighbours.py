@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
+from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, neighbour_support, removal_score
 
 
 def _brute_force(x: np.ndarray, k: int) -> np.ndarray:
@@ -59,4 +59,16 @@ def test_consensus_drops_an_isolated_false_positive_and_keeps_a_half_missed_pois
     score = removal_score(p, nearest_neighbours(x, 10))
     removed = score > 0.5
     assert (p > 0.5).sum() == 31 and removed[:30].all() and not removed[30:].any()
-    assert abs(float(score[0]) - (0.3 + 0.95) / 2) < 1e-5             # (p + its ten poisoned neighbours) / 2
+    b = float(p.mean())                                               # ten poisoned neighbours, above the flag rate
+    assert abs(float(score[0]) - (0.3 + (0.95 - b) / (1 - b)) / 2) < 1e-5
+
+
+def test_support_counts_only_what_lies_above_the_data_sets_flag_rate():
+    """When the classifier flags half of everything, flagged neighbours are no evidence: nothing is rescued."""
+    assert np.allclose(neighbour_support(np.array([0.1, 0.5, 0.75, 1.0]), 0.5), [0.0, 0.0, 0.5, 1.0])
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    p = (rng.random(400) < 0.5).astype(np.float32) * 0.9 + 0.05      # half flagged at random, no structure
+    score = removal_score(p, nearest_neighbours(x, 10))
+    assert ((score > 0.5) <= (p > 0.5)).all()                         # never more than the classifier alone
+    assert (score > 0.5).sum() < 0.5 * (p > 0.5).sum()

@@ -77,9 +77,11 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
                                  "removed_fraction": len(removed) / 200, "errors": 0}
     assert summary["classifier"]["trained"] and summary["verdict"] == "backdoor signal found"
     assert all(r["classifier_prob"] for r in rows)
-    for r in rows:                                    # removal score = (P + its feature neighbours' mean P) / 2
-        expect = (float(r["classifier_prob"]) + float(r["neighbour_prob"])) / 2
-        assert abs(float(r["removal_score"]) - expect) < 2e-6
+    b = summary["classifier"]["flag_rate"]           # removal score = (P + neighbours' support above b) / 2
+    assert abs(b - np.mean([float(r["classifier_prob"]) for r in rows])) < 1e-5
+    for r in rows:
+        support = min(max((float(r["neighbour_prob"]) - b) / (1 - b), 0.0), 1.0)
+        assert abs(float(r["removal_score"]) - (float(r["classifier_prob"]) + support) / 2) < 2e-5
         assert (r["removed"] == "1") == (float(r["removal_score"]) > 0.5)
     assert summary["classifier"]["neighbours"] == 10
     assert {r["id"] for r in rows if r["removed"] == "1"} == set(removed)
