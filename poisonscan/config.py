@@ -46,8 +46,8 @@ DECOY_DEFAULT = 0.5
 #: one calls poisonous (the unscored poisons among them); 1 restores the paper's single training.
 ROUNDS_DEFAULT = 2
 #: ... and the third, in the removal decision: an image's removal score is its classifier probability averaged with
-#: the mean probability of its nearest neighbours in the threat model's feature space (detect/neighbours.py); 0
-#: restores the paper's decision on the classifier probability alone.
+#: the support of its nearest neighbours in the threat model's feature space, their mean probability above the data
+#: set's flag rate (detect/neighbours.py); 0 restores the paper's decision on the classifier probability alone.
 NEIGHBOURS_DEFAULT = 10
 
 
@@ -141,7 +141,7 @@ class DetectConfig(CommonConfig):
     classifier_rounds: int = ROUNDS_DEFAULT   # 2: retrain once without the negatives the first classifier flags
     ensemble: int = 1
     threshold: float = 0.5              # removed = removal score > threshold
-    neighbours: int = NEIGHBOURS_DEFAULT  # removal score = (P + mean P of this many feature neighbours) / 2; 0: P
+    neighbours: int = NEIGHBOURS_DEFAULT  # removal score = (P + support of this many feature neighbours) / 2; 0: P
     min_evidence: float = 3.0
     force: bool = False
     fail_on: float | None = None

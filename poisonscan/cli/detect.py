@@ -80,8 +80,9 @@ def detect(
              "the paper's single training]."),
     neighbours: int | None = typer.Option(
         None, "--neighbours", min=0,
-        help="Removal score = the classifier's probability averaged with the mean of this many nearest neighbours' "
-             "in the threat model's feature space [10; 0 = the probability alone, the paper's decision]."),
+        help="Removal score = the classifier's probability averaged with the support of this many nearest "
+             "neighbours in the threat model's feature space (their mean probability above the data set's flag "
+             "rate) [10; 0 = the probability alone, the paper's decision]."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
                                                                            "random windows to remove anything [3]."),
