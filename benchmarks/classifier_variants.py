@@ -28,7 +28,7 @@ from poisonscan.data.store import open_store
 from poisonscan.config import NEIGHBOURS_DEFAULT, ROUNDS_DEFAULT
 from poisonscan.detect.classifier import ClassifierConfig, classifier_split, train_with_refinement
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.neighbours import nearest_neighbours, removal_score
+from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.runtime import setup_runtime
 
 
@@ -68,8 +68,8 @@ def main() -> None:
           f"{len(split.train)}; dropped by refinement {refined.dropped}; iterations {res.iterations} "
           f"(best {res.best_iteration}); {time.perf_counter() - t0:.0f} s")
     centroids = np.load(args.run / "clusters.npz")["centroids"]
-    nbrs = nearest_neighbours(np.load(args.run / "features.npy", mmap_mode="r"), k, centroids)
-    for name, score in (("P", probs), (f"removal score (k = {k})", removal_score(probs, nbrs))):
+    means = neighbour_mean(probs, nearest_neighbours(np.load(args.run / "features.npy", mmap_mode="r"), k, centroids))
+    for name, score in (("P", probs), (f"removal score (k = {k})", removal_score(probs, means if k else None))):
         for threshold in (0.5, 0.9, 0.99):
             removed = score > threshold
             tp = int((removed & y).sum())

@@ -89,10 +89,10 @@ def neighbour_support(neighbour_means: np.ndarray, flag_rate: float) -> np.ndarr
     return np.clip((m - b) / (1.0 - b), 0.0, 1.0).astype(np.float32)
 
 
-def removal_score(probs: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """``(p + neighbour support) / 2`` (float32 N, see the module docstring); ``p`` itself without neighbours."""
+def removal_score(probs: np.ndarray, neighbour_means: np.ndarray | None) -> np.ndarray:
+    """``(p + neighbour support) / 2`` (float32 N, see the module docstring) from the neighbours' mean
+    probabilities (:func:`neighbour_mean`); ``p`` itself when there are none (``--neighbours 0``)."""
     probs = np.asarray(probs, dtype=np.float32)
-    if neighbours.shape[1] == 0 or probs.size == 0:
+    if neighbour_means is None or probs.size == 0:
         return probs.copy()
-    support = neighbour_support(neighbour_mean(probs, neighbours), float(probs.mean()))
-    return ((probs + support) / 2).astype(np.float32)
+    return ((probs + neighbour_support(neighbour_means, float(probs.mean()))) / 2).astype(np.float32)

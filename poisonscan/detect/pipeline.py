@@ -479,13 +479,12 @@ def _load_classifier(ctx: _Ctx) -> None:
 def _decide(ctx: _Ctx) -> np.ndarray:
     """Removal scores (the classifier's P averaged with its feature-space neighbours', see ``neighbours``) and the
     removal decision ``score > threshold``; nothing is removed without a trained classifier."""
-    n = len(ctx.store)
     if ctx.probs is None:
-        return np.zeros(n, dtype=bool)
+        return np.zeros(len(ctx.store), dtype=bool)
     k = int(ctx.cfg.neighbours)
-    nbrs = nearest_neighbours(ctx.features, k, ctx.clustering.centroids) if k > 0 else np.zeros((n, 0), np.int64)
-    ctx.neighbour_probs = neighbour_mean(ctx.probs, nbrs) if k > 0 else None
-    ctx.removal = removal_score(ctx.probs, nbrs)
+    ctx.neighbour_probs = (neighbour_mean(ctx.probs, nearest_neighbours(ctx.features, k, ctx.clustering.centroids))
+                           if k > 0 else None)
+    ctx.removal = removal_score(ctx.probs, ctx.neighbour_probs)
     return ctx.removal > ctx.cfg.threshold
 
 

@@ -506,13 +506,14 @@ def detection_plots(run: DetectRunScores, truth: GroundTruth) -> dict[str, bytes
     y = np.zeros(len(run.ids), dtype=bool)
     ok = truth_rows >= 0
     y[ok] = truth.poisoned[truth_rows[ok]]
-    named = [(name, s) for name, s in (("poison score", run.poison_score), ("classifier prob.", run.classifier_prob),
-                                       ("removal score", run.removal_score))
-             if s is not None and not np.isnan(s).all()]
+    named = [(name, file, s) for name, file, s in (
+        ("poison score", "poison_score_hist.png", run.poison_score),
+        ("classifier prob.", "classifier_prob_hist.png", run.classifier_prob),
+        ("removal score", "removal_score_hist.png", run.removal_score)) if s is not None and not np.isnan(s).all()]
     out: dict[str, bytes] = {}
     if y.any() and (~y).any() and named:
         pr, roc = [], []
-        for name, s in named:
+        for name, _, s in named:
             filled = _lowest_fill(s)
             precision, recall, _ = M.precision_recall_curve(y, filled)
             pr.append((f"{name} (AP {M.average_precision(y, filled):.3f})", np.r_[0.0, recall],
@@ -523,12 +524,10 @@ def detection_plots(run: DetectRunScores, truth: GroundTruth) -> dict[str, bytes
                                          ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), step=True)
         out["roc_curve.png"] = line_chart(roc, title="ROC of the per-sample scores", xlabel="false-positive rate",
                                           ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.02))
-    for name, s in named:
+    for name, file, s in named:
         scored = ~np.isnan(s)
         if not scored.any():
             continue
-        file = {"poison score": "poison_score_hist.png", "classifier prob.": "classifier_prob_hist.png"}.get(
-            name, "removal_score_hist.png")
         out[file] = histogram_chart([("clean", s[scored & ~y]), ("poisoned", s[scored & y])],
                                     title=f"Distribution of the {name} (scored samples)", xlabel=name)
     return out

@@ -76,12 +76,12 @@ def apply_trigger_batch(images_u8: torch.Tensor, trigger: torch.Tensor | np.ndar
     if images_u8.ndim != 4 or images_u8.shape[1] != 3 or images_u8.dtype != torch.uint8:
         raise ValueError(f"expected uint8 N x 3 x S x S images, got {images_u8.dtype} {tuple(images_u8.shape)}")
     if attack == "blend":
-        if not 0.0 < blend_alpha <= 1.0:
-            raise ValueError(f"blend alpha must be in (0, 1], got {blend_alpha}")
-        h, w = images_u8.shape[-2:]
-        pattern = torch.from_numpy(np.array(resize_trigger(_trigger_array(trigger), w, h))).permute(2, 0, 1)
-        mixed = (1.0 - blend_alpha) * images_u8.float() + blend_alpha * pattern.float().to(images_u8.device)
-        return mixed.round().clamp(0, 255).to(torch.uint8)
+        from poisonscan.attacks.blend import blend_trigger
+
+        pattern = _trigger_array(trigger)
+        arr = images_u8.permute(0, 2, 3, 1).cpu().numpy()
+        out = np.stack([blend_trigger(img, pattern, blend_alpha) for img in arr])
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images_u8.device)
     if attack == "ctrl":
         from poisonscan.attacks.ctrl import ctrl_trigger
 
