@@ -3,7 +3,7 @@
     python benchmarks/bench_neighbours.py [--n 50000] [--dim 512] [--k 10] [--clusters 1000] [--threads N]
 
 Random clustered features (``--clusters`` Gaussian blobs, like a threat model's), float32. Reports the seconds of
-the exact search (one flat inner-product index, what detect uses up to 200,000 images) and of the inverted-file
+the exact search (one flat inner-product index, what detect uses up to 20,000 images) and of the inverted-file
 search over the k-means centroids (what it uses above), and how many of the inverted file's neighbours are the
 exact ones.
 """

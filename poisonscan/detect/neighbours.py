@@ -21,7 +21,7 @@ from poisonscan.detect.clustering import ASSIGN_CHUNK
 
 #: up to this many images the neighbours are exact (one flat inner-product index); above, an inverted-file index
 #: over the run's k-means centroids searches the ``nprobe`` nearest clusters of each image
-EXACT_LIMIT = 200_000
+EXACT_LIMIT = 20_000
 NPROBE = 8
 
 
