@@ -3,12 +3,13 @@
 Prints a table and writes ``results.json`` (machine, versions, seeds, commit with every result). Settings per
 configuration are documented in docs/benchmarks.md. Each step is skipped when its output already exists, so an
 interrupted benchmark resumes. ``--retrain`` pretrains again on each cleaned manifest (same recipe) and probes the
-result; compare its ASR with ``--clean-control``'s (a model trained on data with no poison).
+result (k-NN ASR and linear probes); compare its ASR with ``--clean-control``'s (a model trained on data with no
+poison; give it the poisoned run's ``--data-dir`` so both are probed on the same patched val).
 
     python benchmarks/run_pipeline.py --config imagenette-96 [--epochs 40] [--work .bench/imagenette] [--retrain]
     python benchmarks/run_pipeline.py --config imagenette-96 --data-dir D --model M.safetensors  # reuse both
     python benchmarks/run_pipeline.py --config cifar10 --epochs 60
-    python benchmarks/run_pipeline.py --config imagenette-96 --clean-control   # no poison planted
+    python benchmarks/run_pipeline.py --config imagenette-96 --clean-control --data-dir D   # no poison planted
     python benchmarks/run_pipeline.py --config imagenette-96 --scale paper     # documents the GPU setting
 """
 
@@ -73,9 +74,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 quiet=True), timings)
     train_spec = values["data"] if args.clean_control else str(poisoned / "train")
     truth = None if args.clean_control else str(poisoned / "ground_truth.csv")
-    val_spec, val_patched = values["val"], None if args.clean_control else str(poisoned / "val_patched")
+    val_spec, val_patched = values["val"], str(poisoned / "val_patched")
+    if not Path(val_patched).exists():
+        val_patched = None          # clean control without --data-dir: the probe pastes the trigger in memory
     trigger = values["targets"][0].split("=", 1)[1]
     target = values["targets"][0].split("=", 1)[0]
+    patched = _patched_val(val_patched, trigger, conf)
 
     model = args.model or work / "pretrain" / "encoder.safetensors"
     if not model.exists():
@@ -104,19 +108,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         manifest = work / f"clean-{method}.tsv"
         if not manifest.exists():
             clean_dataset(CleanConfig(run=str(det_dir), out=str(manifest)))
-        if args.retrain and val_patched:
-            row["retrained"] = _retrain(args, conf, epochs, work, method, manifest, values, val_spec, val_patched,
-                                        target, timings)
+        if args.retrain and not args.clean_control:
+            row["retrained"] = _retrain(args, conf, epochs, work, method, manifest, values, val_spec, patched,
+                                        trigger, target, truth, timings)
         rows[method] = row
 
     probes: dict[str, Any] = {}
-    if val_patched and not args.no_probe:
+    if not args.no_probe:
+        name = "clean_data" if args.clean_control else "no_defence"
         for frac in args.fractions:
-            p = run_probe(EvalProbeConfig(model=str(model), train=values["data"], val=val_spec,
-                                          val_patched=val_patched, targets=[target], fraction=frac,
-                                          out=str(work / f"probe-{frac}"), seed=args.seed, quiet=True)) or {}
-            probes[f"no_defence@{frac}"] = {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
-                                            "asr": (p.get("targets") or [{}])[0].get("asr")}
+            probes[f"{name}@{frac}"] = _probe(model, values, val_spec, patched, target, frac,
+                                              work / f"probe-{frac}", args.seed)
     result = {"config": args.config, "settings": conf, "epochs": epochs, "seed": args.seed, "model": str(model),
               "clean_control": args.clean_control,
               "threat_model": {"knn": strength.get("knn"), "clusters": strength.get("clusters"),
@@ -127,10 +129,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _patched_val(val_patched: str | None, trigger: str, conf: dict[str, Any]) -> dict[str, Any]:
+    """The probe's patched val: the poison step's ``val_patched``, or the trigger pasted in memory."""
+    if val_patched:
+        return {"val_patched": val_patched}
+    return {"triggers": [trigger], "trigger_size": conf["trigger_size_eval"]}
+
+
+def _probe(model: Path, values: dict[str, Any], val_spec: str, patched: dict[str, Any], target: str, frac: float,
+           out: Path, seed: int) -> dict[str, Any]:
+    """Linear probe with ``frac`` of the clean labels: ACC on clean and patched val, ASR of ``target``."""
+    p = run_probe(EvalProbeConfig(model=str(model), train=values["data"], val=val_spec, targets=[target],
+                                  fraction=frac, out=str(out), seed=seed, quiet=True, **patched)) or {}
+    return {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
+            "asr": (p.get("targets") or [{}])[0].get("asr")}
+
+
 def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: Path, method: str, manifest: Path,
-             values: dict[str, Any], val_spec: str, val_patched: str, target: str,
-             timings: dict[str, float]) -> dict[str, Any]:
-    """Pretrain on the cleaned manifest with the threat model's recipe, then probe it (ACC, ASR)."""
+             values: dict[str, Any], val_spec: str, patched: dict[str, Any], trigger: str, target: str,
+             truth: str | None, timings: dict[str, float]) -> dict[str, Any]:
+    """Pretrain on the cleaned manifest with the threat model's recipe, then measure its backdoor (k-NN, probe)."""
     out = work / f"retrain-{method}"
     model = out / "encoder.safetensors"
     if not (out / "stages" / "pretrain.done").exists():
@@ -138,14 +156,12 @@ def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: 
             data=str(manifest), out=str(out), arch=conf["arch"], image_size=conf["image_size"], epochs=epochs,
             seed=args.seed, quiet=True, store_cache=str(work / f"cache-{method}"),
             resume=str(out) if (out / "last.pt").exists() else None, overwrite=True)), timings)
-    probes = {}
-    for frac in args.fractions:
-        p = run_probe(EvalProbeConfig(model=str(model), train=values["data"], val=val_spec, val_patched=val_patched,
-                                      targets=[target], fraction=frac, out=str(out / f"probe-{frac}"),
-                                      seed=args.seed, quiet=True)) or {}
-        probes[str(frac)] = {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
-                             "asr": (p.get("targets") or [{}])[0].get("asr")}
-    return {"model": str(model), "probe": probes}
+    strength = run_backdoor(EvalBackdoorConfig(
+        model=str(model), data=val_spec, trigger=trigger, target=target, train=str(manifest), truth=truth,
+        trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor"), seed=args.seed, quiet=True)) or {}
+    probes = {str(frac): _probe(model, values, val_spec, patched, target, frac, out / f"probe-{frac}", args.seed)
+              for frac in args.fractions}
+    return {"model": str(model), "knn": strength.get("knn"), "probe": probes}
 
 
 def _num(value: Any) -> float:
@@ -167,6 +183,10 @@ def _print(r: dict[str, Any]) -> None:
     for k, p in r["probe"].items():
         print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']}")
     for m, row in r["detection"].items():
+        knn = (row.get("retrained") or {}).get("knn")
+        if knn:
+            print(f"retrained after {m}: k-NN acc {knn.get('accuracy')}, k-NN ASR {knn.get('asr')} "
+                  f"(clean rate {knn.get('target_rate_clean')})")
         for frac, p in ((row.get("retrained") or {}).get("probe") or {}).items():
             print(f"probe retrained after {m}@{frac}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, "
                   f"ASR {p['asr']}")
