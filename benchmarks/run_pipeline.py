@@ -1,4 +1,4 @@
-"""End-to-end benchmark: poison -> pretrain -> detect (PoisonCAM and PatchSearch) -> eval -> clean -> retrain -> probe.
+r"""End-to-end benchmark: poison -> pretrain -> detect (PoisonCAM and PatchSearch) -> eval -> clean -> retrain -> probe.
 
 Prints a table and writes ``results.json`` (machine, versions, seeds, commit with every result). Settings per
 configuration are documented in docs/benchmarks.md. Each step is skipped when its output already exists, so an
@@ -10,7 +10,9 @@ poison; give it the poisoned run's ``--data-dir`` so both are probed on the same
     python benchmarks/run_pipeline.py --config imagenette-96 --data-dir D --model M.safetensors  # reuse both
     python benchmarks/run_pipeline.py --config cifar10 --epochs 60
     python benchmarks/run_pipeline.py --config imagenette-96 --clean-control --data-dir D   # no poison planted
-    python benchmarks/run_pipeline.py --config imagenette-96 --scale paper     # documents the GPU setting
+    python benchmarks/run_pipeline.py --config cifar10 --rate 1.0 --pair 3=trigger_12.png   # other rate, pair
+    python benchmarks/run_pipeline.py --config imagenette-96 --scale paper --data /data/imagenet100/train \
+        --val /data/imagenet100/val --pair n02869837=trigger_10.png   # the GPU setting (ImageNet-100, ViT-B)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from poisonscan.attacks.poison import poison_dataset
-from poisonscan.attacks.presets import preset_values
+from poisonscan.attacks.presets import get_preset, preset_values, shared_data_root
 from poisonscan.data.cleaning import clean_dataset
 from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig,
                                PoisonConfig, PretrainConfig)
@@ -35,7 +37,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # like STL-10 in the paper: 10 classes, 96 px images, 50% of one class poisoned (5% of the data)
     "imagenette-96": {"preset": "imagenette-96", "image_size": 64, "arch": "resnet18", "epochs": 40,
                       "trigger_size_eval": 50 / 224},
-    "cifar10": {"preset": "cifar10", "image_size": 32, "arch": "resnet18", "epochs": 60, "trigger_size_eval": 8.0},
+    # all 50,000 CIFAR-10 training images at 32 px. A CPU budget of 60 minutes: 15 epochs (750k image pairs, about
+    # as many SGD steps as the demo's 100 epochs on 5,000), and the search at l = 250 clusters with a flip set of 250
+    # (paper: 1000 / 1000, about 10M masked forwards, 90 CPU minutes for the search alone; docs/scaling.md)
+    "cifar10": {"preset": "cifar10", "image_size": 32, "arch": "resnet18", "epochs": 15, "trigger_size_eval": 8.0,
+                "detect": {"clusters": 250, "flip_size": 250}},
 }
 PAPER_SCALE = {"note": "ImageNet-100, ViT-B/16 MoCo v3, 200 epochs, 224 px, l=1000, B=256, w=60 (GPU machines)",
                "pretrain": {"method": "mocov3", "arch": "vit_base_patch16_224", "image_size": 224, "epochs": 200,
@@ -60,7 +66,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     old = work / "results.json"
     timings: dict[str, float] = json.loads(old.read_text()).get("timings", {}) if old.exists() else {}
-    values = preset_values(conf["preset"], args.shared_data)
+    values = _attack_values(conf["preset"], args)
+    if args.rate is not None:
+        values["rate"] = args.rate
+    if args.pair:
+        cls, trig = args.pair.split("=", 1)
+        trig_path = Path(trig)
+        if not trig_path.exists() and values["targets"]:       # a bare file name: beside the preset's trigger
+            trig_path = Path(values["targets"][0].split("=", 1)[1]).parent / trig
+        values["targets"] = [f"{cls}={trig_path}"]
     if args.clean_control:
         values["rate"] = None
         values["dataset_rate"] = None
@@ -84,18 +98,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or work / "pretrain" / "encoder.safetensors"
     if not model.exists():
         _step("pretrain", work, lambda: run_pretrain(PretrainConfig(
-            data=train_spec, out=str(work / "pretrain"), arch=conf["arch"], image_size=conf["image_size"],
-            epochs=epochs, seed=args.seed, quiet=True, store_cache=str(work / "cache-train"))), timings)
+            data=train_spec, out=str(work / "pretrain"), epochs=epochs, seed=args.seed, quiet=True,
+            store_cache=str(work / "cache-train"), **_recipe(conf))), timings)
     strength = _step("backdoor", work, lambda: run_backdoor(EvalBackdoorConfig(
         model=str(model), data=val_spec, trigger=trigger, target=target, train=train_spec, truth=truth,
         trigger_size=conf["trigger_size_eval"], out=str(work / "backdoor"), seed=args.seed, quiet=True)), timings)
 
+    detect_overrides = {} if args.scale == "paper" else dict(conf.get("detect", {}))
     rows: dict[str, Any] = {}
     for method in args.methods:
         det_dir = work / f"detect-{method}"
         det = _step(f"detect-{method}", work, lambda: run_detect(DetectConfig(
             data=train_spec, model=str(model), out=str(det_dir), method=method, seed=args.seed, quiet=True,
-            resume=str(det_dir) if det_dir.exists() else None), quiet=True), timings)
+            resume=str(det_dir) if det_dir.exists() else None, **detect_overrides), quiet=True), timings)
         row: dict[str, Any] = {"removed": det["counts"]["removed"], "evidence": det.get("evidence"),
                                "verdict": det.get("verdict"), "top_k": det.get("top_k"),
                                "timings": det.get("timings")}
@@ -108,7 +123,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         manifest = work / f"clean-{method}.tsv"
         if not manifest.exists():
             clean_dataset(CleanConfig(run=str(det_dir), out=str(manifest)))
-        if args.retrain and not args.clean_control:
+        if args.retrain and not args.clean_control and row["removed"] == 0:
+            row["retrained"] = {"skipped": "nothing removed: retraining would repeat the threat model's run"}
+        elif args.retrain and not args.clean_control:
             row["retrained"] = _retrain(args, conf, epochs, work, method, manifest, values, val_spec, patched,
                                         trigger, target, truth, timings)
         rows[method] = row
@@ -120,6 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             probes[f"{name}@{frac}"] = _probe(model, values, val_spec, patched, target, frac,
                                               work / f"probe-{frac}", args.seed)
     result = {"config": args.config, "settings": conf, "epochs": epochs, "seed": args.seed, "model": str(model),
+              "rate": values.get("rate"), "targets": values["targets"],
               "clean_control": args.clean_control,
               "threat_model": {"knn": strength.get("knn"), "clusters": strength.get("clusters"),
                                "flips": strength.get("flips")} if strength else None,
@@ -127,6 +145,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(work / "results.json", result)
     _print(result)
     return result
+
+
+def _recipe(conf: dict[str, Any]) -> dict[str, Any]:
+    """The threat model's ``PretrainConfig`` values of a configuration (``--scale paper``: MoCo v3, ViT-B)."""
+    return {k: conf[k] for k in ("arch", "image_size", "method", "batch_size") if k in conf}
+
+
+def _attack_values(preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The preset's ``PoisonConfig`` values; ``--data``/``--val`` (own data, e.g. ImageNet-100 on a GPU machine)
+    replace its paths, and then the shared data folder is not needed when ``--pair`` names a trigger file."""
+    if args.data and args.val and args.pair and not shared_data_root(args.shared_data).is_dir():
+        values = {**get_preset(preset).values, "targets": []}
+    else:
+        values = preset_values(preset, args.shared_data)
+    if args.data:
+        values.update(data=args.data, val=args.val or values["val"])
+    return values
 
 
 def _patched_val(val_patched: str | None, trigger: str, conf: dict[str, Any]) -> dict[str, Any]:
@@ -153,9 +188,8 @@ def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: 
     model = out / "encoder.safetensors"
     if not (out / "stages" / "pretrain.done").exists():
         _step(f"retrain-{method}", work, lambda: run_pretrain(PretrainConfig(
-            data=str(manifest), out=str(out), arch=conf["arch"], image_size=conf["image_size"], epochs=epochs,
-            seed=args.seed, quiet=True, store_cache=str(work / f"cache-{method}"),
-            resume=str(out) if (out / "last.pt").exists() else None, overwrite=True)), timings)
+            data=str(manifest), out=str(out), epochs=epochs, seed=args.seed, quiet=True, **_recipe(conf),
+            store_cache=str(work / f"cache-{method}"), resume=str(out) if (out / "last.pt").exists() else None, overwrite=True)), timings)
     strength = run_backdoor(EvalBackdoorConfig(
         model=str(model), data=val_spec, trigger=trigger, target=target, train=str(manifest), truth=truth,
         trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor"), seed=args.seed, quiet=True)) or {}
@@ -207,7 +241,13 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true", help="pretrain again on each cleaned manifest and probe it")
     ap.add_argument("--model", type=Path, default=None, help="threat model to use (skips pretraining)")
     ap.add_argument("--data-dir", type=Path, default=None, help="poisoned data made earlier by the same preset")
-    ap.add_argument("--scale", choices=["cpu", "paper"], default="cpu")
+    ap.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
+                    help="paper: the paper's pretraining recipe and detect defaults (GPU machines)")
+    ap.add_argument("--data", default=None, help="own training data instead of the preset's (with --val, --pair)")
+    ap.add_argument("--val", default=None, help="own validation data (labelled) instead of the preset's")
+    ap.add_argument("--rate", type=float, default=None, help="share of the target class poisoned (preset: 0.5)")
+    ap.add_argument("--pair", default=None, metavar="CLASS=TRIGGER",
+                    help="another trigger/target pair (a trigger file name is looked up beside the preset's)")
     run(ap.parse_args())
 
 
