@@ -67,25 +67,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     old = work / "results.json"
     timings: dict[str, float] = json.loads(old.read_text()).get("timings", {}) if old.exists() else {}
     values = _attack_values(conf["preset"], args)
-    if args.rate is not None:
-        values["rate"] = args.rate
-    if args.pair:
-        cls, trig = args.pair.split("=", 1)
-        trig_path = Path(trig)
-        if not trig_path.exists() and values["targets"]:       # a bare file name: beside the preset's trigger
-            trig_path = Path(values["targets"][0].split("=", 1)[1]).parent / trig
-        values["targets"] = [f"{cls}={trig_path}"]
     if args.clean_control:
         values["rate"] = None
         values["dataset_rate"] = None
     poisoned = args.data_dir or work / "data"
-    if not (poisoned / "summary.json").exists():
-        if args.clean_control:
-            train_spec, truth = values["data"], None
-        else:
-            _step("poison", work, lambda: poison_dataset(PoisonConfig(out=str(poisoned), seed=args.seed, **{
-                k: v for k, v in values.items() if k in PoisonConfig.__dataclass_fields__ and k != "seed"}),
-                quiet=True), timings)
+    if not args.clean_control and not (poisoned / "summary.json").exists():
+        _step("poison", work, lambda: poison_dataset(PoisonConfig(out=str(poisoned), seed=args.seed, **{
+            k: v for k, v in values.items() if k in PoisonConfig.__dataclass_fields__ and k != "seed"}),
+            quiet=True), timings)
     train_spec = values["data"] if args.clean_control else str(poisoned / "train")
     truth = None if args.clean_control else str(poisoned / "ground_truth.csv")
     val_spec, val_patched = values["val"], str(poisoned / "val_patched")
@@ -95,11 +84,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     target = values["targets"][0].split("=", 1)[0]
     patched = _patched_val(val_patched, trigger, conf)
 
-    model = args.model or work / "pretrain" / "encoder.safetensors"
-    if not model.exists():
+    pre = work / "pretrain"
+    model = args.model or pre / "encoder.safetensors"
+    if not args.model and not (pre / "stages" / "pretrain.done").exists():      # an interrupted run resumes
         _step("pretrain", work, lambda: run_pretrain(PretrainConfig(
-            data=train_spec, out=str(work / "pretrain"), epochs=epochs, seed=args.seed, quiet=True,
-            store_cache=str(work / "cache-train"), **_recipe(conf))), timings)
+            data=train_spec, out=str(pre), epochs=epochs, seed=args.seed, quiet=True,
+            store_cache=str(work / "cache-train"), resume=str(pre) if (pre / "last.pt").exists() else None,
+            overwrite=True, **_recipe(conf))), timings)
     strength = _step("backdoor", work, lambda: run_backdoor(EvalBackdoorConfig(
         model=str(model), data=val_spec, trigger=trigger, target=target, train=train_spec, truth=truth,
         trigger_size=conf["trigger_size_eval"], out=str(work / "backdoor"), seed=args.seed, quiet=True)), timings)
@@ -153,14 +144,23 @@ def _recipe(conf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _attack_values(preset: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The preset's ``PoisonConfig`` values; ``--data``/``--val`` (own data, e.g. ImageNet-100 on a GPU machine)
-    replace its paths, and then the shared data folder is not needed when ``--pair`` names a trigger file."""
+    """The preset's ``PoisonConfig`` values with the flags applied: ``--data``/``--val`` (own data, e.g. ImageNet-100
+    on a GPU machine; then the shared data folder is not needed when ``--pair`` names a trigger file), ``--rate``,
+    ``--pair CLASS=TRIGGER`` (a bare file name is looked up beside the preset's trigger)."""
     if args.data and args.val and args.pair and not shared_data_root(args.shared_data).is_dir():
         values = {**get_preset(preset).values, "targets": []}
     else:
         values = preset_values(preset, args.shared_data)
     if args.data:
         values.update(data=args.data, val=args.val or values["val"])
+    if args.rate is not None:
+        values["rate"] = args.rate
+    if args.pair:
+        cls, trig = args.pair.split("=", 1)
+        trig_path = Path(trig)
+        if not trig_path.exists() and values["targets"]:       # a bare file name: beside the preset's trigger
+            trig_path = Path(values["targets"][0].split("=", 1)[1]).parent / trig
+        values["targets"] = [f"{cls}={trig_path}"]
     return values
 
 

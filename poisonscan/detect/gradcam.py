@@ -46,6 +46,10 @@ def minmax_scale(maps: Tensor) -> Tensor:
     return out.view_as(maps)
 
 
+#: image sizes already warned about (a 1 x 1 Grad-CAM map); the search calls ``gradcam_maps`` once per round
+_WARNED_NO_LOCATION: set[int] = set()
+
+
 def gradcam_maps(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, runtime: rt.Runtime,
                  batch_size: int = 64, quiet: bool = True) -> tuple[Tensor, Tensor]:
     """Grad-CAM attention (float32 ``n x S x S`` in [0, 1]) toward each image's most similar centroid, and that
@@ -84,7 +88,8 @@ def gradcam_maps(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, 
                 act = captured[-1]
                 (grad,) = torch.autograd.grad(sims.gather(1, eta[:, None]).sum(), act)
                 a, g = _to_map(encoder, act.detach()).float(), _to_map(encoder, grad).float()
-                if start == 0 and a.shape[-2] * a.shape[-1] == 1:
+                if start == 0 and a.shape[-2] * a.shape[-1] == 1 and size not in _WARNED_NO_LOCATION:
+                    _WARNED_NO_LOCATION.add(size)       # once per image size, not once per search round
                     log.warning("Grad-CAM layer output is 1 x 1 at %d px: the attention map carries no location "
                                 "(candidate windows are arbitrary); use a larger --image-size", size)
                 cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))

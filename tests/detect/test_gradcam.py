@@ -92,3 +92,15 @@ def test_empty_input(runtime):
     clustering = Clustering(np.eye(2, 5, dtype=np.float32), np.zeros(2, np.int64), np.zeros(2, np.float32))
     att, boxes, eta = gradcam_candidates(enc, clustering, torch.zeros(0, 3, 32, 32, dtype=torch.uint8), 9, runtime)
     assert att.shape == (0, 32, 32) and boxes.shape == (0, 4) and eta.shape == (0,)
+
+
+def test_a_1x1_map_is_warned_about_once_per_image_size(runtime, caplog, monkeypatch):
+    import poisonscan.detect.gradcam as gc
+    monkeypatch.setattr(gc, "_WARNED_NO_LOCATION", set())
+    enc = create_encoder("resnet18", image_size=32)          # stride 32: a 1 x 1 last-stage map at 32 px
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    clustering = _random_centroids(2, enc.feature_dim)
+    with caplog.at_level("WARNING", logger=gc.log.name):
+        for _ in range(3):                                    # three search rounds
+            gradcam_maps(enc, clustering, images, runtime, batch_size=2)
+    assert sum("carries no location" in r.getMessage() for r in caplog.records) == 1

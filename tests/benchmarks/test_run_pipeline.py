@@ -1,0 +1,75 @@
+"""The end-to-end benchmark script's settings: presets, overrides for own data, the paper-scale recipe."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = importlib.util.spec_from_file_location("run_pipeline", ROOT / "benchmarks" / "run_pipeline.py")
+run_pipeline = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(run_pipeline)
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base = {"data": None, "val": None, "pair": None, "rate": None, "shared_data": None}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _shared(tmp_path: Path) -> Path:
+    root = tmp_path / "shared"
+    (root / "triggers").mkdir(parents=True)
+    (root / "triggers" / "trigger_10.png").write_bytes(b"")
+    return root
+
+
+def test_recipe_of_the_cpu_configs_and_of_paper_scale() -> None:
+    assert run_pipeline._recipe(run_pipeline.CONFIGS["cifar10"]) == {"arch": "resnet18", "image_size": 32}
+    paper = {**run_pipeline.CONFIGS["imagenette-96"], **run_pipeline.PAPER_SCALE["pretrain"]}
+    assert run_pipeline._recipe(paper) == {"arch": "vit_base_patch16_224", "image_size": 224, "method": "mocov3",
+                                           "batch_size": 1024}
+
+
+def test_cifar10_cpu_budget_lowers_only_the_search_size() -> None:
+    detect = run_pipeline.CONFIGS["cifar10"]["detect"]
+    assert set(detect) == {"clusters", "flip_size"}
+    assert "detect" not in run_pipeline.CONFIGS["imagenette-96"]      # paper defaults (capped at N / 50)
+
+
+def test_preset_paths_resolve_against_the_shared_root(tmp_path: Path) -> None:
+    root = _shared(tmp_path)
+    values = run_pipeline._attack_values("cifar10", _args(shared_data=str(root)))
+    assert values["data"] == str(root / "cifar10-wds/train-{000000..000009}.tar.gz")
+    assert values["targets"] == [f"0={root / 'triggers/trigger_10.png'}"]
+    assert values["rate"] == 0.5
+
+
+def test_own_data_replaces_the_preset_paths(tmp_path: Path) -> None:
+    root = _shared(tmp_path)
+    values = run_pipeline._attack_values("imagenette-96", _args(shared_data=str(root), data="/in100/train",
+                                                                 val="/in100/val"))
+    assert (values["data"], values["val"]) == ("/in100/train", "/in100/val")
+    assert values["targets"] == [f"6={root / 'triggers/trigger_10.png'}"]
+
+
+def test_own_data_with_a_trigger_file_needs_no_shared_folder(tmp_path: Path) -> None:
+    args = _args(shared_data=str(tmp_path / "absent"), data="/in100/train", val="/in100/val",
+                 pair=f"n02869837={tmp_path / 't.png'}")
+    values = run_pipeline._attack_values("imagenette-96", args)
+    assert values["data"] == "/in100/train" and values["targets"] == [f"n02869837={tmp_path / 't.png'}"]
+    assert values["trigger_size"] == pytest.approx(50 / 224)
+
+
+def test_without_own_data_a_missing_shared_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="shared data folder"):
+        run_pipeline._attack_values("cifar10", _args(shared_data=str(tmp_path / "absent")))
+
+
+def test_rate_and_a_pair_by_file_name_override_the_preset(tmp_path: Path) -> None:
+    root = _shared(tmp_path)
+    values = run_pipeline._attack_values("cifar10", _args(shared_data=str(root), rate=1.0, pair="3=trigger_12.png"))
+    assert values["rate"] == 1.0
+    assert values["targets"] == [f"3={root / 'triggers' / 'trigger_12.png'}"]
