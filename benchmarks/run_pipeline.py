@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["retrained"] = {"skipped": "nothing removed: retraining would repeat the threat model's run"}
         elif args.retrain and not args.clean_control:
             row["retrained"] = _retrain(args, conf, epochs, work, method, manifest, values, val_spec, patched,
-                                        trigger, target, truth, timings)
+                                        trigger, target, timings)
         rows[method] = row
 
     probes: dict[str, Any] = {}
@@ -182,7 +182,7 @@ def _probe(model: Path, values: dict[str, Any], val_spec: str, patched: dict[str
 
 def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: Path, method: str, manifest: Path,
              values: dict[str, Any], val_spec: str, patched: dict[str, Any], trigger: str, target: str,
-             truth: str | None, timings: dict[str, float]) -> dict[str, Any]:
+             timings: dict[str, float]) -> dict[str, Any]:
     """Pretrain on the cleaned manifest with the threat model's recipe, then measure its backdoor (k-NN, probe)."""
     out = work / f"retrain-{method}"
     model = out / "encoder.safetensors"
@@ -190,8 +190,8 @@ def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: 
         _step(f"retrain-{method}", work, lambda: run_pretrain(PretrainConfig(
             data=str(manifest), out=str(out), epochs=epochs, seed=args.seed, quiet=True, **_recipe(conf),
             store_cache=str(work / f"cache-{method}"), resume=str(out) if (out / "last.pt").exists() else None, overwrite=True)), timings)
-    strength = run_backdoor(EvalBackdoorConfig(
-        model=str(model), data=val_spec, trigger=trigger, target=target, train=str(manifest), truth=truth,
+    strength = run_backdoor(EvalBackdoorConfig(       # no truth: a manifest's ids are paths, not the source's ids
+        model=str(model), data=val_spec, trigger=trigger, target=target, train=str(manifest), truth=None,
         trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor"), seed=args.seed, quiet=True)) or {}
     probes = {str(frac): _probe(model, values, val_spec, patched, target, frac, out / f"probe-{frac}", args.seed)
               for frac in args.fractions}
