@@ -57,6 +57,22 @@ class GroundTruth:
     def index(self) -> dict[str, int]:
         return {sid: i for i, sid in enumerate(self.ids)}
 
+    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
+        """Truth row of each of ``ids`` (int64, ``-1`` where absent). An id the truth does not list as such matches
+        the longest truth id it ends with on a path boundary: a cleaned manifest names files by their full path
+        (``/data/poisoned/train/cat/x.png``) where the truth names them relative to the data root (``cat/x.png``)."""
+        index = self.index()
+        out = np.full(len(ids), -1, dtype=np.int64)
+        for i, sid in enumerate(ids):
+            row = index.get(sid)
+            parts = sid.replace("\\", "/").split("/")
+            for k in range(1, len(parts)):
+                if row is not None:
+                    break
+                row = index.get("/".join(parts[k:]))
+            out[i] = -1 if row is None else row
+        return out
+
 
 @dataclass
 class DetectRunScores:

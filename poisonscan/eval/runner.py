@@ -188,12 +188,12 @@ def run_backdoor(cfg: EvalBackdoorConfig) -> dict[str, Any] | None:
     tr = encode_source(encoder, train_src, name="train", **enc) if train_src is not None else None
     mask = None
     if gt is not None and tr is not None:
-        lookup = gt.index()
-        absent = [sid for sid in tr.ids if sid not in lookup]
-        if absent:
+        rows = gt.rows_of(tr.ids)            # a cleaned manifest's full paths match the truth's relative ids
+        if (rows < 0).any():
+            absent = [tr.ids[i] for i in np.flatnonzero(rows < 0)]
             raise UsageError(f"{len(absent)} training sample(s) are not in the ground truth {cfg.truth} "
                              f"(e.g. {absent[0]!r}): is it the truth of this data set?")
-        mask = np.array([gt.poisoned[lookup[sid]] for sid in tr.ids], dtype=bool)
+        mask = gt.poisoned[rows]
     result = backdoor_strength(
         encoder, tr.store if tr else None, va.store, trig, target, runtime, mask, k=cfg.k,
         temperature=cfg.temperature, trigger_size=cfg.trigger_size, margin=cfg.margin, seed=cfg.seed,

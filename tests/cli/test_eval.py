@@ -142,6 +142,21 @@ def test_backdoor_with_truth(model: Path, data: dict[str, Path], tmp_path: Path)
     assert res.exit_code == 2 and "not in the ground truth" in res.output
 
 
+def test_backdoor_of_a_cleaned_manifest_against_the_original_truth(model: Path, data: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """``clean`` writes full paths; the truth names files relative to the data root: they still match."""
+    ids = sorted(str(p.relative_to(data["train"])) for p in data["train"].rglob("*.png"))
+    truth = tmp_path / "truth.csv"
+    truth.write_text("sample_id,poisoned\n" + "".join(f"{i},{int(i in ('b/b1.png', 'b/b2.png'))}\n" for i in ids))
+    manifest = tmp_path / "clean.tsv"               # b/b1.png removed, b/b2.png missed
+    manifest.write_text("".join(f"{data['train'] / i}\t{int(i[0] == 'b')}\n" for i in ids if i != "b/b1.png"))
+    res = runner.invoke(app, ["eval", "backdoor", "--model", str(model), "--data", str(data["val"]), "--trigger",
+                              str(data["trigger"]), "--target", "b", "--train", str(manifest), "--truth", str(truth),
+                              "--k", "5", "--out", str(tmp_path / "bd"), "--device", "cpu", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["clusters"]["n_poisons"] == 1
+
+
 def test_backdoor_blend_and_ctrl_attacks(model: Path, data: dict[str, Path], tmp_path: Path) -> None:
     base = ["eval", "backdoor", "--model", str(model), "--data", str(data["val"]), "--target", "b", "--k", "3",
             "--device", "cpu", "--json", "--quiet"]

@@ -173,3 +173,12 @@ def test_removal_score_column_is_evaluated_when_present_and_null_for_older_runs(
     assert res["scores"]["classifier_prob"]["auroc"] == pytest.approx(20 / 21)
     assert res["per_target"][0]["removal_score"]["auroc"] == pytest.approx(1.0)
     assert "removal_score_hist.png" in detection_plots(run, truth)
+
+
+def test_truth_rows_match_full_paths_by_their_relative_id(tmp_path: Path) -> None:
+    truth_csv = tmp_path / "truth.csv"
+    truth_csv.write_text("sample_id,poisoned\ncat/x.png,1\ndog/x.png,0\nx.png,0\n")
+    truth = read_truth(truth_csv)
+    rows = truth.rows_of(["cat/x.png", "/data/poisoned/train/dog/x.png", "/elsewhere/cat/x.png", "/data/x.png",
+                          "bird/y.png", "C:\\data\\train\\cat\\x.png"])
+    assert rows.tolist() == [0, 1, 0, 2, -1, 0]
