@@ -86,11 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     pre = work / "pretrain"
     model = args.model or pre / "encoder.safetensors"
-    if not args.model and not (pre / "stages" / "pretrain.done").exists():      # an interrupted run resumes
-        _step("pretrain", work, lambda: run_pretrain(PretrainConfig(
-            data=train_spec, out=str(pre), epochs=epochs, seed=args.seed, quiet=True,
-            store_cache=str(work / "cache-train"), resume=str(pre) if (pre / "last.pt").exists() else None,
-            overwrite=True, **_recipe(conf))), timings)
+    if not args.model:
+        _pretrain("pretrain", train_spec, pre, work / "cache-train", conf, epochs, args.seed, work, timings)
     strength = _step("backdoor", work, lambda: run_backdoor(EvalBackdoorConfig(
         model=str(model), data=val_spec, trigger=trigger, target=target, train=train_spec, truth=truth,
         trigger_size=conf["trigger_size_eval"], out=str(work / "backdoor"), seed=args.seed, quiet=True)), timings)
@@ -118,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["retrained"] = {"skipped": "nothing removed: retraining would repeat the threat model's run"}
         elif args.retrain and not args.clean_control:
             row["retrained"] = _retrain(args, conf, epochs, work, method, manifest, values, val_spec, patched,
-                                        trigger, target, timings)
+                                        trigger, target, truth, timings)
         rows[method] = row
 
     probes: dict[str, Any] = {}
@@ -136,6 +133,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(work / "results.json", result)
     _print(result)
     return result
+
+
+def _pretrain(name: str, data: str, out: Path, cache: Path, conf: dict[str, Any], epochs: int, seed: int, work: Path,
+              timings: dict[str, float]) -> None:
+    """Pretrain with the configuration's recipe into ``out`` unless finished there; an interrupted run resumes."""
+    if (out / "stages" / "pretrain.done").exists():
+        return
+    _step(name, work, lambda: run_pretrain(PretrainConfig(
+        data=data, out=str(out), epochs=epochs, seed=seed, quiet=True, store_cache=str(cache),
+        resume=str(out) if (out / "last.pt").exists() else None, overwrite=True, **_recipe(conf))), timings)
 
 
 def _recipe(conf: dict[str, Any]) -> dict[str, Any]:
@@ -182,20 +189,18 @@ def _probe(model: Path, values: dict[str, Any], val_spec: str, patched: dict[str
 
 def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: Path, method: str, manifest: Path,
              values: dict[str, Any], val_spec: str, patched: dict[str, Any], trigger: str, target: str,
-             timings: dict[str, float]) -> dict[str, Any]:
+             truth: str | None, timings: dict[str, float]) -> dict[str, Any]:
     """Pretrain on the cleaned manifest with the threat model's recipe, then measure its backdoor (k-NN, probe)."""
     out = work / f"retrain-{method}"
     model = out / "encoder.safetensors"
-    if not (out / "stages" / "pretrain.done").exists():
-        _step(f"retrain-{method}", work, lambda: run_pretrain(PretrainConfig(
-            data=str(manifest), out=str(out), epochs=epochs, seed=args.seed, quiet=True, **_recipe(conf),
-            store_cache=str(work / f"cache-{method}"), resume=str(out) if (out / "last.pt").exists() else None, overwrite=True)), timings)
-    strength = run_backdoor(EvalBackdoorConfig(       # no truth: a manifest's ids are paths, not the source's ids
-        model=str(model), data=val_spec, trigger=trigger, target=target, train=str(manifest), truth=None,
+    _pretrain(f"retrain-{method}", str(manifest), out, work / f"cache-{method}", conf, epochs, args.seed, work,
+              timings)
+    strength = run_backdoor(EvalBackdoorConfig(        # truth: where the poisons the cleaning missed sit
+        model=str(model), data=val_spec, trigger=trigger, target=target, train=str(manifest), truth=truth,
         trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor"), seed=args.seed, quiet=True)) or {}
     probes = {str(frac): _probe(model, values, val_spec, patched, target, frac, out / f"probe-{frac}", args.seed)
               for frac in args.fractions}
-    return {"model": str(model), "knn": strength.get("knn"), "probe": probes}
+    return {"model": str(model), "knn": strength.get("knn"), "clusters": strength.get("clusters"), "probe": probes}
 
 
 def _num(value: Any) -> float:

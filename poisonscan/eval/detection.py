@@ -62,16 +62,13 @@ class GroundTruth:
         the longest truth id it ends with on a path boundary: a cleaned manifest names files by their full path
         (``/data/poisoned/train/cat/x.png``) where the truth names them relative to the data root (``cat/x.png``)."""
         index = self.index()
-        out = np.full(len(ids), -1, dtype=np.int64)
-        for i, sid in enumerate(ids):
-            row = index.get(sid)
+
+        def row_of(sid: str) -> int:
             parts = sid.replace("\\", "/").split("/")
-            for k in range(1, len(parts)):
-                if row is not None:
-                    break
-                row = index.get("/".join(parts[k:]))
-            out[i] = -1 if row is None else row
-        return out
+            suffixes = (sid, *("/".join(parts[k:]) for k in range(1, len(parts))))   # longest first
+            return next((index[s] for s in suffixes if s in index), -1)
+
+        return np.array([row_of(sid) for sid in ids], dtype=np.int64)
 
 
 @dataclass
