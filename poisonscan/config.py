@@ -142,7 +142,8 @@ class DetectConfig(CommonConfig):
     ensemble: int = 1
     threshold: float = 0.5              # removed = removal score > threshold
     neighbours: int = NEIGHBOURS_DEFAULT  # removal score = (P + support of this many feature neighbours) / 2; 0: P
-    min_evidence: float = 3.0
+    min_evidence: float = 3.0           # evidence gate: z of the top-k over random windows ...
+    min_effect: float = 0.1             # ... and the flip-set share they move beyond them (docs/benchmarks.md s. 2)
     force: bool = False
     fail_on: float | None = None
     batch_size: int = 256

@@ -86,6 +86,9 @@ def detect(
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
                                                                            "random windows to remove anything [3]."),
+    min_effect: float | None = typer.Option(None, "--min-effect", min=0.0, max=1.0,
+                                            help="Minimum share of the flip set the top-k move beyond random "
+                                                 "windows to remove anything [0.1]."),
     null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
                                                                           "test's null sample [256]."),
     feature_dtype: str | None = typer.Option(None, "--feature-dtype", help="Feature storage: float32 or float16 "
@@ -116,6 +119,7 @@ def detect(
         drop_top=drop_top, classifier_iters=classifier_iters,
         classifier_holdout=classifier_holdout, classifier_decoys=classifier_decoys,
         classifier_rounds=classifier_rounds, neighbours=neighbours, ensemble=ensemble, min_evidence=min_evidence,
+        min_effect=min_effect,
         null_size=null_size, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,

@@ -4,6 +4,12 @@ On a clean data set or a weak threat model the search still returns k "most pois
 something if their candidate windows move the flip test set much more than random windows of the same size do.
 The top-k are maxima over ``n_scored`` scored images, so they are compared with the same order statistics of the
 null: the median of the top-k of ``n_scored`` draws from the null scores, bootstrapped.
+
+Two numbers come out, and ``detect`` needs both (``--min-evidence``, ``--min-effect``): ``z``, how unlikely the top-k
+are under the null, and ``effect``, by how much: the share of the flip set the top-k move beyond what the null's
+top-k move. ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip most, so on a
+model trained on clean data it still finds windows a few flips stronger than any random draw, and with a tight null
+those few flips give z > 3 (docs/benchmarks.md section 2). A trigger moves a large share of the flip set.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     Returns ``topk_median`` (observed), ``null_median`` (median of the bootstrap top-k medians), ``z``
     (``(observed - bootstrap mean) / max(bootstrap std, 0.5)``: the floor keeps a near-constant null from turning a
     one-flip difference into a huge z), ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``),
+    ``effect`` (``(observed - null_median) / n_flip``: the flip-set share the top-k move beyond the null's top-k),
     ``best_flip_share`` (largest top-k score / ``n_flip``), ``null_size``, plus ``k``, ``n_scored``, ``n_boot``,
     ``boot_mean`` and ``boot_std``.
     """
@@ -72,11 +79,13 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     boot = bootstrap_topk_medians(null, n_draw, topk.size, n_boot, seed)
     observed = float(np.median(topk))
     mean, std = float(boot.mean()), float(boot.std())
+    null_median = float(np.median(boot))
     return {
         "topk_median": observed,
-        "null_median": float(np.median(boot)),
+        "null_median": null_median,
         "z": (observed - mean) / max(std, 0.5),
         "p_value": float((1 + int((boot >= observed).sum())) / (1 + n_boot)),
+        "effect": float((observed - null_median) / n_flip) if n_flip > 0 else 0.0,
         "best_flip_share": float(topk.max() / n_flip) if n_flip > 0 else 0.0,
         "null_size": int(null.size),
         "k": int(topk.size),
@@ -85,3 +94,23 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
         "boot_mean": mean,
         "boot_std": std,
     }
+
+
+def effect_of(ev: dict[str, Any]) -> float:
+    """``ev["effect"]``, or for an ``evidence.json`` written before it existed, computed from its fields."""
+    if "effect" in ev:
+        return float(ev["effect"])
+    n_flip = int(ev.get("n_flip") or 0)
+    return float((ev["topk_median"] - ev["null_median"]) / n_flip) if n_flip > 0 else 0.0
+
+
+def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float) -> tuple[bool, str]:
+    """Is there a backdoor signal? Both ``z >= min_evidence`` and ``effect >= min_effect``; and a one-line reason."""
+    z, effect = float(ev["z"]), effect_of(ev)
+    if z < min_evidence:
+        return False, f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}"
+    if effect < min_effect:
+        return False, (f"no backdoor signal: the top-k move {100 * effect:.1f}% of the flip set beyond random "
+                       f"windows, below the minimum effect {100 * min_effect:g}%")
+    return True, (f"backdoor signal: z = {z:.2f}, the top-k move {100 * effect:.1f}% of the flip set beyond random "
+                  f"windows")

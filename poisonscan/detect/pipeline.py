@@ -44,7 +44,7 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import ClassifierConfig, classifier_bytes, classifier_split, train_with_refinement
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
-from poisonscan.detect.evidence import backdoor_evidence, null_windows
+from poisonscan.detect.evidence import backdoor_evidence, effect_of, evidence_gate, null_windows
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
 from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
@@ -69,13 +69,13 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                "score_rule", "aggregate"),
     "evidence": ("null_size", "top_k"),
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
-                   "ensemble", "threshold", "min_evidence", "force"),
+                   "ensemble", "threshold", "min_evidence", "min_effect", "force"),
     "outputs": ("neighbours", "fail_on"),
 }
 
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
 #: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
-LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0}
+LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0}
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
                  "box_h", "classifier_prob", "neighbour_prob", "removal_score", "removed", "top_k_rank")
@@ -114,6 +114,7 @@ def validate_config(cfg: DetectConfig) -> None:
     need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
     need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
+    need(0.0 <= cfg.min_effect <= 1.0, "--min-effect must be in [0, 1] (a share of the flip set)")
 
 
 def fail_on_exceeded(fail_on: float | None, removed: int, scanned: int) -> bool:
@@ -425,6 +426,7 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
 
 def _load_evidence(ctx: _Ctx) -> None:
     ctx.evidence = ctx.run.read_json("evidence.json")
+    ctx.evidence["effect"] = effect_of(ctx.evidence)      # evidence.json of a run written before ``effect``
 
 
 def _boxes(ctx: _Ctx) -> dict[int, list[int]]:
@@ -433,12 +435,11 @@ def _boxes(ctx: _Ctx) -> dict[int, list[int]]:
 
 def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     cfg, n = ctx.cfg, len(ctx.store)
-    found = ctx.evidence["z"] >= cfg.min_evidence
+    found, reason = evidence_gate(ctx.evidence, cfg.min_evidence, cfg.min_effect)
     info: dict[str, Any] = {"trained": False, "ensemble": cfg.ensemble, "iterations": 0, "val_f1": None,
                             "threshold": cfg.threshold, "backdoor_found": bool(found),
-                            "forced": bool(cfg.force and not found)}
+                            "forced": bool(cfg.force and not found), "reason": reason}
     if not (found or cfg.force):
-        info["reason"] = "no backdoor signal"
         for stale in ("classifier.safetensors", "classifier_probs.npy"):
             ctx.run.file(stale).unlink(missing_ok=True)
         ctx.run.write_json("classifier.json", info)
@@ -527,8 +528,11 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
     top = [int(i) for i in ev["top_k"]]
     n, n_removed = len(store), int(removed.sum())
     found = bool(clf["backdoor_found"])
-    evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "best_flip_share", "null_size")}
-    evidence.update(min_evidence=cfg.min_evidence, backdoor_found=found, forced=bool(clf["forced"]))
+    evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
+                                   "null_size")}
+    evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
+                    forced=bool(clf["forced"]), reason=clf.get("reason") or evidence_gate(
+                        ev, cfg.min_evidence, cfg.min_effect)[1])
     meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}
     exit_code = 1 if fail_on_exceeded(cfg.fail_on, n_removed, n) else 0
     verdict = "backdoor signal found" if found else \

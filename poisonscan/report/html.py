@@ -244,8 +244,9 @@ def _verdict(summary: Mapping[str, Any]) -> str:
         text = f"Backdoor evidence found: {format_value(removed)} images removed{pct}."
         cls = "found"
     elif ev:
-        text = (f"No backdoor evidence: z = {format_value(ev.get('z'), 3)} is below the minimum "
-                f"{format_value(ev.get('min_evidence'), 3)}; {format_value(removed)} images removed{pct}.")
+        why = ev.get("reason") or (f"no backdoor evidence: z = {format_value(ev.get('z'), 3)} is below the minimum "
+                                   f"{format_value(ev.get('min_evidence'), 3)}")
+        text = f"{why[0].upper()}{why[1:]}; {format_value(removed)} images removed{pct}."
         cls = "clean"
     else:
         text, cls = f"{format_value(removed)} images removed{pct}.", "clean"
@@ -295,6 +296,8 @@ def _evidence(ev: Mapping[str, Any]) -> str:
     verdict = f'<span class="{"yes" if found else "no"}">{esc(format_value(found))}</span>'
     rows = [("backdoor found", verdict)]
     labels = [("z", "z"), ("p_value", "p-value"), ("min_evidence", "minimum evidence"),
+              ("effect", "effect (flip-set share beyond random windows)"), ("min_effect", "minimum effect"),
+              ("reason", "reason"),
               ("topk_median", "top-k median poison score"), ("null_median", "null median poison score"),
               ("null_size", "null size"), ("best_flip_share", "best flip share"), ("forced", "forced")]
     rows += [(label, esc(format_value(ev.get(key)))) for key, label in labels if key in ev]

@@ -214,11 +214,15 @@ def _evidence(ev: Mapping[str, Any]) -> Table:
         ("backdoor found", verdict),
         ("z", Text(f"{format_value(ev.get('z'), 3)}  (minimum evidence {format_value(ev.get('min_evidence'), 3)})")),
         ("p-value", ev.get("p_value")),
+        ("effect", Text(f"{format_value(ev.get('effect'), 3)}  (share of the flip set beyond random windows; "
+                        f"minimum {format_value(ev.get('min_effect'), 3)})")),
         ("top-k median score", ev.get("topk_median")),
         ("null median score", Text(f"{format_value(ev.get('null_median'))}  "
                                    f"(null size {format_value(ev.get('null_size'))})")),
         ("best flip share", ev.get("best_flip_share")),
     ]
+    if ev.get("reason"):
+        pairs.append(("reason", ev.get("reason")))
     return _kv_table("Evidence", pairs)
 
 

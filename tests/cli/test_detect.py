@@ -66,6 +66,7 @@ def test_min_evidence_removes_nothing_and_passes_fail_on(toy, tmp_path):
     (["--window", "sixty"], "--window"),
     (["--method", "gradcam"], "--method"),
     (["--mask-strategy", "diagonal"], "--mask-strategy"),
+    (["--min-effect", "2"], "--min-effect"),
 ])
 def test_usage_errors_exit_2(toy, tmp_path, extra, message):
     res = detect(toy, tmp_path / "c", *extra)
@@ -101,5 +102,6 @@ def test_parse_window():
 def test_help_lists_the_flags():
     res = runner.invoke(app, ["detect", "--help"])
     assert res.exit_code == 0
-    for flag in ("--model", "--method", "--fail-on", "--min-evidence", "--resume", "--window", "--json"):
+    for flag in ("--model", "--method", "--fail-on", "--min-evidence", "--min-effect", "--resume", "--window",
+                 "--json"):
         assert flag in res.stdout

@@ -175,14 +175,31 @@ def test_min_evidence_gate_and_force_on_resume(toy, tmp_path, runtime):
     assert not again["classifier"]["trained"] and not (run / "classifier.safetensors").exists()
 
 
+def test_min_effect_gate_and_its_change_on_resume(toy, tmp_path, runtime):
+    run = tmp_path / "effect"
+    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, classifier_iters=20), runtime, quiet=True)
+    ev = summary["evidence"]
+    assert ev["z"] >= 3 and ev["effect"] < 1.0 and ev["min_effect"] == 1.0      # significant, but under the bar
+    assert not ev["backdoor_found"] and "minimum effect 100%" in ev["reason"]
+    assert summary["counts"]["removed"] == 0 and not summary["classifier"]["trained"]
+    evidence_done = (run / "stages/evidence.done").read_text()
+    again = P.run_detect(small_cfg(toy, None, resume=str(run), classifier_iters=20), runtime, quiet=True)
+    assert (run / "stages/evidence.done").read_text() == evidence_done      # only the classifier and outputs rerun
+    assert again["evidence"]["backdoor_found"] and again["classifier"]["trained"]
+    assert again["evidence"]["effect"] == ev["effect"] and again["evidence"]["reason"].startswith("backdoor signal")
+    with pytest.raises(ConfigError, match="min-effect"):
+        P.run_detect(small_cfg(toy, tmp_path / "bad", min_effect=2.0), runtime, quiet=True)
+
+
 def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
     from poisonscan.config import config_to_dict
 
     new = config_to_dict(DetectConfig(data="d", model="m"))
-    saved = {k: v for k, v in new.items() if k not in ("classifier_decoys", "classifier_rounds", "neighbours")}
+    saved = {k: v for k, v in new.items() if k not in ("classifier_decoys", "classifier_rounds", "neighbours",
+                                                       "min_effect")}
     # written before decoys and refinement existed: it trained the paper's way, so today's default reruns it
     assert P._invalidated_stage(saved, new) == "classifier"
-    paper = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0}
+    paper = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0}
     assert P._invalidated_stage(saved, {**new, **paper}) is None
     assert P._invalidated_stage({**new, "neighbours": 0}, new) == "outputs"   # the decision only
     assert P._invalidated_stage(new, new) is None

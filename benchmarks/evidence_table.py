@@ -1,0 +1,101 @@
+"""The evidence test of every recorded detect run, and what today's gate decides for each (docs/benchmarks.md s. 2).
+
+    python benchmarks/evidence_table.py [--results benchmarks/results] [--min-evidence 3] [--min-effect 0.1]
+        [RUN_DIR_OR_JSON ...]
+
+Reads the ``evidence`` record of each detect summary (and of the ``detection`` rows of ``run_pipeline.py`` results)
+under ``--results`` plus any run folders or JSON files given, takes the flip-set size from the record (``n_flip``,
+``clusters.flip_set``, or the best top-k score over ``best_flip_share``), and prints ``z``, ``effect`` (the share of
+the flip set the top-k move beyond the null's top-k) and the gate's decision. A run recorded under several files
+(a summary copied into a results JSON) is listed once; ``*`` marks a flip-set size taken from a demo record's
+oracle test. Nothing is rerun: this reads what the runs measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from poisonscan.detect.evidence import evidence_gate
+
+
+def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:
+    """The flip-set size and where it came from (``*``: the demo's oracle test, one image per cluster like the
+    detect flip set at the capped cluster count, for demo records written before they carried it)."""
+    if ev.get("n_flip"):
+        return int(ev["n_flip"]), ""
+    if (record.get("clusters") or {}).get("flip_set"):
+        return int(record["clusters"]["flip_set"]), ""
+    scores = [int(t["poison_score"]) for t in record.get("top_k") or [] if "poison_score" in t]
+    if scores and ev.get("best_flip_share"):
+        return round(max(scores) / float(ev["best_flip_share"])), ""
+    oracle = ((record.get("threat_model") or {}).get("oracle_flips") or {}).get("flip_set")
+    if record.get("command") == "demo" and oracle:
+        return int(oracle), "*"
+    return None, ""
+
+
+def records(path: Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(name, evidence, record)`` of each detect run in a run folder or a JSON file."""
+    if path.is_dir():
+        ev_file, summary = path / "evidence.json", path / "summary.json"
+        if summary.exists():
+            s = json.loads(summary.read_text())
+            ev = {**(s.get("evidence") or {}), **(json.loads(ev_file.read_text()) if ev_file.exists() else {})}
+            yield str(path), ev, s
+        return
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        return
+    if isinstance(data.get("evidence"), dict) and "z" in data["evidence"]:
+        yield str(path), data["evidence"], data
+    for method, row in (data.get("detection") or {}).items():
+        if isinstance(row, dict) and isinstance(row.get("evidence"), dict):
+            yield f"{path}:{method}", row["evidence"], row
+
+
+def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dict[str, Any]]:
+    rows, seen = [], set()
+    for path in paths:
+        for name, ev, record in records(path):
+            n_flip, mark = _flip_size(ev, record)
+            if n_flip is None or "topk_median" not in ev:
+                continue
+            key = (round(float(ev["z"]), 6), float(ev["topk_median"]), float(ev["null_median"]), n_flip)
+            if key in seen:
+                continue
+            seen.add(key)
+            full = {**ev, "n_flip": n_flip}
+            full.pop("effect", None)                    # recompute from the record, the same way for every run
+            found, reason = evidence_gate(full, min_evidence, min_effect)
+            rows.append({"run": name + mark, "z": float(ev["z"]), "topk_median": float(ev["topk_median"]),
+                         "null_median": float(ev["null_median"]), "n_flip": n_flip,
+                         "effect": (float(ev["topk_median"]) - float(ev["null_median"])) / n_flip,
+                         "found_then": ev.get("backdoor_found"), "found_now": found, "reason": reason})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="*", type=Path)
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--min-evidence", type=float, default=3.0)
+    ap.add_argument("--min-effect", type=float, default=0.1)
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args()
+    paths = sorted(args.results.rglob("*.json")) + list(args.paths)
+    rows = table(paths, args.min_evidence, args.min_effect)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'run':<70}{'z':>7}{'top-k':>7}{'null':>7}{'flip':>6}{'effect':>8}  recorded  gate")
+    for r in sorted(rows, key=lambda r: r["effect"]):
+        then = "-" if r["found_then"] is None else "yes" if r["found_then"] else "no"
+        print(f"{r['run'][-70:]:<70}{r['z']:>7.2f}{r['topk_median']:>7.1f}{r['null_median']:>7.1f}{r['n_flip']:>6}"
+              f"{100 * r['effect']:>7.1f}%  {then:<8}  {'yes' if r['found_now'] else 'no'}")
+
+
+if __name__ == "__main__":
+    main()
