@@ -213,12 +213,13 @@ def _print(r: dict[str, Any]) -> None:
     print(f"\n{r['config']} (epochs {r['epochs']}, seed {r['seed']}{', clean control' if r['clean_control'] else ''})")
     print(f"threat model: k-NN acc {knn.get('accuracy')}, k-NN ASR {knn.get('asr')}, "
           f"purity {(tm.get('clusters') or {}).get('purity')}, oracle flips {(tm.get('flips') or {})}")
-    print(f"{'method':<12}{'removed':>8}{'recall':>8}{'prec':>8}{'AUROC':>8}{'top20':>8}{'z':>7}")
+    print(f"{'method':<12}{'removed':>8}{'recall':>8}{'prec':>8}{'AUROC':>8}{'top20':>8}{'z':>7}{'effect':>8}")
     for m, row in r["detection"].items():
         ev = row.get("evidence") or {}
         print(f"{m:<12}{row['removed']:>8}{row.get('recall', float('nan')):>8.3f}"
               f"{row.get('precision', float('nan')):>8.3f}{_num(row.get('auroc')):>8.3f}"
-              f"{_num(row.get('top20_trigger_accuracy')):>8.2f}{ev.get('z', float('nan')):>7.1f}")
+              f"{_num(row.get('top20_trigger_accuracy')):>8.2f}{ev.get('z', float('nan')):>7.1f}"
+              f"{_num(ev.get('effect')):>8.3f}")
     for k, p in r["probe"].items():
         print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']}")
     for m, row in r["detection"].items():

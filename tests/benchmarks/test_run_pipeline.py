@@ -73,3 +73,13 @@ def test_rate_and_a_pair_by_file_name_override_the_preset(tmp_path: Path) -> Non
     values = run_pipeline._attack_values("cifar10", _args(shared_data=str(root), rate=1.0, pair="3=trigger_12.png"))
     assert values["rate"] == 1.0
     assert values["targets"] == [f"3={root / 'triggers' / 'trigger_12.png'}"]
+
+
+def test_printed_table_has_z_and_effect(capsys: pytest.CaptureFixture[str]) -> None:
+    row = {"removed": 0, "evidence": {"z": 1.34, "effect": 0.02}}
+    old = {"removed": 5, "evidence": {"z": 3.6}}                  # a result written before ``effect``
+    run_pipeline._print({"config": "cifar10", "epochs": 15, "seed": 0, "clean_control": True, "threat_model": None,
+                         "detection": {"poisoncam": row, "patchsearch": old}, "probe": {}, "timings": {}})
+    out = capsys.readouterr().out.splitlines()
+    assert out[3].split()[-2:] == ["z", "effect"]
+    assert out[4].split()[-2:] == ["1.3", "0.020"] and out[5].split()[-2:] == ["3.6", "nan"]
