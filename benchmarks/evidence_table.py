@@ -1,12 +1,12 @@
 """The evidence test of every recorded detect run, and what today's gate decides for each (docs/benchmarks.md s. 2).
 
-    python benchmarks/evidence_table.py [--results benchmarks/results] [--min-evidence 3] [--min-effect 0.1]
+    python benchmarks/evidence_table.py [--results benchmarks/results] [--min-evidence 3] [--min-effect 0.15]
         [RUN_DIR_OR_JSON ...]
 
 Reads the ``evidence`` record of each detect summary (and of the ``detection`` rows of ``run_pipeline.py`` results)
 under ``--results`` plus any run folders or JSON files given, takes the flip-set size from the record (``n_flip``,
-``clusters.flip_set``, or the best top-k score over ``best_flip_share``), and prints ``z``, ``effect`` (the share of
-the flip set the top-k move beyond the null's top-k) and the gate's decision. A run recorded under several files
+``clusters.flip_set``, or the best top-k score over ``best_flip_share``), and prints ``z``, ``effect`` (of the flip-set images
+the null's top-k leave in place, the share the top-k move) and the gate's decision. A run recorded under several files
 (a summary copied into a results JSON) is listed once; ``*`` marks a flip-set size taken from a demo record's
 oracle test. Nothing is rerun: this reads what the runs measured.
 """
@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from poisonscan.detect.evidence import evidence_gate
+from poisonscan.config import DetectConfig
+from poisonscan.detect.evidence import effect_size, evidence_gate
 
 
 def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:
@@ -72,7 +73,7 @@ def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dic
             found, reason = evidence_gate(full, min_evidence, min_effect)
             rows.append({"run": name + mark, "z": float(ev["z"]), "topk_median": float(ev["topk_median"]),
                          "null_median": float(ev["null_median"]), "n_flip": n_flip,
-                         "effect": (float(ev["topk_median"]) - float(ev["null_median"])) / n_flip,
+                         "effect": effect_size(ev["topk_median"], ev["null_median"], n_flip),
                          "found_then": ev.get("backdoor_found"), "found_now": found, "reason": reason})
     return rows
 
@@ -81,8 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", type=Path)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--min-evidence", type=float, default=3.0)
-    ap.add_argument("--min-effect", type=float, default=0.1)
+    ap.add_argument("--min-evidence", type=float, default=DetectConfig.min_evidence)
+    ap.add_argument("--min-effect", type=float, default=DetectConfig.min_effect)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     paths = sorted(args.results.rglob("*.json")) + list(args.paths)

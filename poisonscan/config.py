@@ -143,7 +143,7 @@ class DetectConfig(CommonConfig):
     threshold: float = 0.5              # removed = removal score > threshold
     neighbours: int = NEIGHBOURS_DEFAULT  # removal score = (P + support of this many feature neighbours) / 2; 0: P
     min_evidence: float = 3.0           # evidence gate: z of the top-k over random windows ...
-    min_effect: float = 0.1             # ... and the flip-set share they move beyond them (docs/benchmarks.md s. 2)
+    min_effect: float = 0.15            # ... and the share of the images random windows leave that they move
     force: bool = False
     fail_on: float | None = None
     batch_size: int = 256

@@ -32,7 +32,7 @@ def print_demo_summary(s: dict[str, Any]) -> None:
               f"oracle flips {flips.get('changed', '-')}/{flips.get('flip_set', '-')}")
     found = "backdoor found" if ev.get("backdoor_found") else "NO backdoor signal"
     t.add_row("backdoor evidence", f"{found}: z = {ev.get('z', float('nan')):.1f}, p = {ev.get('p_value', 1):.3g}, "
-              f"top-k move {_pct(ev.get('effect'))} of the flip set beyond random windows, "
+              f"effect {_pct(ev.get('effect'))} (top-k vs random windows), "
               f"best candidate {_pct(ev.get('best_flip_share'))}")
     t.add_row("poisons found", f"{det['poisons_found']} of {s['planted']} (recall {_pct(det['recall'])})")
     t.add_row("clean images removed", f"{det['clean_removed']} (precision {_pct(det['precision'])}, "

@@ -87,8 +87,8 @@ def detect(
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
                                                                            "random windows to remove anything [3]."),
     min_effect: float | None = typer.Option(None, "--min-effect", min=0.0, max=1.0,
-                                            help="Minimum share of the flip set the top-k move beyond random "
-                                                 "windows to remove anything [0.1]."),
+                                            help="Minimum share of the flip-set images random windows leave in "
+                                                 "place that the top-k move, to remove anything [0.15]."),
     null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
                                                                           "test's null sample [256]."),
     feature_dtype: str | None = typer.Option(None, "--feature-dtype", help="Feature storage: float32 or float16 "

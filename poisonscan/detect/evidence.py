@@ -6,10 +6,11 @@ The top-k are maxima over ``n_scored`` scored images, so they are compared with 
 null: the median of the top-k of ``n_scored`` draws from the null scores, bootstrapped.
 
 Two numbers come out, and ``detect`` needs both (``--min-evidence``, ``--min-effect``): ``z``, how unlikely the top-k
-are under the null, and ``effect``, by how much: the share of the flip set the top-k move beyond what the null's
-top-k move. ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip most, so on a
-model trained on clean data it still finds windows a few flips stronger than any random draw, and with a tight null
-those few flips give z > 3 (docs/benchmarks.md section 2). A trigger moves a large share of the flip set.
+are under the null, and ``effect``, by how much: of the flip-set images the null's top-k leave in their cluster, the
+share the top-k move. ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip
+most, so on a model trained on clean data it still finds windows a few flips stronger than any random draw, and with
+a tight null those few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole
+flip set: at 32 px random windows already move up to 80% of it, which caps any excess (docs/benchmarks.md s. 2).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     Returns ``topk_median`` (observed), ``null_median`` (median of the bootstrap top-k medians), ``z``
     (``(observed - bootstrap mean) / max(bootstrap std, 0.5)``: the floor keeps a near-constant null from turning a
     one-flip difference into a huge z), ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``),
-    ``effect`` (``(observed - null_median) / n_flip``: the flip-set share the top-k move beyond the null's top-k),
+    ``effect`` (:func:`effect_size`: the share of the images the null's top-k leave unmoved that the top-k move),
     ``best_flip_share`` (largest top-k score / ``n_flip``), ``null_size``, plus ``k``, ``n_scored``, ``n_boot``,
     ``boot_mean`` and ``boot_std``.
     """
@@ -85,7 +86,7 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
         "null_median": null_median,
         "z": (observed - mean) / max(std, 0.5),
         "p_value": float((1 + int((boot >= observed).sum())) / (1 + n_boot)),
-        "effect": float((observed - null_median) / n_flip) if n_flip > 0 else 0.0,
+        "effect": effect_size(observed, null_median, n_flip),
         "best_flip_share": float(topk.max() / n_flip) if n_flip > 0 else 0.0,
         "null_size": int(null.size),
         "k": int(topk.size),
@@ -96,12 +97,18 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     }
 
 
+def effect_size(topk_median: float, null_median: float, n_flip: int) -> float:
+    """``(topk_median - null_median) / (n_flip - null_median)``: of the flip-set images the null's top-k leave in
+    their cluster, the share the top-k move (0 when the null already moves them all)."""
+    headroom = float(n_flip) - float(null_median)
+    return float((float(topk_median) - float(null_median)) / headroom) if headroom > 0 else 0.0
+
+
 def effect_of(ev: dict[str, Any]) -> float:
-    """``ev["effect"]``, or for an ``evidence.json`` written before it existed, computed from its fields."""
-    if "effect" in ev:
-        return float(ev["effect"])
-    n_flip = int(ev.get("n_flip") or 0)
-    return float((ev["topk_median"] - ev["null_median"]) / n_flip) if n_flip > 0 else 0.0
+    """The effect of an evidence record, computed from its fields (records written before ``effect`` have them)."""
+    if not ev.get("n_flip"):
+        return float(ev.get("effect", 0.0))
+    return effect_size(ev["topk_median"], ev["null_median"], int(ev["n_flip"]))
 
 
 def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float) -> tuple[bool, str]:
@@ -110,7 +117,7 @@ def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float) ->
     if z < min_evidence:
         return False, f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}"
     if effect < min_effect:
-        return False, (f"no backdoor signal: the top-k move {100 * effect:.1f}% of the flip set beyond random "
-                       f"windows, below the minimum effect {100 * min_effect:g}%")
-    return True, (f"backdoor signal: z = {z:.2f}, the top-k move {100 * effect:.1f}% of the flip set beyond random "
-                  f"windows")
+        return False, (f"no backdoor signal: the top-k move {100 * effect:.1f}% of the flip-set images random windows "
+                       f"leave in place, below the minimum effect {100 * min_effect:g}%")
+    return True, (f"backdoor signal: z = {z:.2f}, the top-k move {100 * effect:.1f}% of the flip-set images random "
+                  f"windows leave in place")

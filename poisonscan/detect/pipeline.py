@@ -114,7 +114,7 @@ def validate_config(cfg: DetectConfig) -> None:
     need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
     need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
-    need(0.0 <= cfg.min_effect <= 1.0, "--min-effect must be in [0, 1] (a share of the flip set)")
+    need(0.0 <= cfg.min_effect <= 1.0, "--min-effect must be in [0, 1] (a share of flip-set images)")
 
 
 def fail_on_exceeded(fail_on: float | None, removed: int, scanned: int) -> bool:
@@ -426,7 +426,7 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
 
 def _load_evidence(ctx: _Ctx) -> None:
     ctx.evidence = ctx.run.read_json("evidence.json")
-    ctx.evidence["effect"] = effect_of(ctx.evidence)      # evidence.json of a run written before ``effect``
+    ctx.evidence["effect"] = effect_of(ctx.evidence)      # an evidence.json written before today's ``effect``
 
 
 def _boxes(ctx: _Ctx) -> dict[int, list[int]]:

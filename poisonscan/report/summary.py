@@ -214,8 +214,8 @@ def _evidence(ev: Mapping[str, Any]) -> Table:
         ("backdoor found", verdict),
         ("z", Text(f"{format_value(ev.get('z'), 3)}  (minimum evidence {format_value(ev.get('min_evidence'), 3)})")),
         ("p-value", ev.get("p_value")),
-        ("effect", Text(f"{format_value(ev.get('effect'), 3)}  (share of the flip set beyond random windows; "
-                        f"minimum {format_value(ev.get('min_effect'), 3)})")),
+        ("effect", Text(f"{format_value(ev.get('effect'), 3)}  (share of the flip-set images random windows leave "
+                        f"in place that the top-k move; minimum {format_value(ev.get('min_effect'), 3)})")),
         ("top-k median score", ev.get("topk_median")),
         ("null median score", Text(f"{format_value(ev.get('null_median'))}  "
                                    f"(null size {format_value(ev.get('null_size'))})")),

@@ -38,16 +38,16 @@ def test_table_reads_summaries_pipeline_rows_and_run_folders(tmp_path: Path) -> 
     (run / "evidence.json").write_text(json.dumps({**_ev(5.2, 81.5, 70.0, False), "n_flip": 189}))
     (tmp_path / "not-a-run.json").write_text(json.dumps([1, 2]))
 
-    rows = evidence_table.table(sorted(tmp_path.glob("*.json")) + [run], 3.0, 0.1)
+    rows = evidence_table.table(sorted(tmp_path.glob("*.json")) + [run], 3.0, 0.15)
     by_run = {Path(r["run"].split(":")[0].rstrip("*")).name + (":" + r["run"].split(":")[1] if ":" in r["run"]
                                                               else ""): r for r in rows}
     assert set(by_run) == {"a-summary.json", "b.json:patchsearch", "c-demo.json", "run"}   # b's poisoncam = a's
     clean = by_run["a-summary.json"]
-    assert clean["n_flip"] == 189 and clean["effect"] == pytest.approx(6.5 / 189)
+    assert clean["n_flip"] == 189 and clean["effect"] == pytest.approx(6.5 / 114)
     assert clean["found_then"] is True and clean["found_now"] is False and "minimum effect" in clean["reason"]
     assert by_run["b.json:patchsearch"]["n_flip"] == 100 and not by_run["b.json:patchsearch"]["found_now"]
     demo_row = by_run["c-demo.json"]
-    assert demo_row["run"].endswith("*") and demo_row["effect"] == pytest.approx(0.205) and demo_row["found_now"]
-    assert by_run["run"]["effect"] == pytest.approx(11.5 / 189) and not by_run["run"]["found_now"]
+    assert demo_row["run"].endswith("*") and demo_row["effect"] == pytest.approx(20.5 / 55) and demo_row["found_now"]
+    assert by_run["run"]["effect"] == pytest.approx(11.5 / 119) and not by_run["run"]["found_now"]
     # a looser effect bar lets the clean-model record through on z alone
     assert any(r["found_now"] for r in evidence_table.table([tmp_path / "a-summary.json"], 3.0, 0.0))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_topk_medians, effect_of, evidence_gate,
-                                        null_windows)
+from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_topk_medians, effect_of, effect_size,
+                                        evidence_gate, null_windows)
 
 
 def test_null_windows_are_cut_from_the_images() -> None:
@@ -46,7 +46,7 @@ def test_clear_outlier_gives_small_p_and_large_z() -> None:
     assert ev["null_size"] == 400
     assert ev["null_median"] < 15  # top-20 of 2000 Poisson(3) draws sit around 7-8, not 3
     assert ev["null_median"] > float(np.median(null))
-    assert ev["effect"] == pytest.approx((60 - ev["null_median"]) / 100)
+    assert ev["effect"] == pytest.approx((60 - ev["null_median"]) / (100 - ev["null_median"]))
 
 
 def test_null_like_topk_is_not_significant() -> None:
@@ -95,18 +95,27 @@ def test_significant_but_small_effect_fails_the_gate() -> None:
     """The clean-model failure mode: a tight null, top-k a few flips above it: large z, small effect."""
     null = np.r_[np.full(250, 30.0), np.full(6, 75.0)]
     ev = backdoor_evidence(np.full(20, 81.0), null, n_scored=1500, n_flip=189, n_boot=300)
-    assert ev["z"] > 3 and ev["effect"] == pytest.approx((81 - 75) / 189)
-    found, reason = evidence_gate(ev, min_evidence=3.0, min_effect=0.1)
-    assert not found and "minimum effect 10%" in reason and "3.2%" in reason
+    assert ev["z"] > 3 and ev["effect"] == pytest.approx((81 - 75) / (189 - 75))
+    found, reason = evidence_gate(ev, min_evidence=3.0, min_effect=0.15)
+    assert not found and "minimum effect 15%" in reason and "5.3%" in reason
     assert evidence_gate(ev, min_evidence=3.0, min_effect=0.0)[0]
     strong = backdoor_evidence(np.full(20, 110.0), null, n_scored=1500, n_flip=189, n_boot=300)
-    found, reason = evidence_gate(strong, 3.0, 0.1)
-    assert found and reason.startswith("backdoor signal: z = ") and "18.5%" in reason
+    found, reason = evidence_gate(strong, 3.0, 0.15)
+    assert found and reason.startswith("backdoor signal: z = ") and "30.7%" in reason
+
+
+def test_effect_is_measured_against_the_headroom_the_null_leaves() -> None:
+    """At 32 px random windows move most of the flip set: 24 more flips of the 59 left is a large effect."""
+    assert effect_size(215, 191, 250) == pytest.approx(24 / 59)
+    assert effect_size(81.5, 75, 189) == pytest.approx(6.5 / 114)
+    assert effect_size(100, 100, 100) == 0.0 and effect_size(90, 95, 100) == pytest.approx(-1.0)
 
 
 def test_gate_reports_low_z_first_and_reads_old_evidence_files() -> None:
-    found, reason = evidence_gate({"z": 1.2, "effect": 0.5}, 3.0, 0.1)
+    found, reason = evidence_gate({"z": 1.2, "effect": 0.5}, 3.0, 0.15)
     assert not found and reason == "no backdoor signal: z = 1.20 is below the minimum evidence 3"
-    old = {"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 180}    # written before ``effect``
-    assert effect_of(old) == pytest.approx(0.2) and evidence_gate(old, 3.0, 0.1)[0]
-    assert effect_of({"z": 5.0, "topk_median": 1.0, "null_median": 0.0, "n_flip": 0}) == 0.0
+    old = {"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189}    # written before ``effect``
+    assert effect_of(old) == pytest.approx(0.3) and evidence_gate(old, 3.0, 0.15)[0]
+    # a record with the first (whole-flip-set) effect is recomputed from its fields
+    assert effect_of({**old, "effect": 36 / 189}) == pytest.approx(0.3)
+    assert effect_of({"z": 5.0, "topk_median": 1.0, "null_median": 0.0, "n_flip": 0, "effect": 0.25}) == 0.25
