@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from poisonscan.config import DetectConfig
-from poisonscan.detect.evidence import effect_size, evidence_gate
+from poisonscan.detect.evidence import effect_of, evidence_gate
 
 
 def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:
@@ -68,12 +68,11 @@ def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dic
             if key in seen:
                 continue
             seen.add(key)
-            full = {**ev, "n_flip": n_flip}
-            full.pop("effect", None)                    # recompute from the record, the same way for every run
+            full = {**ev, "n_flip": n_flip}             # effect_of recomputes the effect from these fields
             found, reason = evidence_gate(full, min_evidence, min_effect)
             rows.append({"run": name + mark, "z": float(ev["z"]), "topk_median": float(ev["topk_median"]),
                          "null_median": float(ev["null_median"]), "n_flip": n_flip,
-                         "effect": effect_size(ev["topk_median"], ev["null_median"], n_flip),
+                         "effect": effect_of(full),
                          "found_then": ev.get("backdoor_found"), "found_now": found, "reason": reason})
     return rows
 
