@@ -8,7 +8,10 @@ under ``--results`` plus any run folders or JSON files given, takes the flip-set
 ``clusters.flip_set``, or the best top-k score over ``best_flip_share``), and prints ``z``, ``effect`` (of the flip-set images
 the null's top-k leave in place, the share the top-k move) and the gate's decision. A run recorded under several files
 (a summary copied into a results JSON) is listed once; ``*`` marks a flip-set size taken from a demo record's
-oracle test. Nothing is rerun: this reads what the runs measured.
+oracle test. ``null`` says where the null's windows came from (``all`` images, or ``out``side the top-k's clusters,
+today's default) and ``scale`` how ``z`` was scaled (``std`` of the bootstrap, or ``c68``: half its central 68%
+interval, today's). A run folder whose ``evidence.json`` holds the raw scores is rescaled to today's ``z``; a summary
+keeps the ``z`` it recorded. Nothing is rerun: this reads what the runs measured.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from poisonscan.config import DetectConfig
-from poisonscan.detect.evidence import effect_of, evidence_gate
+from poisonscan.detect.evidence import effect_of, evidence_gate, upgrade_record
 
 
 def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:
@@ -45,36 +48,54 @@ def records(path: Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
         if summary.exists():
             s = json.loads(summary.read_text())
             ev = {**(s.get("evidence") or {}), **(json.loads(ev_file.read_text()) if ev_file.exists() else {})}
+            if ev_file.exists():
+                config = path / "config.json"
+                seed = json.loads(config.read_text()).get("seed", 0) if config.exists() else 0
+                ev = upgrade_record(ev, int(seed))
             yield str(path), ev, s
         return
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
         return
     if isinstance(data.get("evidence"), dict) and "z" in data["evidence"]:
-        yield str(path), data["evidence"], data
+        ev = data["evidence"]
+        if ev.get("null_scores"):                  # a raw evidence.json kept with its run's seed
+            ev = upgrade_record(ev, int((data.get("config") or {}).get("seed", 0)))
+        yield str(path), ev, data
     for method, row in (data.get("detection") or {}).items():
         if isinstance(row, dict) and isinstance(row.get("evidence"), dict):
             yield f"{path}:{method}", row["evidence"], row
 
 
 def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dict[str, Any]]:
-    rows, seen = [], set()
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in paths:
         for name, ev, record in records(path):
             n_flip, mark = _flip_size(ev, record)
             if n_flip is None or "topk_median" not in ev:
                 continue
-            key = (round(float(ev["z"]), 6), float(ev["topk_median"]), float(ev["null_median"]), n_flip)
-            if key in seen:
-                continue
-            seen.add(key)
+            # one run, recorded several times: the same top-k, null and flip set (a rescaled raw record wins)
+            key = (ev.get("null_pool", "all"), float(ev["topk_median"]), float(ev["null_median"]), n_flip,
+                   round(float(ev.get("p_value", -1.0)), 6))
             full = {**ev, "n_flip": n_flip}             # effect_of recomputes the effect from these fields
             found, reason = evidence_gate(full, min_evidence, min_effect)
-            rows.append({"run": name + mark, "z": float(ev["z"]), "topk_median": float(ev["topk_median"]),
-                         "null_median": float(ev["null_median"]), "n_flip": n_flip,
-                         "effect": effect_of(full),
-                         "found_then": ev.get("backdoor_found"), "found_now": found, "reason": reason})
-    return rows
+            row = {"run": name + mark, "z": float(ev["z"]), "topk_median": float(ev["topk_median"]),
+                   "null_median": float(ev["null_median"]), "n_flip": n_flip,
+                   "effect": effect_of(full), "null_pool": ev.get("null_pool", "all"),
+                   "z_scale": ev.get("z_scale", "std"),
+                   "found_then": ev.get("backdoor_found"), "found_now": found, "reason": reason}
+            if key in rows and rows[key]["z_scale"] == row["z_scale"] and abs(rows[key]["z"] - row["z"]) > 1e-6:
+                key = key + (round(row["z"], 6),)       # same numbers, same scale, another z: another run
+            if key in rows:
+                kept = rows[key]
+                if kept["z_scale"] == "std" and row["z_scale"] != "std":
+                    row["found_then"] = kept["found_then"] if row["found_then"] is None else row["found_then"]
+                    rows[key] = row
+                elif kept["found_then"] is None:
+                    kept["found_then"] = row["found_then"]
+                continue
+            rows[key] = row
+    return list(rows.values())
 
 
 def main() -> None:
@@ -90,11 +111,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'run':<70}{'z':>7}{'top-k':>7}{'null':>7}{'flip':>6}{'effect':>8}  recorded  gate")
+    print(f"{'run':<70}{'null':>5}{'scale':>6}{'z':>7}{'top-k':>7}{'null':>7}{'flip':>6}{'effect':>8}  recorded  gate")
     for r in sorted(rows, key=lambda r: r["effect"]):
         then = "-" if r["found_then"] is None else "yes" if r["found_then"] else "no"
-        print(f"{r['run'][-70:]:<70}{r['z']:>7.2f}{r['topk_median']:>7.1f}{r['null_median']:>7.1f}{r['n_flip']:>6}"
-              f"{100 * r['effect']:>7.1f}%  {then:<8}  {'yes' if r['found_now'] else 'no'}")
+        pool = "out" if r["null_pool"] == "outside-topk-clusters" else r["null_pool"]
+        scale = "c68" if r["z_scale"] == "central68" else r["z_scale"]
+        print(f"{r['run'][-70:]:<70}{pool:>5}{scale:>6}{r['z']:>7.2f}{r['topk_median']:>7.1f}{r['null_median']:>7.1f}"
+              f"{r['n_flip']:>6}{100 * r['effect']:>7.1f}%  {then:<8}  {'yes' if r['found_now'] else 'no'}")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,11 @@ def detect(
                                                  "place that the top-k move, to remove anything [0.15]."),
     null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
                                                                           "test's null sample [256]."),
+    null_pool: str | None = typer.Option(None, "--null-pool",
+                                         help="Where the null's random windows come from: all (every image) or "
+                                              "outside-topk-clusters (images outside the clusters the top-k come "
+                                              "from: fewer windows cut from poisons, but a lower null on clean "
+                                              "data; see docs/benchmarks.md 2b) [all]."),
     feature_dtype: str | None = typer.Option(None, "--feature-dtype", help="Feature storage: float32 or float16 "
                                                                             "(half the memory) [float32]."),
     force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
@@ -120,7 +125,7 @@ def detect(
         classifier_holdout=classifier_holdout, classifier_decoys=classifier_decoys,
         classifier_rounds=classifier_rounds, neighbours=neighbours, ensemble=ensemble, min_evidence=min_evidence,
         min_effect=min_effect,
-        null_size=null_size, feature_dtype=feature_dtype,
+        null_size=null_size, null_pool=null_pool, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,
         batch_size=batch_size, quiet=_flag(quiet))

@@ -11,6 +11,17 @@ share the top-k move. ``z`` alone is not enough: the search spends its rounds on
 most, so on a model trained on clean data it still finds windows a few flips stronger than any random draw, and with
 a tight null those few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole
 flip set: at 32 px random windows already move up to 80% of it, which caps any excess (docs/benchmarks.md s. 2).
+
+The null is contaminated by the attack itself: a random window cut from a poisoned image sometimes covers the
+trigger, and once about 1% of random windows do (k / ``n_scored``), the null's top-k are trigger windows too. On
+CIFAR-10 at rate 0.5 the two best of 256 random windows were cut from poisons and flipped 196-198 of 250; the top-k
+median of a resample then jumped between them and the rest, its standard deviation was 15, and a std-scaled z of 1.2
+hid a backdoor whose top-20 windows were all the trigger (docs/benchmarks.md s. 2b). ``z`` is therefore scaled by
+half the width of the bootstrap's central 68% interval, which a few stray resamples do not widen. The contamination
+still lowers the effect (25.9% there). ``null_pool="outside-topk-clusters"`` draws the null from images outside the
+top-k's clusters instead, which removes most poisons from it, but it is not the default: on a model trained on clean
+data those clusters hold the most potent natural windows, and leaving them out lowered the null enough to raise the
+effect over the bar (imagenette-96: 5.7% -> 16%, a false alarm).
 """
 
 from __future__ import annotations
@@ -25,17 +36,40 @@ from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.search import torch_generator
 
 _BOOT_CHUNK_ELEMS = 4_000_000
+NULL_POOLS = ("all", "outside-topk-clusters")
+Z_SCALE = "central68"  # how ``z`` is scaled; a record without this key was scaled by the bootstrap's std
 
 
-def null_windows(images_u8: Tensor, n: int, window: int, generator: torch.Generator | int) -> Tensor:
+def null_pool(labels: np.ndarray, top: np.ndarray | list[int], pool: str = "all") -> np.ndarray | None:
+    """The image indices null windows may come from: every image outside the clusters (``labels``) of the top-k
+    images ``top`` for ``"outside-topk-clusters"``; ``None`` (all images) for ``"all"``, or when excluding those
+    clusters would leave no image."""
+    if pool not in NULL_POOLS:
+        raise ValueError(f"null pool {pool!r}: choose one of {', '.join(NULL_POOLS)}")
+    if pool == "all":
+        return None
+    labels = np.asarray(labels)
+    keep = np.flatnonzero(~np.isin(labels, labels[np.asarray(top, dtype=np.int64)]))
+    return keep if keep.size else None
+
+
+def null_sources(n_images: int, n: int, generator: torch.Generator, pool: np.ndarray | None = None) -> Tensor:
+    """``n`` image indices drawn uniformly with replacement from ``pool`` (or from all ``n_images``)."""
+    if pool is None:
+        return torch.randint(0, n_images, (n,), generator=generator)
+    return torch.as_tensor(np.asarray(pool, dtype=np.int64))[torch.randint(0, len(pool), (n,), generator=generator)]
+
+
+def null_windows(images_u8: Tensor, n: int, window: int, generator: torch.Generator | int,
+                 pool: np.ndarray | None = None) -> Tensor:
     """``n`` random ``window x window`` patches (uint8 n x 3 x w x w), each cut at a uniform position fully inside an
-    image drawn uniformly (with replacement) from ``images_u8`` (N x 3 x S x S)."""
+    image drawn uniformly (with replacement) from ``images_u8`` (N x 3 x S x S), or from its rows ``pool``."""
     gen = torch_generator(generator)
     total, _, h, w = images_u8.shape
     if total == 0 or n <= 0:
         return torch.zeros(max(n, 0), 3, window, window, dtype=torch.uint8)
     win = min(int(window), h, w)
-    idx = torch.randint(0, total, (n,), generator=gen)
+    idx = null_sources(total, n, gen, pool)
     xs = torch.randint(0, w - win + 1, (n,), generator=gen)
     ys = torch.randint(0, h - win + 1, (n,), generator=gen)
     boxes = torch.stack([xs, ys, torch.full_like(xs, win), torch.full_like(xs, win)], dim=1)
@@ -62,11 +96,12 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     """How far the top-k poison scores stand above what random windows reach when picked the same way.
 
     Returns ``topk_median`` (observed), ``null_median`` (median of the bootstrap top-k medians), ``z``
-    (``(observed - bootstrap mean) / max(bootstrap std, 0.5)``: the floor keeps a near-constant null from turning a
-    one-flip difference into a huge z), ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``),
+    (``(observed - null_median) / max(scale, 0.5)`` with ``scale`` half the width of the bootstrap's central 68%
+    interval, the std of a normal; the floor keeps a near-constant null from turning a one-flip difference into a
+    huge z), ``z_scale``, ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``),
     ``effect`` (:func:`effect_size`: the share of the images the null's top-k leave unmoved that the top-k move),
     ``best_flip_share`` (largest top-k score / ``n_flip``), ``null_size``, plus ``k``, ``n_scored``, ``n_boot``,
-    ``boot_mean`` and ``boot_std``.
+    ``boot_mean``, ``boot_std`` and ``boot_scale``.
     """
     topk = np.asarray(topk_scores, dtype=np.float64).reshape(-1)
     null = np.asarray(null_scores, dtype=np.float64).reshape(-1)
@@ -81,10 +116,13 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     observed = float(np.median(topk))
     mean, std = float(boot.mean()), float(boot.std())
     null_median = float(np.median(boot))
+    low, high = np.quantile(boot, [0.158655, 0.841345])
+    scale = float(high - low) / 2
     return {
         "topk_median": observed,
         "null_median": null_median,
-        "z": (observed - mean) / max(std, 0.5),
+        "z": (observed - null_median) / max(scale, 0.5),
+        "z_scale": Z_SCALE,
         "p_value": float((1 + int((boot >= observed).sum())) / (1 + n_boot)),
         "effect": effect_size(observed, null_median, n_flip),
         "best_flip_share": float(topk.max() / n_flip) if n_flip > 0 else 0.0,
@@ -94,6 +132,7 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
         "n_boot": int(n_boot),
         "boot_mean": mean,
         "boot_std": std,
+        "boot_scale": scale,
     }
 
 
@@ -109,6 +148,20 @@ def effect_of(ev: dict[str, Any]) -> float:
     if not ev.get("n_flip"):
         return float(ev.get("effect", 0.0))
     return effect_size(ev["topk_median"], ev["null_median"], int(ev["n_flip"]))
+
+
+def upgrade_record(ev: dict[str, Any], seed: int) -> dict[str, Any]:
+    """An evidence record in today's terms: ``effect`` added, and ``z`` rescaled (:func:`backdoor_evidence` on the
+    record's own top-k and null scores) when it was written with the bootstrap's std as its scale."""
+    ev = dict(ev)
+    if "z_scale" not in ev and ev.get("null_scores") and ev.get("topk_scores") and ev.get("n_flip"):
+        redo = backdoor_evidence(np.asarray(ev["topk_scores"]), np.asarray(ev["null_scores"]),
+                                 int(ev.get("n_scored", len(ev["topk_scores"]))), int(ev["n_flip"]),
+                                 n_boot=int(ev.get("n_boot", 2000)), seed=seed)
+        ev.update({k: v for k, v in redo.items() if k not in ("k", "n_scored", "null_size")})
+        ev.setdefault("null_pool", "all")
+    ev["effect"] = effect_of(ev)
+    return ev
 
 
 def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float) -> tuple[bool, str]:

@@ -44,7 +44,8 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import ClassifierConfig, classifier_bytes, classifier_split, train_with_refinement
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
-from poisonscan.detect.evidence import backdoor_evidence, effect_of, evidence_gate, null_windows
+from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, null_pool, null_sources,
+                                        null_windows, upgrade_record)
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
 from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
@@ -67,7 +68,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "clusters": ("clusters", "seed"),
     "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
                "score_rule", "aggregate"),
-    "evidence": ("null_size", "top_k"),
+    "evidence": ("null_size", "null_pool", "top_k"),
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
                    "ensemble", "threshold", "min_evidence", "min_effect", "force"),
     "outputs": ("neighbours", "fail_on"),
@@ -98,6 +99,7 @@ def validate_config(cfg: DetectConfig) -> None:
     need(cfg.mask_strategy in STRATEGIES, f"--mask-strategy {cfg.mask_strategy}: choose one of "
                                           f"{', '.join(STRATEGIES)}")
     need(cfg.score_rule in RULES, f"score_rule {cfg.score_rule}: choose one of {', '.join(RULES)}")
+    need(cfg.null_pool in NULL_POOLS, f"--null-pool {cfg.null_pool}: choose one of {', '.join(NULL_POOLS)}")
     need(cfg.aggregate in AGGREGATES, f"aggregate {cfg.aggregate}: choose one of {', '.join(AGGREGATES)}")
     need(cfg.feature_dtype in FEATURE_DTYPES, f"--feature-dtype {cfg.feature_dtype}: choose one of "
                                               f"{', '.join(FEATURE_DTYPES)}")
@@ -160,6 +162,14 @@ def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None
     return None
 
 
+def _stale_stage(run: RunDir) -> str | None:
+    """``"classifier"`` when the run's evidence was written with the std-scaled ``z`` (before ``z_scale``): its gate
+    decision is taken again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
+    if run.stage_done("evidence") and run.exists("evidence.json") and "z_scale" not in run.read_json("evidence.json"):
+        return "classifier"
+    return None
+
+
 def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
     """Create the run folder, or reopen it for ``--resume`` and forget the stages whose settings changed.
 
@@ -171,7 +181,9 @@ def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
             raise UsageError(f"--resume {path}: not a detect run folder (no config.json)")
         run = RunDir(path)
         if runtime.is_main:
-            rerun = _invalidated_stage(run.read_json("config.json"), config_to_dict(cfg))
+            found = [s for s in (_invalidated_stage(run.read_json("config.json"), config_to_dict(cfg)),
+                                 _stale_stage(run)) if s is not None]
+            rerun = min(found, key=STAGES.index) if found else None
             if rerun is not None:
                 _clear_from(run, rerun)
     else:
@@ -408,16 +420,21 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     top = top_k(scores, cfg.top_k)
     gen = _torch_gen(cfg.seed, "null")
     images = ctx.store.images
+    labels = ctx.clustering.labels
+    pool = null_pool(labels, top, cfg.null_pool)   # None: all images
     if cfg.score_rule == "to_source":  # the null windows need their source image's cluster
-        src = torch.randint(0, len(images), (cfg.null_size,), generator=gen)
+        src = null_sources(len(images), cfg.null_size, gen, pool)
         patches = torch.cat([null_windows(images[int(i):int(i) + 1], 1, ctx.window, gen) for i in src])
-        sources = ctx.clustering.labels[src.numpy()]
+        sources = labels[src.numpy()]
     else:
-        patches, sources = null_windows(images, cfg.null_size, ctx.window, gen), None
+        patches, sources = null_windows(images, cfg.null_size, ctx.window, gen, pool), None
     null = _flip_scores(ctx, patches, sources, "null")
     n_flip = len(ctx.flip)
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
-    ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip)
+    excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
+    ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip,
+              null_pool=cfg.null_pool if pool is not None else "all", null_pool_size=len(pool) if pool is not None
+              else len(images), null_excluded_clusters=excluded)
     if ctx.runtime.is_main:
         ctx.run.write_json("evidence.json", ev)
     ctx.evidence = ev
@@ -425,8 +442,10 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
 
 
 def _load_evidence(ctx: _Ctx) -> None:
-    ctx.evidence = ctx.run.read_json("evidence.json")
-    ctx.evidence["effect"] = effect_of(ctx.evidence)      # an evidence.json written before today's ``effect``
+    saved = ctx.run.read_json("evidence.json")
+    ctx.evidence = upgrade_record(saved, ctx.cfg.seed)    # older records in today's terms (effect, z's scale)
+    if "z_scale" not in saved and "z_scale" in ctx.evidence and ctx.runtime.is_main:
+        ctx.run.write_json("evidence.json", ctx.evidence)
 
 
 def _boxes(ctx: _Ctx) -> dict[int, list[int]]:
@@ -530,6 +549,8 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
     found = bool(clf["backdoor_found"])
     evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
                                    "null_size")}
+    evidence.update({k: ev.get(k, d) for k, d in (("null_pool", "all"), ("null_pool_size", None),
+                                                  ("null_excluded_clusters", []), ("z_scale", "std"))})
     evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
                     forced=bool(clf["forced"]), reason=clf.get("reason") or evidence_gate(
                         ev, cfg.min_evidence, cfg.min_effect)[1])

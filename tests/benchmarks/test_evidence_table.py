@@ -51,3 +51,31 @@ def test_table_reads_summaries_pipeline_rows_and_run_folders(tmp_path: Path) -> 
     assert by_run["run"]["effect"] == pytest.approx(11.5 / 119) and not by_run["run"]["found_now"]
     # a looser effect bar lets the clean-model record through on z alone
     assert any(r["found_now"] for r in evidence_table.table([tmp_path / "a-summary.json"], 3.0, 0.0))
+
+
+def test_run_folder_with_raw_scores_is_rescaled_and_the_null_is_named(tmp_path: Path) -> None:
+    """An old evidence.json (std-scaled z, null from every image) is rescaled from its own scores; a new summary
+    says where its null came from."""
+    import numpy as np
+
+    from poisonscan.detect.evidence import backdoor_evidence
+
+    rng = np.random.default_rng(0)
+    null = np.r_[np.clip(rng.normal(55, 25, size=254).round(), 0, 135), 197.0, 198.0]
+    topk = np.full(20, 210.0)
+    today = backdoor_evidence(topk, null, n_scored=2028, n_flip=250, seed=2)
+    old = {k: v for k, v in today.items() if k not in ("z_scale", "boot_scale", "effect")}
+    old.update(z=1.2, topk_scores=topk.tolist(), null_scores=null.tolist(), n_flip=250, backdoor_found=False)
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"evidence": {**old, "null_scores": None}}))
+    (run / "evidence.json").write_text(json.dumps(old))
+    (run / "config.json").write_text(json.dumps({"seed": 2}))
+    new = {"command": "detect", "clusters": {"flip_set": 250},
+           "evidence": _ev(10.3, 210.0, 117.0, True, null_pool="outside-topk-clusters", z_scale="central68")}
+    (tmp_path / "new-summary.json").write_text(json.dumps(new))
+    rows = {Path(r["run"]).name: r for r in evidence_table.table([run, tmp_path / "new-summary.json"], 3.0, 0.15)}
+    assert rows["old"]["z"] == pytest.approx(today["z"]) and rows["old"]["z"] >= 3 and rows["old"]["found_now"]
+    assert rows["old"]["null_pool"] == "all" and rows["old"]["z_scale"] == "central68"
+    assert rows["old"]["found_then"] is False
+    assert rows["new-summary.json"]["null_pool"] == "outside-topk-clusters" and rows["new-summary.json"]["found_now"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_topk_medians, effect_of, effect_size,
-                                        evidence_gate, null_windows)
+                                        evidence_gate, null_pool, null_windows, upgrade_record)
 
 
 def test_null_windows_are_cut_from_the_images() -> None:
@@ -32,6 +32,18 @@ def test_null_windows_are_cut_from_the_images() -> None:
     assert len(sources) == n_img and len(xs) > 5 and len(ys) > 5
     again = null_windows(imgs, 50, w, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+    pooled = null_windows(imgs, 50, w, torch.Generator().manual_seed(0), pool=np.array([1, 4]))
+    assert {int(win[0, 0, 0]) for win in pooled} == {40, 160}        # only images 1 and 4
+
+
+def test_null_pool_leaves_out_the_top_k_clusters() -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2, 3])
+    out = "outside-topk-clusters"
+    assert null_pool(labels, [0, 3], out).tolist() == [4, 5, 6]      # clusters 0 and 1 hold the top-k
+    assert null_pool(labels, [0, 3]) is None and null_pool(labels, [0, 3], "all") is None   # the default: all
+    assert null_pool(labels, [0, 2, 4, 6], out) is None              # nothing left: every image
+    with pytest.raises(ValueError, match="null pool"):
+        null_pool(labels, [0], "near")
 
 
 def test_clear_outlier_gives_small_p_and_large_z() -> None:
@@ -65,7 +77,7 @@ def test_null_like_topk_is_not_significant() -> None:
     assert min(ps) > 0.02
 
 
-def test_constant_null_uses_std_floor() -> None:
+def test_constant_null_uses_the_scale_floor() -> None:
     ev = backdoor_evidence(np.array([2, 2, 1]), np.zeros(50), n_scored=10, n_flip=10, n_boot=100)
     assert ev["z"] == pytest.approx((ev["topk_median"] - 0.0) / 0.5)
     same = backdoor_evidence(np.zeros(3), np.zeros(50), n_scored=10, n_flip=10, n_boot=100)
@@ -82,6 +94,38 @@ def test_bootstrap_matches_order_statistics_and_is_seeded() -> None:
     # fewer scored images than k: the draw count is raised to k instead of failing
     small = backdoor_evidence(np.array([1, 2, 3]), null, n_scored=1, n_flip=10, n_boot=20)
     assert small["n_scored"] == 3
+
+
+def test_a_few_trigger_windows_in_the_null_do_not_hide_the_backdoor() -> None:
+    """The measured CIFAR-10 miss (trigger_12 -> cat): two of 256 random windows were cut from poisons and flipped
+    197 and 198 of 250; the top-k moved 210. The top-20 median of a 2,028-draw resample then jumps between the two
+    (about 197) and the rest (about 130), so the std is 15 and (210 - mean) / std was 1.2. Scaled by the central
+    68% interval the excess is clear, and the null drawn away from the top-k's clusters drops the two."""
+    rng = np.random.default_rng(0)
+    bulk = np.clip(rng.normal(55, 25, size=254).round(), 0, 135)
+    null = np.r_[bulk, 197.0, 198.0]
+    topk = np.array([221, 217, 215, 214, 213, 213, 212, 212, 210, 210, 210, 210, 209, 208, 208, 208, 208, 207, 207,
+                     207], dtype=np.float64)
+    ev = backdoor_evidence(topk, null, n_scored=2028, n_flip=250, n_boot=2000)
+    assert ev["boot_std"] > 10 and (ev["topk_median"] - ev["boot_mean"]) / ev["boot_std"] < 3   # the old z
+    assert ev["z"] >= 3 and ev["z_scale"] == "central68" and ev["p_value"] == pytest.approx(1 / 2001)
+    clean = backdoor_evidence(topk, bulk, n_scored=2028, n_flip=250, n_boot=2000)
+    assert clean["null_median"] < 150 < ev["null_median"] and clean["effect"] > 0.5 > ev["effect"]
+
+
+def test_old_records_are_rescaled_from_their_own_scores() -> None:
+    rng = np.random.default_rng(1)
+    null = np.r_[np.clip(rng.normal(55, 25, size=254).round(), 0, 135), 197.0, 198.0]
+    topk = np.full(20, 210.0)
+    new = backdoor_evidence(topk, null, n_scored=2028, n_flip=250, seed=3)
+    old = {k: v for k, v in new.items() if k not in ("z_scale", "boot_scale", "effect")}
+    old.update(z=1.2, topk_scores=topk.tolist(), null_scores=null.tolist(), n_flip=250, top_k=list(range(20)))
+    up = upgrade_record(old, seed=3)
+    assert up["z"] == pytest.approx(new["z"]) and up["z_scale"] == "central68" and up["null_pool"] == "all"
+    assert up["effect"] == pytest.approx(new["effect"]) and up["top_k"] == list(range(20)) and old["z"] == 1.2
+    assert upgrade_record(new, seed=99)["z"] == new["z"]                          # today's records stay as written
+    bare = upgrade_record({"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189}, seed=0)
+    assert bare["z"] == 5.0 and bare["effect"] == pytest.approx(0.3)             # no scores: only the effect
 
 
 def test_evidence_rejects_empty_inputs() -> None:

@@ -196,17 +196,63 @@ def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
 
     new = config_to_dict(DetectConfig(data="d", model="m"))
     saved = {k: v for k, v in new.items() if k not in ("classifier_decoys", "classifier_rounds", "neighbours",
-                                                       "min_effect")}
+                                                       "min_effect", "null_pool")}
     # written before decoys and refinement existed: it trained the paper's way, so today's default reruns it
     assert P._invalidated_stage(saved, new) == "classifier"
     paper = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0}
     assert P._invalidated_stage(saved, {**new, **paper}) is None
+    # written before the null pool existed: its null came from every image, today's default
+    assert P._invalidated_stage(saved, {**new, **paper, "null_pool": "outside-topk-clusters"}) == "evidence"
     assert P._invalidated_stage({**new, "neighbours": 0}, new) == "outputs"   # the decision only
     assert P._invalidated_stage(new, new) is None
     assert P._invalidated_stage(new, {**new, "classifier_rounds": 3}) == "classifier"
     assert P._invalidated_stage(new, {**new, "masks": 8, "classifier_rounds": 3}) == "search"
     # a key without a legacy entry counts as today's default
     assert P._invalidated_stage({k: v for k, v in new.items() if k != "null_size"}, new) is None
+
+
+def test_null_from_outside_the_top_k_clusters_and_back_to_all_on_resume(toy, tmp_path, runtime):
+    run = tmp_path / "pool"
+    assert DetectConfig().null_pool == "all"
+    summary = P.run_detect(small_cfg(toy, run, classifier_iters=20, null_pool="outside-topk-clusters"), runtime,
+                           quiet=True)
+    ev = json.loads((run / "evidence.json").read_text())
+    labels = np.load(run / "clusters.npz")["labels"]
+    top_clusters = sorted({int(labels[i]) for i in ev["top_k"]})
+    assert ev["null_pool"] == "outside-topk-clusters" and ev["null_excluded_clusters"] == top_clusters
+    assert ev["null_pool_size"] == int((~np.isin(labels, top_clusters)).sum()) < len(labels)
+    assert ev["z_scale"] == "central68"
+    s_ev = summary["evidence"]
+    assert s_ev["null_pool"] == "outside-topk-clusters" and s_ev["null_excluded_clusters"] == top_clusters
+    # the toy's poisons all sit in the top-k's clusters: the null holds no trigger window, so it stays far below
+    assert max(ev["null_scores"]) < min(ev["topk_scores"])
+    search_done = (run / "stages/search.done").read_text()
+    evidence_done = (run / "stages/evidence.done").read_text()
+    anywhere = P.run_detect(small_cfg(toy, None, resume=str(run), null_pool="all", classifier_iters=20), runtime,
+                            quiet=True)
+    assert (run / "stages/search.done").read_text() == search_done
+    assert (run / "stages/evidence.done").read_text() != evidence_done
+    assert anywhere["evidence"]["null_pool"] == "all" and anywhere["evidence"]["null_excluded_clusters"] == []
+    assert anywhere["evidence"]["null_pool_size"] == 200
+    with pytest.raises(ConfigError, match="null-pool"):
+        P.run_detect(small_cfg(toy, tmp_path / "bad", null_pool="nearby"), runtime, quiet=True)
+
+
+def test_an_old_std_scaled_record_is_rescaled_and_decided_again_on_resume(toy, tmp_path, runtime):
+    run = tmp_path / "old"
+    first = P.run_detect(small_cfg(toy, run, classifier_iters=20), runtime, quiet=True)
+    ev = json.loads((run / "evidence.json").read_text())
+    old = {k: v for k, v in ev.items() if k not in ("z_scale", "boot_scale", "effect")}
+    (run / "evidence.json").write_text(json.dumps({**old, "z": 0.4}))       # as written by the std-scaled version
+    search_done = (run / "stages/search.done").read_text()
+    classifier_done = (run / "stages/classifier.done").read_text()
+    again = P.run_detect(small_cfg(toy, None, resume=str(run), classifier_iters=20), runtime, quiet=True)
+    assert (run / "stages/search.done").read_text() == search_done
+    assert (run / "stages/classifier.done").read_text() != classifier_done        # the decision is taken again
+    assert again["evidence"]["z"] == pytest.approx(first["evidence"]["z"]) and again["evidence"]["backdoor_found"]
+    saved = json.loads((run / "evidence.json").read_text())
+    assert saved["z_scale"] == "central68" and saved["z"] == pytest.approx(ev["z"])   # rewritten once
+    assert P._stale_stage(P.RunDir(run)) is None
 
 
 def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, runtime):
