@@ -203,6 +203,13 @@ def _overview(summary: Mapping[str, Any]) -> Table:
     return _kv_table("Overview", pairs)
 
 
+def _null_from(ev: Mapping[str, Any]) -> str:
+    """Where the null's windows were cut, in words."""
+    if ev.get("null_pool") == "outside-topk-clusters":
+        return f"from images outside the top-k's {len(ev.get('null_excluded_clusters') or [])} clusters"
+    return "from all images"
+
+
 def _evidence(ev: Mapping[str, Any]) -> Table:
     found = ev.get("backdoor_found")
     verdict = Text("yes" if found else "no", style="bold red" if found else "bold green")
@@ -218,7 +225,7 @@ def _evidence(ev: Mapping[str, Any]) -> Table:
                         f"in place that the top-k move; minimum {format_value(ev.get('min_effect'), 3)})")),
         ("top-k median score", ev.get("topk_median")),
         ("null median score", Text(f"{format_value(ev.get('null_median'))}  "
-                                   f"(null size {format_value(ev.get('null_size'))})")),
+                                   f"(null size {format_value(ev.get('null_size'))}, {_null_from(ev)})")),
         ("best flip share", ev.get("best_flip_share")),
     ]
     if ev.get("reason"):

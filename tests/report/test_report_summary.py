@@ -28,6 +28,16 @@ def test_detect_summary_shows_every_section(fake_run) -> None:
         assert text in out, text
 
 
+def test_evidence_says_where_the_null_came_from(fake_run) -> None:
+    for extra, text in (({}, "from all images"),
+                        ({"null_pool": "outside-topk-clusters", "null_excluded_clusters": [3, 8]},
+                         "from images outside the top-k's 2 clusters")):
+        summary = dict(fake_run.summary, evidence={**fake_run.summary["evidence"], **extra})
+        console = _console()
+        print_detect_summary(summary, console)
+        assert text in console.export_text()
+
+
 def test_ids_are_not_parsed_as_markup(fake_run) -> None:
     summary = dict(fake_run.summary)
     summary["top_k"] = [dict(summary["top_k"][0], id=fake_run.markup_id)]
