@@ -8,10 +8,11 @@ under ``--results`` plus any run folders or JSON files given, takes the flip-set
 ``clusters.flip_set``, or the best top-k score over ``best_flip_share``), and prints ``z``, ``effect`` (of the flip-set images
 the null's top-k leave in place, the share the top-k move) and the gate's decision. A run recorded under several files
 (a summary copied into a results JSON) is listed once; ``*`` marks a flip-set size taken from a demo record's
-oracle test. ``null`` says where the null's windows came from (``all`` images, or ``out``side the top-k's clusters,
-today's default) and ``scale`` how ``z`` was scaled (``std`` of the bootstrap, or ``c68``: half its central 68%
-interval, today's). A run folder whose ``evidence.json`` holds the raw scores is rescaled to today's ``z``; a summary
-keeps the ``z`` it recorded. Nothing is rerun: this reads what the runs measured.
+oracle test. ``null`` says where the null's windows came from (``all`` images, the default, or ``out``side the
+top-k's clusters). ``z`` is today's (:func:`topk_z`: the gap over the top-k's own spread), recomputed from the
+record's top-k scores and null median wherever the record has them (``scale`` ``top``); ``std`` marks a record
+without top-k scores, which keeps the bootstrap-scaled ``z`` it recorded. Nothing is rerun: this reads what the runs
+measured.
 """
 
 from __future__ import annotations
@@ -48,23 +49,23 @@ def records(path: Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
         if summary.exists():
             s = json.loads(summary.read_text())
             ev = {**(s.get("evidence") or {}), **(json.loads(ev_file.read_text()) if ev_file.exists() else {})}
-            if ev_file.exists():
-                config = path / "config.json"
-                seed = json.loads(config.read_text()).get("seed", 0) if config.exists() else 0
-                ev = upgrade_record(ev, int(seed))
-            yield str(path), ev, s
+            yield str(path), upgrade_record(ev, _topk_scores(s)), s
         return
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
         return
     if isinstance(data.get("evidence"), dict) and "z" in data["evidence"]:
-        ev = data["evidence"]
-        if ev.get("null_scores"):                  # a raw evidence.json kept with its run's seed
-            ev = upgrade_record(ev, int((data.get("config") or {}).get("seed", 0)))
-        yield str(path), ev, data
+        yield str(path), upgrade_record(data["evidence"], _topk_scores(data)), data
     for method, row in (data.get("detection") or {}).items():
         if isinstance(row, dict) and isinstance(row.get("evidence"), dict):
-            yield f"{path}:{method}", row["evidence"], row
+            yield f"{path}:{method}", upgrade_record(row["evidence"], _topk_scores(row)), row
+
+
+def _topk_scores(record: dict[str, Any]) -> list[float] | None:
+    """The poison scores of a summary's top-k list (to recompute today's ``z`` where the evidence lacks them)."""
+    scores = [float(t["poison_score"]) for t in record.get("top_k") or []
+              if isinstance(t, dict) and t.get("poison_score") is not None]
+    return scores or None
 
 
 def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dict[str, Any]]:
@@ -115,7 +116,7 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: r["effect"]):
         then = "-" if r["found_then"] is None else "yes" if r["found_then"] else "no"
         pool = "out" if r["null_pool"] == "outside-topk-clusters" else r["null_pool"]
-        scale = "c68" if r["z_scale"] == "central68" else r["z_scale"]
+        scale = "top" if r["z_scale"] == "topk-spread" else r["z_scale"]
         print(f"{r['run'][-70:]:<70}{pool:>5}{scale:>6}{r['z']:>7.2f}{r['topk_median']:>7.1f}{r['null_median']:>7.1f}"
               f"{r['n_flip']:>6}{100 * r['effect']:>7.1f}%  {then:<8}  {'yes' if r['found_now'] else 'no'}")
 

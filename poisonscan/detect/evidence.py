@@ -12,16 +12,17 @@ most, so on a model trained on clean data it still finds windows a few flips str
 a tight null those few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole
 flip set: at 32 px random windows already move up to 80% of it, which caps any excess (docs/benchmarks.md s. 2).
 
-The null is contaminated by the attack itself: a random window cut from a poisoned image sometimes covers the
-trigger, and once about 1% of random windows do (k / ``n_scored``), the null's top-k are trigger windows too. On
-CIFAR-10 at rate 0.5 the two best of 256 random windows were cut from poisons and flipped 196-198 of 250; the top-k
-median of a resample then jumped between them and the rest, its standard deviation was 15, and a std-scaled z of 1.2
-hid a backdoor whose top-20 windows were all the trigger (docs/benchmarks.md s. 2b). ``z`` is therefore scaled by
-half the width of the bootstrap's central 68% interval, which a few stray resamples do not widen. The contamination
-still lowers the effect (25.9% there). ``null_pool="outside-topk-clusters"`` draws the null from images outside the
-top-k's clusters instead, which removes most poisons from it, but it is not the default: on a model trained on clean
-data those clusters hold the most potent natural windows, and leaving them out lowered the null enough to raise the
-effect over the bar (imagenette-96: 5.7% -> 16%, a false alarm).
+``z`` is the gap between the top-k median and the null's top-k median in units of the top-k's own spread
+(:func:`topk_z`). Without a backdoor the top-k are the upper tail of a continuous range of window potencies and the
+best random windows reach about as far: the gap is of the order of the tail's spread (at most 2.8 over 14 recorded
+runs without a learned backdoor). A trigger moves nearly the same flip images whichever poisoned image it is cut
+from, so its windows bunch together far above (3.8-36 over 11 learned backdoors). The first ``z`` divided by the
+spread of the bootstrap instead, and failed in both directions: a model trained on clean imagenette-96 passed it
+(3.8), and a null contaminated by the attack (random windows cut from poisons that cover the trigger) made the
+bootstrap lumpy and hid a CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; docs/benchmarks.md
+s. 2b). ``null_pool="outside-topk-clusters"`` draws the null from images outside the top-k's clusters, which keeps
+most poisons out of it; it is not the default, because on a model trained on clean data those clusters hold the most
+potent natural windows, and leaving them out lowered the null (imagenette-96: effect 5.7% -> 16%).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from poisonscan.detect.search import torch_generator
 
 _BOOT_CHUNK_ELEMS = 4_000_000
 NULL_POOLS = ("all", "outside-topk-clusters")
-Z_SCALE = "central68"  # how ``z`` is scaled; a record without this key was scaled by the bootstrap's std
+Z_SCALE = "topk-spread"  # how ``z`` is scaled; a record without this key was scaled by the bootstrap's std
 
 
 def null_pool(labels: np.ndarray, top: np.ndarray | list[int], pool: str = "all") -> np.ndarray | None:
@@ -96,12 +97,11 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     """How far the top-k poison scores stand above what random windows reach when picked the same way.
 
     Returns ``topk_median`` (observed), ``null_median`` (median of the bootstrap top-k medians), ``z``
-    (``(observed - null_median) / max(scale, 0.5)`` with ``scale`` half the width of the bootstrap's central 68%
-    interval, the std of a normal; the floor keeps a near-constant null from turning a one-flip difference into a
-    huge z), ``z_scale``, ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``),
+    (:func:`topk_z`), ``z_scale``, ``topk_spread``, ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``; the
+    bootstrap cannot exceed the null's maximum, so it is small whenever the top-k pass the best random windows),
     ``effect`` (:func:`effect_size`: the share of the images the null's top-k leave unmoved that the top-k move),
     ``best_flip_share`` (largest top-k score / ``n_flip``), ``null_size``, plus ``k``, ``n_scored``, ``n_boot``,
-    ``boot_mean``, ``boot_std`` and ``boot_scale``.
+    ``boot_mean`` and ``boot_std``.
     """
     topk = np.asarray(topk_scores, dtype=np.float64).reshape(-1)
     null = np.asarray(null_scores, dtype=np.float64).reshape(-1)
@@ -116,13 +116,12 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     observed = float(np.median(topk))
     mean, std = float(boot.mean()), float(boot.std())
     null_median = float(np.median(boot))
-    low, high = np.quantile(boot, [0.158655, 0.841345])
-    scale = float(high - low) / 2
     return {
         "topk_median": observed,
         "null_median": null_median,
-        "z": (observed - null_median) / max(scale, 0.5),
+        "z": topk_z(topk, null_median),
         "z_scale": Z_SCALE,
+        "topk_spread": topk_spread(topk),
         "p_value": float((1 + int((boot >= observed).sum())) / (1 + n_boot)),
         "effect": effect_size(observed, null_median, n_flip),
         "best_flip_share": float(topk.max() / n_flip) if n_flip > 0 else 0.0,
@@ -132,8 +131,20 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
         "n_boot": int(n_boot),
         "boot_mean": mean,
         "boot_std": std,
-        "boot_scale": scale,
     }
+
+
+def topk_spread(topk_scores: np.ndarray | list[float]) -> float:
+    """The spread of the top-k scores: their interquartile range / 1.349 (a normal's standard deviation)."""
+    q25, q75 = np.quantile(np.asarray(topk_scores, dtype=np.float64), [0.25, 0.75])
+    return float(q75 - q25) / 1.349
+
+
+def topk_z(topk_scores: np.ndarray | list[float], null_median: float) -> float:
+    """``(median of the top-k - null_median) / max(topk_spread, 0.5)``: how many of their own spreads the top-k stand
+    above the best random windows (the floor keeps k equal scores from turning a one-flip gap into a huge z)."""
+    top = np.asarray(topk_scores, dtype=np.float64)
+    return float((np.median(top) - float(null_median)) / max(topk_spread(top), 0.5))
 
 
 def effect_size(topk_median: float, null_median: float, n_flip: int) -> float:
@@ -150,16 +161,14 @@ def effect_of(ev: dict[str, Any]) -> float:
     return effect_size(ev["topk_median"], ev["null_median"], int(ev["n_flip"]))
 
 
-def upgrade_record(ev: dict[str, Any], seed: int) -> dict[str, Any]:
-    """An evidence record in today's terms: ``effect`` added, and ``z`` rescaled (:func:`backdoor_evidence` on the
-    record's own top-k and null scores) when it was written with the bootstrap's std as its scale."""
+def upgrade_record(ev: dict[str, Any], topk_scores: list[float] | None = None) -> dict[str, Any]:
+    """An evidence record in today's terms: ``effect`` added, and ``z`` recomputed (:func:`topk_z`) from the record's
+    top-k scores (or ``topk_scores``, e.g. a summary's top-k list) and null median when it was scaled otherwise."""
     ev = dict(ev)
-    if "z_scale" not in ev and ev.get("null_scores") and ev.get("topk_scores") and ev.get("n_flip"):
-        redo = backdoor_evidence(np.asarray(ev["topk_scores"]), np.asarray(ev["null_scores"]),
-                                 int(ev.get("n_scored", len(ev["topk_scores"]))), int(ev["n_flip"]),
-                                 n_boot=int(ev.get("n_boot", 2000)), seed=seed)
-        ev.update({k: v for k, v in redo.items() if k not in ("k", "n_scored", "null_size")})
-        ev.setdefault("null_pool", "all")
+    scores = ev.get("topk_scores") or topk_scores
+    whole = bool(scores) and float(np.median(scores)) == float(ev.get("topk_median", np.nan))  # not a cut list
+    if ev.get("z_scale") != Z_SCALE and whole and "null_median" in ev:
+        ev.update(z=topk_z(scores, ev["null_median"]), z_scale=Z_SCALE, topk_spread=topk_spread(scores))
     ev["effect"] = effect_of(ev)
     return ev
 

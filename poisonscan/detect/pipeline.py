@@ -44,8 +44,8 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import ClassifierConfig, classifier_bytes, classifier_split, train_with_refinement
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
-from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, null_pool, null_sources,
-                                        null_windows, upgrade_record)
+from poisonscan.detect.evidence import (NULL_POOLS, Z_SCALE, backdoor_evidence, evidence_gate, null_pool,
+                                        null_sources, null_windows, upgrade_record)
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
 from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
@@ -163,10 +163,12 @@ def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None
 
 
 def _stale_stage(run: RunDir) -> str | None:
-    """``"classifier"`` when the run's evidence was written with the std-scaled ``z`` (before ``z_scale``): its gate
-    decision is taken again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
-    if run.stage_done("evidence") and run.exists("evidence.json") and "z_scale" not in run.read_json("evidence.json"):
-        return "classifier"
+    """``"classifier"`` when the run's evidence was written with another ``z`` than today's: its gate decision is
+    taken again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
+    if run.stage_done("evidence") and run.exists("evidence.json"):
+        ev = run.read_json("evidence.json")
+        if ev.get("z_scale") != Z_SCALE and ev.get("topk_scores"):
+            return "classifier"
     return None
 
 
@@ -443,8 +445,8 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
 
 def _load_evidence(ctx: _Ctx) -> None:
     saved = ctx.run.read_json("evidence.json")
-    ctx.evidence = upgrade_record(saved, ctx.cfg.seed)    # older records in today's terms (effect, z's scale)
-    if "z_scale" not in saved and "z_scale" in ctx.evidence and ctx.runtime.is_main:
+    ctx.evidence = upgrade_record(saved)    # older records in today's terms (effect, z's scale)
+    if saved.get("z_scale") != ctx.evidence.get("z_scale") and ctx.runtime.is_main:
         ctx.run.write_json("evidence.json", ctx.evidence)
 
 
@@ -550,7 +552,8 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
     evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
                                    "null_size")}
     evidence.update({k: ev.get(k, d) for k, d in (("null_pool", "all"), ("null_pool_size", None),
-                                                  ("null_excluded_clusters", []), ("z_scale", "std"))})
+                                                  ("null_excluded_clusters", []), ("z_scale", "std"),
+                                                  ("topk_spread", None))})
     evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
                     forced=bool(clf["forced"]), reason=clf.get("reason") or evidence_gate(
                         ev, cfg.min_evidence, cfg.min_effect)[1])

@@ -53,29 +53,32 @@ def test_table_reads_summaries_pipeline_rows_and_run_folders(tmp_path: Path) -> 
     assert any(r["found_now"] for r in evidence_table.table([tmp_path / "a-summary.json"], 3.0, 0.0))
 
 
-def test_run_folder_with_raw_scores_is_rescaled_and_the_null_is_named(tmp_path: Path) -> None:
-    """An old evidence.json (std-scaled z, null from every image) is rescaled from its own scores; a new summary
-    says where its null came from."""
-    import numpy as np
+def test_old_records_get_today_z_from_their_top_k_and_the_null_is_named(tmp_path: Path) -> None:
+    """An old evidence.json (bootstrap-scaled z) and an old summary with a top-k list both get today's z; a record
+    without top-k scores keeps its own; a new summary says where its null came from."""
+    from poisonscan.detect.evidence import topk_z
 
-    from poisonscan.detect.evidence import backdoor_evidence
-
-    rng = np.random.default_rng(0)
-    null = np.r_[np.clip(rng.normal(55, 25, size=254).round(), 0, 135), 197.0, 198.0]
-    topk = np.full(20, 210.0)
-    today = backdoor_evidence(topk, null, n_scored=2028, n_flip=250, seed=2)
-    old = {k: v for k, v in today.items() if k not in ("z_scale", "boot_scale", "effect")}
-    old.update(z=1.2, topk_scores=topk.tolist(), null_scores=null.tolist(), n_flip=250, backdoor_found=False)
+    topk = [221, 217, 215, 214, 213, 213, 212, 212, 210, 210, 210, 210, 209, 208, 208, 208, 208, 207, 207, 207]
+    old = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250, "topk_scores": topk,
+           "backdoor_found": False}
     run = tmp_path / "old"
     run.mkdir()
-    (run / "summary.json").write_text(json.dumps({"evidence": {**old, "null_scores": None}}))
+    (run / "summary.json").write_text(json.dumps({"evidence": {k: v for k, v in old.items() if k != "topk_scores"}}))
     (run / "evidence.json").write_text(json.dumps(old))
-    (run / "config.json").write_text(json.dumps({"seed": 2}))
+    listed = {"command": "detect", "clusters": {"flip_set": 189}, "evidence": _ev(3.84, 81.5, 75.0, True),
+              "top_k": [{"poison_score": v} for v in (105, 89, 89, 89, 89, 85, 85, 84, 83, 82, 81, 79, 78, 78, 76,
+                                                      76, 75, 74, 74, 74)]}
+    (tmp_path / "listed-summary.json").write_text(json.dumps(listed))
+    bare = {"command": "detect", "clusters": {"flip_set": 100}, "evidence": _ev(5.18, 74.0, 46.0, True)}
+    (tmp_path / "bare-summary.json").write_text(json.dumps(bare))
     new = {"command": "detect", "clusters": {"flip_set": 250},
-           "evidence": _ev(10.3, 210.0, 117.0, True, null_pool="outside-topk-clusters", z_scale="central68")}
+           "evidence": _ev(25.1, 210.0, 117.0, True, null_pool="outside-topk-clusters", z_scale="topk-spread")}
     (tmp_path / "new-summary.json").write_text(json.dumps(new))
-    rows = {Path(r["run"]).name: r for r in evidence_table.table([run, tmp_path / "new-summary.json"], 3.0, 0.15)}
-    assert rows["old"]["z"] == pytest.approx(today["z"]) and rows["old"]["z"] >= 3 and rows["old"]["found_now"]
-    assert rows["old"]["null_pool"] == "all" and rows["old"]["z_scale"] == "central68"
-    assert rows["old"]["found_then"] is False
-    assert rows["new-summary.json"]["null_pool"] == "outside-topk-clusters" and rows["new-summary.json"]["found_now"]
+    paths = [run] + sorted(tmp_path.glob("*-summary.json"))
+    rows = {Path(r["run"]).name: r for r in evidence_table.table(paths, 3.0, 0.15)}
+    assert rows["old"]["z"] == pytest.approx(topk_z(topk, 196.0)) and rows["old"]["z"] >= 3
+    assert rows["old"]["found_now"] and rows["old"]["found_then"] is False and rows["old"]["z_scale"] == "topk-spread"
+    assert rows["listed-summary.json"]["z"] < 1 and not rows["listed-summary.json"]["found_now"]
+    assert rows["bare-summary.json"]["z"] == 5.18 and rows["bare-summary.json"]["z_scale"] == "std"
+    assert rows["old"]["null_pool"] == "all" and rows["new-summary.json"]["null_pool"] == "outside-topk-clusters"
+    assert rows["new-summary.json"]["z"] == 25.1 and rows["new-summary.json"]["found_now"]
