@@ -84,8 +84,9 @@ def detect(
              "neighbours in the threat model's feature space (their mean probability above the data set's flag "
              "rate) [10; 0 = the probability alone, the paper's decision]."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
-    min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z of the top-k scores over "
-                                                                           "random windows to remove anything [3]."),
+    min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z (the top-k median's gap over "
+                                                                           "random windows, in units of the top-k's "
+                                                                           "spread) to remove anything [3]."),
     min_effect: float | None = typer.Option(None, "--min-effect", min=0.0, max=1.0,
                                             help="Minimum share of the flip-set images random windows leave in "
                                                  "place that the top-k move, to remove anything [0.15]."),

@@ -14,9 +14,9 @@ flip set: at 32 px random windows already move up to 80% of it, which caps any e
 
 ``z`` is the gap between the top-k median and the null's top-k median in units of the top-k's own spread
 (:func:`topk_z`). Without a backdoor the top-k are the upper tail of a continuous range of window potencies and the
-best random windows reach about as far: the gap is of the order of the tail's spread (at most 2.8 over 14 recorded
-runs without a learned backdoor). A trigger moves nearly the same flip images whichever poisoned image it is cut
-from, so its windows bunch together far above (3.8-36 over 11 learned backdoors). The first ``z`` divided by the
+best random windows reach about as far: the gap is of the order of the tail's spread (at most 2.8 over 12 recorded
+scans without a learned backdoor). A trigger moves nearly the same flip images whichever poisoned image it is cut
+from, so its windows bunch together far above (3.8-36 over 13 scans of learned backdoors). The first ``z`` divided by the
 spread of the bootstrap instead, and failed in both directions: a model trained on clean imagenette-96 passed it
 (3.8), and a null contaminated by the attack (random windows cut from poisons that cover the trigger) made the
 bootstrap lumpy and hid a CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; docs/benchmarks.md
