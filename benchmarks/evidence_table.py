@@ -9,9 +9,9 @@ under ``--results`` plus any run folders or JSON files given, takes the flip-set
 the null's top-k leave in place, the share the top-k move) and the gate's decision. A run recorded under several files
 (a summary copied into a results JSON) is listed once; ``*`` marks a flip-set size taken from a demo record's
 oracle test. ``null`` says where the null's windows came from (``all`` images, the default, or ``out``side the
-top-k's clusters). ``z`` is today's (:func:`topk_z`: the gap over the top-k's own spread), recomputed from the
-record's top-k scores and null median wherever the record has them (``scale`` ``top``); ``std`` marks a record
-without top-k scores, which keeps the bootstrap-scaled ``z`` it recorded. Nothing is rerun: this reads what the runs
+top-k's clusters). ``z`` is today's (``scale`` ``min``: the gap over the smaller of the top-k's spread and the
+bootstrap's) wherever the record keeps its top-k scores and bootstrap std (raw ``evidence.json`` records); ``std``
+marks a summary that keeps the bootstrap-scaled ``z`` it recorded. Nothing is rerun: this reads what the runs
 measured.
 """
 
@@ -49,23 +49,16 @@ def records(path: Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
         if summary.exists():
             s = json.loads(summary.read_text())
             ev = {**(s.get("evidence") or {}), **(json.loads(ev_file.read_text()) if ev_file.exists() else {})}
-            yield str(path), upgrade_record(ev, _topk_scores(s)), s
+            yield str(path), upgrade_record(ev), s
         return
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
         return
     if isinstance(data.get("evidence"), dict) and "z" in data["evidence"]:
-        yield str(path), upgrade_record(data["evidence"], _topk_scores(data)), data
+        yield str(path), upgrade_record(data["evidence"]), data
     for method, row in (data.get("detection") or {}).items():
         if isinstance(row, dict) and isinstance(row.get("evidence"), dict):
-            yield f"{path}:{method}", upgrade_record(row["evidence"], _topk_scores(row)), row
-
-
-def _topk_scores(record: dict[str, Any]) -> list[float] | None:
-    """The poison scores of a summary's top-k list (to recompute today's ``z`` where the evidence lacks them)."""
-    scores = [float(t["poison_score"]) for t in record.get("top_k") or []
-              if isinstance(t, dict) and t.get("poison_score") is not None]
-    return scores or None
+            yield f"{path}:{method}", upgrade_record(row["evidence"]), row
 
 
 def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dict[str, Any]]:
@@ -116,7 +109,7 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: r["effect"]):
         then = "-" if r["found_then"] is None else "yes" if r["found_then"] else "no"
         pool = "out" if r["null_pool"] == "outside-topk-clusters" else r["null_pool"]
-        scale = "top" if r["z_scale"] == "topk-spread" else r["z_scale"]
+        scale = "min" if r["z_scale"] == "min-spread" else r["z_scale"]
         print(f"{r['run'][-70:]:<70}{pool:>5}{scale:>6}{r['z']:>7.2f}{r['topk_median']:>7.1f}{r['null_median']:>7.1f}"
               f"{r['n_flip']:>6}{100 * r['effect']:>7.1f}%  {then:<8}  {'yes' if r['found_now'] else 'no'}")
 

@@ -12,16 +12,17 @@ most, so on a model trained on clean data it still finds windows a few flips str
 a tight null those few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole
 flip set: at 32 px random windows already move up to 80% of it, which caps any excess (docs/benchmarks.md s. 2).
 
-``z`` is the gap between the top-k median and the null's top-k median in units of the top-k's own spread
-(:func:`topk_z`). Without a backdoor the top-k are the upper tail of a continuous range of window potencies and the
-best random windows reach about as far: the gap is of the order of the tail's spread (at most 2.8 over 12 recorded
-scans without a learned backdoor). A trigger moves nearly the same flip images whichever poisoned image it is cut
-from, so its windows bunch together far above (3.8-36 over 13 scans of learned backdoors). The first ``z`` divided by the
-spread of the bootstrap instead, and failed in both directions: a model trained on clean imagenette-96 passed it
-(3.8), and a null contaminated by the attack (random windows cut from poisons that cover the trigger) made the
-bootstrap lumpy and hid a CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; docs/benchmarks.md
-s. 2b). ``null_pool="outside-topk-clusters"`` draws the null from images outside the top-k's clusters, which keeps
-most poisons out of it; it is not the default, because on a model trained on clean data those clusters hold the most
+``z`` is the gap between the top-k median and the null's top-k median, in units of the smaller of two spreads
+(:func:`evidence_z`): the top-k scores' own spread, and the bootstrap's standard deviation of the null's top-k
+median. The first ``z`` used the bootstrap's alone, and a null contaminated by the attack broke it: random windows
+cut from poisons sometimes cover the trigger, the top-k of 2,028 draws from 256 null windows is decided by the best
+few, and two such windows made the resampled median jump between about 197 and 130 flips (std 15), which hid a
+CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; docs/benchmarks.md s. 2b). A trigger moves
+nearly the same flip images whichever poisoned image it is cut from, so its windows bunch together: a gap that is
+large against their own spread is evidence however lumpy the null. Over the recorded scans, learned backdoors give
+3.8-36 and scans without one at most 3.3 (the clean-data imagenette-96 model, which the effect test stops).
+``null_pool="outside-topk-clusters"`` draws the null from images outside the top-k's clusters, which keeps most
+poisons out of it; it is not the default, because on a model trained on clean data those clusters hold the most
 potent natural windows, and leaving them out lowered the null (imagenette-96: effect 5.7% -> 16%).
 """
 
@@ -38,7 +39,7 @@ from poisonscan.detect.search import torch_generator
 
 _BOOT_CHUNK_ELEMS = 4_000_000
 NULL_POOLS = ("all", "outside-topk-clusters")
-Z_SCALE = "topk-spread"  # how ``z`` is scaled; a record without this key was scaled by the bootstrap's std
+Z_SCALE = "min-spread"  # how ``z`` is scaled; a record without this key was scaled by the bootstrap's std alone
 
 
 def null_pool(labels: np.ndarray, top: np.ndarray | list[int], pool: str = "all") -> np.ndarray | None:
@@ -97,7 +98,7 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     """How far the top-k poison scores stand above what random windows reach when picked the same way.
 
     Returns ``topk_median`` (observed), ``null_median`` (median of the bootstrap top-k medians), ``z``
-    (:func:`topk_z`), ``z_scale``, ``topk_spread``, ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``; the
+    (:func:`evidence_z`), ``z_scale``, ``topk_spread``, ``p_value`` (``(1 + #{boot >= observed}) / (1 + n_boot)``; the
     bootstrap cannot exceed the null's maximum, so it is small whenever the top-k pass the best random windows),
     ``effect`` (:func:`effect_size`: the share of the images the null's top-k leave unmoved that the top-k move),
     ``best_flip_share`` (largest top-k score / ``n_flip``), ``null_size``, plus ``k``, ``n_scored``, ``n_boot``,
@@ -119,7 +120,7 @@ def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored
     return {
         "topk_median": observed,
         "null_median": null_median,
-        "z": topk_z(topk, null_median),
+        "z": evidence_z(topk, null_median, std),
         "z_scale": Z_SCALE,
         "topk_spread": topk_spread(topk),
         "p_value": float((1 + int((boot >= observed).sum())) / (1 + n_boot)),
@@ -140,11 +141,12 @@ def topk_spread(topk_scores: np.ndarray | list[float]) -> float:
     return float(q75 - q25) / 1.349
 
 
-def topk_z(topk_scores: np.ndarray | list[float], null_median: float) -> float:
-    """``(median of the top-k - null_median) / max(topk_spread, 0.5)``: how many of their own spreads the top-k stand
-    above the best random windows (the floor keeps k equal scores from turning a one-flip gap into a huge z)."""
+def evidence_z(topk_scores: np.ndarray | list[float], null_median: float, boot_std: float) -> float:
+    """``(median of the top-k - null_median) / max(min(topk_spread, boot_std), 0.5)``: the gap in units of the
+    smaller of the top-k's own spread and the bootstrap's spread of the null's top-k median (the floor keeps k equal
+    scores or a constant null from turning a one-flip gap into a huge z)."""
     top = np.asarray(topk_scores, dtype=np.float64)
-    return float((np.median(top) - float(null_median)) / max(topk_spread(top), 0.5))
+    return float((np.median(top) - float(null_median)) / max(min(topk_spread(top), float(boot_std)), 0.5))
 
 
 def effect_size(topk_median: float, null_median: float, n_flip: int) -> float:
@@ -161,14 +163,15 @@ def effect_of(ev: dict[str, Any]) -> float:
     return effect_size(ev["topk_median"], ev["null_median"], int(ev["n_flip"]))
 
 
-def upgrade_record(ev: dict[str, Any], topk_scores: list[float] | None = None) -> dict[str, Any]:
-    """An evidence record in today's terms: ``effect`` added, and ``z`` recomputed (:func:`topk_z`) from the record's
-    top-k scores (or ``topk_scores``, e.g. a summary's top-k list) and null median when it was scaled otherwise."""
+def upgrade_record(ev: dict[str, Any]) -> dict[str, Any]:
+    """An evidence record in today's terms: ``effect`` added, and ``z`` recomputed (:func:`evidence_z`) from the
+    record's top-k scores, null median and bootstrap std when it was scaled otherwise (a summary without them keeps
+    its ``z``)."""
     ev = dict(ev)
-    scores = ev.get("topk_scores") or topk_scores
-    whole = bool(scores) and float(np.median(scores)) == float(ev.get("topk_median", np.nan))  # not a cut list
-    if ev.get("z_scale") != Z_SCALE and whole and "null_median" in ev:
-        ev.update(z=topk_z(scores, ev["null_median"]), z_scale=Z_SCALE, topk_spread=topk_spread(scores))
+    scores = ev.get("topk_scores")
+    if ev.get("z_scale") != Z_SCALE and scores and "null_median" in ev and "boot_std" in ev:
+        ev.update(z=evidence_z(scores, ev["null_median"], ev["boot_std"]), z_scale=Z_SCALE,
+                  topk_spread=topk_spread(scores))
     ev["effect"] = effect_of(ev)
     return ev
 

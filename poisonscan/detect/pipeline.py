@@ -167,7 +167,7 @@ def _stale_stage(run: RunDir) -> str | None:
     taken again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
     if run.stage_done("evidence") and run.exists("evidence.json"):
         ev = run.read_json("evidence.json")
-        if ev.get("z_scale") != Z_SCALE and ev.get("topk_scores"):
+        if ev.get("z_scale") != Z_SCALE and ev.get("topk_scores") and "boot_std" in ev:
             return "classifier"
     return None
 

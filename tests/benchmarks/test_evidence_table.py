@@ -53,32 +53,30 @@ def test_table_reads_summaries_pipeline_rows_and_run_folders(tmp_path: Path) -> 
     assert any(r["found_now"] for r in evidence_table.table([tmp_path / "a-summary.json"], 3.0, 0.0))
 
 
-def test_old_records_get_today_z_from_their_top_k_and_the_null_is_named(tmp_path: Path) -> None:
-    """An old evidence.json (bootstrap-scaled z) and an old summary with a top-k list both get today's z; a record
-    without top-k scores keeps its own; a new summary says where its null came from."""
-    from poisonscan.detect.evidence import topk_z
+def test_old_records_get_today_z_from_their_scores_and_the_null_is_named(tmp_path: Path) -> None:
+    """An old evidence.json (bootstrap-scaled z) gets today's z; a summary without scores keeps its own; a new
+    summary says where its null came from."""
+    from poisonscan.detect.evidence import evidence_z
 
     topk = [221, 217, 215, 214, 213, 213, 212, 212, 210, 210, 210, 210, 209, 208, 208, 208, 208, 207, 207, 207]
     old = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250, "topk_scores": topk,
-           "backdoor_found": False}
+           "boot_std": 15.0, "backdoor_found": False}
     run = tmp_path / "old"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"evidence": {k: v for k, v in old.items() if k != "topk_scores"}}))
     (run / "evidence.json").write_text(json.dumps(old))
-    listed = {"command": "detect", "clusters": {"flip_set": 189}, "evidence": _ev(3.84, 81.5, 75.0, True),
-              "top_k": [{"poison_score": v} for v in (105, 89, 89, 89, 89, 85, 85, 84, 83, 82, 81, 79, 78, 78, 76,
-                                                      76, 75, 74, 74, 74)]}
-    (tmp_path / "listed-summary.json").write_text(json.dumps(listed))
+    raw = {"run": "x", "config": {"seed": 0}, "evidence": {**old, "topk_median": 211.0, "null_median": 190.0}}
+    (tmp_path / "raw-evidence.json").write_text(json.dumps(raw))
     bare = {"command": "detect", "clusters": {"flip_set": 100}, "evidence": _ev(5.18, 74.0, 46.0, True)}
     (tmp_path / "bare-summary.json").write_text(json.dumps(bare))
     new = {"command": "detect", "clusters": {"flip_set": 250},
-           "evidence": _ev(25.1, 210.0, 117.0, True, null_pool="outside-topk-clusters", z_scale="topk-spread")}
+           "evidence": _ev(25.1, 210.0, 117.0, True, null_pool="outside-topk-clusters", z_scale="min-spread")}
     (tmp_path / "new-summary.json").write_text(json.dumps(new))
-    paths = [run] + sorted(tmp_path.glob("*-summary.json"))
+    paths = [run] + sorted(tmp_path.glob("*.json"))
     rows = {Path(r["run"]).name: r for r in evidence_table.table(paths, 3.0, 0.15)}
-    assert rows["old"]["z"] == pytest.approx(topk_z(topk, 196.0)) and rows["old"]["z"] >= 3
-    assert rows["old"]["found_now"] and rows["old"]["found_then"] is False and rows["old"]["z_scale"] == "topk-spread"
-    assert rows["listed-summary.json"]["z"] < 1 and not rows["listed-summary.json"]["found_now"]
+    assert rows["old"]["z"] == pytest.approx(evidence_z(topk, 196.0, 15.0)) and rows["old"]["z"] >= 3
+    assert rows["old"]["found_now"] and rows["old"]["found_then"] is False and rows["old"]["z_scale"] == "min-spread"
+    assert rows["raw-evidence.json"]["z"] == pytest.approx(evidence_z(topk, 190.0, 15.0))   # median of the scores
     assert rows["bare-summary.json"]["z"] == 5.18 and rows["bare-summary.json"]["z_scale"] == "std"
     assert rows["old"]["null_pool"] == "all" and rows["new-summary.json"]["null_pool"] == "outside-topk-clusters"
     assert rows["new-summary.json"]["z"] == 25.1 and rows["new-summary.json"]["found_now"]

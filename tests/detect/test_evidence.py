@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_topk_medians, effect_of, effect_size,
-                                        evidence_gate, null_pool, null_windows, topk_spread, topk_z,
+                                        evidence_gate, evidence_z, null_pool, null_windows, topk_spread,
                                         upgrade_record)
 
 
@@ -103,49 +103,52 @@ CLEAN_TOPK = np.array([105, 89, 89, 89, 89, 85, 85, 84, 83, 82, 81, 79, 78, 78, 
                       dtype=np.float64)                                # the model trained on clean imagenette-96
 
 
-def test_z_is_the_gap_over_the_top_k_spread() -> None:
+def test_z_is_the_gap_over_the_smaller_spread() -> None:
     assert topk_spread(TRIGGER_TOPK) == pytest.approx((213 - 208) / 1.349)
-    assert topk_z(TRIGGER_TOPK, 196) == pytest.approx(14 / ((213 - 208) / 1.349))
-    assert topk_z(np.full(20, 60.0), 8) == pytest.approx(104)          # equal scores: the 0.5 floor
+    assert evidence_z(TRIGGER_TOPK, 196, boot_std=15.0) == pytest.approx(14 / topk_spread(TRIGGER_TOPK))
+    assert evidence_z(TRIGGER_TOPK, 196, boot_std=2.0) == pytest.approx(7.0)             # the null's spread
+    assert evidence_z(np.full(20, 60.0), 8, boot_std=0.0) == pytest.approx(104)          # the 0.5 floor
     assert topk_spread(CLEAN_TOPK) == pytest.approx(7.41, abs=0.01)   # IQR 86 - 76 (interpolated) over 1.349
-    assert topk_z(CLEAN_TOPK, 75) == pytest.approx(6.5 / topk_spread(CLEAN_TOPK))
-    assert topk_z(CLEAN_TOPK, 75) < 1 < 3 < topk_z(TRIGGER_TOPK, 196)
-
-
-def test_a_tight_null_does_not_make_a_spread_out_top_k_significant() -> None:
-    """The clean-model false alarm: a tight null 6.5 flips under the top-k median gave a bootstrap z of 3.8; the
-    top-k's own spread (7.4 flips) says the gap is within the tail."""
-    null = np.r_[np.full(250, 30.0), np.full(6, 75.0)]
-    ev = backdoor_evidence(CLEAN_TOPK, null, n_scored=1548, n_flip=189, n_boot=300)
-    assert ev["null_median"] == 75.0 and ev["z"] < 1 and ev["z_scale"] == "topk-spread"
-    assert (ev["topk_median"] - ev["boot_mean"]) / max(ev["boot_std"], 0.5) > 3       # the first z
+    assert evidence_z(CLEAN_TOPK, 75, boot_std=20.0) == pytest.approx(6.5 / topk_spread(CLEAN_TOPK))
+    assert evidence_z(CLEAN_TOPK, 75, boot_std=20.0) < 1
 
 
 def test_a_few_trigger_windows_in_the_null_do_not_hide_the_backdoor() -> None:
     """Two of 256 random windows cut from poisons flipped 197 and 198 of 250: the top-20 median of a 2,028-draw
-    resample jumps between them and the rest, the bootstrap's std is about 15, and the first z was 1.2."""
+    resample jumps between them and the rest, the bootstrap's std is about 15, and the first z was 1.2. The
+    trigger's windows bunch together, so the gap over their own spread still counts."""
     rng = np.random.default_rng(0)
     bulk = np.clip(rng.normal(55, 25, size=254).round(), 0, 135)
     null = np.r_[bulk, 197.0, 198.0]
     ev = backdoor_evidence(TRIGGER_TOPK, null, n_scored=2028, n_flip=250, n_boot=2000)
     assert ev["boot_std"] > 10 and (ev["topk_median"] - ev["boot_mean"]) / ev["boot_std"] < 3   # the first z
-    assert ev["z"] >= 3 and ev["p_value"] == pytest.approx(1 / 2001)
+    assert ev["z"] >= 3 and ev["z_scale"] == "min-spread" and ev["p_value"] == pytest.approx(1 / 2001)
+    assert ev["topk_spread"] == pytest.approx(topk_spread(TRIGGER_TOPK))
     clean = backdoor_evidence(TRIGGER_TOPK, bulk, n_scored=2028, n_flip=250, n_boot=2000)
     assert clean["null_median"] < 150 < ev["null_median"] and clean["effect"] > 0.5 > ev["effect"] > 0.15
 
 
-def test_old_records_are_rescaled_from_their_top_k() -> None:
-    old = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250, "topk_scores": TRIGGER_TOPK.tolist()}
+def test_a_spread_out_top_k_over_a_tight_null_needs_the_effect_test() -> None:
+    """The clean-model case: the top-k sit 6.5 flips over a tight null. Against the null's spread that is a large z;
+    only the effect test (5.7%) says it is small."""
+    null = np.r_[np.full(250, 30.0), np.full(6, 75.0)]
+    ev = backdoor_evidence(CLEAN_TOPK, null, n_scored=1548, n_flip=189, n_boot=300)
+    assert ev["null_median"] == 75.0 and ev["z"] > 3 and ev["effect"] == pytest.approx(6.5 / 114)
+    assert not evidence_gate(ev, 3.0, 0.15)[0]
+
+
+def test_old_records_are_rescaled_from_their_scores() -> None:
+    old = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250, "boot_std": 15.0,
+           "topk_scores": TRIGGER_TOPK.tolist()}
     up = upgrade_record(old)
-    assert up["z"] == pytest.approx(topk_z(TRIGGER_TOPK, 196)) and up["z_scale"] == "topk-spread" and old["z"] == 1.2
-    assert up["effect"] == pytest.approx(14 / 54)
-    summary = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250}      # scores in its top-k list
-    assert upgrade_record(summary, TRIGGER_TOPK.tolist())["z"] == pytest.approx(up["z"])
+    assert up["z"] == pytest.approx(evidence_z(TRIGGER_TOPK, 196, 15.0)) and up["z_scale"] == "min-spread"
+    assert old["z"] == 1.2 and up["effect"] == pytest.approx(14 / 54)
+    summary = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250}      # no scores: kept
+    assert upgrade_record(summary)["z"] == 1.2 and "z_scale" not in upgrade_record(summary)
     today = backdoor_evidence(TRIGGER_TOPK, np.arange(100.0), n_scored=2028, n_flip=250)
     assert upgrade_record({**today, "z": 99.0})["z"] == 99.0                             # today's records as written
-    assert upgrade_record(summary, TRIGGER_TOPK[:3].tolist())["z"] == 1.2                 # a cut list: kept
     bare = upgrade_record({"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189})
-    assert bare["z"] == 5.0 and "z_scale" not in bare and bare["effect"] == pytest.approx(0.3)
+    assert bare["z"] == 5.0 and bare["effect"] == pytest.approx(0.3)
 
 
 def test_evidence_rejects_empty_inputs() -> None:

@@ -221,7 +221,7 @@ def test_null_from_outside_the_top_k_clusters_and_back_to_all_on_resume(toy, tmp
     top_clusters = sorted({int(labels[i]) for i in ev["top_k"]})
     assert ev["null_pool"] == "outside-topk-clusters" and ev["null_excluded_clusters"] == top_clusters
     assert ev["null_pool_size"] == int((~np.isin(labels, top_clusters)).sum()) < len(labels)
-    assert ev["z_scale"] == "topk-spread"
+    assert ev["z_scale"] == "min-spread"
     s_ev = summary["evidence"]
     assert s_ev["null_pool"] == "outside-topk-clusters" and s_ev["null_excluded_clusters"] == top_clusters
     # the toy's poisons all sit in the top-k's clusters: the null holds no trigger window, so it stays far below
@@ -251,7 +251,7 @@ def test_an_old_std_scaled_record_is_rescaled_and_decided_again_on_resume(toy, t
     assert (run / "stages/classifier.done").read_text() != classifier_done        # the decision is taken again
     assert again["evidence"]["z"] == pytest.approx(first["evidence"]["z"]) and again["evidence"]["backdoor_found"]
     saved = json.loads((run / "evidence.json").read_text())
-    assert saved["z_scale"] == "topk-spread" and saved["z"] == pytest.approx(ev["z"])   # rewritten once
+    assert saved["z_scale"] == "min-spread" and saved["z"] == pytest.approx(ev["z"])   # rewritten once
     assert P._stale_stage(P.RunDir(run)) is None
 
 
