@@ -11,7 +11,8 @@ the null's top-k leave in place, the share the top-k move) and the gate's decisi
 oracle test. ``null`` says where the null's windows came from (``all`` images, the default, or ``out``side the
 top-k's clusters). ``z`` is today's (``scale`` ``min``: the gap over the smaller of the top-k's spread and the
 bootstrap's) wherever the record keeps its top-k scores and bootstrap std (raw ``evidence.json`` records); ``std``
-marks a summary that keeps the bootstrap-scaled ``z`` it recorded. Nothing is rerun: this reads what the runs
+marks a summary that keeps the bootstrap-scaled ``z`` it recorded (``c68``, ``top``: two intermediate scales of
+docs/benchmarks.md s. 2b, in summaries written while they were tried). Nothing is rerun: this reads what the runs
 measured.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from poisonscan.config import DetectConfig
-from poisonscan.detect.evidence import effect_of, evidence_gate, upgrade_record
+from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_gate, upgrade_record
 
 
 def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:
@@ -61,6 +62,9 @@ def records(path: Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
             yield f"{path}:{method}", upgrade_record(row["evidence"]), row
 
 
+SCALE_NAMES = {"min-spread": "min", "central68": "c68", "topk-spread": "top", "std": "std"}
+
+
 def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dict[str, Any]]:
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in paths:
@@ -82,7 +86,7 @@ def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dic
                 key = key + (round(row["z"], 6),)       # same numbers, same scale, another z: another run
             if key in rows:
                 kept = rows[key]
-                if kept["z_scale"] == "std" and row["z_scale"] != "std":
+                if kept["z_scale"] != Z_SCALE and row["z_scale"] == Z_SCALE:     # today's z wins
                     row["found_then"] = kept["found_then"] if row["found_then"] is None else row["found_then"]
                     rows[key] = row
                 elif kept["found_then"] is None:
@@ -109,7 +113,7 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: r["effect"]):
         then = "-" if r["found_then"] is None else "yes" if r["found_then"] else "no"
         pool = "out" if r["null_pool"] == "outside-topk-clusters" else r["null_pool"]
-        scale = "min" if r["z_scale"] == "min-spread" else r["z_scale"]
+        scale = SCALE_NAMES.get(r["z_scale"], r["z_scale"])[:5]
         print(f"{r['run'][-70:]:<70}{pool:>5}{scale:>6}{r['z']:>7.2f}{r['topk_median']:>7.1f}{r['null_median']:>7.1f}"
               f"{r['n_flip']:>6}{100 * r['effect']:>7.1f}%  {then:<8}  {'yes' if r['found_now'] else 'no'}")
 

@@ -85,7 +85,8 @@ def detect(
              "rate) [10; 0 = the probability alone, the paper's decision]."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z (the top-k median's gap over "
-                                                                           "random windows, in units of the top-k's "
+                                                                           "random windows, in units of the smaller "
+                                                                           "of the top-k's and the bootstrap's "
                                                                            "spread) to remove anything [3]."),
     min_effect: float | None = typer.Option(None, "--min-effect", min=0.0, max=1.0,
                                             help="Minimum share of the flip-set images random windows leave in "
