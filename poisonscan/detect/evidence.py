@@ -163,13 +163,18 @@ def effect_of(ev: dict[str, Any]) -> float:
     return effect_size(ev["topk_median"], ev["null_median"], int(ev["n_flip"]))
 
 
+def needs_rescale(ev: dict[str, Any]) -> bool:
+    """Was ``z`` written with another scale than today's, and does the record keep what today's needs?"""
+    return ev.get("z_scale") != Z_SCALE and bool(ev.get("topk_scores")) and "null_median" in ev and "boot_std" in ev
+
+
 def upgrade_record(ev: dict[str, Any]) -> dict[str, Any]:
     """An evidence record in today's terms: ``effect`` added, and ``z`` recomputed (:func:`evidence_z`) from the
     record's top-k scores, null median and bootstrap std when it was scaled otherwise (a summary without them keeps
     its ``z``)."""
     ev = dict(ev)
-    scores = ev.get("topk_scores")
-    if ev.get("z_scale") != Z_SCALE and scores and "null_median" in ev and "boot_std" in ev:
+    if needs_rescale(ev):
+        scores = ev["topk_scores"]
         ev.update(z=evidence_z(scores, ev["null_median"], ev["boot_std"]), z_scale=Z_SCALE,
                   topk_spread=topk_spread(scores))
     ev["effect"] = effect_of(ev)

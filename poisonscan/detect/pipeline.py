@@ -44,7 +44,7 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import ClassifierConfig, classifier_bytes, classifier_split, train_with_refinement
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
-from poisonscan.detect.evidence import (NULL_POOLS, Z_SCALE, backdoor_evidence, evidence_gate, null_pool,
+from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
                                         null_sources, null_windows, upgrade_record)
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
@@ -165,10 +165,8 @@ def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None
 def _stale_stage(run: RunDir) -> str | None:
     """``"classifier"`` when the run's evidence was written with another ``z`` than today's: its gate decision is
     taken again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
-    if run.stage_done("evidence") and run.exists("evidence.json"):
-        ev = run.read_json("evidence.json")
-        if ev.get("z_scale") != Z_SCALE and ev.get("topk_scores") and "boot_std" in ev:
-            return "classifier"
+    if run.stage_done("evidence") and run.exists("evidence.json") and needs_rescale(run.read_json("evidence.json")):
+        return "classifier"
     return None
 
 
