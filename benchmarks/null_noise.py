@@ -6,8 +6,8 @@
 For each finished detect run folder: scores a large pool of random windows with the run's own model, clusters and
 flip set (a hard-linked copy of the run, resumed with ``null_size = --pool``; the run itself is not touched), then
 redoes the evidence test ``--draws`` times on subsets of ``--sizes`` windows drawn from that pool without
-replacement, and reports the spread of the null median, of ``z`` and of the effect, and how often the run's own gate
-(its ``min_evidence`` and ``min_effect``) says "backdoor signal". With ``--truth`` it also counts the pool's windows
+replacement, and reports the spread of the null median, of ``z`` and of the effect, and how often today's gate
+(``--min-evidence``, ``--min-effect``; detect's defaults) says "backdoor signal". With ``--truth`` it also counts the pool's windows
 cut from poisons.
 """
 
@@ -34,22 +34,23 @@ from poisonscan.detect.evidence import backdoor_evidence, evidence_gate, upgrade
 from poisonscan.detect.pipeline import run_detect  # noqa: E402
 from poisonscan.runs import atomic_write_json, environment_record  # noqa: E402
 
+GATE = DetectConfig()
 NO_GATE = 1e9   # the copy's min_evidence: its gate stays shut, so the resume stops at the (skipped) classifier
 
 
-def score_pool(run: Path, pool: int, scratch: Path, runtime: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's config and the evidence record of a hard-linked copy of ``run`` resumed with ``pool`` null windows
-    (only the evidence stage and the outputs rerun; the classifier is skipped)."""
+def score_pool(run: Path, pool: int, scratch: Path, runtime: Any = None) -> dict[str, Any]:
+    """The evidence record of a hard-linked copy of ``run`` resumed with ``pool`` null windows (only the evidence
+    stage and the outputs rerun; the classifier is skipped)."""
     saved = json.loads((run / "config.json").read_text())
     copy = scratch / run.name
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(run, copy, copy_function=os.link)          # every write of a resume is atomic: links stay intact
     names = {f.name for f in dataclasses.fields(DetectConfig)}
     values = {k: v for k, v in saved.items() if k in names}
-    values.update(out=str(copy), resume=str(copy), null_size=int(pool), min_evidence=NO_GATE, force=False,
-                  quiet=True, fail_on=None, overwrite=False)
+    values.update(out=str(copy), resume=str(copy), null_size=int(pool), min_evidence=NO_GATE,
+                  min_effect=GATE.min_effect, force=False, quiet=True, fail_on=None, overwrite=False)
     run_detect(DetectConfig(**values), runtime, quiet=True)
-    return saved, json.loads((copy / "evidence.json").read_text())
+    return json.loads((copy / "evidence.json").read_text())
 
 
 def redraws(ev: dict[str, Any], sizes: list[int], draws: int, min_evidence: float, min_effect: float,
@@ -81,12 +82,14 @@ def _spread(x: np.ndarray) -> dict[str, float]:
 
 
 def study(run: Path, pool: int, sizes: list[int], draws: int, scratch: Path, truth: Path | None = None,
-          runtime: Any = None) -> dict[str, Any]:
-    """One run's row: its recorded evidence, the pooled evidence and the redraws per null size."""
+          runtime: Any = None, min_evidence: float = GATE.min_evidence,
+          min_effect: float = GATE.min_effect) -> dict[str, Any]:
+    """One run's row: its recorded evidence, the pooled evidence and the redraws per null size, each judged by the
+    gate ``min_evidence`` / ``min_effect`` (today's defaults unless given)."""
     t0 = time.perf_counter()
-    saved, pooled = score_pool(run, pool, scratch, runtime)
+    pooled = score_pool(run, pool, scratch, runtime)
     recorded = upgrade_record(json.loads((run / "evidence.json").read_text()))
-    min_ev, min_eff = float(saved.get("min_evidence", 3.0)), float(saved.get("min_effect", 0.15))
+    min_ev, min_eff = float(min_evidence), float(min_effect)
     row: dict[str, Any] = {
         "run": str(run), "pool": int(len(pooled["null_scores"])), "n_flip": int(pooled["n_flip"]),
         "n_scored": int(pooled["n_scored"]), "k": int(pooled["k"]), "topk_median": float(pooled["topk_median"]),
@@ -132,6 +135,8 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=4096, help="random windows scored per run")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="null sizes to redraw")
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--min-evidence", type=float, default=GATE.min_evidence)
+    ap.add_argument("--min-effect", type=float, default=GATE.min_effect)
     ap.add_argument("--truth", action="append", default=[], metavar="RUN=CSV",
                     help="ground truth of a run (counts the pool's windows cut from poisons)")
     ap.add_argument("--scratch", type=Path, default=None, help="where the hard-linked copies go (default: a temp dir)")
@@ -141,11 +146,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         for run in args.runs:
-            rows.append(study(run, args.pool, args.sizes, args.draws, Path(tmp), truths.get(run.resolve())))
+            rows.append(study(run, args.pool, args.sizes, args.draws, Path(tmp), truths.get(run.resolve()),
+                              min_evidence=args.min_evidence, min_effect=args.min_effect))
             print(f"[null-noise] {run}: {rows[-1]['seconds']} s", file=sys.stderr, flush=True)
     print_table(rows)
     if args.json:
         atomic_write_json(args.json, {"rows": rows, "pool": args.pool, "sizes": args.sizes, "draws": args.draws,
+                                      "min_evidence": args.min_evidence, "min_effect": args.min_effect,
                                       "environment": environment_record(0)})
 
 
