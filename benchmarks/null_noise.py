@@ -44,13 +44,20 @@ def score_pool(run: Path, pool: int, scratch: Path, runtime: Any = None) -> dict
     saved = json.loads((run / "config.json").read_text())
     copy = scratch / run.name
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run, copy, copy_function=os.link)          # every write of a resume is atomic: links stay intact
+    shutil.copytree(run, copy, copy_function=_link_or_copy)    # every write of a resume is atomic: links stay intact
     names = {f.name for f in dataclasses.fields(DetectConfig)}
     values = {k: v for k, v in saved.items() if k in names}
     values.update(out=str(copy), resume=str(copy), null_size=int(pool), min_evidence=NO_GATE,
                   min_effect=GATE.min_effect, force=False, quiet=True, fail_on=None, overwrite=False)
     run_detect(DetectConfig(**values), runtime, quiet=True)
     return json.loads((copy / "evidence.json").read_text())
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:                 # another file system (the default scratch is the system's temp dir)
+        shutil.copy2(src, dst)
 
 
 def redraws(ev: dict[str, Any], sizes: list[int], draws: int, min_evidence: float, min_effect: float,
@@ -139,7 +146,8 @@ def main() -> None:
     ap.add_argument("--min-effect", type=float, default=GATE.min_effect)
     ap.add_argument("--truth", action="append", default=[], metavar="RUN=CSV",
                     help="ground truth of a run (counts the pool's windows cut from poisons)")
-    ap.add_argument("--scratch", type=Path, default=None, help="where the hard-linked copies go (default: a temp dir)")
+    ap.add_argument("--scratch", type=Path, default=None,
+                    help="where the copies go (default: a temp dir; on the runs' file system they are hard links)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = ap.parse_args()
     truths = {Path(k).resolve(): Path(v) for k, v in (t.split("=", 1) for t in args.truth)}
