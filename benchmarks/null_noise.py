@@ -117,19 +117,21 @@ def study(run: Path, pool: int, sizes: list[int], draws: int, scratch: Path, tru
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """One line per run and null size: null median, z and effect (5th-95th percentile) and the gate's pass rate."""
-    print(f"{'run':<44}{'size':>6}{'null median':>18}{'z':>20}{'effect':>18}{'found':>8}")
+    """Per run: the recorded test, then per null size the median [5th, 95th percentile] of the null median, z and
+    effect over the redraws and the share of redraws the gate passes, then the whole pool's test."""
+    print(f"{'run':<44}{'null':>6}{'null median':>24}{'z':>24}{'effect':>22}{'found':>8}")
     for r in rows:
         rec = r["recorded"]
-        print(f"{Path(r['run']).parent.name + '/' + Path(r['run']).name:<44}{'rec':>6}{rec['null_median']:>18.1f}"
-              f"{rec['z']:>20.2f}{100 * rec['effect']:>17.1f}%{'yes' if rec['found'] else 'no':>8}")
+        print(f"{Path(r['run']).parent.name + '/' + Path(r['run']).name:<44}{rec['null_size'] or '-':>6}"
+              f"{rec['null_median']:>24.1f}{rec['z']:>24.2f}{100 * rec['effect']:>21.1f}%"
+              f"{'yes' if rec['found'] else 'no':>8}  (recorded)")
         for size, s in r["sizes"].items():
-            print(f"{'':<44}{size:>6}{_range(s['null_median'], 1, 1):>18}{_range(s['z'], 1, 2):>20}"
-                  f"{_range(s['effect'], 100, 1):>18}{100 * s['found_share']:>7.0f}%")
+            print(f"{'':<44}{size:>6}{_range(s['null_median'], 1, 1):>24}{_range(s['z'], 1, 2):>24}"
+                  f"{_range(s['effect'], 100, 1):>22}{100 * s['found_share']:>7.0f}%")
         p = r["pooled"]
-        extra = f"  ({r['pool_from_poisons']} cut from poisons)" if "pool_from_poisons" in r else ""
-        print(f"{'':<44}{r['pool']:>6}{p['null_median']:>18.1f}{p['z']:>20.2f}{100 * p['effect']:>17.1f}%"
-              f"{'yes' if p['found'] else 'no':>8}{extra}")
+        extra = f", {r['pool_from_poisons']} cut from poisons" if "pool_from_poisons" in r else ""
+        print(f"{'':<44}{r['pool']:>6}{p['null_median']:>24.1f}{p['z']:>24.2f}{100 * p['effect']:>21.1f}%"
+              f"{'yes' if p['found'] else 'no':>8}  (the whole pool{extra})")
 
 
 def _range(s: dict[str, float], scale: float, digits: int) -> str:

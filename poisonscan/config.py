@@ -133,7 +133,7 @@ class DetectConfig(CommonConfig):
     drop_top: float = PAPER.drop_top
     score_rule: str = "changed"         # poison score: "changed" (paper) or "to_source" (PatchSearch)
     aggregate: str = "sum"              # cluster score in the search: "sum" (paper) or "max" (PatchSearch)
-    null_size: int = 256                # random windows scored for the backdoor-evidence test ...
+    null_size: int = 1024               # random windows scored for the backdoor-evidence test (benchmarks 2c) ...
     null_pool: str = "all"              # ... cut from any image ("outside-topk-clusters": outside the top-k's clusters)
     feature_dtype: str = "float32"      # features.npy and host copy: float32 or float16 (half the memory)
     classifier_iters: int = 2000

@@ -92,7 +92,7 @@ def detect(
                                             help="Minimum share of the flip-set images random windows leave in "
                                                  "place that the top-k move, to remove anything [0.15]."),
     null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
-                                                                          "test's null sample [256]."),
+                                                                          "test's null sample [1024]."),
     null_pool: str | None = typer.Option(None, "--null-pool",
                                          help="Where the null's random windows come from: all (every image) or "
                                               "outside-topk-clusters (images outside the clusters the top-k come "

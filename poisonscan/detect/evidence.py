@@ -21,6 +21,9 @@ CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; docs/bench
 nearly the same flip images whichever poisoned image it is cut from, so its windows bunch together: a gap that is
 large against their own spread is evidence however lumpy the null. Over the recorded scans, learned backdoors give
 3.8-36 and scans without one at most 3.3 (the clean-data imagenette-96 model, which the effect test stops).
+The null has 1,024 windows (``null_size``); with 256 the null's top-k median, an estimate of its 99th percentile from
+its best few windows, moved so much with the draw that a model trained on clean CIFAR-10 passed both tests in 6% of
+redrawn nulls and real backdoors failed in up to 4% (benchmarks/null_noise.py; docs/benchmarks.md s. 2c).
 ``null_pool="outside-topk-clusters"`` draws the null from images outside the top-k's clusters, which keeps most
 poisons out of it; it is not the default, because on a model trained on clean data those clusters hold the most
 potent natural windows, and leaving them out lowered the null (imagenette-96: effect 5.7% -> 16%).
