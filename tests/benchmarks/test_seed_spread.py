@@ -1,0 +1,81 @@
+"""seed_spread.py: records grouped by setting, one run counted once, eval-detection figures first, today's gate."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = importlib.util.spec_from_file_location("seed_spread", ROOT / "benchmarks" / "seed_spread.py")
+seed_spread = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(seed_spread)
+
+
+def _record(seed: int, work: str, removed: int, recall: float | None, precision: float | None, knn_asr: float,
+            pair: str = "0=triggers/trigger_10.png", control: bool = False, **row: object) -> dict:
+    evidence = {"z": 12.0, "topk_median": 200.0, "null_median": 100.0, "backdoor_found": True, "n_flip": 250}
+    return {"config": "cifar10", "epochs": 15, "seed": seed, "rate": None if control else 0.5, "targets": [pair],
+            "clean_control": control, "model": f"{work}/pretrain/encoder.safetensors",
+            "threat_model": {"knn": {"asr": knn_asr}, "flips": {"changed_share": 0.9}},
+            "detection": {"poisoncam": {"removed": removed, "recall": recall, "precision": precision,
+                                        "evidence": evidence, **row}}}
+
+
+def _eval(removed: int, recall: float, precision: float) -> dict:
+    return {"command": "eval-detection", "removal": {"removed": removed, "recall": recall, "precision": precision}}
+
+
+def test_groups_seeds_counts_a_run_once_and_prefers_the_resumed_scan(tmp_path: Path) -> None:
+    w = lambda name, data: (tmp_path / name).write_text(json.dumps(data))   # noqa: E731
+    w("a.json", _record(0, "w0", 2700, 0.998, 0.91, 0.80))
+    w("a-eval-detection.json", _eval(2733, 0.9976, 0.9126))                   # the record's own eval wins
+    w("a-retrain.json", _record(0, "w0", 2700, 0.998, 0.91, 0.80,           # the same run, resumed: counted once
+                                retrained={"knn": {"asr": 0.055}}))
+    w("a-seed1.json", _record(1, "w1", 0, 0.0, None, 0.84))                 # missed when first run ...
+    w("a-seed1-rescaled-eval-detection.json", _eval(2795, 0.9992, 0.8937))  # ... found when resumed
+    w("a-seed1-b-eval-detection.json", _eval(1, 0.0, 0.0))                   # belongs to a-seed1-b.json
+    w("a-seed1-b.json", _record(1, "w9", 0, 0.0, None, 0.84, pair="3=triggers/trigger_12.png"))
+    w("b.json", _record(0, "w2", 3000, 1.0, 0.83, 0.92, pair="9=triggers/trigger_14.png"))
+    w("c.json", _record(0, "w3", 40, None, None, 0.10, control=True))
+    c = json.loads((tmp_path / "c.json").read_text())                        # a clean model whose effect is small
+    c["detection"]["poisoncam"]["evidence"].update(topk_median=105.0, null_median=100.0)
+    w("c.json", c)
+    w("not-a-record.json", [1, 2])
+
+    groups = {g["setting"]: g for g in seed_spread.spread(sorted(tmp_path.glob("*.json")))}
+    assert set(groups) == {"cifar10, 15 epochs, rate 0.5, trigger_10 -> 0",
+                           "cifar10, 15 epochs, rate 0.5, trigger_12 -> 3",
+                           "cifar10, 15 epochs, rate 0.5, trigger_14 -> 9",
+                           "cifar10, 15 epochs, clean control, trigger_10 -> 0"}
+    first = groups["cifar10, 15 epochs, rate 0.5, trigger_10 -> 0"]
+    assert [r["seed"] for r in first["seeds"]] == [0, 1]
+    s0, s1 = first["seeds"]
+    assert (s0["removed"], s0["recall"], s0["source"], s0["retrained_knn_asr"]) == (2733, 0.9976, "eval-detection",
+                                                                                     0.055)
+    assert (s1["removed"], s1["recall"], s1["precision"]) == (2795, 0.9992, 0.8937)
+    stats = first["stats"]
+    assert stats["recall"]["mean"] == pytest.approx((0.9976 + 0.9992) / 2)
+    assert stats["precision"]["std"] == pytest.approx(statistics.stdev([0.9126, 0.8937]))
+    assert stats["retrained_knn_asr"] == {"n": 1, "mean": pytest.approx(0.055), "std": None}
+    control = groups["cifar10, 15 epochs, clean control, trigger_10 -> 0"]["seeds"][0]
+    assert control["removed"] == 0 and control["source"] == "gate"            # today's gate would remove nothing
+    assert groups["cifar10, 15 epochs, rate 0.5, trigger_14 -> 9"]["seeds"][0]["source"] == "record"
+    assert groups["cifar10, 15 epochs, rate 0.5, trigger_12 -> 3"]["seeds"][0]["removed"] == 1
+
+
+def test_main_prints_a_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(_record(0, "w0", 2700, 0.998, 0.91, 0.80)))
+    (tmp_path / "b.json").write_text(json.dumps(_record(1, "w1", 2600, 0.996, 0.95, 0.82)))
+    monkeypatch.setattr("sys.argv", ["seed_spread.py", "--results", str(tmp_path)])
+    seed_spread.main()
+    out = capsys.readouterr().out
+    assert "rate 0.5, trigger_10 -> 0" in out and "99.70%" in out and "sample std" in out
+    monkeypatch.setattr("sys.argv", ["seed_spread.py", "--results", str(tmp_path), "--json"])
+    seed_spread.main()
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["stats"]["removed"]["mean"] == pytest.approx(2650)
