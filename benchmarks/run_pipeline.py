@@ -108,9 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "auroc": q["scores"]["poison_score"]["auroc"],
                         "auroc_classifier": (q["scores"].get("classifier_prob") or {}).get("auroc"),
                         "top20_trigger_accuracy": q["triggers"]["topk"].get("20", {}).get("accuracy")})
-        manifest = work / f"clean-{method}.tsv"
-        if not manifest.exists():
-            clean_dataset(CleanConfig(run=str(det_dir), out=str(manifest)))
+        manifest = _cleaned_manifest(det_dir, work / f"clean-{method}.tsv")
         if args.retrain and not args.clean_control and row["removed"] == 0:
             row["retrained"] = {"skipped": "nothing removed: retraining would repeat the threat model's run"}
         elif args.retrain and not args.clean_control:
@@ -185,6 +183,14 @@ def _probe(model: Path, values: dict[str, Any], val_spec: str, patched: dict[str
                                   fraction=frac, out=str(out), seed=seed, quiet=True, **patched)) or {}
     return {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
             "asr": (p.get("targets") or [{}])[0].get("asr")}
+
+
+def _cleaned_manifest(det_dir: Path, manifest: Path) -> Path:
+    """The scan's cleaned manifest, written again when the scan's summary is newer (a resumed scan may have
+    changed its removal, e.g. under another evidence gate), so a retraining never uses a stale one."""
+    if not manifest.exists() or manifest.stat().st_mtime < (det_dir / "summary.json").stat().st_mtime:
+        clean_dataset(CleanConfig(run=str(det_dir), out=str(manifest)))
+    return manifest
 
 
 def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: Path, method: str, manifest: Path,

@@ -83,3 +83,27 @@ def test_printed_table_has_z_and_effect(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out.splitlines()
     assert out[3].split()[-2:] == ["z", "effect"]
     assert out[4].split()[-2:] == ["1.3", "0.020"] and out[5].split()[-2:] == ["3.6", "nan"]
+
+
+def test_cleaned_manifest_is_rewritten_when_a_resumed_scan_is_newer(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    calls: list[str] = []
+
+    def fake_clean(conf: object) -> None:
+        calls.append(conf.run)
+        Path(conf.out).write_text(f"manifest {len(calls)}\n")
+
+    monkeypatch.setattr(run_pipeline, "clean_dataset", fake_clean)
+    det = tmp_path / "detect-poisoncam"
+    det.mkdir()
+    (det / "summary.json").write_text("{}")
+    manifest = tmp_path / "clean-poisoncam.tsv"
+    assert run_pipeline._cleaned_manifest(det, manifest) == manifest and calls == [str(det)]
+    run_pipeline._cleaned_manifest(det, manifest)                   # up to date: kept
+    assert len(calls) == 1
+    later = manifest.stat().st_mtime + 10                           # the scan resumed after the manifest
+    os.utime(det / "summary.json", (later, later))
+    run_pipeline._cleaned_manifest(det, manifest)
+    assert len(calls) == 2 and manifest.read_text() == "manifest 2\n"
