@@ -8,9 +8,10 @@ the bundled demo data, ids ending in ``__poison``.
 
 Keys of the JSON variant: any ``ClassifierConfig`` field (``iterations``, ``ensemble``, ``crop_scale``,
 ``decoy_prob``, ``min_iterations``, ...), ``drop_top`` and ``holdout`` (``classifier_split``), ``rounds``
-(``train_with_refinement``) and ``neighbours`` (the removal score of ``detect/neighbours.py``). Defaults: detect's
-(``'{"decoy_prob": 0, "rounds": 1, "neighbours": 0}'`` is the paper's recipe). Each threshold is reported for the
-classifier's probability alone and for the removal score.
+and ``refine_by`` (``"p"`` or ``"removal"``: ``train_with_refinement``), ``neighbours`` (the removal score of
+``detect/neighbours.py``) and ``split_seed`` (the seed of ``classifier_split``; 0). Defaults: detect's
+(``'{"decoy_prob": 0, "rounds": 1, "neighbours": 0, "ensemble": 1}'`` is the paper's recipe). Each threshold is
+reported for the classifier's probability alone and for the removal score.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from poisonscan.data.store import open_store
-from poisonscan.config import NEIGHBOURS_DEFAULT, ROUNDS_DEFAULT
+from poisonscan.config import ENSEMBLE_DEFAULT, NEIGHBOURS_DEFAULT, REFINE_BY_DEFAULT, ROUNDS_DEFAULT
 from poisonscan.detect.classifier import ClassifierConfig, classifier_split, train_with_refinement
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
@@ -55,26 +56,31 @@ def main() -> None:
         y = np.array([i in truth for i in store.ids])
     else:
         y = np.array([i.endswith("__poison") for i in store.ids])
-    split = classifier_split(scores, top, variant.pop("drop_top", 0.1), seed=0, holdout=variant.pop("holdout", 0.0))
+    split = classifier_split(scores, top, variant.pop("drop_top", 0.1), seed=int(variant.pop("split_seed", 0)),
+                             holdout=variant.pop("holdout", 0.0))
     patches = cut_windows(store.images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     runtime = setup_runtime("cpu", "fp32")
     t0 = time.perf_counter()
     rounds = int(variant.pop("rounds", ROUNDS_DEFAULT))
     k = int(variant.pop("neighbours", NEIGHBOURS_DEFAULT))
-    refined = train_with_refinement(store.images, patches, split, ClassifierConfig(**variant), runtime, rounds,
-                                    quiet=True)
-    res, probs = refined.result, refined.probs
-    print(f"variant {variant} rounds {rounds}: poisons among the training negatives {int(y[split.train].sum())} of "
-          f"{len(split.train)}; dropped by refinement {refined.dropped}; iterations {res.iterations} "
-          f"(best {res.best_iteration}); {time.perf_counter() - t0:.0f} s")
+    refine_by = variant.pop("refine_by", REFINE_BY_DEFAULT)
+    variant.setdefault("ensemble", ENSEMBLE_DEFAULT)
     centroids = np.load(args.run / "clusters.npz")["centroids"]
-    means = neighbour_mean(probs, nearest_neighbours(np.load(args.run / "features.npy", mmap_mode="r"), k, centroids))
-    for name, score in (("P", probs), (f"removal score (k = {k})", removal_score(probs, means if k else None))):
+    nbrs = nearest_neighbours(np.load(args.run / "features.npy", mmap_mode="r"), k, centroids) if k else None
+    refined = train_with_refinement(store.images, patches, split, ClassifierConfig(**variant), runtime, rounds,
+                                    quiet=True, neighbours=nbrs if refine_by == "removal" else None)
+    res, probs = refined.result, refined.probs
+    print(f"variant {variant} rounds {rounds} refine_by {refine_by}: poisons among the training negatives "
+          f"{int(y[split.train].sum())} of {len(split.train)}, left after refinement {int(y[refined.train].sum())}; "
+          f"dropped by refinement {refined.dropped}; iterations {res.iterations} (best {res.best_iteration}); "
+          f"{time.perf_counter() - t0:.0f} s")
+    means = neighbour_mean(probs, nbrs) if k else None
+    for name, score in (("P", probs), (f"removal score (k = {k})", removal_score(probs, means))):
         for threshold in (0.5, 0.9, 0.99):
             removed = score > threshold
             tp = int((removed & y).sum())
-            print(f"  {name} > {threshold}: removed {int(removed.sum())}, recall {tp / max(1, y.sum()):.3f}, "
-                  f"precision {tp / max(1, removed.sum()):.3f}")
+            print(f"  {name} > {threshold}: removed {int(removed.sum())}, recall {tp / max(1, y.sum()):.4f}, "
+                  f"precision {tp / max(1, removed.sum()):.4f}")
 
 
 if __name__ == "__main__":

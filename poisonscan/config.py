@@ -37,7 +37,7 @@ class PaperDefaults:
 
 PAPER = PaperDefaults()
 
-#: the first of poisonscan's three departures from the paper's classifier recipe: this share of the poison
+#: the first of poisonscan's five departures from the paper's classifier recipe: this share of the poison
 #: classifier's clean training (and validation) images get a pasted window of another image, so the classifier
 #: learns the trigger's content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the
 #: paper's recipe.
@@ -49,6 +49,15 @@ ROUNDS_DEFAULT = 2
 #: the support of its nearest neighbours in the threat model's feature space, their mean probability above the data
 #: set's flag rate (detect/neighbours.py); 0 restores the paper's decision on the classifier probability alone.
 NEIGHBOURS_DEFAULT = 10
+#: ... the fourth, what the refinement round drops from the training negatives: "removal", the images the removal
+#: decision would remove (P with its neighbours' support, NEIGHBOURS_DEFAULT) as well as those with P > threshold;
+#: "p", the latter alone. ...
+REFINE_BY_DEFAULT = "removal"
+#: ... and the fifth: the classifier is an ensemble of this many, trained with different seeds, their logits
+#: averaged, since one classifier's decision varies from seed to seed (recall 94.6-99.8% on one 50k run). With the
+#: fourth it was measured in docs/benchmarks.md section 5 ("The classifier's seed"); 1 and "p" restore the paper's
+#: single classifier and the earlier refinement.
+ENSEMBLE_DEFAULT = 3
 
 
 @dataclass
@@ -140,7 +149,8 @@ class DetectConfig(CommonConfig):
     classifier_holdout: float = 0.0     # share of the training pool held out as extra validation negatives
     classifier_decoys: float = DECOY_DEFAULT  # share of the classifier's negatives with a pasted natural window
     classifier_rounds: int = ROUNDS_DEFAULT   # 2: retrain once without the negatives the first classifier flags
-    ensemble: int = 1
+    classifier_refine_by: str = REFINE_BY_DEFAULT  # ... flags by "p" or also by the "removal" score
+    ensemble: int = ENSEMBLE_DEFAULT    # poison classifiers averaged (different seeds)
     threshold: float = 0.5              # removed = removal score > threshold
     neighbours: int = NEIGHBOURS_DEFAULT  # removal score = (P + support of this many feature neighbours) / 2; 0: P
     min_evidence: float = 3.0           # evidence gate: z of the top-k over random windows ...

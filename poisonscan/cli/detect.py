@@ -78,12 +78,19 @@ def detect(
         None, "--classifier-rounds", min=1,
         help="Classifier trainings; each after the first drops the training negatives the last one flags [2; 1 = "
              "the paper's single training]."),
+    refine_by: str | None = typer.Option(
+        None, "--refine-by",
+        help="What a refinement round drops from the training negatives: removal (those the removal score, P with "
+             "its neighbours' support, would remove, and those the last classifier flags) or p (the latter alone) "
+             "[removal]."),
     neighbours: int | None = typer.Option(
         None, "--neighbours", min=0,
         help="Removal score = the classifier's probability averaged with the support of this many nearest "
              "neighbours in the threat model's feature space (their mean probability above the data set's flag "
              "rate) [10; 0 = the probability alone, the paper's decision]."),
-    ensemble: int | None = typer.Option(None, "--ensemble", min=1, help="Poison classifiers averaged [1]."),
+    ensemble: int | None = typer.Option(None, "--ensemble", min=1,
+                                        help="Poison classifiers trained with different seeds and averaged [3; 1 = "
+                                             "the paper's single classifier]."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z (the top-k median's gap over "
                                                                            "random windows, in units of the smaller "
                                                                            "of the top-k's and the bootstrap's "
@@ -125,7 +132,8 @@ def detect(
         flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
         drop_top=drop_top, classifier_iters=classifier_iters,
         classifier_holdout=classifier_holdout, classifier_decoys=classifier_decoys,
-        classifier_rounds=classifier_rounds, neighbours=neighbours, ensemble=ensemble, min_evidence=min_evidence,
+        classifier_rounds=classifier_rounds, classifier_refine_by=refine_by, neighbours=neighbours, ensemble=ensemble,
+        min_evidence=min_evidence,
         min_effect=min_effect,
         null_size=null_size, null_pool=null_pool, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),

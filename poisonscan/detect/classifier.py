@@ -458,21 +458,36 @@ class RefinedClassifier:
     train: np.ndarray                        # the last round's training pool
 
 
+def refinement_flags(probs: np.ndarray, threshold: float, neighbours: np.ndarray | None = None) -> np.ndarray:
+    """Which images a refinement round keeps out of the training negatives (bool N): ``P > threshold``, or, with
+    ``neighbours``, also a removal score (P with its neighbours' support) above it."""
+    from poisonscan.detect.neighbours import neighbour_mean, removal_score
+
+    flags = np.asarray(probs) > threshold
+    if neighbours is not None and neighbours.shape[1] > 0:
+        flags |= removal_score(probs, neighbour_mean(probs, neighbours)) > threshold
+    return flags
+
+
 def train_with_refinement(images_u8: Tensor, patches: Tensor | Sequence[Tensor], split: ClassifierSplit,
                           cfg: ClassifierConfig, runtime: Runtime, rounds: int = 1, threshold: float = 0.5,
-                          batch_size: int = 256, quiet: bool = False) -> RefinedClassifier:
+                          batch_size: int = 256, quiet: bool = False,
+                          neighbours: np.ndarray | None = None) -> RefinedClassifier:
     """Train, score every image, and for each further round drop from the training negatives the images the last
     classifier calls poisonous (P > ``threshold``), then train afresh on the cleaner pool.
 
     The pool is noisy: the poisons the search never scored sit among the negatives (a few percent of them), which
     teaches the classifier that a real trigger can be clean and leaves the traces of pasting as the safer cue. The
     paper drops the top share by poison score for that reason; a round of refinement also drops the unscored ones.
+    With ``neighbours`` (N x k indices, :func:`~poisonscan.detect.neighbours.nearest_neighbours`) a negative is
+    also dropped when its removal score (P with its neighbours' support) is above ``threshold``: the poisons the
+    classifier half-misses sit among flagged poisons, and left as negatives they teach it to miss their kind.
     """
     train = split.train
     dropped: list[int] = []
     for r in range(max(1, rounds)):
         if r:
-            flagged = probs[train] > threshold
+            flagged = refinement_flags(probs, threshold, neighbours)[train]
             dropped.append(int(flagged.sum()))
             if not flagged.any():
                 break

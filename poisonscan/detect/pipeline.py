@@ -70,13 +70,16 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                "score_rule", "aggregate"),
     "evidence": ("null_size", "null_pool", "top_k"),
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
-                   "ensemble", "threshold", "min_evidence", "min_effect", "force"),
+                   "classifier_refine_by", "ensemble", "threshold", "min_evidence", "min_effect", "force"),
     "outputs": ("neighbours", "fail_on"),
 }
 
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
 #: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
-LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0}
+LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0,
+                                 "classifier_refine_by": "p"}
+
+REFINE_BY = ("p", "removal")
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
                  "box_h", "classifier_prob", "neighbour_prob", "removal_score", "removed", "top_k_rank")
@@ -100,6 +103,8 @@ def validate_config(cfg: DetectConfig) -> None:
                                           f"{', '.join(STRATEGIES)}")
     need(cfg.score_rule in RULES, f"score_rule {cfg.score_rule}: choose one of {', '.join(RULES)}")
     need(cfg.null_pool in NULL_POOLS, f"--null-pool {cfg.null_pool}: choose one of {', '.join(NULL_POOLS)}")
+    need(cfg.classifier_refine_by in REFINE_BY, f"--refine-by {cfg.classifier_refine_by}: choose one of "
+                                                f"{', '.join(REFINE_BY)}")
     need(cfg.aggregate in AGGREGATES, f"aggregate {cfg.aggregate}: choose one of {', '.join(AGGREGATES)}")
     need(cfg.feature_dtype in FEATURE_DTYPES, f"--feature-dtype {cfg.feature_dtype}: choose one of "
                                               f"{', '.join(FEATURE_DTYPES)}")
@@ -155,11 +160,19 @@ def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None
     """The first stage whose settings differ between the saved and the new config (a key the saved config lacks
     counts as its :data:`LEGACY_VALUES` entry, else as today's default)."""
     defaults = config_to_dict(DetectConfig())
+    old = {key: saved.get(key, LEGACY_VALUES.get(key, defaults.get(key))) for key in defaults}
     for stage in STAGES:
+        if stage == "classifier" and _refine_neighbours(old) != _refine_neighbours(new):
+            return stage
         for key in STAGE_KEYS[stage]:
-            if saved.get(key, LEGACY_VALUES.get(key, defaults.get(key))) != new.get(key):
+            if old.get(key) != new.get(key):
                 return stage
     return None
+
+
+def _refine_neighbours(cfg: dict[str, Any]) -> int:
+    """The neighbours the classifier's refinement rounds look at (0 unless they drop by the removal score)."""
+    return int(cfg.get("neighbours") or 0) if cfg.get("classifier_refine_by") == "removal" else 0
 
 
 def _stale_stage(run: RunDir) -> str | None:
@@ -221,6 +234,7 @@ class _Ctx:
     classifier: dict[str, Any] | None = None
     probs: np.ndarray | None = None             # the classifier's P(poisonous), N
     neighbour_probs: np.ndarray | None = None   # mean P of each image's nearest neighbours (features), N
+    neighbour_index: np.ndarray | None = None   # those neighbours' indices, N x k
     removal: np.ndarray | None = None           # the removal score thresholded by the decision, N
     timings: dict[str, float] = field(default_factory=dict)
     stage_start: float = 0.0
@@ -474,8 +488,10 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))
     ccfg = ClassifierConfig(iterations=cfg.classifier_iters, ensemble=cfg.ensemble, predict_batch_size=cfg.batch_size,
                             decoy_prob=cfg.classifier_decoys, seed=cfg.seed)
+    refine_k = _refine_neighbours(config_to_dict(cfg)) if cfg.classifier_rounds > 1 else 0
+    nbrs = _neighbours(ctx, refine_k) if refine_k else None
     refined = train_with_refinement(ctx.store.images, patches, split, ccfg, ctx.runtime, cfg.classifier_rounds,
-                                    cfg.threshold, cfg.batch_size, ctx.quiet)
+                                    cfg.threshold, cfg.batch_size, ctx.quiet, neighbours=nbrs)
     res, probs = refined.result, refined.probs
     ctx.run.write_bytes("classifier.safetensors", classifier_bytes(res.models, image_size=ctx.size,
                                                                    threshold=cfg.threshold, val_f1=res.val_f1))
@@ -484,6 +500,7 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
                 best_iteration=res.best_iteration, val_f1=res.val_f1,
                 split={"train": len(split.train), "val_pos": len(split.val_pos), "val_neg": len(split.val_neg)},
                 rounds=1 + len(refined.dropped), refinement_dropped=refined.dropped,
+                refine_by=cfg.classifier_refine_by if cfg.classifier_rounds > 1 else None,
                 history=res.history)
     ctx.run.write_json("classifier.json", info)
     ctx.classifier, ctx.probs = info, probs
@@ -496,14 +513,20 @@ def _load_classifier(ctx: _Ctx) -> None:
                  if ctx.classifier.get("trained") else None)
 
 
+def _neighbours(ctx: _Ctx, k: int) -> np.ndarray:
+    """Each image's ``k`` nearest neighbours in the threat model's feature space (searched once per run)."""
+    if ctx.neighbour_index is None or ctx.neighbour_index.shape[1] != k:
+        ctx.neighbour_index = nearest_neighbours(ctx.features, k, ctx.clustering.centroids)
+    return ctx.neighbour_index
+
+
 def _decide(ctx: _Ctx) -> np.ndarray:
     """Removal scores (the classifier's P averaged with its feature-space neighbours', see ``neighbours``) and the
     removal decision ``score > threshold``; nothing is removed without a trained classifier."""
     if ctx.probs is None:
         return np.zeros(len(ctx.store), dtype=bool)
     k = int(ctx.cfg.neighbours)
-    ctx.neighbour_probs = (neighbour_mean(ctx.probs, nearest_neighbours(ctx.features, k, ctx.clustering.centroids))
-                           if k > 0 else None)
+    ctx.neighbour_probs = neighbour_mean(ctx.probs, _neighbours(ctx, k)) if k > 0 else None
     ctx.removal = removal_score(ctx.probs, ctx.neighbour_probs)
     return ctx.removal > ctx.cfg.threshold
 
@@ -578,6 +601,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
         "verdict": verdict,
         "classifier": {"trained": bool(clf["trained"]), "ensemble": int(clf["ensemble"]),
                        "iterations": int(clf["iterations"]), "val_f1": clf.get("val_f1"),
+                       "rounds": clf.get("rounds"), "refine_by": clf.get("refine_by"),
                        "threshold": float(clf["threshold"]), "neighbours": int(cfg.neighbours),
                        "flag_rate": None if ctx.probs is None else float(np.mean(ctx.probs)),
                        "removed_by_classifier_alone": None if ctx.probs is None else

@@ -197,6 +197,22 @@ def test_refinement_drops_the_real_poisons_hidden_among_the_negatives(runtime):
     assert np.isin(np.arange(n - 12, n), twice.train).sum() <= 2          # the hidden poisons left the pool ...
     assert np.isin(split.train[split.train < n - 12], twice.train).mean() >= 0.95   # ... the clean ones stayed
     assert (twice.probs[n - 12:] > 0.5).mean() >= 0.9
+    nbrs = np.stack([np.roll(np.arange(n), -1), np.roll(np.arange(n), 1)], axis=1)   # any index: the rule runs
+    by_removal = C.train_with_refinement(images, patches, split, cfg, runtime, rounds=2, quiet=True, neighbours=nbrs)
+    assert len(by_removal.dropped) == 1 and np.isin(np.arange(n - 12, n), by_removal.train).sum() <= 2
+
+
+def test_refinement_by_removal_score_also_drops_the_half_missed_poisons():
+    """A poison the classifier half-misses (P 0.3) among flagged neighbours leaves the negatives only when the
+    refinement looks at the removal score; a flagged image among clean neighbours leaves either way."""
+    probs = np.array([0.3, 0.9, 0.95, 0.9, 0.6, 0.05, 0.02, 0.04, 0.01, 0.03], dtype=np.float32)
+    nbrs = np.array([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2], [5, 6, 7],
+                     [6, 7, 8], [5, 7, 8], [5, 6, 8], [5, 6, 7], [5, 6, 7]])
+    by_p = C.refinement_flags(probs, 0.5)
+    by_removal = C.refinement_flags(probs, 0.5, nbrs)
+    assert by_p.tolist() == [False, True, True, True, True, False, False, False, False, False]
+    assert by_removal.tolist() == [True, True, True, True, True, False, False, False, False, False]
+    assert C.refinement_flags(probs, 0.5, nbrs[:, :0]).tolist() == by_p.tolist()     # k = 0: P alone
 
 
 def test_early_stopping_and_ensemble_and_round_trip(runtime, tmp_path):

@@ -35,7 +35,8 @@ def toy(tmp_path_factory) -> dict:
 
 def small_cfg(toy: dict, out: Path, data: str = "poisoned", **kw) -> DetectConfig:
     base = dict(data=str(toy["root"] / data), model=toy["model"], out=str(out), clusters=4, masks=64, flip_size=40,
-                top_k=5, null_size=64, classifier_iters=100, batch_size=128, device="cpu", precision="fp32")
+                top_k=5, null_size=64, classifier_iters=100, batch_size=128, device="cpu", precision="fp32",
+                ensemble=1)    # one classifier keeps these tests of the pipeline's mechanics fast
     base.update(kw)
     return DetectConfig(**base)
 
@@ -203,12 +204,20 @@ def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
     assert P._invalidated_stage(saved, {**new, **paper}) is None
     # written before the null pool existed: its null came from every image, today's default
     assert P._invalidated_stage(saved, {**new, **paper, "null_pool": "outside-topk-clusters"}) == "evidence"
-    assert P._invalidated_stage({**new, "neighbours": 0}, new) == "outputs"   # the decision only
+    assert P._invalidated_stage({**new, "neighbours": 0}, new) == "classifier"   # it chose the refinement's drop
+    by_p = {**new, "classifier_refine_by": "p"}
+    assert P._invalidated_stage({**by_p, "neighbours": 0}, by_p) == "outputs"   # the decision only
     assert P._invalidated_stage(new, new) is None
     assert P._invalidated_stage(new, {**new, "classifier_rounds": 3}) == "classifier"
     assert P._invalidated_stage(new, {**new, "masks": 8, "classifier_rounds": 3}) == "search"
     # a key without a legacy entry counts as today's default
     assert P._invalidated_stage({k: v for k, v in new.items() if k != "null_size"}, new) is None
+    # refinement by the removal score: the neighbours count then decides the classifier's training pool too
+    by_removal = {**new, "classifier_refine_by": "removal"}
+    assert P._invalidated_stage(by_p, by_removal) == "classifier"
+    assert P._invalidated_stage(by_removal, {**by_removal, "neighbours": 5}) == "classifier"
+    assert P._invalidated_stage(by_p, {**by_p, "neighbours": 5}) == "outputs"
+    assert P._invalidated_stage({k: v for k, v in by_p.items() if k != "classifier_refine_by"}, by_p) is None
 
 
 def test_null_from_outside_the_top_k_clusters_and_back_to_all_on_resume(toy, tmp_path, runtime):
@@ -256,11 +265,14 @@ def test_an_old_std_scaled_record_is_rescaled_and_decided_again_on_resume(toy, t
 
 
 def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, runtime):
+    """With the refinement dropping by P alone the neighbours only decide; by the removal score they also chose the
+    classifier's training pool, so a change retrains it."""
     run = tmp_path / "nb"
-    P.run_detect(small_cfg(toy, run), runtime, quiet=True)
+    P.run_detect(small_cfg(toy, run, classifier_refine_by="p"), runtime, quiet=True)
     classifier_done = (run / "stages/classifier.done").read_text()
     probs = (run / "classifier_probs.npy").read_bytes()
-    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0, classifier_refine_by="p"), runtime,
+                           quiet=True)
     assert (run / "stages/classifier.done").read_text() == classifier_done      # not retrained
     assert (run / "classifier_probs.npy").read_bytes() == probs
     rows = read_scores(run)
@@ -268,6 +280,21 @@ def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, r
     assert all((r["removed"] == "1") == (float(r["classifier_prob"]) > 0.5) for r in rows)
     assert summary["classifier"]["neighbours"] == 0
     assert summary["counts"]["removed"] == summary["classifier"]["removed_by_classifier_alone"]
+    P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0), runtime, quiet=True)    # refine by removal
+    assert (run / "stages/classifier.done").read_text() != classifier_done
+
+
+def test_refinement_by_the_removal_score_runs_and_is_recorded(toy, tmp_path, runtime):
+    run = tmp_path / "refine"
+    summary = P.run_detect(small_cfg(toy, run, classifier_refine_by="removal", ensemble=2), runtime, quiet=True)
+    info = json.loads((run / "classifier.json").read_text())
+    assert info["refine_by"] == "removal" and info["rounds"] in (1, 2) and info["ensemble"] == 2
+    assert len(info["iterations_per_model"]) == 2 and summary["classifier"]["ensemble"] == 2
+    removed = (run / "removed.txt").read_text().split()
+    assert summary["counts"]["removed"] == len(removed)
+    assert sum(i in toy["poisoned"] for i in removed) >= 18 and sum(i not in toy["poisoned"] for i in removed) <= 5
+    with pytest.raises(ConfigError, match="refine-by"):
+        P.run_detect(small_cfg(toy, tmp_path / "bad", classifier_refine_by="both"), runtime, quiet=True)
 
 
 def test_patchsearch_method_swaps_only_candidate_detection(toy, tmp_path, runtime):
