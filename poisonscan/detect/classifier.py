@@ -481,7 +481,7 @@ def train_with_refinement(images_u8: Tensor, patches: Tensor | Sequence[Tensor],
     paper drops the top share by poison score for that reason; a round of refinement also drops the unscored ones.
     With ``neighbours`` (N x k indices, :func:`~poisonscan.detect.neighbours.nearest_neighbours`) a negative is
     also dropped when its removal score (P with its neighbours' support) is above ``threshold``: the poisons the
-    classifier half-misses sit among flagged poisons, and left as negatives they teach it to miss their kind.
+    classifier half-misses sit among flagged poisons, and this round reaches them too (docs/benchmarks.md 5).
     """
     train = split.train
     dropped: list[int] = []
