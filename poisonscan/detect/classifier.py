@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poisonscan.config import DECOY_DEFAULT
+from poisonscan.detect.neighbours import neighbour_mean, removal_score
 from poisonscan.errors import CheckpointError, PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
 
@@ -461,8 +462,6 @@ class RefinedClassifier:
 def refinement_flags(probs: np.ndarray, threshold: float, neighbours: np.ndarray | None = None) -> np.ndarray:
     """Which images a refinement round keeps out of the training negatives (bool N): ``P > threshold``, or, with
     ``neighbours``, also a removal score (P with its neighbours' support) above it."""
-    from poisonscan.detect.neighbours import neighbour_mean, removal_score
-
     flags = np.asarray(probs) > threshold
     if neighbours is not None and neighbours.shape[1] > 0:
         flags |= removal_score(probs, neighbour_mean(probs, neighbours)) > threshold

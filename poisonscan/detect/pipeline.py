@@ -70,7 +70,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                "score_rule", "aggregate"),
     "evidence": ("null_size", "null_pool", "top_k"),
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
-                   "classifier_refine_by", "ensemble", "threshold", "min_evidence", "min_effect", "force"),
+                   "classifier_refine_by", "refine_neighbours", "ensemble", "threshold", "min_evidence", "min_effect",
+                   "force"),
     "outputs": ("neighbours", "fail_on"),
 }
 
@@ -161,18 +162,19 @@ def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None
     counts as its :data:`LEGACY_VALUES` entry, else as today's default)."""
     defaults = config_to_dict(DetectConfig())
     old = {key: saved.get(key, LEGACY_VALUES.get(key, defaults.get(key))) for key in defaults}
+    old, new = ({**c, "refine_neighbours": _refine_neighbours(c["classifier_refine_by"], c["neighbours"])}
+                for c in (old, {**defaults, **new}))
     for stage in STAGES:
-        if stage == "classifier" and _refine_neighbours(old) != _refine_neighbours(new):
-            return stage
         for key in STAGE_KEYS[stage]:
             if old.get(key) != new.get(key):
                 return stage
     return None
 
 
-def _refine_neighbours(cfg: dict[str, Any]) -> int:
-    """The neighbours the classifier's refinement rounds look at (0 unless they drop by the removal score)."""
-    return int(cfg.get("neighbours") or 0) if cfg.get("classifier_refine_by") == "removal" else 0
+def _refine_neighbours(refine_by: str, neighbours: int) -> int:
+    """The neighbours the classifier's refinement rounds look at (0 unless they drop by the removal score): a
+    setting of the classifier stage derived from two others."""
+    return int(neighbours or 0) if refine_by == "removal" else 0
 
 
 def _stale_stage(run: RunDir) -> str | None:
@@ -488,7 +490,7 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))
     ccfg = ClassifierConfig(iterations=cfg.classifier_iters, ensemble=cfg.ensemble, predict_batch_size=cfg.batch_size,
                             decoy_prob=cfg.classifier_decoys, seed=cfg.seed)
-    refine_k = _refine_neighbours(config_to_dict(cfg)) if cfg.classifier_rounds > 1 else 0
+    refine_k = _refine_neighbours(cfg.classifier_refine_by, cfg.neighbours) if cfg.classifier_rounds > 1 else 0
     nbrs = _neighbours(ctx, refine_k) if refine_k else None
     refined = train_with_refinement(ctx.store.images, patches, split, ccfg, ctx.runtime, cfg.classifier_rounds,
                                     cfg.threshold, cfg.batch_size, ctx.quiet, neighbours=nbrs)
