@@ -206,7 +206,18 @@ def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: 
         trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor"), seed=args.seed, quiet=True)) or {}
     probes = {str(frac): _probe(model, values, val_spec, patched, target, frac, out / f"probe-{frac}", args.seed)
               for frac in args.fractions}
-    return {"model": str(model), "knn": strength.get("knn"), "clusters": strength.get("clusters"), "probe": probes}
+    row = {"model": str(model), "knn": strength.get("knn"), "clusters": strength.get("clusters"), "probe": probes,
+           "warnings": strength.get("warnings", [])}
+    knn = strength.get("knn") or {}
+    if knn.get("bank_target_count", knn.get("k", 0)) < knn.get("k", 0):
+        # the cleaning took (nearly) the whole target class (rate 1.0): its k-NN ASR is 0 by construction, so the
+        # k-NN is measured again against the original labelled data, as the clean-data model's is
+        original = run_backdoor(EvalBackdoorConfig(
+            model=str(model), data=val_spec, trigger=trigger, target=target, train=values["data"],
+            trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor-original-bank"), seed=args.seed,
+            quiet=True)) or {}
+        row["knn_original_bank"] = original.get("knn")
+    return row
 
 
 def _num(value: Any) -> float:
@@ -229,10 +240,14 @@ def _print(r: dict[str, Any]) -> None:
     for k, p in r["probe"].items():
         print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']}")
     for m, row in r["detection"].items():
-        knn = (row.get("retrained") or {}).get("knn")
-        if knn:
-            print(f"retrained after {m}: k-NN acc {knn.get('accuracy')}, k-NN ASR {knn.get('asr')} "
-                  f"(clean rate {knn.get('target_rate_clean')})")
+        retrained = row.get("retrained") or {}
+        for bank in ("knn", "knn_original_bank"):
+            knn = retrained.get(bank)
+            if knn:
+                print(f"retrained after {m}{' (bank: the original data)' if bank != 'knn' else ''}: k-NN acc "
+                      f"{knn.get('accuracy')}, k-NN ASR {knn.get('asr')} (clean rate {knn.get('target_rate_clean')})")
+        for w in retrained.get("warnings", []):
+            print(f"warning (retrained after {m}): {w}")
         for frac, p in ((row.get("retrained") or {}).get("probe") or {}).items():
             print(f"probe retrained after {m}@{frac}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, "
                   f"ASR {p['asr']}")

@@ -136,6 +136,11 @@ def backdoor_strength(encoder: nn.Module, train_store: ImageStore | None, val_st
         bank, bank_labels, loo, bank_name = train_feats, train_labels, False, "train"
     else:
         bank, bank_labels, loo, bank_name = val_feats, val_labels, True, "val (leave-one-out)"
+    in_bank = int((bank_labels == target).sum())
+    if in_bank < k:     # e.g. a set cleaned of a fully poisoned class: the vote can hardly name the target
+        warnings.append(f"the k-NN bank holds {in_bank} image(s) of the target class (fewer than k = {k}), so the "
+                        "k-NN ASR is near 0 by construction; give a labelled --train that has the class (e.g. the "
+                        "original data) to measure the backdoor")
     pred_clean = knn_predict(bank, bank_labels, val_feats, n_classes, k, temperature, exclude_self=loo)
     pred_patched = knn_predict(bank, bank_labels, patched_feats, n_classes, k, temperature, exclude_self=loo)
     n_nt = int(non_target.sum())
@@ -148,6 +153,7 @@ def backdoor_strength(encoder: nn.Module, train_store: ImageStore | None, val_st
         "trigger": {"size": trigger_size, "margin": margin, "seed": seed},
         "knn": {
             "k": int(k), "temperature": temperature, "bank": bank_name,
+            "bank_target_count": in_bank,
             "accuracy": float((pred_clean == val_labels).mean()),
             "accuracy_patched": float((pred_patched == val_labels).mean()),
             "non_target": n_nt,

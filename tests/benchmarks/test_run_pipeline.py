@@ -107,3 +107,32 @@ def test_cleaned_manifest_is_rewritten_when_a_resumed_scan_is_newer(tmp_path: Pa
     os.utime(det / "summary.json", (later, later))
     run_pipeline._cleaned_manifest(det, manifest)
     assert len(calls) == 2 and manifest.read_text() == "manifest 2\n"
+
+
+@pytest.mark.parametrize("in_bank, banks", [(500, ["clean.tsv"]), (3, ["clean.tsv", "original/train"])])
+def test_retrain_measures_knn_on_the_original_data_when_cleaning_took_the_target_class(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], in_bank: int,
+        banks: list[str]) -> None:
+    seen: list[str] = []
+
+    def fake_backdoor(conf: object) -> dict:
+        seen.append(conf.train)
+        count = in_bank if conf.train == "clean.tsv" else 5000
+        return {"knn": {"k": 20, "bank_target_count": count, "accuracy": 0.6, "asr": 0.0 if count < 20 else 0.1,
+                        "target_rate_clean": 0.0}, "clusters": None,
+                "warnings": ["few target images"] if count < 20 else []}
+
+    monkeypatch.setattr(run_pipeline, "_pretrain", lambda *a, **k: None)
+    monkeypatch.setattr(run_pipeline, "run_backdoor", fake_backdoor)
+    monkeypatch.setattr(run_pipeline, "_probe", lambda *a, **k: {"acc_clean": 0.5, "acc_patched": 0.4, "asr": 0.1})
+    args = argparse.Namespace(seed=0, fractions=[0.1])
+    conf = {"trigger_size_eval": 8.0}
+    row = run_pipeline._retrain(args, conf, 1, tmp_path, "poisoncam", Path("clean.tsv"),
+                                {"data": "original/train"}, "val", {}, "t.png", "0", None, {})
+    assert seen == banks
+    assert ("knn_original_bank" in row) == (len(banks) == 2)
+    run_pipeline._print({"config": "cifar10", "epochs": 15, "seed": 0, "clean_control": False, "threat_model": None,
+                         "detection": {"poisoncam": {"removed": 1, "retrained": row}}, "probe": {}, "timings": {}})
+    out = capsys.readouterr().out
+    assert ("(bank: the original data): k-NN acc 0.6, k-NN ASR 0.1" in out) == (len(banks) == 2)
+    assert ("warning (retrained after poisoncam): few target images" in out) == (len(banks) == 2)

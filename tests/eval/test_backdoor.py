@@ -128,7 +128,22 @@ def test_backdoor_strength_known_answer() -> None:
     sizes = {c["cluster"]: c["size"] for c in cl["top"]}
     assert sum(c["poisons"] for c in cl["top"]) == 10 and sum(sizes.values()) <= 150
     assert out["flips"]["flip_set"] == 3 and 0 <= out["flips"]["changed"] <= 3
-    assert out["target_name"] == "blue"
+    assert out["target_name"] == "blue" and out["warnings"] == []
+
+
+def test_backdoor_strength_warns_when_the_bank_lacks_the_target_class() -> None:
+    # a set cleaned of a fully poisoned class keeps no image of it: the k-NN vote cannot name it, ASR 0 says nothing
+    val = _store([0, 1, 2] * 10, seed=1)
+    train = _store([0, 1] * 20 + [2] * 3, seed=2)
+    out = backdoor_strength(MeanColour(), train, val, _blue_trigger(), 2, RUNTIME, k=5, trigger_size=0.75,
+                            probe_epochs=5, probe_fraction=0.5)
+    assert out["warnings"] == ["the k-NN bank holds 3 image(s) of the target class (fewer than k = 5), so the k-NN "
+                               "ASR is near 0 by construction; give a labelled --train that has the class (e.g. the "
+                               "original data) to measure the backdoor"]
+    assert out["knn"]["bank_target_count"] == 3
+    enough = backdoor_strength(MeanColour(), train, val, _blue_trigger(), 2, RUNTIME, k=3, trigger_size=0.75,
+                               probe_epochs=5, probe_fraction=0.5)
+    assert enough["warnings"] == []
 
 
 def test_backdoor_strength_val_only() -> None:
