@@ -248,7 +248,7 @@ def _print(r: dict[str, Any]) -> None:
                       f"{knn.get('accuracy')}, k-NN ASR {knn.get('asr')} (clean rate {knn.get('target_rate_clean')})")
         for w in retrained.get("warnings", []):
             print(f"warning (retrained after {m}): {w}")
-        for frac, p in ((row.get("retrained") or {}).get("probe") or {}).items():
+        for frac, p in (retrained.get("probe") or {}).items():
             print(f"probe retrained after {m}@{frac}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, "
                   f"ASR {p['asr']}")
     print("timings:", r["timings"])
