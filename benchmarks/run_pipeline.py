@@ -209,7 +209,7 @@ def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: 
     row = {"model": str(model), "knn": strength.get("knn"), "clusters": strength.get("clusters"), "probe": probes,
            "warnings": strength.get("warnings", [])}
     knn = strength.get("knn") or {}
-    if knn.get("bank_target_count", knn.get("k", 0)) < knn.get("k", 0):
+    if knn and knn["bank_target_count"] < knn["k"]:
         # the cleaning took (nearly) the whole target class (rate 1.0): its k-NN ASR is 0 by construction, so the
         # k-NN is measured again against the original labelled data, as the clean-data model's is
         original = run_backdoor(EvalBackdoorConfig(
