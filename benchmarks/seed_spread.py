@@ -5,7 +5,9 @@
 Reads the ``run_pipeline.py`` records (``results.json`` copies: a ``config``, ``seed``, ``targets`` and
 ``detection``) under ``--results`` plus any given, groups them by setting (preset, epochs, rate, trigger/target
 pairs, clean control or not) and prints, per seed, the threat model's strength (k-NN ASR, oracle flips) beside what
-PoisonCAM removed, its recall and precision, and the retrained model's k-NN ASR where the run retrained; then the
+PoisonCAM removed, its recall and precision, and the retrained model's k-NN ASR where the run retrained (against
+the original labelled data where the run measured it there: a cleaned bank without the target class says 0 by
+construction, and such a figure is left out); then the
 mean and sample standard deviation of each over the seeds. One run recorded twice (a resumed ``--retrain`` record
 beside the first) counts once. A record's detection figures are those of the ``eval detection`` JSON beside it
 (``<name>-eval-detection.json``, or ``<name>-<tag>-eval-detection.json`` of a resumed scan whose ``<name>-<tag>.json``
@@ -56,6 +58,24 @@ def _eval_beside(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _retrained_asr(retrained: dict[str, Any]) -> float | None:
+    """The retrained model's k-NN ASR: against the original labelled data when the run measured it there.
+
+    A bank with (almost) no image of the target class (rate 1.0 cleaned away the whole class) gives 0 by
+    construction: ``bank_target_count`` under ``k``, or, in records older than that field, a target rate of exactly
+    0 on clean images. Such a row is left out (``None``) rather than read as an erased backdoor.
+    """
+    original = retrained.get("knn_original_bank") or {}
+    if original.get("asr") is not None:
+        return original["asr"]
+    knn = retrained.get("knn") or {}
+    if knn.get("asr") is None:
+        return None
+    count = knn.get("bank_target_count")
+    no_target = count < knn.get("k", 0) if count is not None else knn.get("target_rate_clean") == 0.0
+    return None if no_target else knn["asr"]
+
+
 def _row(path: Path, rec: dict[str, Any], method: str) -> dict[str, Any]:
     tm = rec.get("threat_model") or {}
     det = (rec.get("detection") or {}).get(method) or {}
@@ -69,7 +89,7 @@ def _row(path: Path, rec: dict[str, Any], method: str) -> dict[str, Any]:
            "removed": removal.get("removed", det.get("removed")),
            "recall": removal.get("recall", det.get("recall")),
            "precision": removal.get("precision", det.get("precision")),
-           "retrained_knn_asr": (retrained.get("knn") or {}).get("asr"),
+           "retrained_knn_asr": _retrained_asr(retrained),
            "source": "eval-detection" if ev else "record"}
     if not ev and row["removed"]:
         gate = [r for r in evidence_rows([path], DetectConfig.min_evidence, DetectConfig.min_effect)

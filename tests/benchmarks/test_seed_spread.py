@@ -67,6 +67,17 @@ def test_groups_seeds_counts_a_run_once_and_prefers_the_resumed_scan(tmp_path: P
     assert groups["cifar10, 15 epochs, rate 0.5, trigger_12 -> 3"]["seeds"][0]["removed"] == 1
 
 
+def test_retrained_asr_reads_the_original_bank_and_drops_a_bank_without_the_target() -> None:
+    own = {"k": 20, "asr": 0.0, "target_rate_clean": 0.0, "bank_target_count": 0}
+    assert seed_spread._retrained_asr({"knn": own, "knn_original_bank": {"asr": 0.108}}) == 0.108
+    assert seed_spread._retrained_asr({"knn": own}) is None                  # 0 by construction: left out
+    older = {"k": 20, "asr": 0.0, "target_rate_clean": 0.0}                 # a record older than the count
+    assert seed_spread._retrained_asr({"knn": older}) is None
+    full = {"k": 20, "asr": 0.024, "target_rate_clean": 0.023, "bank_target_count": 480}
+    assert seed_spread._retrained_asr({"knn": full}) == 0.024
+    assert seed_spread._retrained_asr({}) is None
+
+
 def test_main_prints_a_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a.json").write_text(json.dumps(_record(0, "w0", 2700, 0.998, 0.91, 0.80)))
