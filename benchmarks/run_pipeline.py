@@ -178,11 +178,13 @@ def _patched_val(val_patched: str | None, trigger: str, conf: dict[str, Any]) ->
 
 def _probe(model: Path, values: dict[str, Any], val_spec: str, patched: dict[str, Any], target: str, frac: float,
            out: Path, seed: int) -> dict[str, Any]:
-    """Linear probe with ``frac`` of the clean labels: ACC on clean and patched val, ASR of ``target``."""
+    """Linear probe with ``frac`` of the clean labels: ACC on clean and patched val, ASR of ``target``, and the
+    share of clean non-target val images it already calls ``target`` (``clean_rate``: the ASR's baseline)."""
     p = run_probe(EvalProbeConfig(model=str(model), train=values["data"], val=val_spec, targets=[target],
                                   fraction=frac, out=str(out), seed=seed, quiet=True, **patched)) or {}
-    return {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"),
-            "asr": (p.get("targets") or [{}])[0].get("asr")}
+    t = (p.get("targets") or [{}])[0]
+    return {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"), "asr": t.get("asr"),
+            "clean_rate": t.get("fp_rate_clean")}
 
 
 def _cleaned_manifest(det_dir: Path, manifest: Path) -> Path:
@@ -238,7 +240,8 @@ def _print(r: dict[str, Any]) -> None:
               f"{_num(row.get('top20_trigger_accuracy')):>8.2f}{ev.get('z', float('nan')):>7.1f}"
               f"{_num(ev.get('effect')):>8.3f}")
     for k, p in r["probe"].items():
-        print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']}")
+        print(f"probe {k}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, ASR {p['asr']} "
+              f"(clean rate {p.get('clean_rate')})")
     for m, row in r["detection"].items():
         retrained = row.get("retrained") or {}
         for bank in ("knn", "knn_original_bank"):
@@ -250,7 +253,7 @@ def _print(r: dict[str, Any]) -> None:
             print(f"warning (retrained after {m}): {w}")
         for frac, p in (retrained.get("probe") or {}).items():
             print(f"probe retrained after {m}@{frac}: ACC clean {p['acc_clean']}, ACC patched {p['acc_patched']}, "
-                  f"ASR {p['asr']}")
+                  f"ASR {p['asr']} (clean rate {p.get('clean_rate')})")
     print("timings:", r["timings"])
 
 

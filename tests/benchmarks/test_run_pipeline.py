@@ -136,3 +136,15 @@ def test_retrain_measures_knn_on_the_original_data_when_cleaning_took_the_target
     out = capsys.readouterr().out
     assert ("(bank: the original data): k-NN acc 0.6, k-NN ASR 0.1" in out) == (len(banks) == 2)
     assert ("warning (retrained after poisoncam): few target images" in out) == (len(banks) == 2)
+
+
+def test_probe_records_the_clean_rate_beside_the_asr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    report = {"acc_clean": 0.62, "acc_patched": 0.57,
+              "targets": [{"target": 6, "fp_rate_clean": 0.0436, "asr": 0.0585}]}
+    monkeypatch.setattr(run_pipeline, "run_probe", lambda conf: report)
+    p = run_pipeline._probe(tmp_path / "m.safetensors", {"data": "train"}, "val", {}, "6", 0.1, tmp_path / "p", 0)
+    assert p == {"acc_clean": 0.62, "acc_patched": 0.57, "asr": 0.0585, "clean_rate": 0.0436}
+    run_pipeline._print({"config": "imagenette-96", "epochs": 40, "seed": 1, "clean_control": False,
+                         "threat_model": None, "detection": {}, "probe": {"no_defence@0.1": p}, "timings": {}})
+    assert "ASR 0.0585 (clean rate 0.0436)" in capsys.readouterr().out
