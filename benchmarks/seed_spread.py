@@ -7,9 +7,8 @@ Reads the ``run_pipeline.py`` records (``results.json`` copies: a ``config``, ``
 pairs, clean control or not) and prints, per seed, the threat model's strength (k-NN ASR, oracle flips) beside what
 PoisonCAM removed, its recall and precision, and the retrained model's k-NN ASR where the run retrained (against
 the original labelled data where the run measured it there: a cleaned bank without the target class says 0 by
-construction, and such a figure is left out); then the
-mean and sample standard deviation of each over the seeds. One run recorded twice (a resumed ``--retrain`` record
-beside the first) counts once. A record's detection figures are those of the ``eval detection`` JSON beside it
+construction, and such a figure is left out); then the mean and sample standard deviation of each over the seeds.
+One run recorded twice (a resumed ``--retrain`` record beside the first) counts once. A record's detection figures are those of the ``eval detection`` JSON beside it
 (``<name>-eval-detection.json``, or ``<name>-<tag>-eval-detection.json`` of a resumed scan whose ``<name>-<tag>.json``
 is not itself a record) where there is one: the scan as it stands, not as first run. A record without one whose
 evidence today's gate (``DetectConfig.min_evidence``, ``min_effect``; ``evidence_table.py``) would not pass counts
