@@ -8,9 +8,11 @@ pairs, clean control or not) and prints, per seed, the threat model's strength (
 PoisonCAM removed, its recall and precision, and the retrained model's k-NN ASR where the run retrained (against
 the original labelled data where the run measured it there: a cleaned bank without the target class says 0 by
 construction, and such a figure is left out); then the mean and sample standard deviation of each over the seeds.
-One run recorded twice (a resumed ``--retrain`` record beside the first) counts once. A record's detection figures are those of the ``eval detection`` JSON beside it
-(``<name>-eval-detection.json``, or ``<name>-<tag>-eval-detection.json`` of a resumed scan whose ``<name>-<tag>.json``
-is not itself a record) where there is one: the scan as it stands, not as first run. A record without one whose
+One run recorded twice (a resumed ``--retrain`` record beside the first, or the run rebuilt in the same work
+directory) counts once, with the figures of its newer record where both are alike. A record's detection figures are
+those of the ``eval detection`` JSON beside it (``<name>-eval-detection.json``, or
+``<name>-<tag>-eval-detection.json`` of a resumed scan whose ``<name>-<tag>.json`` is not itself a record) where
+there is one: the scan as it stands, not as first run. A record without one whose
 evidence today's gate (``DetectConfig.min_evidence``, ``min_effect``; ``evidence_table.py``) would not pass counts
 as 0 removed, marked ``gate``: what its scan resumed would remove. Nothing is rerun.
 """
@@ -89,7 +91,8 @@ def _row(path: Path, rec: dict[str, Any], method: str) -> dict[str, Any]:
            "recall": removal.get("recall", det.get("recall")),
            "precision": removal.get("precision", det.get("precision")),
            "retrained_knn_asr": _retrained_asr(retrained),
-           "source": "eval-detection" if ev else "record"}
+           "source": "eval-detection" if ev else "record",
+           "time": (rec.get("environment") or {}).get("time") or ""}
     if not ev and row["removed"]:
         gate = [r for r in evidence_rows([path], DetectConfig.min_evidence, DetectConfig.min_effect)
                 if r["run"] == f"{path}:{method}"]
@@ -114,8 +117,9 @@ def spread(paths: list[Path], method: str = "poisoncam") -> list[dict[str, Any]]
         row = _row(path, rec, method)
         runs = groups.setdefault(_setting(rec), {})
         key = rec.get("model") or (rec["seed"], str(path))       # one run's records share its threat model
-        if key in runs:             # one run: the scan as it stands first, then fill the gaps from the other
-            first, other = sorted((runs[key], row), key=lambda r: SOURCE_RANK[r["source"]])
+        if key in runs:     # one run: the scan as it stands (the newer of two alike) first, then fill the gaps
+            newest = sorted((runs[key], row), key=lambda r: r["time"], reverse=True)
+            first, other = sorted(newest, key=lambda r: SOURCE_RANK[r["source"]])
             runs[key] = {k: first[k] if first[k] is not None else other[k] for k in first}
             continue
         runs[key] = row

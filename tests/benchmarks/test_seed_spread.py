@@ -90,3 +90,20 @@ def test_main_prints_a_table_and_json(tmp_path: Path, monkeypatch: pytest.Monkey
     seed_spread.main()
     data = json.loads(capsys.readouterr().out)
     assert data[0]["stats"]["removed"]["mean"] == pytest.approx(2650)
+
+
+def test_a_run_rebuilt_in_its_work_directory_reads_as_its_newer_record(tmp_path: Path) -> None:
+    old = _record(1, "w1", 2795, 0.9992, 0.8937, 0.83)
+    old["environment"] = {"time": "2026-12-02T03:10:33+0000"}
+    new = _record(1, "w1", 2700, 0.9988, 0.925, 0.83, retrained={"knn": {"asr": 0.03}})
+    new["environment"] = {"time": "2026-12-03T01:00:00+0000"}
+    for name, data in (("z-first.json", old), ("a-rebuild.json", new)):   # path order must not decide
+        (tmp_path / name).write_text(json.dumps(data))
+    (tmp_path / "z-first-eval-detection.json").write_text(json.dumps(_eval(2795, 0.9992, 0.8937)))
+    (tmp_path / "a-rebuild-eval-detection.json").write_text(json.dumps(_eval(2700, 0.9988, 0.925)))
+    (group,) = seed_spread.spread(sorted(tmp_path.glob("*.json")))
+    (row,) = group["seeds"]
+    assert (row["removed"], row["recall"], row["precision"], row["retrained_knn_asr"]) == (2700, 0.9988, 0.925, 0.03)
+    (tmp_path / "a-rebuild-eval-detection.json").unlink()                  # a scan as it stands beats a bare record
+    (row,) = seed_spread.spread(sorted(tmp_path.glob("*.json")))[0]["seeds"]
+    assert (row["removed"], row["source"], row["retrained_knn_asr"]) == (2795, "eval-detection", 0.03)
