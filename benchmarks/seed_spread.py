@@ -9,7 +9,9 @@ PoisonCAM removed, its recall and precision, and the retrained model's k-NN ASR 
 the original labelled data where the run measured it there: a cleaned bank without the target class says 0 by
 construction, and such a figure is left out); then the mean and sample standard deviation of each over the seeds.
 One run recorded twice (a resumed ``--retrain`` record beside the first, or the run rebuilt in the same work
-directory) counts once, with the figures of its newer record where both are alike. A record's detection figures are
+directory) counts once, with the figures of its newer record where both are alike; a retrained figure is taken from
+the other record only when both record the same scan (the same number removed): a retraining on another scan's
+cleaned set says nothing about this one. A record's detection figures are
 those of the ``eval detection`` JSON beside it (``<name>-eval-detection.json``, or
 ``<name>-<tag>-eval-detection.json`` of a resumed scan whose ``<name>-<tag>.json`` is not itself a record) where
 there is one: the scan as it stands, not as first run. A record without one whose
@@ -91,6 +93,7 @@ def _row(path: Path, rec: dict[str, Any], method: str) -> dict[str, Any]:
            "recall": removal.get("recall", det.get("recall")),
            "precision": removal.get("precision", det.get("precision")),
            "retrained_knn_asr": _retrained_asr(retrained),
+           "scan_removed": det.get("removed"),
            "source": "eval-detection" if ev else "record",
            "time": (rec.get("environment") or {}).get("time") or ""}
     if not ev and row["removed"]:
@@ -120,7 +123,9 @@ def spread(paths: list[Path], method: str = "poisoncam") -> list[dict[str, Any]]
         if key in runs:     # one run: the scan as it stands (the newer of two alike) first, then fill the gaps
             newest = sorted((runs[key], row), key=lambda r: r["time"], reverse=True)
             first, other = sorted(newest, key=lambda r: SOURCE_RANK[r["source"]])
-            runs[key] = {k: first[k] if first[k] is not None else other[k] for k in first}
+            same_scan = first["scan_removed"] == other["scan_removed"]
+            runs[key] = {k: first[k] if first[k] is not None or (k == "retrained_knn_asr" and not same_scan)
+                         else other[k] for k in first}
             continue
         runs[key] = row
     out = []

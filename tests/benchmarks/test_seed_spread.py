@@ -106,4 +106,18 @@ def test_a_run_rebuilt_in_its_work_directory_reads_as_its_newer_record(tmp_path:
     assert (row["removed"], row["recall"], row["precision"], row["retrained_knn_asr"]) == (2700, 0.9988, 0.925, 0.03)
     (tmp_path / "a-rebuild-eval-detection.json").unlink()                  # a scan as it stands beats a bare record
     (row,) = seed_spread.spread(sorted(tmp_path.glob("*.json")))[0]["seeds"]
-    assert (row["removed"], row["source"], row["retrained_knn_asr"]) == (2795, "eval-detection", 0.03)
+    assert (row["removed"], row["source"]) == (2795, "eval-detection")
+    assert row["retrained_knn_asr"] is None         # retrained on the other scan's cleaned set: not this scan's
+
+
+def test_a_rebuilt_scan_does_not_borrow_the_first_scans_retraining(tmp_path: Path) -> None:
+    first = _record(0, "w0", 3030, 1.0, 0.825, 0.92, retrained={"knn": {"asr": 0.006}})
+    first["environment"] = {"time": "2026-11-20T03:10:33+0000"}
+    rebuilt = _record(0, "w0", 2664, 1.0, 0.938, 0.92)
+    rebuilt["environment"] = {"time": "2026-12-03T06:41:00+0000"}
+    (tmp_path / "b-retrain.json").write_text(json.dumps(first))
+    (tmp_path / "b-rerun.json").write_text(json.dumps(rebuilt))
+    (group,) = seed_spread.spread(sorted(tmp_path.glob("*.json")))
+    (row,) = group["seeds"]
+    assert (row["removed"], row["precision"], row["knn_asr"]) == (2664, 0.938, 0.92)
+    assert row["retrained_knn_asr"] is None and group["stats"]["retrained_knn_asr"]["n"] == 0
