@@ -123,9 +123,9 @@ def spread(paths: list[Path], method: str = "poisoncam") -> list[dict[str, Any]]
         if key in runs:     # one run: the scan as it stands (the newer of two alike) first, then fill the gaps
             newest = sorted((runs[key], row), key=lambda r: r["time"], reverse=True)
             first, other = sorted(newest, key=lambda r: SOURCE_RANK[r["source"]])
-            same_scan = first["scan_removed"] == other["scan_removed"]
-            runs[key] = {k: first[k] if first[k] is not None or (k == "retrained_knn_asr" and not same_scan)
-                         else other[k] for k in first}
+            runs[key] = {k: first[k] if first[k] is not None else other[k] for k in first}
+            if first["scan_removed"] != other["scan_removed"]:     # another scan's retraining is not this one's
+                runs[key]["retrained_knn_asr"] = first["retrained_knn_asr"]
             continue
         runs[key] = row
     out = []
