@@ -7,7 +7,9 @@ Reads the ``run_pipeline.py`` records (``results.json`` copies: a ``config``, ``
 pairs, clean control or not) and prints, per seed, the threat model's strength (k-NN ASR, oracle flips) beside what
 PoisonCAM removed, its recall and precision, and the retrained model's k-NN ASR where the run retrained (against
 the original labelled data where the run measured it there: a cleaned bank without the target class says 0 by
-construction, and such a figure is left out); then the mean and sample standard deviation of each over the seeds.
+construction, and such a figure is left out), and the 10%-label linear probe's ASR of the run's own model and of
+its retrained one (the issue's "within 1 point of a model trained on clean data" compares the latter with a clean
+control's own probe); then the mean and sample standard deviation of each over the seeds.
 One run recorded twice (a resumed ``--retrain`` record beside the first, or the run rebuilt in the same work
 directory) counts once, with the figures of its newer record where both are alike; a retrained figure is taken from
 the other record only when both record the same scan (the same number removed): a retraining on another scan's
@@ -34,7 +36,9 @@ from evidence_table import table as evidence_rows  # noqa: E402
 from poisonscan.config import DetectConfig  # noqa: E402
 
 SOURCE_RANK = {"eval-detection": 0, "record": 1, "gate": 2}
-METRICS = ("knn_asr", "oracle_flips", "removed", "recall", "precision", "retrained_knn_asr")
+METRICS = ("knn_asr", "oracle_flips", "removed", "recall", "precision", "retrained_knn_asr", "probe_asr",
+           "retrained_probe_asr")
+PROBE_FRACTION = "0.1"
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -79,6 +83,15 @@ def _retrained_asr(retrained: dict[str, Any]) -> float | None:
     return None if no_target else knn["asr"]
 
 
+def _probe_asr(probes: dict[str, Any], fraction: str = PROBE_FRACTION) -> float | None:
+    """The ASR of the probe trained with ``fraction`` of the labels: keyed ``<model>@<fraction>`` in a record's own
+    ``probe`` (``no_defence@0.1``, ``clean_data@0.1``), plain ``<fraction>`` under ``retrained``."""
+    for key, probe in (probes or {}).items():
+        if key.rsplit("@", 1)[-1] == fraction and isinstance(probe, dict):
+            return probe.get("asr")
+    return None
+
+
 def _row(path: Path, rec: dict[str, Any], method: str) -> dict[str, Any]:
     tm = rec.get("threat_model") or {}
     det = (rec.get("detection") or {}).get(method) or {}
@@ -93,6 +106,8 @@ def _row(path: Path, rec: dict[str, Any], method: str) -> dict[str, Any]:
            "recall": removal.get("recall", det.get("recall")),
            "precision": removal.get("precision", det.get("precision")),
            "retrained_knn_asr": _retrained_asr(retrained),
+           "probe_asr": _probe_asr(rec.get("probe") or {}),
+           "retrained_probe_asr": _probe_asr(retrained.get("probe") or {}),
            "scan_removed": det.get("removed"),
            "source": "eval-detection" if ev else "record",
            "time": (rec.get("environment") or {}).get("time") or ""}
@@ -125,7 +140,8 @@ def spread(paths: list[Path], method: str = "poisoncam") -> list[dict[str, Any]]
             first, other = sorted(newest, key=lambda r: SOURCE_RANK[r["source"]])
             runs[key] = {k: first[k] if first[k] is not None else other[k] for k in first}
             if first["scan_removed"] != other["scan_removed"]:     # another scan's retraining is not this one's
-                runs[key]["retrained_knn_asr"] = first["retrained_knn_asr"]
+                for m in ("retrained_knn_asr", "retrained_probe_asr"):
+                    runs[key][m] = first[m]
             continue
         runs[key] = row
     out = []
@@ -157,7 +173,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(groups, indent=1))
         return
-    heads = ("k-NN ASR", "flips", "removed", "recall", "precision", "retrained ASR")
+    heads = ("k-NN ASR", "flips", "removed", "recall", "precision", "retrained ASR", "probe ASR", "retr. probe")
     for g in groups:
         print(f"\n{g['setting']} ({g['method']})")
         print(f"{'seed':<16}" + "".join(f"{h:>14}" for h in heads))

@@ -121,3 +121,19 @@ def test_a_rebuilt_scan_does_not_borrow_the_first_scans_retraining(tmp_path: Pat
     (row,) = group["seeds"]
     assert (row["removed"], row["precision"], row["knn_asr"]) == (2664, 0.938, 0.92)
     assert row["retrained_knn_asr"] is None and group["stats"]["retrained_knn_asr"]["n"] == 0
+
+
+def test_probe_asr_of_the_model_and_of_its_retraining_are_read_at_ten_percent_labels(tmp_path: Path) -> None:
+    rec = _record(0, "w0", 2700, 0.998, 0.91, 0.80,
+                  retrained={"knn": {"asr": 0.05}, "probe": {"0.01": {"asr": 0.18}, "0.1": {"asr": 0.129}}})
+    rec["probe"] = {"no_defence@0.01": {"asr": 0.436}, "no_defence@0.1": {"asr": 0.497}}
+    control = _record(0, "wc", 0, None, None, 0.10, control=True)
+    control["probe"] = {"clean_data@0.01": {"asr": 0.153}, "clean_data@0.1": {"asr": 0.141}}
+    (tmp_path / "a.json").write_text(json.dumps(rec))
+    (tmp_path / "c.json").write_text(json.dumps(control))
+    rows = {g["setting"]: g["seeds"][0] for g in seed_spread.spread(sorted(tmp_path.glob("*.json")))}
+    run = rows["cifar10, 15 epochs, rate 0.5, trigger_10 -> 0"]
+    assert (run["probe_asr"], run["retrained_probe_asr"]) == (0.497, 0.129)
+    clean = rows["cifar10, 15 epochs, clean control, trigger_10 -> 0"]
+    assert (clean["probe_asr"], clean["retrained_probe_asr"]) == (0.141, None)
+    assert seed_spread._probe_asr({"no_defence@0.01": {"asr": 0.4}}) is None    # no 10%-label probe recorded
