@@ -38,6 +38,7 @@ from poisonscan.config import DetectConfig  # noqa: E402
 SOURCE_RANK = {"eval-detection": 0, "record": 1, "gate": 2}
 METRICS = ("knn_asr", "oracle_flips", "removed", "recall", "precision", "retrained_knn_asr", "probe_asr",
            "retrained_probe_asr")
+RETRAINED = tuple(m for m in METRICS if m.startswith("retrained_"))    # taken only from the same scan's record
 PROBE_FRACTION = "0.1"
 
 
@@ -86,7 +87,7 @@ def _retrained_asr(retrained: dict[str, Any]) -> float | None:
 def _probe_asr(probes: dict[str, Any], fraction: str = PROBE_FRACTION) -> float | None:
     """The ASR of the probe trained with ``fraction`` of the labels: keyed ``<model>@<fraction>`` in a record's own
     ``probe`` (``no_defence@0.1``, ``clean_data@0.1``), plain ``<fraction>`` under ``retrained``."""
-    for key, probe in (probes or {}).items():
+    for key, probe in probes.items():
         if key.rsplit("@", 1)[-1] == fraction and isinstance(probe, dict):
             return probe.get("asr")
     return None
@@ -140,7 +141,7 @@ def spread(paths: list[Path], method: str = "poisoncam") -> list[dict[str, Any]]
             first, other = sorted(newest, key=lambda r: SOURCE_RANK[r["source"]])
             runs[key] = {k: first[k] if first[k] is not None else other[k] for k in first}
             if first["scan_removed"] != other["scan_removed"]:     # another scan's retraining is not this one's
-                for m in ("retrained_knn_asr", "retrained_probe_asr"):
+                for m in RETRAINED:
                     runs[key][m] = first[m]
             continue
         runs[key] = row
