@@ -58,6 +58,11 @@ REFINE_BY_DEFAULT = "removal"
 #: fourth it was measured in docs/benchmarks.md section 5 ("The classifier's seed"); 1 and "p" restore the paper's
 #: single classifier and the earlier refinement.
 ENSEMBLE_DEFAULT = 3
+#: An optional step after the decision, off by default (1): an image the classifier flags with P above this that the
+#: neighbour consensus keeps is verified by the threat model (detect/verification.py): the window the classifier
+#: looks at is flip-tested like a search candidate and removes the image when it moves more flip-set images than
+#: every random window of the evidence test cut from an image it does not flag. Measured in docs/benchmarks.md section 5.
+VERIFY_MIN_PROB_DEFAULT = 1.0
 
 
 @dataclass
@@ -153,6 +158,7 @@ class DetectConfig(CommonConfig):
     ensemble: int = ENSEMBLE_DEFAULT    # poison classifiers averaged (different seeds)
     threshold: float = 0.5              # removed = removal score > threshold
     neighbours: int = NEIGHBOURS_DEFAULT  # removal score = (P + support of this many feature neighbours) / 2; 0: P
+    verify_min_prob: float = VERIFY_MIN_PROB_DEFAULT  # flip-test kept images with P above this; 1: off
     min_evidence: float = 3.0           # evidence gate: z of the top-k over random windows ...
     min_effect: float = 0.15            # ... and the share of the images random windows leave that they move
     force: bool = False

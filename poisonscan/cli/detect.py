@@ -88,6 +88,11 @@ def detect(
         help="Removal score = the classifier's probability averaged with the support of this many nearest "
              "neighbours in the threat model's feature space (their mean probability above the data set's flag "
              "rate) [10; 0 = the probability alone, the paper's decision]."),
+    verify_min_prob: float | None = typer.Option(
+        None, "--verify-min-prob", min=0.0, max=1.0,
+        help="Flip-test the window the classifier looks at in each image it flags above this probability that the "
+             "neighbour consensus keeps; removed when it moves more flip-set images than every random window cut "
+             "from an unflagged image [1 = off; 0.9 measured in docs/benchmarks.md section 5]."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1,
                                         help="Poison classifiers trained with different seeds and averaged [3; 1 = "
                                              "the paper's single classifier]."),
@@ -132,7 +137,7 @@ def detect(
         flip_size=flip_size, samples_per_cluster=samples_per_cluster, drop_fraction=drop_fraction, top_k=top_k,
         drop_top=drop_top, classifier_iters=classifier_iters,
         classifier_holdout=classifier_holdout, classifier_decoys=classifier_decoys,
-        classifier_rounds=classifier_rounds, classifier_refine_by=refine_by, neighbours=neighbours, ensemble=ensemble,
+        classifier_rounds=classifier_rounds, classifier_refine_by=refine_by, neighbours=neighbours, verify_min_prob=verify_min_prob, ensemble=ensemble,
         min_evidence=min_evidence,
         min_effect=min_effect,
         null_size=null_size, null_pool=null_pool, feature_dtype=feature_dtype,

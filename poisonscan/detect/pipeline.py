@@ -41,7 +41,8 @@ from poisonscan.config import DetectConfig, config_to_dict
 from poisonscan.data.manifest import write_removal_list
 from poisonscan.data.sources import open_source
 from poisonscan.data.store import ImageStore, build_store, open_store, write_errors_csv
-from poisonscan.detect.classifier import ClassifierConfig, classifier_bytes, classifier_split, train_with_refinement
+from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,
+                                          train_with_refinement)
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
@@ -52,13 +53,14 @@ from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activa
                                        make_masks, window_pixels)
 from poisonscan.detect.search import AGGREGATES, RULES, draw_positions, flip_test_set, iterative_search, \
     poison_scores, top_k
+from poisonscan.detect.verification import occlusion_windows, verification_bar, verification_candidates
 from poisonscan.errors import ConfigError, DataError, UsageError
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
 from poisonscan.runs import RunDir, create_run
 
-STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "outputs")
+STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "verify", "outputs")
 METHODS = ("poisoncam", "patchsearch")
 
 #: the settings each stage's result depends on: changing one on --resume reruns that stage and all later ones
@@ -72,7 +74,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
                    "classifier_refine_by", "refine_neighbours", "ensemble", "threshold", "min_evidence", "min_effect",
                    "force"),
-    "outputs": ("neighbours", "fail_on"),
+    "verify": ("neighbours", "verify_min_prob"),
+    "outputs": ("fail_on",),
 }
 
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
@@ -83,7 +86,7 @@ LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 
 REFINE_BY = ("p", "removal")
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
-                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "removed", "top_k_rank")
+                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "verify_flips", "removed", "top_k_rank")
 
 RoundHook = Callable[[int], None]
 
@@ -119,6 +122,7 @@ def validate_config(cfg: DetectConfig) -> None:
     need(0.0 <= cfg.classifier_decoys <= 1.0, "--classifier-decoys must be in [0, 1]")
     need(cfg.classifier_rounds >= 1, "--classifier-rounds must be at least 1")
     need(cfg.neighbours >= 0, "--neighbours must be >= 0")
+    need(0.0 <= cfg.verify_min_prob <= 1.0, "--verify-min-prob must be in [0, 1] (1: no verification)")
     need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
     need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
@@ -238,6 +242,7 @@ class _Ctx:
     neighbour_probs: np.ndarray | None = None   # mean P of each image's nearest neighbours (features), N
     neighbour_index: np.ndarray | None = None   # those neighbours' indices, N x k
     removal: np.ndarray | None = None           # the removal score thresholded by the decision, N
+    verify: dict[str, Any] | None = None        # verify.json: the isolated flags flip-tested, and which passed
     timings: dict[str, float] = field(default_factory=dict)
     stage_start: float = 0.0
     _flip_cache: tuple[Tensor, Tensor] | None = None
@@ -267,9 +272,9 @@ def _split_gather(runtime: rt.Runtime, n: int, work: Callable[[range], Any]) -> 
     return rt.all_gather_object(part) if runtime.world_size > 1 else [part]
 
 
-def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: Any) -> np.ndarray:
+def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: Any, split: bool = True) -> np.ndarray:
     """Poison scores of ``patches`` (n x 3 x w x w) on the flip set; positions drawn from ``(seed, *tags)`` before
-    the candidates are split across ranks."""
+    the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone)."""
     flip_images, flip_labels = ctx.flip_data()
     positions = draw_positions(len(patches), len(flip_images), _torch_gen(ctx.cfg.seed, "paste", *tags))
     rule = ctx.cfg.score_rule
@@ -281,7 +286,7 @@ def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: 
                              source_clusters=sources[sl] if rule == "to_source" else None,
                              positions=positions[sl], quiet=True)
 
-    parts = _split_gather(ctx.runtime, len(patches), work)
+    parts = _split_gather(ctx.runtime, len(patches), work) if split else [work(range(len(patches)))]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
@@ -449,12 +454,27 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip,
+              null_sources=_replay_null_sources(cfg, labels, top).tolist(),
               null_pool=cfg.null_pool if pool is not None else "all", null_pool_size=len(pool) if pool is not None
               else len(images), null_excluded_clusters=excluded)
     if ctx.runtime.is_main:
         ctx.run.write_json("evidence.json", ev)
     ctx.evidence = ev
     return {"z": ev["z"]}
+
+
+def _replay_null_sources(cfg: DetectConfig, labels: np.ndarray, top: list[int]) -> np.ndarray:
+    """The images the evidence step's null windows were cut from: its generator's first draw, replayed."""
+    pool = null_pool(labels, top, cfg.null_pool)
+    return null_sources(len(labels), cfg.null_size, _torch_gen(cfg.seed, "null"), pool).numpy()
+
+
+def _null_sources(ctx: _Ctx) -> np.ndarray:
+    """The null windows' source images: recorded in evidence.json, or replayed for a record written before."""
+    ev = ctx.evidence
+    if "null_sources" in ev:
+        return np.asarray(ev["null_sources"], dtype=np.int64)
+    return _replay_null_sources(ctx.cfg, ctx.clustering.labels, [int(i) for i in ev["top_k"]])
 
 
 def _load_evidence(ctx: _Ctx) -> None:
@@ -533,12 +553,49 @@ def _decide(ctx: _Ctx) -> np.ndarray:
     return ctx.removal > ctx.cfg.threshold
 
 
+def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
+    """Flip-test the window of each image the classifier flags (P > verify_min_prob) but the removal score keeps
+    (see ``verification``): removed when it moves more flip-set images than every null window."""
+    cfg = ctx.cfg
+    kept = ~_decide(ctx)
+    cand = (verification_candidates(ctx.probs, ~kept, cfg.verify_min_prob) if ctx.probs is not None
+            else np.zeros(0, dtype=np.int64))
+    bar = (verification_bar(ctx.evidence.get("null_scores", []), _null_sources(ctx), ctx.probs <= cfg.threshold)
+           if ctx.probs is not None else -1)
+    entries: list[dict[str, Any]] = []
+    if len(cand):
+        models, _ = load_classifier(ctx.run.file("classifier.safetensors"))
+        models = [m.to(ctx.runtime.device) for m in models]
+        images = ctx.store.images[torch.as_tensor(cand)]
+        boxes, p_min = occlusion_windows(models, images, ctx.window, ctx.runtime, batch_size=cfg.batch_size)
+        flips = _flip_scores(ctx, cut_windows(images, boxes), ctx.clustering.labels[cand], "verify", split=False)
+        entries = [{"index": int(i), "prob": float(ctx.probs[i]), "box": [int(v) for v in boxes[j]],
+                    "occluded_prob": float(p_min[j]), "poison_score": int(flips[j]),
+                    "verified": bool(flips[j] > bar)} for j, i in enumerate(cand)]
+    ctx.verify = {"min_prob": cfg.verify_min_prob, "bar": bar, "n_candidates": len(entries),
+                  "n_verified": sum(e["verified"] for e in entries), "candidates": entries}
+    ctx.run.write_json("verify.json", ctx.verify)
+    return {"candidates": len(entries), "verified": ctx.verify["n_verified"]}
+
+
+def _load_verify(ctx: _Ctx) -> None:
+    ctx.verify = ctx.run.read_json("verify.json")
+
+
+def _verified(ctx: _Ctx) -> np.ndarray:
+    """Bool N: the images the verification step removes (on top of the removal score's decision)."""
+    out = np.zeros(len(ctx.store), dtype=bool)
+    out[[e["index"] for e in (ctx.verify or {}).get("candidates", []) if e["verified"]]] = True
+    return out
+
+
 def _fmt(values: np.ndarray | None, i: int) -> str:
     return "" if values is None else f"{float(values[i]):.6f}"
 
 
 def _scores_csv(ctx: _Ctx, removed: np.ndarray, ranks: dict[int, int]) -> str:
     by_index = {int(e["index"]): e for e in ctx.search["scored"]}
+    verify = {int(e["index"]): e["poison_score"] for e in (ctx.verify or {}).get("candidates", [])}
     cl = ctx.clustering
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -549,7 +606,7 @@ def _scores_csv(ctx: _Ctx, removed: np.ndarray, ranks: dict[int, int]) -> str:
         box = e["box"] if e else ["", "", "", ""]
         w.writerow([i, sid, "" if label is None else label, int(cl.labels[i]), f"{float(cl.distances[i]):.6f}",
                     e["poison_score"] if e else "", *box, _fmt(ctx.probs, i), _fmt(ctx.neighbour_probs, i),
-                    _fmt(ctx.removal, i), int(removed[i]), ranks.get(i, "")])
+                    _fmt(ctx.removal, i), verify.get(i, ""), int(removed[i]), ranks.get(i, "")])
     return buf.getvalue()
 
 
@@ -607,7 +664,9 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
                        "threshold": float(clf["threshold"]), "neighbours": int(cfg.neighbours),
                        "flag_rate": None if ctx.probs is None else float(np.mean(ctx.probs)),
                        "removed_by_classifier_alone": None if ctx.probs is None else
-                       int((ctx.probs > cfg.threshold).sum())},
+                       int((ctx.probs > cfg.threshold).sum()),
+                       "verification": {k: (ctx.verify or {}).get(k) for k in ("min_prob", "bar", "n_candidates",
+                                                                                 "n_verified")}},
         "timings": dict(ctx.timings),
         "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",
                   "summary": "summary.json"},
@@ -617,7 +676,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
 
 def _stage_outputs(ctx: _Ctx) -> dict[str, Any]:
     run, store = ctx.run, ctx.store
-    removed = _decide(ctx)
+    removed = _decide(ctx) | _verified(ctx)
     top = [int(i) for i in ctx.evidence["top_k"]]
     ranks = {i: r + 1 for r, i in enumerate(top)}
     run.write_text("scores.csv", _scores_csv(ctx, removed, ranks))
@@ -641,9 +700,10 @@ STAGE_FUNCS: dict[str, tuple[Callable[[_Ctx], dict[str, Any]], Callable[[_Ctx], 
     "search": (_stage_search, _load_search),
     "evidence": (_stage_evidence, _load_evidence),
     "classifier": (_stage_classifier, _load_classifier),
+    "verify": (_stage_verify, _load_verify),
     "outputs": (_stage_outputs, None),
 }
-MAIN_ONLY = ("classifier", "outputs")
+MAIN_ONLY = ("classifier", "verify", "outputs")
 
 
 def run_detect(cfg: DetectConfig, runtime: rt.Runtime | None = None, quiet: bool = False,

@@ -184,6 +184,10 @@ def _overview(summary: Mapping[str, Any]) -> Table:
         if clf.get("neighbours"):
             parts.append(f"averaged with {clf['neighbours']} feature neighbours "
                          f"({format_value(clf.get('removed_by_classifier_alone'))} above it alone)")
+        ver = clf.get("verification") or {}
+        if ver.get("n_candidates"):
+            parts.append(f"{format_value(ver.get('n_verified'))} of {format_value(ver['n_candidates'])} isolated "
+                         f"flags verified by the flip test (> {format_value(ver.get('bar'))} flips)")
         classifier = Text("trained: " + ", ".join(parts))
     elif clf:
         classifier = Text("not trained", style="dim")

@@ -206,7 +206,7 @@ def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
     assert P._invalidated_stage(saved, {**new, **paper, "null_pool": "outside-topk-clusters"}) == "evidence"
     assert P._invalidated_stage({**new, "neighbours": 0}, new) == "classifier"   # it chose the refinement's drop
     by_p = {**new, "classifier_refine_by": "p"}
-    assert P._invalidated_stage({**by_p, "neighbours": 0}, by_p) == "outputs"   # the decision only
+    assert P._invalidated_stage({**by_p, "neighbours": 0}, by_p) == "verify"   # the decision (and what it kept)
     assert P._invalidated_stage(new, new) is None
     assert P._invalidated_stage(new, {**new, "classifier_rounds": 3}) == "classifier"
     assert P._invalidated_stage(new, {**new, "masks": 8, "classifier_rounds": 3}) == "search"
@@ -216,7 +216,11 @@ def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
     by_removal = {**new, "classifier_refine_by": "removal"}
     assert P._invalidated_stage(by_p, by_removal) == "classifier"
     assert P._invalidated_stage(by_removal, {**by_removal, "neighbours": 5}) == "classifier"
-    assert P._invalidated_stage(by_p, {**by_p, "neighbours": 5}) == "outputs"
+    assert P._invalidated_stage(by_p, {**by_p, "neighbours": 5}) == "verify"
+    # written before the verification step: it removed by the removal score alone, today's default (off)
+    assert P._invalidated_stage({k: v for k, v in new.items() if k != "verify_min_prob"}, new) is None
+    assert P._invalidated_stage(new, {**new, "verify_min_prob": 0.9}) == "verify"
+    assert P._invalidated_stage(new, {**new, "fail_on": 3}) == "outputs"
     assert P._invalidated_stage({k: v for k, v in by_p.items() if k != "classifier_refine_by"}, by_p) is None
 
 
@@ -282,6 +286,44 @@ def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, r
     assert summary["counts"]["removed"] == summary["classifier"]["removed_by_classifier_alone"]
     P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0), runtime, quiet=True)    # refine by removal
     assert (run / "stages/classifier.done").read_text() != classifier_done
+
+
+def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, runtime):
+    """Neighbours over the whole data set give no support, so the consensus keeps every poison; verification
+    flip-tests the window the classifier looks at in each confident flag and removes the poisons."""
+    run = tmp_path / "verify"
+    off = P.run_detect(small_cfg(toy, run, neighbours=199, classifier_refine_by="p"), runtime, quiet=True)
+    assert off["counts"]["removed"] == 0 and off["classifier"]["verification"]["n_candidates"] == 0
+    classifier_done = (run / "stages/classifier.done").read_text()
+    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=199, classifier_refine_by="p",
+                                     verify_min_prob=0.9), runtime, quiet=True)
+    assert (run / "stages/classifier.done").read_text() == classifier_done          # only the decision again
+    ver = json.loads((run / "verify.json").read_text())
+    evidence = json.loads((run / "evidence.json").read_text())
+    assert len(evidence["null_sources"]) == len(evidence["null_scores"])
+    poisoned = toy["poisoned"]
+    rows = read_scores(run)
+    ids = [r["id"] for r in rows]
+    assert ver["min_prob"] == 0.9 and ver["n_candidates"] == len(ver["candidates"]) > 0
+    for e in ver["candidates"]:
+        assert e["prob"] > 0.9 and e["verified"] == (e["poison_score"] > ver["bar"])
+        assert rows[e["index"]]["verify_flips"] == str(e["poison_score"])
+        if ids[e["index"]] in poisoned:
+            assert iou(e["box"], *poisoned[ids[e["index"]]]) > 0.2               # the window is on the trigger
+    verified = {ids[e["index"]] for e in ver["candidates"] if e["verified"]}
+    removed = set((run / "removed.txt").read_text().split())
+    assert removed == verified == {r["id"] for r in rows if r["removed"] == "1"}
+    assert sum(i in poisoned for i in removed) >= 18 and sum(i not in poisoned for i in removed) <= 2
+    # the bar: the null windows cut from images the classifier does not flag; those cut from poisons score like
+    # the top-k
+    unflagged = np.array([float(r["classifier_prob"]) <= 0.5 for r in rows])
+    null, src = np.array(evidence["null_scores"]), np.array(evidence["null_sources"])
+    assert ver["bar"] == null[unflagged[src]].max() < max(evidence["topk_scores"]) <= null.max()
+    assert not unflagged[src][null >= min(evidence["topk_scores"])].any()   # the replayed sources are the real ones
+    assert summary["classifier"]["verification"] == {"min_prob": 0.9, "bar": ver["bar"],
+                                                     "n_candidates": ver["n_candidates"],
+                                                     "n_verified": len(verified)}
+    assert summary["counts"]["removed"] == len(removed)
 
 
 def test_refinement_by_the_removal_score_runs_and_is_recorded(toy, tmp_path, runtime):
