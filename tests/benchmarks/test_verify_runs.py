@@ -1,0 +1,50 @@
+"""verify_runs.py: a finished run resumed with the verification in a copy, compared before and after."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "detect"))
+from detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: E402,F401
+
+from poisonscan.config import DetectConfig  # noqa: E402
+from poisonscan.detect.pipeline import run_detect  # noqa: E402
+from poisonscan.runtime import setup_runtime  # noqa: E402
+
+SPEC = importlib.util.spec_from_file_location("verify_runs", ROOT / "benchmarks" / "verify_runs.py")
+verify_runs = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(verify_runs)
+
+
+def test_a_toy_run_verified_in_a_copy(tmp_path: Path, one_torch_thread) -> None:
+    work = tmp_path / "work"
+    poisoned = make_poisoned_folder(work / "data" / "train")
+    ids = sorted(p.relative_to(work / "data" / "train").as_posix() for p in (work / "data" / "train").rglob("*.png"))
+    (work / "data" / "ground_truth.csv").write_text(
+        "sample_id,poisoned\n" + "".join(f"{i},{int(i in poisoned)}\n" for i in ids))
+    model = save_toy_checkpoint(tmp_path / "toy.safetensors")
+    # neighbours over the whole data set: the consensus keeps every poison, so the verification has work to do
+    cfg = DetectConfig(data=str(work / "data" / "train"), model=str(model), out=str(work / "detect-poisoncam"),
+                       clusters=4, masks=64, flip_size=40, top_k=5, null_size=64, classifier_iters=100,
+                       batch_size=128, device="cpu", precision="fp32", ensemble=1, neighbours=199,
+                       classifier_refine_by="p")
+    run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
+    original = (work / "detect-poisoncam" / "scores.csv").read_text()
+    after = verify_runs.verified_run(work, 0.9)
+    assert after == work / "detect-verify-0.9" and (after / "verify.json").is_file()
+    assert (work / "detect-poisoncam" / "scores.csv").read_text() == original      # the original is untouched
+    assert json.loads((work / "detect-poisoncam" / "verify.json").read_text())["n_candidates"] == 0     # off
+    row = verify_runs.compare(work, after)
+    assert row["before"]["removed"] == 0 and row["before"]["recall"] == 0
+    assert row["verified_poisons"] >= 18 and row["verified_clean"] <= 2
+    assert row["after"]["removed"] == row["verified_poisons"] + row["verified_clean"]
+    assert row["candidate_poisons"] == len(row["poison_flips"]) and row["environment"]["seed"] == 0
+    text = verify_runs.table([row])
+    assert text.splitlines()[2].startswith("| work | ") and f"| {row['bar']} |" in text
+    mtime = (after / "summary.json").stat().st_mtime_ns
+    assert verify_runs.verified_run(work, 0.9) == after and (after / "summary.json").stat().st_mtime_ns == mtime
+    json.dumps(row)                                                                    # JSON-ready
