@@ -61,7 +61,8 @@ ENSEMBLE_DEFAULT = 3
 #: An optional step after the decision, off by default (1): an image the classifier flags with P above this that the
 #: neighbour consensus keeps is verified by the threat model (detect/verification.py): the window the classifier
 #: looks at is flip-tested like a search candidate and removes the image when it moves more flip-set images than
-#: every random window of the evidence test cut from an image it does not flag. Measured in docs/benchmarks.md section 5.
+#: every random window of the evidence test cut from an image it does not flag. Measured in docs/benchmarks.md
+#: section 5.
 VERIFY_MIN_PROB_DEFAULT = 1.0
 
 

@@ -272,7 +272,8 @@ def _split_gather(runtime: rt.Runtime, n: int, work: Callable[[range], Any]) -> 
     return rt.all_gather_object(part) if runtime.world_size > 1 else [part]
 
 
-def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: Any, split: bool = True) -> np.ndarray:
+def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: Any,
+                 split: bool = True) -> np.ndarray:
     """Poison scores of ``patches`` (n x 3 x w x w) on the flip set; positions drawn from ``(seed, *tags)`` before
     the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone)."""
     flip_images, flip_labels = ctx.flip_data()
@@ -555,10 +556,10 @@ def _decide(ctx: _Ctx) -> np.ndarray:
 
 def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
     """Flip-test the window of each image the classifier flags (P > verify_min_prob) but the removal score keeps
-    (see ``verification``): removed when it moves more flip-set images than every null window."""
+    (see ``verification``): removed when it moves more flip-set images than every null window cut from an image
+    the classifier does not flag."""
     cfg = ctx.cfg
-    kept = ~_decide(ctx)
-    cand = (verification_candidates(ctx.probs, ~kept, cfg.verify_min_prob) if ctx.probs is not None
+    cand = (verification_candidates(ctx.probs, _decide(ctx), cfg.verify_min_prob) if ctx.probs is not None
             else np.zeros(0, dtype=np.int64))
     bar = (verification_bar(ctx.evidence.get("null_scores", []), _null_sources(ctx), ctx.probs <= cfg.threshold)
            if ctx.probs is not None else -1)
