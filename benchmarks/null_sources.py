@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from poisonscan.detect.evidence import null_pool, null_sources
+from poisonscan.detect.evidence import replay_null_sources
 from poisonscan.detect.pipeline import derive_seed
 
 
@@ -36,9 +35,9 @@ def null_source_report(run: Path, poisons: set[str], top: int = 8) -> dict[str, 
     labels = np.load(run / "clusters.npz")["labels"]
     seed = int(json.loads((run / "config.json").read_text()).get("seed", 0))
     null = np.asarray(ev["null_scores"])
-    pool = null_pool(labels, ev["top_k"], ev.get("null_pool", "all"))
-    gen = torch.Generator().manual_seed(derive_seed(seed, "null"))
-    src = null_sources(len(ids), len(null), gen, pool).numpy()     # the first draw of the evidence stage
+    src = (np.asarray(ev["null_sources"]) if "null_sources" in ev else          # recorded since detect lists them
+           replay_null_sources(derive_seed(seed, "null"), len(ids), len(null), labels, ev["top_k"],
+                               ev.get("null_pool", "all")))
     is_poison = np.array([ids[i] in poisons for i in src])
     excluded = np.isin(labels, labels[np.asarray(ev["top_k"], dtype=np.int64)])
     all_poison = np.array([i in poisons for i in ids])

@@ -65,16 +65,24 @@ def null_sources(n_images: int, n: int, generator: torch.Generator, pool: np.nda
     return torch.as_tensor(np.asarray(pool, dtype=np.int64))[torch.randint(0, len(pool), (n,), generator=generator)]
 
 
+def replay_null_sources(generator: torch.Generator | int, n_images: int, n: int, labels: np.ndarray,
+                        top: np.ndarray | list[int], pool: str = "all") -> np.ndarray:
+    """The images an evidence test's ``n`` null windows were cut from, for a record that does not list them: the
+    first draw of its generator (detect seeds it with ``derive_seed(seed, "null")``), replayed."""
+    return null_sources(n_images, n, torch_generator(generator), null_pool(labels, top, pool)).numpy()
+
+
 def null_windows(images_u8: Tensor, n: int, window: int, generator: torch.Generator | int,
-                 pool: np.ndarray | None = None) -> Tensor:
+                 pool: np.ndarray | None = None, sources: Tensor | None = None) -> Tensor:
     """``n`` random ``window x window`` patches (uint8 n x 3 x w x w), each cut at a uniform position fully inside an
-    image drawn uniformly (with replacement) from ``images_u8`` (N x 3 x S x S), or from its rows ``pool``."""
+    image drawn uniformly (with replacement) from ``images_u8`` (N x 3 x S x S), or from its rows ``pool``.
+    ``sources``: those images, already drawn by :func:`null_sources` from the same generator."""
     gen = torch_generator(generator)
     total, _, h, w = images_u8.shape
     if total == 0 or n <= 0:
         return torch.zeros(max(n, 0), 3, window, window, dtype=torch.uint8)
     win = min(int(window), h, w)
-    idx = null_sources(total, n, gen, pool)
+    idx = null_sources(total, n, gen, pool) if sources is None else sources
     xs = torch.randint(0, w - win + 1, (n,), generator=gen)
     ys = torch.randint(0, h - win + 1, (n,), generator=gen)
     boxes = torch.stack([xs, ys, torch.full_like(xs, win), torch.full_like(xs, win)], dim=1)

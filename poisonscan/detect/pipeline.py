@@ -46,7 +46,7 @@ from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, cl
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
-                                        null_sources, null_windows, upgrade_record)
+                                        null_sources, null_windows, replay_null_sources, upgrade_record)
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
 from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
@@ -444,18 +444,18 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     images = ctx.store.images
     labels = ctx.clustering.labels
     pool = null_pool(labels, top, cfg.null_pool)   # None: all images
+    src = null_sources(len(images), cfg.null_size, gen, pool)       # the images the null windows are cut from
     if cfg.score_rule == "to_source":  # the null windows need their source image's cluster
-        src = null_sources(len(images), cfg.null_size, gen, pool)
         patches = torch.cat([null_windows(images[int(i):int(i) + 1], 1, ctx.window, gen) for i in src])
         sources = labels[src.numpy()]
     else:
-        patches, sources = null_windows(images, cfg.null_size, ctx.window, gen, pool), None
+        patches, sources = null_windows(images, cfg.null_size, ctx.window, gen, sources=src), None
     null = _flip_scores(ctx, patches, sources, "null")
     n_flip = len(ctx.flip)
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip,
-              null_sources=_replay_null_sources(cfg, labels, top).tolist(),
+              null_sources=src.tolist(),
               null_pool=cfg.null_pool if pool is not None else "all", null_pool_size=len(pool) if pool is not None
               else len(images), null_excluded_clusters=excluded)
     if ctx.runtime.is_main:
@@ -464,18 +464,13 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     return {"z": ev["z"]}
 
 
-def _replay_null_sources(cfg: DetectConfig, labels: np.ndarray, top: list[int]) -> np.ndarray:
-    """The images the evidence step's null windows were cut from: its generator's first draw, replayed."""
-    pool = null_pool(labels, top, cfg.null_pool)
-    return null_sources(len(labels), cfg.null_size, _torch_gen(cfg.seed, "null"), pool).numpy()
-
-
 def _null_sources(ctx: _Ctx) -> np.ndarray:
     """The null windows' source images: recorded in evidence.json, or replayed for a record written before."""
     ev = ctx.evidence
     if "null_sources" in ev:
         return np.asarray(ev["null_sources"], dtype=np.int64)
-    return _replay_null_sources(ctx.cfg, ctx.clustering.labels, [int(i) for i in ev["top_k"]])
+    return replay_null_sources(derive_seed(ctx.cfg.seed, "null"), len(ctx.store), len(ev["null_scores"]),
+                               ctx.clustering.labels, ev["top_k"], ev.get("null_pool", "all"))
 
 
 def _load_evidence(ctx: _Ctx) -> None:

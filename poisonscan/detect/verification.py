@@ -65,17 +65,15 @@ def occlusion_windows(models: Sequence[nn.Module], images_u8: Tensor, window: in
             copies[j::len(corners), :, y:y + window, x:x + window] = fill
         probs = predict_poison(models, copies, runtime, batch_size).reshape(len(chunk), len(corners))
         best = probs.argmin(axis=1)
-        for k, b in enumerate(best):
-            x, y = corners[int(b)]
-            boxes[s + k] = torch.tensor([x, y, window, window])
-            p_min[s + k] = probs[k, b]
+        boxes[s:s + len(chunk), :2] = torch.as_tensor(corners)[torch.as_tensor(best)]
+        p_min[s:s + len(chunk)] = probs[np.arange(len(chunk)), best]
+    boxes[:, 2:] = window
     return boxes, p_min
 
 
 def verification_candidates(probs: np.ndarray, removed: np.ndarray, min_prob: float) -> np.ndarray:
-    """Indices (int64) of the images the classifier flags with ``P > min_prob`` that the removal score keeps."""
-    if min_prob >= 1.0:
-        return np.zeros(0, dtype=np.int64)
+    """Indices (int64) of the images the classifier flags with ``P > min_prob`` that the removal score keeps (none
+    at ``min_prob = 1``)."""
     return np.flatnonzero((np.asarray(probs) > min_prob) & ~np.asarray(removed, dtype=bool)).astype(np.int64)
 
 

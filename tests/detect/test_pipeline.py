@@ -17,6 +17,7 @@ from detect_toys import iou, make_poisoned_folder, save_toy_checkpoint, one_torc
 
 from poisonscan.config import DetectConfig  # noqa: E402
 from poisonscan.detect import pipeline as P  # noqa: E402
+from poisonscan.detect.evidence import replay_null_sources  # noqa: E402
 from poisonscan.errors import ConfigError, UsageError  # noqa: E402
 from poisonscan.runtime import setup_runtime  # noqa: E402
 
@@ -319,7 +320,10 @@ def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, ru
     unflagged = np.array([float(r["classifier_prob"]) <= 0.5 for r in rows])
     null, src = np.array(evidence["null_scores"]), np.array(evidence["null_sources"])
     assert ver["bar"] == null[unflagged[src]].max() < max(evidence["topk_scores"]) <= null.max()
-    assert not unflagged[src][null >= min(evidence["topk_scores"])].any()   # the replayed sources are the real ones
+    assert not unflagged[src][null >= min(evidence["topk_scores"])].any()   # the recorded sources are the real ones
+    labels = np.load(run / "clusters.npz")["labels"]                        # ... and an older record's replay
+    assert replay_null_sources(P.derive_seed(0, "null"), 200, len(null), labels, evidence["top_k"]).tolist() == \
+        evidence["null_sources"]
     assert summary["classifier"]["verification"] == {"min_prob": 0.9, "bar": ver["bar"],
                                                      "n_candidates": ver["n_candidates"],
                                                      "n_verified": len(verified)}
