@@ -67,15 +67,31 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         raise UsageError(f"--device {device}: {exc}") from None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX).
+
+    Elsewhere (AVX2-only CPUs: most laptops, many cloud AMD cores) bf16 autocast is emulated, and a resnet18 trains
+    about 14 times and infers about 8 times slower than in fp32 (docs/benchmarks.md, section 6)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def _pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA (fp16 where bf16 is missing), bf16 on a CPU with native bf16, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
     if precision not in table:
         raise UsageError(f"--precision {precision}: choose auto, bf16, fp16 or fp32")
-    return table[precision]
+    dtype = table[precision]
+    native = {torch.bfloat16: cpu_has_native_bf16,
+              torch.float16: lambda: bool(getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)())}
+    if device.type == "cpu" and dtype is not None and not native[dtype]() and os.environ.get("RANK", "0") == "0":
+        print(f"poisonscan: warning: --precision {precision} is emulated on this CPU (no native {precision} units) "
+              "and many times slower than fp32; --precision auto picks fp32 here", file=sys.stderr)
+    return dtype
 
 
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:

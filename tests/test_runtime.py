@@ -1,0 +1,59 @@
+"""Precision choice of ``setup_runtime``: bf16 on CPU only where the hardware has it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from poisonscan import runtime as rt
+from poisonscan.errors import UsageError
+
+
+def _cpu_caps(monkeypatch: pytest.MonkeyPatch, *, bf16: bool, amx: bool = False, amx_fp16: bool = False) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16, raising=False)
+
+
+@pytest.mark.parametrize(("bf16", "amx", "expected"), [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                       (False, False, None)])
+def test_auto_on_cpu_uses_bf16_only_when_native(monkeypatch, bf16, amx, expected):
+    _cpu_caps(monkeypatch, bf16=bf16, amx=amx)
+    assert rt.cpu_has_native_bf16() is (expected is not None)
+    r = rt.setup_runtime("cpu", "auto")
+    assert r.amp_dtype is expected
+    assert r.describe()["amp_dtype"] == ("bfloat16" if expected else None)
+
+
+def test_explicit_bf16_on_emulating_cpu_is_kept_with_a_warning(monkeypatch, capsys):
+    _cpu_caps(monkeypatch, bf16=False)
+    assert rt.setup_runtime("cpu", "bf16").amp_dtype is torch.bfloat16
+    err = capsys.readouterr().err
+    assert "emulated" in err and "fp32" in err
+
+
+def test_explicit_choices_on_native_cpu_are_silent(monkeypatch, capsys):
+    _cpu_caps(monkeypatch, bf16=True, amx_fp16=True)
+    assert rt.setup_runtime("cpu", "bf16").amp_dtype is torch.bfloat16
+    assert rt.setup_runtime("cpu", "fp16").amp_dtype is torch.float16
+    assert rt.setup_runtime("cpu", "fp32").amp_dtype is None
+    assert capsys.readouterr().err == ""
+
+
+def test_fp16_warns_without_amx_fp16(monkeypatch, capsys):
+    _cpu_caps(monkeypatch, bf16=True, amx_fp16=False)
+    assert rt.setup_runtime("cpu", "fp16").amp_dtype is torch.float16
+    assert "emulated" in capsys.readouterr().err
+
+
+def test_unknown_precision_is_a_usage_error():
+    with pytest.raises(UsageError, match="choose auto"):
+        rt.setup_runtime("cpu", "fp8")
+
+
+def test_autocast_is_a_no_op_in_fp32(monkeypatch):
+    _cpu_caps(monkeypatch, bf16=False)
+    r = rt.setup_runtime("cpu", "auto")
+    with r.autocast():
+        y = torch.nn.Linear(4, 2)(torch.randn(3, 4))
+    assert y.dtype is torch.float32
