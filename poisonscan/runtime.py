@@ -50,6 +50,8 @@ class Runtime:
             "rank": self.rank,
             "world_size": self.world_size,
             "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": cpu_has_native_bf16(),
         }
 
 

@@ -23,6 +23,7 @@ def test_auto_on_cpu_uses_bf16_only_when_native(monkeypatch, bf16, amx, expected
     r = rt.setup_runtime("cpu", "auto")
     assert r.amp_dtype is expected
     assert r.describe()["amp_dtype"] == ("bfloat16" if expected else None)
+    assert r.describe()["cpu_native_bf16"] is (expected is not None)      # recorded in every run's environment
 
 
 def test_explicit_bf16_on_emulating_cpu_is_kept_with_a_warning(monkeypatch, capsys):
