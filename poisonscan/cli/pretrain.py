@@ -17,7 +17,8 @@ def _print(summary: dict[str, Any]) -> None:
     loss = summary.get("final_loss")
     lines = [
         f"pretrained {summary['method']} {summary['arch']} at {summary['image_size']} px on {summary['images']} images"
-        + (f" ({summary['skipped']} unreadable, skipped)" if summary.get("skipped") else ""),
+        + (f" ({summary['skipped']} unreadable, skipped)" if summary.get("skipped") else "")
+        + (f", {summary['device']} {summary['precision']}" if summary.get("device") else ""),
         f"epochs {summary['epochs']}  steps {summary['steps']}  final loss "
         + (f"{loss:.4f}" if loss is not None else "-")
         + f"  time {summary['time_s']:.0f} s" + (f"  {ips:.0f} img/s" if ips else ""),

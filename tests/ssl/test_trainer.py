@@ -32,6 +32,7 @@ def test_tiny_run_writes_checkpoints_and_logs(image_folder: Path, tmp_path: Path
     out = tmp_path / "run"
     summary = run_pretrain(_cfg(image_folder, out, epochs=1))
     assert summary["epochs"] == 1 and summary["steps"] == 1  # 6 images, batch 4: one step per epoch
+    assert summary["device"] == "cpu" and summary["precision"] == "float32"          # fp32: no autocast
     for name in ("last.pt", "encoder.safetensors", "log.csv", "log.json", "config.json", "environment.json",
                  "summary.json", "stages/pretrain.done"):
         assert (out / name).is_file(), name
