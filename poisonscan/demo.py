@@ -163,6 +163,7 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
         "files": {"report": str(run.file("detect/report.html")), "gallery": str(run.file("detect/gallery")),
                   "manifest": str(run.file("clean.tsv")), "detect_summary": str(run.file("detect/summary.json"))},
         "timings": timings,
+        "runtime": run.read_json("detect/environment.json").get("runtime"),     # device and autocast of detect
     }
     run.write_json("demo.json", summary)
     return summary

@@ -8,12 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from poisonscan.cli import app
+from poisonscan.cli.demo import print_demo_summary
 from poisonscan.config import DemoConfig
 from poisonscan.demo import DEMO_MODEL, DEMO_TRAIN, run_demo
 
 
 @pytest.mark.slow
-def test_demo_reduced_budget_finds_planted_poisons(tmp_path):
+def test_demo_reduced_budget_finds_planted_poisons(tmp_path, capsys):
     assert DEMO_MODEL.is_file() and DEMO_TRAIN.is_file(), "bundled demo assets are missing"
     s = run_demo(DemoConfig(out=str(tmp_path / "demo"), limit=1000, masks=64, classifier_iters=300), quiet=True)
     chance = s["planted"] / 1000
@@ -29,6 +30,10 @@ def test_demo_reduced_budget_finds_planted_poisons(tmp_path):
     assert det["auroc_poison_score"] > 0.6
     assert (tmp_path / "demo" / "detect" / "report.html").is_file()
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["planted"] == 50
+    assert s["runtime"]["device"] == "cpu" and "amp_dtype" in s["runtime"]       # where and how detect ran
+    print_demo_summary(s)
+    table = capsys.readouterr().err
+    assert "poisons planted" in table and "50 of 1000" in table and "cpu" in table
 
 
 def test_demo_refuses_own_data_without_pretrain(tmp_path, image_folder):
