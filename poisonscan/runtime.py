@@ -88,8 +88,9 @@ def _pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
     if precision not in table:
         raise UsageError(f"--precision {precision}: choose auto, bf16, fp16 or fp32")
     dtype = table[precision]
-    native = {torch.bfloat16: cpu_has_native_bf16,
-              torch.float16: lambda: bool(getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)())}
+    native = {torch.bfloat16: cpu_has_native_bf16,           # fp16: AMX-FP16, or AVX512-FP16 (every AMX CPU has it)
+              torch.float16: lambda: any(bool(getattr(torch.cpu, name, lambda: False)())
+                                         for name in ("_is_amx_fp16_supported", "_is_amx_tile_supported"))}
     if device.type == "cpu" and dtype is not None and not native[dtype]() and os.environ.get("RANK", "0") == "0":
         print(f"poisonscan: warning: --precision {precision} is emulated on this CPU (no native {precision} units) "
               "and many times slower than fp32; --precision auto picks fp32 here", file=sys.stderr)

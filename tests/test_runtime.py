@@ -41,10 +41,13 @@ def test_explicit_choices_on_native_cpu_are_silent(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_fp16_warns_without_amx_fp16(monkeypatch, capsys):
-    _cpu_caps(monkeypatch, bf16=True, amx_fp16=False)
+def test_fp16_warns_without_amx(monkeypatch, capsys):
+    _cpu_caps(monkeypatch, bf16=True, amx=False, amx_fp16=False)      # AVX-512 BF16 but no fp16 units
     assert rt.setup_runtime("cpu", "fp16").amp_dtype is torch.float16
     assert "emulated" in capsys.readouterr().err
+    _cpu_caps(monkeypatch, bf16=True, amx=True, amx_fp16=False)       # AMX CPUs have AVX512-FP16
+    assert rt.setup_runtime("cpu", "fp16").amp_dtype is torch.float16
+    assert capsys.readouterr().err == ""
 
 
 def test_unknown_precision_is_a_usage_error():
