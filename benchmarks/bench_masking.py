@@ -28,7 +28,7 @@ from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.features import eval_mode, normalise_u8, prepare_encoder
 from poisonscan.detect.masking import MaskingConfig, cluster_activation_masking, make_masks, window_pixels
 from poisonscan.detect.search import poison_scores
-from poisonscan.runtime import Runtime, setup_runtime
+from poisonscan.runtime import Runtime, setup_runtime, synchronize
 
 
 def build_encoder(arch: str, size: int) -> nn.Module:
@@ -45,23 +45,18 @@ def build_encoder(arch: str, size: int) -> nn.Module:
         return model
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_bare(encoder: nn.Module, images: torch.Tensor, rt: Runtime, batch_size: int, n_forwards: int) -> float:
     """Images/s of ``encoder`` on ready normalised batches (the same number of forwards as the masking run)."""
     x = normalise_u8(images[:1].to(rt.device), encoder.mean, encoder.std)
     x = x.expand(batch_size, -1, -1, -1).contiguous(memory_format=torch.channels_last)
     n_batches = max(1, n_forwards // batch_size)
     with eval_mode(encoder), torch.inference_mode():
-        _sync(rt.device)
+        synchronize(rt.device)
         t0 = time.perf_counter()
         for _ in range(n_batches):
             with rt.autocast():
                 encoder(x)
-        _sync(rt.device)
+        synchronize(rt.device)
     return n_batches * batch_size / (time.perf_counter() - t0)
 
 
@@ -98,17 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
     n_score_fwd = args.candidates * args.flip
 
     def run_masking() -> float:
-        _sync(rt.device)
+        synchronize(rt.device)
         t0 = time.perf_counter()
         cluster_activation_masking(enc, clustering, images, masks, rt, batch_size=args.batch_size, window=window)
-        _sync(rt.device)
+        synchronize(rt.device)
         return n_mask_fwd / (time.perf_counter() - t0)
 
     def run_scores() -> float:
-        _sync(rt.device)
+        synchronize(rt.device)
         t0 = time.perf_counter()
         poison_scores(enc, clustering, flips, flip_labels, patches, rt, generator=0, batch_size=args.batch_size)
-        _sync(rt.device)
+        synchronize(rt.device)
         return n_score_fwd / (time.perf_counter() - t0)
 
     # warm-up (allocator, cudnn autotune, oneDNN primitive caches)

@@ -20,14 +20,9 @@ from pathlib import Path
 import torch
 
 from poisonscan.models.encoders import create_encoder
-from poisonscan.runtime import cpu_has_native_bf16, setup_runtime
+from poisonscan.runtime import setup_runtime, synchronize
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def images_per_second(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None, train: bool,
@@ -36,7 +31,7 @@ def images_per_second(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtyp
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     best = 0.0
     for rep in range(reps + 1):
-        _sync(x.device)
+        synchronize(x.device)
         t0 = time.perf_counter()
         with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if train:
@@ -49,7 +44,7 @@ def images_per_second(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtyp
         if train:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        _sync(x.device)
+        synchronize(x.device)
         if rep:                                                                     # rep 0 is the warm-up
             best = max(best, len(x) / (time.perf_counter() - t0))
     return best
@@ -70,10 +65,11 @@ def main() -> None:
     model = create_encoder(args.arch, args.size).to(rt.device, memory_format=torch.channels_last)
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=rt.device)
     x = x.contiguous(memory_format=torch.channels_last)
-    auto = str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "fp32"
-    row: dict = {"device": str(rt.device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                 "cpu_native_bf16": cpu_has_native_bf16(), "auto_picks": auto, "arch": args.arch, "size": args.size,
-                 "batch_size": args.batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    env = rt.describe()
+    auto = next(name for name, dtype in DTYPES.items() if dtype == rt.amp_dtype)     # in the table's names
+    row: dict = {"device": env["device"], "cpu_capability": env["cpu_capability"],
+                 "cpu_native_bf16": env["cpu_native_bf16"], "auto_picks": auto, "arch": args.arch, "size": args.size,
+                 "batch_size": args.batch_size, "torch": torch.__version__, "threads": env["torch_threads"],
                  "images_per_s": {}}
     for name in args.precisions:
         row["images_per_s"][name] = {mode: round(images_per_second(model, x, DTYPES[name], mode == "train",

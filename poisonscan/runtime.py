@@ -47,6 +47,7 @@ class Runtime:
         return {
             "device": str(self.device),
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+            "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),     # float32: no autocast
             "rank": self.rank,
             "world_size": self.world_size,
             "torch_threads": torch.get_num_threads(),
@@ -69,13 +70,22 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         raise UsageError(f"--device {device}: {exc}") from None
 
 
+def _cpu_has(*probes: str) -> bool:
+    """Whether any of ``torch.cpu``'s private capability probes says yes (False where torch lacks the probe)."""
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX).
 
     Elsewhere (AVX2-only CPUs: most laptops, many cloud AMD cores) bf16 autocast is emulated, and a resnet18 trains
     about 14 times and infers about 8 times slower than in fp32 (docs/benchmarks.md, section 6)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return _cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def cpu_has_native_fp16() -> bool:
+    """Whether this CPU computes fp16 in hardware (AMX-FP16, or AVX512-FP16, which every AMX CPU has)."""
+    return _cpu_has("_is_amx_fp16_supported", "_is_amx_tile_supported")
 
 
 def _pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -88,9 +98,7 @@ def _pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
     if precision not in table:
         raise UsageError(f"--precision {precision}: choose auto, bf16, fp16 or fp32")
     dtype = table[precision]
-    native = {torch.bfloat16: cpu_has_native_bf16,           # fp16: AMX-FP16, or AVX512-FP16 (every AMX CPU has it)
-              torch.float16: lambda: any(bool(getattr(torch.cpu, name, lambda: False)())
-                                         for name in ("_is_amx_fp16_supported", "_is_amx_tile_supported"))}
+    native = {torch.bfloat16: cpu_has_native_bf16, torch.float16: cpu_has_native_fp16}
     if device.type == "cpu" and dtype is not None and not native[dtype]() and os.environ.get("RANK", "0") == "0":
         print(f"poisonscan: warning: --precision {precision} is emulated on this CPU (no native {precision} units) "
               "and many times slower than fp32; --precision auto picks fp32 here", file=sys.stderr)
@@ -113,6 +121,12 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     return Runtime(dev, _pick_precision(precision, dev), rank, world, local_rank)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU. For timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def seed_everything(seed: int) -> None:

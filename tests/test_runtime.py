@@ -23,6 +23,7 @@ def test_auto_on_cpu_uses_bf16_only_when_native(monkeypatch, bf16, amx, expected
     r = rt.setup_runtime("cpu", "auto")
     assert r.amp_dtype is expected
     assert r.describe()["amp_dtype"] == ("bfloat16" if expected else None)
+    assert r.describe()["precision"] == ("bfloat16" if expected else "float32")
     assert r.describe()["cpu_native_bf16"] is (expected is not None)      # recorded in every run's environment
 
 
@@ -61,3 +62,7 @@ def test_autocast_is_a_no_op_in_fp32(monkeypatch):
     with r.autocast():
         y = torch.nn.Linear(4, 2)(torch.randn(3, 4))
     assert y.dtype is torch.float32
+
+
+def test_synchronize_is_a_no_op_on_cpu():
+    rt.synchronize(torch.device("cpu"))

@@ -51,7 +51,7 @@ def print_demo_summary(s: dict[str, Any]) -> None:
     t.add_row("gallery", s["files"]["gallery"])
     t.add_row("cleaned manifest", s["files"]["manifest"])
     rt = s.get("runtime") or {}
-    where = f" on {rt['device']}, {rt.get('amp_dtype') or 'float32'}" if rt.get("device") else ""
+    where = f" on {rt['device']}, {rt['precision']}" if rt.get("precision") else ""
     t.add_row("time", f"{sum(s['timings'].values()):.0f} s{where} (" +
               ", ".join(f"{k} {v:.0f}s" for k, v in s["timings"].items()) + ")")
     err_console.print(t)

@@ -451,7 +451,7 @@ class Pretrainer:
                 "images_per_s": trained_images / wall if trained_images else None,
                 "optimizer": self.opt_name, "lr": self.peak_lr, "weight_decay": self.weight_decay,
                 "batch_size": cfg.batch_size, "world_size": self.runtime.world_size,
-                "device": str(self.runtime.device), "precision": self.runtime.describe()["amp_dtype"] or "float32",
+                "device": str(self.runtime.device), "precision": self.runtime.describe()["precision"],
                 "knn_acc": knn_vals[-1] if knn_vals else None,
                 "encoder": str(self.run.file(ENCODER)), "checkpoint": str(self.run.file(CHECKPOINT))}
 

@@ -21,7 +21,7 @@ def test_a_tiny_run_reports_auto_and_speeds(tmp_path, monkeypatch, capsys) -> No
                                       "--device", "cpu", "--precisions", "fp32", "bf16", "--json", str(out)])
     bench.main()
     row = json.loads(out.read_text())
-    assert row["auto_picks"] == ("bfloat16" if row["cpu_native_bf16"] else "fp32")
+    assert row["auto_picks"] == ("bf16" if row["cpu_native_bf16"] else "fp32")
     assert set(row["images_per_s"]) == {"fp32", "bf16"}
     assert all(v["train"] > 0 and v["infer"] > 0 for v in row["images_per_s"].values())
     text = capsys.readouterr().out
