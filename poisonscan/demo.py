@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from poisonscan.config import PoisonConfig
+from poisonscan.runs import releases_run_locks
 
 #: the bundled demo data, trigger and threat model (inside the installed package)
 ASSETS = Path(str(resources.files("poisonscan").joinpath("assets")))
@@ -54,8 +55,10 @@ def _bundled_model_matches(ground_truth: Path) -> bool:
     return hashlib.sha256(Path(ground_truth).read_bytes()).hexdigest() == expected
 
 
+@releases_run_locks
 def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
-    """Run the whole pipeline and return the demo summary (also written as ``demo.json`` in the run folder)."""
+    """Run the whole pipeline and return the demo summary (also written as ``demo.json`` in the run folder, which
+    is locked while this runs)."""
     import time
 
     from poisonscan.data.cleaning import clean_dataset

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_USAGE = 2
+EXIT_FINDINGS = 1          # findings over --fail-on
+EXIT_USAGE = 2             # usage, input and internal errors (one line on stderr)
+EXIT_INTERRUPTED = 130     # Ctrl-C
 
 
 class PoisonscanError(Exception):

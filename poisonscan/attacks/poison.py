@@ -45,7 +45,7 @@ from poisonscan.attacks.presets import apply_preset
 from poisonscan.config import PoisonConfig, config_to_dict
 from poisonscan.data.sources import SampleError, Source, decode_image, open_source
 from poisonscan.errors import DataError, UsageError
-from poisonscan.runs import atomic_write_json, atomic_write_text
+from poisonscan.runs import absolute_settings, atomic_write_json, atomic_write_text
 from poisonscan.runtime import broadcast_object, is_distributed, progress
 
 ATTACKS = ("patch", "blend", "ctrl")
@@ -698,23 +698,6 @@ def _commit(partial: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def _file_mode() -> int:
-    """The mode an ordinary new file gets (0644 under the usual umask); mkstemp's 0600 would hide the data set."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-    os.chmod(path, _file_mode())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_json(path, obj)
-    os.chmod(path, _file_mode())
-
-
 def _licence_text(targets: list[Target]) -> str:
     used = ", ".join(sorted({t.file_name or "" for t in targets if t.htba}))
     notice = resources.files("poisonscan").joinpath("assets/triggers/LICENSE-HTBA.txt").read_text(encoding="utf-8")
@@ -810,7 +793,7 @@ def _write_all(cfg: PoisonConfig, source: Source, val_source: Source | None, tar
     train = write_train(cfg, source, plan, partial / TRAIN_DIR, quiet)
     train_spec = TRAIN_DIR if train["spec"] == "." else f"{TRAIN_DIR}/{train['spec']}"
     rows = _ordered(train["rows"], open_source(partial / train_spec), "train")
-    _write_text(partial / GROUND_TRUTH, _gt_text(rows, cfg.attack))
+    atomic_write_text(partial / GROUND_TRUTH, _gt_text(rows, cfg.attack))
 
     for t in targets:
         if t.trigger_path is not None and t.file_name is not None:
@@ -821,9 +804,10 @@ def _write_all(cfg: PoisonConfig, source: Source, val_source: Source | None, tar
     licence = None
     if any(t.htba for t in targets):
         licence = "TRIGGER_LICENSE.txt"
-        _write_text(partial / licence, _licence_text(targets))
+        atomic_write_text(partial / licence, _licence_text(targets))
 
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")}
+    # the paths absolute (the data set, its val set, each trigger), so the settings name the same files anywhere
+    settings = absolute_settings({k: v for k, v in config_to_dict(cfg).items() if k not in ("out", "overwrite")})
     summary: dict[str, Any] = {
         "command": "poison",
         "attack": cfg.attack,
@@ -854,7 +838,7 @@ def _write_all(cfg: PoisonConfig, source: Source, val_source: Source | None, tar
         val = write_val(cfg, val_source, targets, partial / VAL_DIR, quiet)
         val_spec = VAL_DIR if val["spec"] == "." else f"{VAL_DIR}/{val['spec']}"
         vrows = _ordered(val["rows"], open_source(partial / val_spec), "val_patched")
-        _write_text(partial / VAL_DIR / GROUND_TRUTH, _gt_text(vrows, cfg.attack))
+        atomic_write_text(partial / VAL_DIR / GROUND_TRUTH, _gt_text(vrows, cfg.attack))
         val_aliases = class_aliases(val_source)
         summary["val_patched"] = {
             "kind": "wds" if val_source.kind == "wds-manifest" else val_source.kind, "spec": val_spec,
@@ -864,7 +848,7 @@ def _write_all(cfg: PoisonConfig, source: Source, val_source: Source | None, tar
             "per_class": _counts(vrows, val_source, val_aliases),
             "dropped_unreadable": _dropped(val["dropped"]),
         }
-    _write_json(partial / "config.json", settings)
-    _write_json(partial / "summary.json", summary)
+    atomic_write_json(partial / "config.json", settings)
+    atomic_write_json(partial / "summary.json", summary)
     return summary
 

@@ -50,6 +50,17 @@ PRESETS: dict[str, Preset] = {
             values={"attack": "patch", "rate": 0.5, "trigger_size": 8.0, "margin": PAPER.train_margin,
                     "val_margin": PAPER.val_margin, "opacity": 1.0, "seed": 0},
         ),
+        Preset(
+            name="tinyimagenet100",
+            description="Tiny-ImageNet-100 shards at 32 px (100 classes, 50,000 images): 50% of class 37 (birdhouse, "
+                        "n02843684) carry HTBA trigger_13 at 8 px, corner in [8, 16] (250 poisons, 0.5% of the "
+                        "data); val shard patched at margin 0.10",
+            data="tinyimagenet100-32-wds/train-{000000..000009}.tar.gz",
+            val="tinyimagenet100-32-wds/val-000000.tar.gz",
+            targets=(("37", "triggers/trigger_13.png"),),
+            values={"attack": "patch", "rate": 0.5, "trigger_size": 8.0, "margin": PAPER.train_margin,
+                    "val_margin": PAPER.val_margin, "opacity": 1.0, "seed": 0},
+        ),
     )
 }
 

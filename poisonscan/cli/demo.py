@@ -9,7 +9,9 @@ import typer
 from rich.table import Table
 
 from poisonscan.cli.common import err_console, handle_errors, overrides
-from poisonscan.config import DemoConfig, resolve_config
+from poisonscan.cli.helptext import default, described
+from poisonscan.config import DemoConfig, DetectConfig, resolve_config
+from poisonscan.demo import DEMO_RECIPE, DEMO_TARGET, DEMO_TRIGGER
 from poisonscan.report.summary import print_json
 
 
@@ -61,21 +63,30 @@ def print_demo_summary(s: dict[str, Any]) -> None:
 def demo(
     data: str | None = typer.Option(None, "--data", help="Your own labelled training set (needs --pretrain)."),
     val: str | None = typer.Option(None, "--val", help="Its labelled validation set."),
-    trigger: Path | None = typer.Option(None, "--trigger", help="Trigger image [bundled HTBA trigger_10]."),
-    target: str | None = typer.Option(None, "--target", help="Target class name or index [0 = airplane]."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [runs/demo/runN]."),
+    trigger: Path | None = typer.Option(None, "--trigger", help="Trigger image "
+                                                                f"{described(f'bundled HTBA {DEMO_TRIGGER.name}')}."),
+    target: str | None = typer.Option(None, "--target", help="Target class name or index "
+                                                             f"{described(f'{DEMO_TARGET} = airplane')}."),
+    out: Path | None = typer.Option(None, "--out", "-o", help=f"Run folder {described('runs/demo/runN')}."),
     pretrain: bool | None = typer.Option(None, "--pretrain/--bundled-model",
-                                         help="Train the threat model here instead of using the bundled one."),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Pretraining epochs with --pretrain [100]."),
+                                         help="Train the threat model here instead of using the bundled one "
+                                              f"{default(DemoConfig, 'pretrain')}."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Pretraining epochs with --pretrain "
+                                                                  f"{described(str(DEMO_RECIPE['epochs']))}."),
     retrain_epochs: int | None = typer.Option(None, "--retrain-epochs", min=0,
-                                              help="Retrain on the cleaned set and probe again (0: skip)."),
+                                              help="Retrain on the cleaned set and probe again; 0 skips "
+                                                   f"{default(DemoConfig, 'retrain_epochs')}."),
     limit: int | None = typer.Option(None, "--limit", min=100, help="Reduced budget: use an evenly spaced subset "
-                                                                     "of this many training images."),
-    masks: int | None = typer.Option(None, "--masks", min=1, help="Reduced budget: masks per image [256]."),
+                                                                     "of this many training images "
+                                                                     f"{described('all')}."),
+    masks: int | None = typer.Option(None, "--masks", min=1, help="Reduced budget: masks per image "
+                                                                f"{default(DetectConfig, 'masks')}."),
     classifier_iters: int | None = typer.Option(None, "--classifier-iters", min=1,
-                                                help="Reduced budget: poison-classifier iterations."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed [0]."),
+                                                help="Reduced budget: poison-classifier iterations "
+                                                     f"{default(DetectConfig, 'classifier_iters')}."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N "
+                                                            f"{default(DemoConfig, 'device')}."),
+    seed: int | None = typer.Option(None, "--seed", help=f"Random seed {default(DemoConfig, 'seed')}."),
     config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON file of settings."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from poisonscan.cli.common import emit_json, handle_errors, overrides
-from poisonscan.config import PAPER, DetectConfig, resolve_config
+from poisonscan.cli.helptext import default, described, required
+from poisonscan.config import DetectConfig, resolve_config
 from poisonscan.errors import ConfigError, UsageError
 
 
@@ -27,6 +29,9 @@ def parse_window(text: str | None) -> float | None:
             from None
     if not value > 0:
         raise ConfigError(f"--window {text} must be > 0")
+    if "/" in text and value >= 1:
+        raise ConfigError(f"--window {text}: a fraction of the image side must be below 1 (60/224); give pixels as "
+                          "a whole number (17)")
     return value
 
 
@@ -40,90 +45,116 @@ def detect(
     data: str | None = typer.Argument(None, help="Data set: image folder, .txt file list or WebDataset shards "
                                                  "(optional with --resume)."),
     model: str | None = typer.Option(None, "--model", "-m", help="Threat model checkpoint (safetensors or "
-                                                                 "foreign state dict)."),
+                                                                 f"foreign state dict) {required('--resume')}."),
     arch: str | None = typer.Option(None, "--arch", help="Architecture of a foreign checkpoint (timm name)."),
-    image_size: int | None = typer.Option(None, "--image-size", min=8, help="Input resolution S \\[checkpoint's]."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder \\[runs/detect/runN]."),
+    image_size: int | None = typer.Option(None, "--image-size", min=8,
+                                          help="Input resolution S " + described("the checkpoint's") + "."),
+    out: Path | None = typer.Option(None, "--out", "-o", help=f"Run folder {described('runs/detect/runN')}."),
     config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON settings (a \\[detect] table is "
                                                               "accepted)."),
     method: str | None = typer.Option(None, "--method", help="poisoncam (cluster activation masking) or "
-                                                             "patchsearch (Grad-CAM baseline) \\[poisoncam]."),
+                                                             "patchsearch (Grad-CAM baseline) "
+                                                             f"{default(DetectConfig, 'method')}."),
     clusters: int | None = typer.Option(None, "--clusters", min=1, help=f"k-means clusters l, capped at N / 50 "
-                                                                        f"[{PAPER.n_clusters}]."),
-    masks: int | None = typer.Option(None, "--masks", min=1, help=f"Masks per image B [{PAPER.n_masks}]."),
+                                                                        f"{default(DetectConfig, 'clusters')}."),
+    masks: int | None = typer.Option(None, "--masks", min=1,
+                                     help=f"Masks per image B {default(DetectConfig, 'masks')}."),
     window: str | None = typer.Option(None, "--window", help="Window side: pixels (17) or a fraction of the "
-                                                             "image side (60/224) [60/224]."),
-    mask_strategy: str | None = typer.Option(None, "--mask-strategy", help="full, interval or random \\[full]."),
+                                                             "image side (60/224) "
+                                                             f"{default(DetectConfig, 'window')}."),
+    mask_strategy: str | None = typer.Option(None, "--mask-strategy",
+                                             help="full, interval or random "
+                                                  f"{default(DetectConfig, 'mask_strategy')}."),
     flip_size: int | None = typer.Option(None, "--flip-size", min=1, help=f"Flip test set size "
-                                                                          f"[{PAPER.flip_set_size}]."),
+                                                                          f"{default(DetectConfig, 'flip_size')}."),
     samples_per_cluster: int | None = typer.Option(None, "--samples-per-cluster", min=1,
                                                    help=f"Images scored per live cluster and round s "
-                                                        f"[{PAPER.samples_per_cluster}]."),
+                                                        f"{default(DetectConfig, 'samples_per_cluster')}."),
     drop_fraction: float | None = typer.Option(None, "--drop-fraction", min=0.0, max=1.0,
-                                               help=f"Live clusters dropped per round r [{PAPER.drop_fraction}]."),
-    top_k: int | None = typer.Option(None, "--top-k", min=1, help=f"Poison set size k [{PAPER.top_k}]."),
+                                               help="Live clusters dropped per round r "
+                                                    f"{default(DetectConfig, 'drop_fraction')}."),
+    top_k: int | None = typer.Option(None, "--top-k", min=1,
+                                     help=f"Poison set size k {default(DetectConfig, 'top_k')}."),
     drop_top: float | None = typer.Option(None, "--drop-top", min=0.0, max=0.99,
-                                          help=f"Top share by poison score kept out of the classifier's training "
-                                               f"[{PAPER.drop_top}]."),
+                                          help="Top share by poison score kept out of the classifier's training "
+                                               f"{default(DetectConfig, 'drop_top')}."),
     classifier_iters: int | None = typer.Option(None, "--classifier-iters", min=1,
-                                                help="Poison classifier iterations [2000]."),
+                                                help="Poison classifier iterations "
+                                                     f"{default(DetectConfig, 'classifier_iters')}."),
     classifier_holdout: float | None = typer.Option(
         None, "--classifier-holdout", min=0.0, max=0.5,
-        help="Share of the classifier's training pool held out as extra validation negatives [0: bottom-k only]."),
+        help="Share of the classifier's training pool held out as extra validation negatives "
+             f"{default(DetectConfig, 'classifier_holdout', 'bottom-k only')}."),
     classifier_decoys: float | None = typer.Option(
         None, "--classifier-decoys", min=0.0, max=1.0,
         help="Share of the classifier's clean examples that get a pasted window of another image, so it learns the "
-             "trigger rather than the pasting [0.5; 0 = PatchSearch's augmentation]."),
+             "trigger rather than the pasting "
+             + default(DetectConfig, "classifier_decoys", "0 = PatchSearch's augmentation") + "."),
     classifier_rounds: int | None = typer.Option(
         None, "--classifier-rounds", min=1,
-        help="Classifier trainings; each after the first drops the training negatives the last one flags [2; 1 = "
-             "the paper's single training]."),
+        help="Classifier trainings; each after the first drops the training negatives the last one flags "
+             + default(DetectConfig, "classifier_rounds", "1 = the paper's single training") + "."),
     refine_by: str | None = typer.Option(
         None, "--refine-by",
         help="What a refinement round drops from the training negatives: removal (those the removal score, P with "
              "its neighbours' support, would remove, and those the last classifier flags) or p (the latter alone) "
-             "[removal]."),
+             f"{default(DetectConfig, 'classifier_refine_by')}."),
     neighbours: int | None = typer.Option(
         None, "--neighbours", min=0,
         help="Removal score = the classifier's probability averaged with the support of this many nearest "
              "neighbours in the threat model's feature space (their mean probability above the data set's flag "
-             "rate) [10; 0 = the probability alone, the paper's decision]."),
+             "rate) " + default(DetectConfig, "neighbours", "0 = the probability alone, the paper's decision") + "."),
     verify_min_prob: float | None = typer.Option(
         None, "--verify-min-prob", min=0.0, max=1.0,
         help="Flip-test the window the classifier looks at in each image it flags above this probability that the "
              "neighbour consensus keeps; removed when it moves more flip-set images than every random window cut "
-             "from an unflagged image [1 = off; 0.9 measured in docs/benchmarks.md section 5]."),
+             "from an unflagged image; 1 = off, 0.9 measured in docs/benchmarks.md section 5 "
+             f"{default(DetectConfig, 'verify_min_prob')}."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1,
-                                        help="Poison classifiers trained with different seeds and averaged [3; 1 = "
-                                             "the paper's single classifier]."),
+                                        help="Poison classifiers trained with different seeds and averaged "
+                                             + default(DetectConfig, "ensemble", "1 = the paper's single classifier")
+                                             + "."),
     min_evidence: float | None = typer.Option(None, "--min-evidence", help="Minimum z (the top-k median's gap over "
                                                                            "random windows, in units of the smaller "
                                                                            "of the top-k's and the bootstrap's "
-                                                                           "spread) to remove anything [3]."),
+                                                                           "spread) to remove anything "
+                                                                           f"{default(DetectConfig, 'min_evidence')}."),
     min_effect: float | None = typer.Option(None, "--min-effect", min=0.0, max=1.0,
                                             help="Minimum share of the flip-set images random windows leave in "
-                                                 "place that the top-k move, to remove anything [0.15]."),
+                                                 "place that the top-k move, to remove anything "
+                                                 f"{default(DetectConfig, 'min_effect')}."),
     null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
-                                                                          "test's null sample [1024]."),
+                                                                          "test's null sample "
+                                                                          f"{default(DetectConfig, 'null_size')}."),
     null_pool: str | None = typer.Option(None, "--null-pool",
                                          help="Where the null's random windows come from: all (every image) or "
                                               "outside-topk-clusters (images outside the clusters the top-k come "
                                               "from: fewer windows cut from poisons, but a lower null on clean "
-                                              "data; see docs/benchmarks.md 2b) [all]."),
-    feature_dtype: str | None = typer.Option(None, "--feature-dtype", help="Feature storage: float32 or float16 "
-                                                                            "(half the memory) [float32]."),
+                                              "data; see docs/benchmarks.md 2b) "
+                                              f"{default(DetectConfig, 'null_pool')}."),
+    feature_dtype: str | None = typer.Option(None, "--feature-dtype",
+                                             help="Feature storage: float32 or float16 (half the memory) "
+                                                  f"{default(DetectConfig, 'feature_dtype')}."),
     force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
     fail_on: float | None = typer.Option(None, "--fail-on", min=0.0, help="Exit 1 when more images are removed: "
                                                                           "a count (>= 1) or a fraction (< 1)."),
+    fail_on_unreadable: int | None = typer.Option(
+        None, "--fail-on-unreadable", min=0,
+        help="Exit 1 when more samples than this could not be read (and so were not scanned) "
+             f"{described('0 with --fail-on', 'not checked without it')}."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue this run folder from its last finished "
                                                               "stage."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty --out folder (starts afresh)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow pickled (.pth) checkpoints: "
                                                                             "only for files you trust."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N \\[auto]."),
-    precision: str | None = typer.Option(None, "--precision", help="auto, bf16, fp16, fp32 \\[auto]."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of every random choice [0]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Forward batch size [256]."),
+    device: str | None = typer.Option(None, "--device",
+                                      help=f"auto, cpu, cuda, cuda:N {default(DetectConfig, 'device')}."),
+    precision: str | None = typer.Option(None, "--precision",
+                                         help=f"auto, bf16, fp16, fp32 {default(DetectConfig, 'precision')}."),
+    seed: int | None = typer.Option(None, "--seed",
+                                    help=f"Seed of every random choice {default(DetectConfig, 'seed')}."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1,
+                                          help=f"Forward batch size {default(DetectConfig, 'batch_size')}."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; one result line instead of tables."),
 ) -> None:
@@ -142,7 +173,8 @@ def detect(
         min_evidence=min_evidence,
         min_effect=min_effect,
         null_size=null_size, null_pool=null_pool, feature_dtype=feature_dtype,
-        force=_flag(force), fail_on=fail_on, resume=str(resume) if resume else None, overwrite=_flag(overwrite),
+        force=_flag(force), fail_on=fail_on, fail_on_unreadable=fail_on_unreadable,
+        resume=str(resume) if resume else None, overwrite=_flag(overwrite),
         trust_checkpoint=_flag(trust_checkpoint), device=device, precision=precision, seed=seed,
         batch_size=batch_size, quiet=_flag(quiet))
     if resume is not None:
@@ -151,7 +183,8 @@ def detect(
                               "not --config")
         if not (resume / "config.json").is_file():
             raise UsageError(f"--resume {resume}: not a detect run folder (no config.json)")
-        cfg = resolve_config(DetectConfig, resume / "config.json", flags)
+        # how this invocation prints is its own: -q (or its absence) wins over what an older run saved
+        cfg = replace(resolve_config(DetectConfig, resume / "config.json", flags), quiet=bool(quiet))
     else:
         cfg = resolve_config(DetectConfig, config, flags)
     summary = run_detect(cfg, quiet=cfg.quiet)

@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 
 from poisonscan.cli.common import handle_errors, overrides
-from poisonscan.config import EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig, resolve_config
+from poisonscan.cli.helptext import default, described, required
+from poisonscan.config import (CommonConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig,
+                               resolve_config)
 from poisonscan.report.summary import print_json, print_table
 
 eval_app = typer.Typer(name="eval", help="Evaluate a detection run, a linear probe, or a threat model's backdoor.",
@@ -20,11 +22,12 @@ eval_app = typer.Typer(name="eval", help="Evaluate a detection run, a linear pro
 
 _CONFIG = typer.Option(None, "--config", help="TOML/YAML/JSON file of settings (flags override it).")
 _JSON = typer.Option(False, "--json", help="Print the summary as JSON on stdout (tables go to stderr).")
-_DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N.")
-_PRECISION = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (autocast of the encoder).")
+_DEVICE = typer.Option(None, "--device", help=f"auto, cpu, cuda, cuda:N {default(CommonConfig, 'device')}.")
+_PRECISION = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (autocast of the encoder) "
+                                                    f"{default(CommonConfig, 'precision')}.")
 _QUIET = typer.Option(None, "--quiet", "-q", help="No progress bars or tables.")
 _ARCH = typer.Option(None, "--arch", help="Encoder architecture (needed for foreign checkpoints).")
-_SIZE = typer.Option(None, "--image-size", help="Input resolution S (default: the checkpoint's).")
+_SIZE = typer.Option(None, "--image-size", help="Input resolution S " + described("the checkpoint's") + ".")
 _TRUST = typer.Option(None, "--trust-checkpoint", help="Allow pickled checkpoints (runs code: trusted files only).")
 
 
@@ -40,12 +43,21 @@ def _pct(x: Any) -> str:
 @eval_app.command("detection")
 @handle_errors
 def detection(
-    run: Optional[Path] = typer.Option(None, "--run", help="Detect run directory (holds scores.csv)."),
-    truth: Optional[Path] = typer.Option(None, "--truth", help="Ground-truth CSV written by `poisonscan poison`."),
+    run: Optional[Path] = typer.Option(None, "--run",
+                                       help=f"Detect run directory (holds scores.csv) {required()}."),
+    truth: Optional[Path] = typer.Option(None, "--truth",
+                                         help=f"Ground-truth CSV written by `poisonscan poison` {required()}."),
     as_json: bool = _JSON,
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write every metric as CSV (scope, metric, value)."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Folder for PNG curves and score distributions."),
-    topk: Optional[list[int]] = typer.Option(None, "--topk", help="Retrieved-trigger cut-off (repeatable)."),
+    topk: Optional[list[int]] = typer.Option(None, "--topk", help="Retrieved-trigger cut-off (repeatable) "
+                                                                  f"{default(EvalDetectionConfig, 'topk')}."),
+    device: Optional[str] = typer.Option(None, "--device", help="Accepted like every command's; the metrics run "
+                                                                f"no model {default(EvalDetectionConfig, 'device')}."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Accepted like every command's; the metrics draw "
+                                                            "nothing at random "
+                                                            f"{default(EvalDetectionConfig, 'seed')}."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="No tables (warnings still go to stderr)."),
     config: Optional[Path] = _CONFIG,
 ) -> None:
     """Recall, precision, F1, AUROC/AUPRC, TPR@FPR, precision@k and top-k trigger accuracy of a detect run."""
@@ -53,11 +65,16 @@ def detection(
 
     cfg = resolve_config(EvalDetectionConfig, config, overrides(
         run=str(run) if run else None, truth=str(truth) if truth else None, csv=str(csv_out) if csv_out else None,
-        plots=str(plots) if plots else None, topk=list(topk) if topk else None))
+        plots=str(plots) if plots else None, topk=list(topk) if topk else None, device=device, seed=seed,
+        quiet=quiet))
     result = run_detection(cfg)
     if as_json:
         print_json(result)
-    _print_detection(result, _console(as_json))
+    if not cfg.quiet:
+        _print_detection(result, _console(as_json))
+    else:
+        for w in result["warnings"]:
+            typer.echo(f"warning: {w}", err=True)
 
 
 def _print_detection(r: dict[str, Any], console: Console) -> None:
@@ -96,18 +113,26 @@ def _print_detection(r: dict[str, Any], console: Console) -> None:
 @eval_app.command("probe")
 @handle_errors
 def probe(
-    model: Optional[Path] = typer.Option(None, "--model", help="Encoder checkpoint (safetensors)."),
-    train: Optional[str] = typer.Option(None, "--train", help="Clean labelled training set."),
-    val: Optional[str] = typer.Option(None, "--val", help="Clean labelled validation set."),
-    val_patched: Optional[str] = typer.Option(None, "--val-patched", help="Patched validation set (labelled)."),
+    model: Optional[Path] = typer.Option(None, "--model", help=f"Encoder checkpoint (safetensors) {required()}."),
+    train: Optional[str] = typer.Option(None, "--train", help=f"Clean labelled training set {required()}."),
+    val: Optional[str] = typer.Option(None, "--val", help=f"Clean labelled validation set {required()}."),
+    val_patched: Optional[str] = typer.Option(None, "--val-patched",
+                                              help="Patched validation set (labelled; or --trigger)."),
     trigger: Optional[list[Path]] = typer.Option(None, "--trigger", help="Build the patched val in memory with this "
-                                                 "trigger (one for all targets, or one per --target)."),
-    target: Optional[list[str]] = typer.Option(None, "--target", help="Target class (name or index; repeatable)."),
-    fraction: Optional[float] = typer.Option(None, "--fraction", help="Labelled fraction of train (default 0.01)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Probe epochs on the cached features."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd (default) or adam."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the subset, the probe and the trigger corners."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (reused: its cached features too)."),
+                                                 "trigger (one for all targets, or one per --target; or "
+                                                 "--val-patched)."),
+    target: Optional[list[str]] = typer.Option(None, "--target",
+                                               help=f"Target class (name or index; repeatable) {required()}."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Labelled fraction of train "
+                                                                      f"{default(EvalProbeConfig, 'fraction')}."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Probe epochs on the cached features "
+                                                                f"{default(EvalProbeConfig, 'epochs')}."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer",
+                                            help=f"sgd or adam {default(EvalProbeConfig, 'optimizer')}."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the subset, the probe and the trigger corners "
+                                                            f"{default(EvalProbeConfig, 'seed')}."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory, reused with its cached features "
+                                                           f"{described('runs/eval-probe/runN')}."),
     arch: Optional[str] = _ARCH, image_size: Optional[int] = _SIZE, trust_checkpoint: Optional[bool] = _TRUST,
     device: Optional[str] = _DEVICE, precision: Optional[str] = _PRECISION, quiet: Optional[bool] = _QUIET,
     as_json: bool = _JSON, config: Optional[Path] = _CONFIG,
@@ -143,24 +168,34 @@ def _print_probe(r: dict[str, Any], console: Console) -> None:
 @eval_app.command("backdoor")
 @handle_errors
 def backdoor(
-    model: Optional[Path] = typer.Option(None, "--model", help="Threat model checkpoint (safetensors)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Labelled clean validation set."),
-    trigger: Optional[Path] = typer.Option(None, "--trigger", help="The attack's trigger image."),
-    target: Optional[str] = typer.Option(None, "--target", help="Target class (name or index)."),
+    model: Optional[Path] = typer.Option(None, "--model",
+                                         help=f"Threat model checkpoint (safetensors) {required()}."),
+    data: Optional[str] = typer.Option(None, "--data", help=f"Labelled clean validation set {required()}."),
+    trigger: Optional[Path] = typer.Option(None, "--trigger",
+                                           help=f"The attack's trigger image {required('--attack ctrl')}."),
+    target: Optional[str] = typer.Option(None, "--target", help=f"Target class (name or index) {required()}."),
     train: Optional[str] = typer.Option(None, "--train", help="The (poisoned) training set: k-NN bank, probe, "
                                         "clusters, oracle flips."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="Ground truth of --train: cluster purity."),
-    k: Optional[int] = typer.Option(None, "--k", help="k-NN neighbours (default 20)."),
-    clusters: Optional[int] = typer.Option(None, "--clusters", help="k-means clusters (capped at N // 50)."),
+    k: Optional[int] = typer.Option(None, "--k", help=f"k-NN neighbours {default(EvalBackdoorConfig, 'k')}."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="k-means clusters (capped at N // 50) "
+                                                                    f"{default(EvalBackdoorConfig, 'clusters')}."),
     trigger_size: Optional[float] = typer.Option(None, "--trigger-size", help="Trigger side on val: pixels "
-                                                 "(>= 1) or fraction of the side (< 1) [50/224]."),
+                                                 "(>= 1) or fraction of the side (< 1) "
+                                                 f"{default(EvalBackdoorConfig, 'trigger_size')}."),
     attack: Optional[str] = typer.Option(None, "--attack", help="How the trigger is applied: patch, blend (the "
-                                         "trigger over the whole image) or ctrl (spectral; no --trigger) [patch]."),
-    blend_alpha: Optional[float] = typer.Option(None, "--blend-alpha", help="Blend: trigger weight [0.2]."),
-    ctrl_magnitude: Optional[float] = typer.Option(None, "--ctrl-magnitude", help="CTRL magnitude [100, the "
-                                                   "reference's test-set value]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of trigger corners, k-means and probe."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (reused: its cached features too)."),
+                                         "trigger over the whole image) or ctrl (spectral; no --trigger) "
+                                         f"{default(EvalBackdoorConfig, 'attack')}."),
+    blend_alpha: Optional[float] = typer.Option(None, "--blend-alpha",
+                                                help="Blend: trigger weight "
+                                                     f"{default(EvalBackdoorConfig, 'blend_alpha')}."),
+    ctrl_magnitude: Optional[float] = typer.Option(None, "--ctrl-magnitude", help="CTRL magnitude "
+                                                   + default(EvalBackdoorConfig, "ctrl_magnitude",
+                                                             "the reference's test-set value") + "."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of trigger corners, k-means and probe "
+                                                            f"{default(EvalBackdoorConfig, 'seed')}."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory, reused with its cached features "
+                                                           f"{described('runs/eval-backdoor/runN')}."),
     arch: Optional[str] = _ARCH, image_size: Optional[int] = _SIZE, trust_checkpoint: Optional[bool] = _TRUST,
     device: Optional[str] = _DEVICE, precision: Optional[str] = _PRECISION, quiet: Optional[bool] = _QUIET,
     as_json: bool = _JSON, config: Optional[Path] = _CONFIG,

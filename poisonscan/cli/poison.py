@@ -12,6 +12,7 @@ import typer
 from poisonscan.attacks.poison import poison_dataset
 from poisonscan.attacks.presets import PRESETS, preset_values
 from poisonscan.cli.common import emit_json, err_console, handle_errors, overrides
+from poisonscan.cli.helptext import default, described, required
 from poisonscan.config import PoisonConfig, resolve_config
 
 
@@ -63,36 +64,52 @@ def _print(summary: dict[str, Any]) -> None:
 @handle_errors
 def poison(
     data: str | None = typer.Argument(None, help="Labelled data set: image folder (ImageFolder), 'path label' "
-                                                 "file list, or WebDataset shards (folder, pattern, .tar/.tar.gz)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default runs/poison/<name>)."),
+                                                 "file list, or WebDataset shards (folder, pattern, .tar/.tar.gz) "
+                                                 f"{required('--preset')}."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help=f"Output folder {described('runs/poison/<preset or data folder name>')}."),
     target: list[str] | None = typer.Option(None, "--target", "-t",
                                             help="CLASS=TRIGGER.png (class name or index); repeat for a "
-                                                 "multi-target attack; ctrl takes CLASS alone."),
-    attack: str | None = typer.Option(None, "--attack", help="patch (HTBA), blend or ctrl (default patch)."),
-    rate: float | None = typer.Option(None, "--rate", help="Fraction of each target class poisoned (default 0.5)."),
+                                                 "multi-target attack; ctrl takes CLASS alone "
+                                                 f"{required('--preset')}."),
+    attack: str | None = typer.Option(None, "--attack", help="patch (HTBA), blend or ctrl "
+                                                             f"{default(PoisonConfig, 'attack')}."),
+    rate: float | None = typer.Option(None, "--rate", help="Fraction of each target class poisoned "
+                                                       f"{described('0.5')}."),
     dataset_rate: float | None = typer.Option(None, "--dataset-rate",
                                               help="Fraction of the whole data set poisoned (instead of --rate)."),
     trigger_size: float | None = typer.Option(None, "--trigger-size",
                                               help="Trigger side: pixels (>= 1) or fraction of the short side "
-                                                   "(< 1) (default 50/224)."),
-    margin: float | None = typer.Option(None, "--margin", help="Top-left corner in m W .. (1 - m) W - size (default 0.25)."),
-    val_margin: float | None = typer.Option(None, "--val-margin", help="Margin on the patched val set (default 0.10)."),
-    opacity: float | None = typer.Option(None, "--opacity", help="Patch opacity, 1.0 = HTBA paste (default 1.0)."),
-    blend_alpha: float | None = typer.Option(None, "--blend-alpha", help="Blend attack alpha (default 0.2)."),
-    ctrl_magnitude: float | None = typer.Option(None, "--ctrl-magnitude", help="CTRL magnitude, training (default 50)."),
+                                                   f"(< 1) {default(PoisonConfig, 'trigger_size')}."),
+    margin: float | None = typer.Option(None, "--margin", help="Top-left corner in m W .. (1 - m) W - size "
+                                                               f"{default(PoisonConfig, 'margin')}."),
+    val_margin: float | None = typer.Option(None, "--val-margin", help="Margin on the patched val set "
+                                                                       f"{default(PoisonConfig, 'val_margin')}."),
+    opacity: float | None = typer.Option(None, "--opacity", help="Patch opacity, 1 = HTBA paste "
+                                                                 f"{default(PoisonConfig, 'opacity')}."),
+    blend_alpha: float | None = typer.Option(None, "--blend-alpha", help="Blend attack alpha "
+                                                                         f"{default(PoisonConfig, 'blend_alpha')}."),
+    ctrl_magnitude: float | None = typer.Option(None, "--ctrl-magnitude",
+                                                help="CTRL magnitude, training "
+                                                     f"{default(PoisonConfig, 'ctrl_magnitude')}."),
     ctrl_val_magnitude: float | None = typer.Option(None, "--ctrl-val-magnitude",
-                                                    help="CTRL magnitude on the patched val set (default 100)."),
+                                                    help="CTRL magnitude on the patched val set "
+                                                         f"{default(PoisonConfig, 'ctrl_val_magnitude')}."),
     ctrl_block: int | None = typer.Option(None, "--ctrl-block", help="CTRL DCT block side; 0 = scaled with the "
-                                                                      "image (default 32)."),
+                                                                      f"image {default(PoisonConfig, 'ctrl_block')}."),
     val: str | None = typer.Option(None, "--val", help="Validation set to patch (every image, margin --val-margin)."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    seed: int | None = typer.Option(None, "--seed", help=f"Random seed {default(PoisonConfig, 'seed')}."),
     link: bool | None = typer.Option(None, "--link/--copy", help="Hard-link clean images instead of copying them "
-                                                                 "(folders and file lists)."),
+                                                                 "(folders and file lists) "
+                                                                 f"{default(PoisonConfig, 'link')}."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing poison output."),
     preset: str | None = typer.Option(None, "--preset", help=f"Named setting: {', '.join(PRESETS)}."),
     shared_data: str | None = typer.Option(None, "--shared-data",
-                                           help="Presets' data root (default $POISONSCAN_DATA, else ../shared/data)."),
+                                           help="Presets' data root "
+                                                + described("$POISONSCAN_DATA, else ../shared/data") + "."),
     config: Path | None = typer.Option(None, "--config", help="TOML/YAML/JSON file of settings."),
+    device: str | None = typer.Option(None, "--device", help="Accepted like every command's; poisoning runs on "
+                                                             "the CPU."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,37 @@ def _run_config(run: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {cfg}: {exc}") from None
     return data if isinstance(data, dict) else {}
+
+
+def _id_column(path: Path, what: str) -> set[str]:
+    """The ``id`` column of a run's CSV table (``scores.csv``, ``errors.csv``)."""
+    try:
+        with path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "id" not in reader.fieldnames:
+                raise UsageError(f"{path}: not a {what} (no 'id' column)")
+            return {row["id"] for row in reader}
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def unscanned_indices(source: Source, run: Path) -> tuple[list[int], list[int]]:
+    """Samples of ``source`` a detect run did not scan: ``(unreadable, never scanned)`` index lists.
+
+    A sample counts as scanned when ``run/scores.csv`` has its id; of the rest, those listed in ``run/errors.csv``
+    were unreadable, the others were not in the data the run read (the source changed since).
+    """
+    scores = run / "scores.csv"
+    if not scores.is_file():
+        raise UsageError(f"{scores} not found: the run did not finish (resume it with detect --resume), so which "
+                         "samples it scanned is not known")
+    scanned = _id_column(scores, "scores table")
+    errors = _id_column(run / "errors.csv", "error list") if (run / "errors.csv").is_file() else set()
+    unreadable, unseen = [], []
+    for i, sid in enumerate(source.ids):
+        if sid not in scanned:
+            (unreadable if sid in errors else unseen).append(i)
+    return unreadable, unseen
 
 
 def _input_files(source: Source) -> set[str]:
@@ -53,6 +85,13 @@ def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
     source = open_source(spec)
     removed_ids = read_removal_list(removed_path)
     keep, removed, unknown = removal_indices(source, removed_ids)
+    unreadable: list[int] = []
+    unseen: list[int] = []
+    if run is not None:
+        unreadable, unseen = unscanned_indices(source, run)
+        if not cfg.keep_unreadable:
+            dropped = set(unreadable) | set(unseen)
+            keep = [i for i in keep if i not in dropped]
 
     out = Path(cfg.out)
     protected = _input_files(source) | {os.path.realpath(removed_path)}
@@ -67,6 +106,8 @@ def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
         "unknown": len(unknown), "unknown_examples": unknown[:5], "manifest": str(out),
         "manifest_format": "wds-manifest" if source.kind in ("wds", "wds-manifest") else "filelist",
         "strict": cfg.strict,
+        "unscanned": {"checked": run is not None, "unreadable": len(unreadable), "not_scanned": len(unseen),
+                      "kept": cfg.keep_unreadable, "examples": [source.ids[i] for i in (unreadable + unseen)[:5]]},
     }
     if unknown and cfg.strict:
         summary["ok"] = False

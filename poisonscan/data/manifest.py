@@ -18,15 +18,14 @@ import io
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from poisonscan.data.sources import (DEFAULT_MAX_PIXELS, WDS_IMAGE_EXTS, WDS_MANIFEST_HEADER, SampleError, Source,
-                                     WdsSource, _read_text, decode_image)
+from poisonscan.data.sources import (DEFAULT_MAX_PIXELS, MAX_MEMBER_BYTES, WDS_IMAGE_EXTS, WDS_MANIFEST_HEADER,
+                                     SampleError, Source, WdsSource, _read_text, decode_image)
 from poisonscan.errors import DataError
-from poisonscan.runs import atomic_write_text
+from poisonscan.runs import atomic_write_text, temp_file
 
 _ENC = ("utf-8", "surrogateescape")
 
@@ -108,7 +107,8 @@ class ManifestSource(Source):
 
     kind = "wds-manifest"
 
-    def __init__(self, path: Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, path: Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_member_bytes: int | None = MAX_MEMBER_BYTES) -> None:
         self.path = Path(os.path.abspath(path))
         entries, root = parse_wds_manifest(self.path)
         if not entries:
@@ -116,7 +116,7 @@ class ManifestSource(Source):
         shards = list(dict.fromkeys(s for s, _ in entries))
         if root is not None and not all(_inside(s, root) for s in shards):
             root = None
-        self.base = WdsSource(shards, max_pixels=max_pixels, root=root)
+        self.base = WdsSource(shards, max_pixels=max_pixels, root=root, max_member_bytes=max_member_bytes)
         lookup = {self.base.locator(j): j for j in range(len(self.base))}
         sel: list[int] = []
         errors = list(self.base.errors)
@@ -136,7 +136,7 @@ class ManifestSource(Source):
         self.sel = sel
         self._pos = {j: i for i, j in enumerate(sel)}
         super().__init__(self.base.root, [self.base.ids[j] for j in sel], [self.base.labels[j] for j in sel], None,
-                         errors, self.base.warnings, max_pixels)
+                         errors, self.base.warnings, max_pixels, max_member_bytes)
 
     def spec(self) -> str:
         return str(self.path)
@@ -327,8 +327,7 @@ class _ShardWriter:
         self.path = out_dir / name
         if self.path.resolve().parent != out_dir:
             raise DataError(f"refusing to write {name} outside {out_dir}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-        self.tmp = Path(tmp)
+        fd, self.tmp = temp_file(self.path)     # the umask's file mode, not mkstemp's 0600
         self.fh = os.fdopen(fd, "wb")
         self.tar = tarfile.open(fileobj=self.fh, mode="w:gz" if name.endswith(".gz") else "w",
                                 format=tarfile.PAX_FORMAT)

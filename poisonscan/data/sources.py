@@ -17,6 +17,20 @@ Every sample has a stable string id, a decoded RGB image and a label when the in
 Structural problems found while listing (truncated shard, duplicate key, sample without image, unusable name) are in
 ``Source.errors`` and the affected samples are not in ``ids``. Per-sample decode problems surface when the sample
 is read: ``load`` raises ``DataError``, ``iter_samples`` yields a ``SampleError``. Ids are identifiers, never paths.
+
+Bounds on what one input may cost (each refusal is a ``SampleError`` with the reason, so it reaches ``errors.csv``):
+
+- decoding: at most ``max_pixels`` pixels (``DEFAULT_MAX_PIXELS``) and a long/short side ratio of at most
+  ``MAX_ASPECT_RATIO``, both checked on the header before any pixel is decoded; only ``DECODE_FORMATS`` are decoded.
+- reading: a tar member, and the members of one sample together, at most ``max_member_bytes``
+  (``MAX_MEMBER_BYTES``), checked on the tar header before anything is read; the same bound applies to an image
+  file of a folder or file list, which must be a regular file (fifos and devices are refused without reading).
+- shards: pax/GNU extended headers at most ``MAX_TAR_HEADER_BYTES`` per member (``MAX_TAR_HEADER_CHAIN`` of them)
+  and negative member sizes are refused before tarfile acts on them (the rest of that shard is skipped, the error
+  names the shard); member names at most ``MAX_NAME_CHARS`` characters; symlink, hard link, device, fifo and sparse
+  members are never read and each is reported (id ``<shard>::<member name>``); tarfile keeps no list of the members
+  seen; a gzipped shard is kept decompressed for random access only when its members total at most
+  ``GZ_CACHE_MAX_BYTES``. Member names are identifiers only: nothing is ever extracted to disk.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import tarfile
 import threading
 import warnings
@@ -42,6 +57,21 @@ from PIL import Image, UnidentifiedImageError
 from poisonscan.errors import DataError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default Image.MAX_IMAGE_PIXELS (~ 89.5 M pixels)
+# long side / short side above which an image is refused before decoding: no photo data set has such images, and
+# resizing one so its short side reaches the model size would cost memory proportional to the ratio
+MAX_ASPECT_RATIO = 20.0
+# largest tar member, and largest total of one sample's members, read into memory (also the largest image file)
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+# largest pax / GNU long-name header of a tar member (all such headers of one member, and all global pax headers of
+# a shard, count together); tarfile reads these whole before it returns the member
+MAX_TAR_HEADER_BYTES = 1024 * 1024
+MAX_TAR_HEADER_CHAIN = 8  # most extended headers in front of one tar member
+MAX_NAME_CHARS = 1024  # longest tar member name read (longer names are reported and skipped)
+# largest decompressed size (sum of member sizes) of a gzipped shard kept in memory for random access; a larger one
+# is streamed up to the requested sample on each random read
+GZ_CACHE_MAX_BYTES = 512 * 1024 * 1024
+# the PIL decoders used (content-sniffed among these only): the formats of IMAGE_EXTENSIONS and WDS_IMAGE_EXTS
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "PPM", "BMP", "TIFF", "GIF")  # multi-picture JPEGs open as JPEG
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -96,22 +126,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 draft: int | None = None) -> Image.Image:
-    """Decode image bytes (format sniffed from the content, never the name) into an RGB image.
+                 draft: int | None = None, max_aspect: float | None = MAX_ASPECT_RATIO) -> Image.Image:
+    """Decode image bytes (format sniffed among ``DECODE_FORMATS`` from the content, never the name) into RGB.
 
-    ``max_pixels`` is the decompression-bomb guard (checked on the header, before decoding); ``draft`` lets JPEG
-    decode at a reduced scale whose sides stay >= ``draft`` (fast path for resizing). Raises ``DataError``.
+    ``max_pixels`` (decompression bombs) and ``max_aspect`` (long/short side ratio) are checked on the header, before
+    decoding; ``draft`` lets JPEG decode at a reduced scale whose sides stay >= ``draft`` (fast path for resizing).
+    Raises ``DataError``.
     """
     if not data:
         raise DataError(f"{name}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
             w, h = img.size
             if max_pixels and w * h > max_pixels:
                 raise DataError(f"{name}: {w}x{h} = {w * h} pixels exceeds the decompression-bomb limit "
                                 f"of {max_pixels} pixels")
+            if max_aspect and max(w, h) > max_aspect * max(1, min(w, h)):
+                raise DataError(f"{name}: {w}x{h} has an aspect ratio of {max(w, h) / max(1, min(w, h)):.1f}:1, "
+                                f"over the limit of {max_aspect:g}:1 (MAX_ASPECT_RATIO); image refused")
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))
             img.load()
@@ -121,7 +155,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
     except Image.DecompressionBombError as exc:
         raise DataError(f"{name}: decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        raise DataError(f"{name}: not a recognised image format") from None
+        raise DataError(f"{name}: not a recognised image format (reads {', '.join(DECODE_FORMATS)})") from None
     except Exception as exc:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...
         raise DataError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
@@ -137,7 +171,7 @@ class Source(ABC):
 
     def __init__(self, root: Path, ids: list[str], labels: list[int | None], class_names: list[str] | None,
                  errors: list[SampleError], warnings_: list[str] | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, max_member_bytes: int | None = MAX_MEMBER_BYTES) -> None:
         self.root = root
         self.ids = ids
         self.labels = labels
@@ -145,6 +179,7 @@ class Source(ABC):
         self.errors = errors
         self.warnings = warnings_ or []
         self.max_pixels = max_pixels
+        self.max_member_bytes = max_member_bytes
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -240,18 +275,19 @@ class _FileSource(Source):
 
     def __init__(self, root: Path, ids: list[str], paths: list[str], labels: list[int | None],
                  class_names: list[str] | None, errors: list[SampleError], warnings_: list[str] | None,
-                 max_pixels: int | None) -> None:
-        super().__init__(root, ids, labels, class_names, errors, warnings_, max_pixels)
+                 max_pixels: int | None, max_member_bytes: int | None = MAX_MEMBER_BYTES) -> None:
+        super().__init__(root, ids, labels, class_names, errors, warnings_, max_pixels, max_member_bytes)
         self.paths = paths  # absolute (not symlink-resolved) paths, one per sample
 
     def read_members(self, i: int) -> dict[str, bytes]:
         try:
-            with open(self.paths[i], "rb") as fh:
-                data = fh.read()
+            data = _read_file(self.paths[i], self.max_member_bytes)
         except FileNotFoundError:
             raise DataError(f"{self.ids[i]}: file not found ({self.paths[i]})") from None
         except OSError as exc:
             raise DataError(f"{self.ids[i]}: cannot read file ({exc.strerror or exc})") from None
+        except DataError as exc:
+            raise DataError(f"{self.ids[i]}: {exc}") from None
         return {self.image_ext(i): data}
 
     def image_ext(self, i: int) -> str:
@@ -262,12 +298,30 @@ class _FileSource(Source):
         return self.paths[i] if label is None else f"{self.paths[i]} {label}"
 
 
+def _read_file(path: str, limit: int | None) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (fifos and devices are refused without a read)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DataError("not a regular file (fifo, device or socket); not read")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a fifo swapped in does not block the open
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError("not a regular file (fifo, device or socket); not read")
+        if limit is not None and st.st_size > limit:
+            raise DataError(f"file is {st.st_size} bytes, over the {limit}-byte limit (max_member_bytes); not read")
+        data = fh.read(-1 if limit is None else limit + 1)
+    if limit is not None and len(data) > limit:
+        raise DataError(f"file is over the {limit}-byte limit (max_member_bytes); not read")
+    return data
+
+
 class FolderSource(_FileSource):
     """All image files under a directory (recursive); ImageFolder layout gives labels."""
 
     kind = "folder"
 
-    def __init__(self, root: Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, root: Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_member_bytes: int | None = MAX_MEMBER_BYTES) -> None:
         root = Path(os.path.abspath(root))
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist or is not a folder")
@@ -289,7 +343,7 @@ class FolderSource(_FileSource):
         if not rel_paths:
             raise DataError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         paths = [os.path.join(str(root), *p.split("/")) for p in rel_paths]
-        super().__init__(root, rel_paths, paths, labels, class_names, errors, warns, max_pixels)
+        super().__init__(root, rel_paths, paths, labels, class_names, errors, warns, max_pixels, max_member_bytes)
 
     def spec(self) -> str:
         return str(self.root)
@@ -349,7 +403,8 @@ class FileListSource(_FileSource):
 
     kind = "filelist"
 
-    def __init__(self, list_path: Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, list_path: Path | str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_member_bytes: int | None = MAX_MEMBER_BYTES) -> None:
         list_path = Path(os.path.abspath(list_path))
         self.list_path = list_path
         text = _read_text(list_path)
@@ -369,7 +424,7 @@ class FileListSource(_FileSource):
             labels.append(label)
         if not ids:
             raise DataError(f"file list {list_path} lists no images")
-        super().__init__(root, ids, paths, labels, None, errors, None, max_pixels)
+        super().__init__(root, ids, paths, labels, None, errors, None, max_pixels, max_member_bytes)
 
     def spec(self) -> str:
         return str(self.list_path)
@@ -439,27 +494,142 @@ def split_key(name: str) -> tuple[str, str] | None:
 
 @dataclass
 class _Group:
-    """One sample of a shard while walking it: key, first member index, members by extension."""
+    """One sample of a shard while walking it: key, members by extension, their total size."""
 
     key: str
     members: dict[str, tuple[int, int, bytes | None]] = field(default_factory=dict)  # ext -> (offset, size, data)
+    nbytes: int = 0
 
 
-def walk_shard(path: str, rel: str, want: Callable[[str, str], bool]) -> Iterator[_Group | SampleError]:
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+_SKIPPED_TYPES = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+                  tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}
+
+
+class _RefusedHeader(tarfile.TarError):
+    """A shard header that is not read because reading it would cost unbounded memory."""
+
+
+class _ShardTarInfo(tarfile.TarInfo):
+    """``TarInfo`` that reads shard headers with bounded memory.
+
+    A negative size (base-256 size fields and pax ``size`` records can hold one) is refused: tarfile would step back
+    to an earlier header and read the same members forever. Extended headers (pax, GNU long name/link) are refused
+    before tarfile reads them whole when a member's chain of them exceeds ``MAX_TAR_HEADER_BYTES`` or
+    ``MAX_TAR_HEADER_CHAIN`` headers (global pax headers: over the whole shard). GNU sparse maps are skipped without
+    being kept; the member gets an empty ``sparse`` list and is never read.
+    """
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size < 0:
+            raise _RefusedHeader(f"tar member at offset {self.offset} has a negative size ({self.size})")
+        if self.type not in _EXTENDED_HEADERS:
+            info = super()._proc_member(tar)  # type: ignore[attr-defined]
+        else:
+            chain_bytes, depth = getattr(tar, "_ps_chain", (0, 0))
+            chain_bytes, depth = chain_bytes + tarfile.BLOCKSIZE + self.size, depth + 1
+            global_bytes = getattr(tar, "_ps_global_bytes", 0) + (self.size if self.type == tarfile.XGLTYPE else 0)
+            if depth > MAX_TAR_HEADER_CHAIN:
+                raise _RefusedHeader(f"more than {MAX_TAR_HEADER_CHAIN} extended tar headers in a row at offset "
+                                     f"{self.offset} (MAX_TAR_HEADER_CHAIN)")
+            if chain_bytes > MAX_TAR_HEADER_BYTES or global_bytes > MAX_TAR_HEADER_BYTES:
+                raise _RefusedHeader(f"extended tar header of {self.size} bytes at offset {self.offset}: the extended "
+                                     f"headers of a member (and the global ones of a shard) may total "
+                                     f"{MAX_TAR_HEADER_BYTES} bytes (MAX_TAR_HEADER_BYTES)")
+            setattr(tar, "_ps_global_bytes", global_bytes)
+            setattr(tar, "_ps_chain", (chain_bytes, depth))
+            try:
+                info = super()._proc_member(tar)  # type: ignore[attr-defined]
+            finally:
+                setattr(tar, "_ps_chain", (0, 0))
+        if info.size < 0:  # set by a pax "size" record or a sparse header's real size
+            raise _RefusedHeader(f"tar member at offset {info.offset} has a negative size ({info.size})")
+        return info
+
+    def _proc_sparse(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        # an old GNU sparse map continues in extension blocks while byte 504 is set: they are skipped, not kept
+        _, extended, real_size = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        while extended:
+            block = tar.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            if len(block) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("unexpected end of data")
+            extended = bool(block[504])
+        self.sparse = []  # type: ignore[assignment]
+        self.offset_data = tar.fileobj.tell()  # type: ignore[union-attr]
+        tar.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = real_size
+        return self
+
+    def _proc_gnusparse_10(self, next_: tarfile.TarInfo, pax_headers: dict[str, str], tar: tarfile.TarFile) -> None:
+        # a GNU 1.0 sparse map ("<n>\n" then 2n numbers, one a line) heads the member's data: skipped, not kept
+        block = tar.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+        head, _, rest = block.partition(b"\n")
+        try:
+            need = 2 * int(head) - rest.count(b"\n")
+        except ValueError:
+            raise tarfile.ReadError("invalid GNU sparse map") from None
+        while need > 0:
+            block = tar.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            if len(block) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("unexpected end of data")
+            need -= block.count(b"\n")
+        next_.offset_data = tar.fileobj.tell()  # type: ignore[union-attr]
+        next_.sparse = []  # type: ignore[assignment]
+
+
+def _tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of a tar opened for reading, in order, without tarfile keeping each one in ``tar.members``."""
+    while (info := tar.next()) is not None:
+        tar.members.clear()
+        yield info
+
+
+def _shown(name: str) -> str:
+    """A member name as shown in an error id: names over ``MAX_NAME_CHARS`` are cut to 100 characters."""
+    return name if len(name) <= MAX_NAME_CHARS else f"{name[:100]}...({len(name)} characters)"
+
+
+def _skipped_reason(info: tarfile.TarInfo) -> str:
+    """Why a member that is neither a regular file nor a directory is not read."""
+    kind = _SKIPPED_TYPES.get(info.type)
+    if kind in ("symlink", "hard link"):
+        return f"{kind} member skipped: tar links are never followed (target {_shown(info.linkname)!r})"
+    if kind is not None:
+        return f"{kind} member skipped: only regular files are read"
+    return f"member of unknown type {info.type!r} skipped: only regular files are read"
+
+
+def walk_shard(path: str, rel: str, want: Callable[[str, str], bool],
+               max_member_bytes: int | None = MAX_MEMBER_BYTES) -> Iterator[_Group | SampleError]:
     """Walk a shard once in order, yielding complete sample groups and errors (never raises).
 
     ``want(key, ext)`` says whether a member's bytes are read (otherwise only its offset/size are recorded; for a
     gzipped shard skipping still decompresses). Duplicate keys and repeated members are reported and ignored; a read
-    failure ends the walk with an error naming the shard (the sample in progress is reported too).
+    failure ends the walk with an error naming the shard (the sample in progress is reported too). A sample with a
+    member, or members in total, over ``max_member_bytes`` is reported and skipped before any of its oversized bytes
+    are read; links, devices, fifos, sparse members and names over ``MAX_NAME_CHARS`` are reported and skipped
+    (directories silently). Memory stays bounded per member (see ``_ShardTarInfo``).
     """
     seen: set[str] = set()
     current: _Group | None = None
     skip_key: str | None = None
     count = 0
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for info in tar:
+        with tarfile.open(path, "r:*", tarinfo=_ShardTarInfo) as tar:
+            for info in _tar_members(tar):
                 if not info.isfile():
+                    if not info.isdir():
+                        yield SampleError(f"{rel}::{_shown(info.name)}", _skipped_reason(info))
+                    continue
+                if info.sparse is not None:
+                    yield SampleError(f"{rel}::{_shown(info.name)}", "sparse member skipped: sparse files are never "
+                                                                     "read")
+                    continue
+                if len(info.name) > MAX_NAME_CHARS:
+                    yield SampleError(f"{rel}::{_shown(info.name)}", f"member name is {len(info.name)} characters, "
+                                      f"over the limit of {MAX_NAME_CHARS} (MAX_NAME_CHARS); member skipped")
                     continue
                 parsed = split_key(info.name)
                 if parsed is None:
@@ -488,6 +658,15 @@ def walk_shard(path: str, rel: str, want: Callable[[str, str], bool]) -> Iterato
                         continue
                     seen.add(key)
                     current = _Group(key)
+                total = current.nbytes + info.size
+                if max_member_bytes is not None and total > max_member_bytes:
+                    what = (f"member {info.name!r} is {info.size} bytes" if info.size > max_member_bytes
+                            else f"its members total {total} bytes with {info.name!r}")
+                    yield SampleError(f"{rel}::{key}", f"{what}, over the {max_member_bytes}-byte limit "
+                                                       f"(max_member_bytes); sample skipped, member not read")
+                    current, skip_key = None, key
+                    continue
+                current.nbytes = total
                 data = None
                 if want(key, ext):
                     fh = tar.extractfile(info)
@@ -498,6 +677,10 @@ def walk_shard(path: str, rel: str, want: Callable[[str, str], bool]) -> Iterato
             _check_tail(tar)
         if current is not None:
             yield current
+    except _RefusedHeader as exc:
+        if current is not None:
+            yield SampleError(f"{rel}::{current.key}", "shard refused while reading this sample; sample skipped")
+        yield SampleError(rel, f"shard refused after {count} samples: {exc}; the rest of the shard is skipped")
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as exc:
         if current is not None:
             yield SampleError(f"{rel}::{current.key}", "shard is truncated or corrupt while reading this sample; "
@@ -527,11 +710,12 @@ class _ShardIndex:
     members: list[dict[str, tuple[int, int]]]
     errors: list[SampleError]
     warnings: list[str]
+    nbytes: int = 0  # sum of the member sizes of the indexed samples
 
 
-def _index_shard(path: str, rel: str) -> _ShardIndex:
+def _index_shard(path: str, rel: str, max_member_bytes: int | None = MAX_MEMBER_BYTES) -> _ShardIndex:
     idx = _ShardIndex(path, rel, [], [], [], [], [], [])
-    for item in walk_shard(path, rel, want=lambda key, ext: ext == "cls"):
+    for item in walk_shard(path, rel, want=lambda key, ext: ext == "cls", max_member_bytes=max_member_bytes):
         if isinstance(item, SampleError):
             idx.errors.append(item)
             continue
@@ -551,6 +735,7 @@ def _index_shard(path: str, rel: str) -> _ShardIndex:
         idx.image_exts.append(image_ext)
         idx.labels.append(label)
         idx.members.append({e: (off, size) for e, (off, size, _) in item.members.items()})
+        idx.nbytes += item.nbytes
     return idx
 
 
@@ -590,20 +775,23 @@ class WdsSource(Source):
     """WebDataset shards (``.tar``/``.tar.gz``), indexed once at open time (shards scanned in parallel threads).
 
     Plain ``.tar`` shards are read at member offsets for random access; a gzipped shard is decompressed once per
-    random-access miss and its samples' bytes kept in an LRU of ``gz_cache_shards`` shards. Streaming
-    (``iter_raw``/``iter_samples``) reads each needed shard sequentially once.
+    random-access miss and its samples' bytes kept in an LRU of ``gz_cache_shards`` shards (a shard whose members
+    total over ``GZ_CACHE_MAX_BYTES`` is instead streamed up to the sample on each random read). Streaming
+    (``iter_raw``/``iter_samples``) reads each needed shard sequentially once. Samples with a member, or members in
+    total, over ``max_member_bytes`` are reported in ``errors`` and left out.
     """
 
     kind = "wds"
 
     def __init__(self, spec: str | Path | Sequence[str | Path], max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 root: Path | str | None = None, gz_cache_shards: int = 2, scan_threads: int | None = None) -> None:
+                 root: Path | str | None = None, gz_cache_shards: int = 2, scan_threads: int | None = None,
+                 max_member_bytes: int | None = MAX_MEMBER_BYTES) -> None:
         paths, auto_root = resolve_shards(spec)
         root = Path(os.path.abspath(root)) if root is not None else auto_root
         rels = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
         threads = scan_threads or max(1, min(4, os.cpu_count() or 1, len(paths)))
         with ThreadPoolExecutor(threads) as pool:
-            shards = list(pool.map(_index_shard, paths, rels))
+            shards = list(pool.map(_index_shard, paths, rels, [max_member_bytes] * len(paths)))
         ids: list[str] = []
         labels: list[int | None] = []
         errors: list[SampleError] = []
@@ -622,7 +810,7 @@ class WdsSource(Source):
         self.gz_cache_shards = gz_cache_shards
         self._cache: OrderedDict[int, dict[int, dict[str, bytes]]] = OrderedDict()
         self._lock: threading.Lock | None = None
-        super().__init__(root, ids, labels, None, errors, warns, max_pixels)
+        super().__init__(root, ids, labels, None, errors, warns, max_pixels, max_member_bytes)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -665,7 +853,14 @@ class WdsSource(Source):
         s, j = self._loc[i]
         sh = self.shards[s]
         if _is_gz(sh.path):
-            members = self._gz_shard(s).get(j)
+            if sh.nbytes <= GZ_CACHE_MAX_BYTES:
+                members = self._gz_shard(s).get(j)
+            else:  # too large to keep decompressed: read the shard up to this sample only
+                stream = self._stream_shard(s, {j})
+                try:
+                    members = next((m for _, m in stream), None)
+                finally:
+                    stream.close()
             if members is None:
                 raise DataError(f"{self.ids[i]}: sample could not be read again from {sh.rel}")
             return members
@@ -702,7 +897,8 @@ class WdsSource(Source):
         sh = self.shards[s]
         pos = {k: j for j, k in enumerate(sh.keys)}
         want_keys = {sh.keys[j] for j in wanted}
-        for item in walk_shard(sh.path, sh.rel, want=lambda key, ext: key in want_keys):
+        for item in walk_shard(sh.path, sh.rel, want=lambda key, ext: key in want_keys,
+                               max_member_bytes=self.max_member_bytes):
             if isinstance(item, _Group) and item.key in want_keys:
                 yield pos[item.key], {e: d for e, (_, _, d) in item.members.items() if d is not None}
 
@@ -777,25 +973,26 @@ def detect_kind(spec: str | Path | Sequence[str | Path]) -> str:
 
 
 def open_source(spec: str | Path | Sequence[str | Path], kind: str = "auto",
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Source:
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, max_member_bytes: int | None = MAX_MEMBER_BYTES) -> Source:
     """Open a data set: folder, ``.txt`` file list, WebDataset shards (pattern, list, folder) or a ``.tsv`` manifest.
 
     ``kind`` forces ``folder``/``filelist``/``wds``/``wds-manifest``. Empty source, missing path or bad brace
-    pattern raise ``DataError``. ``max_pixels`` is the per-image decompression-bomb limit.
+    pattern raise ``DataError``. ``max_pixels`` is the per-image decompression-bomb limit; ``max_member_bytes`` the
+    largest tar member (and sample) or image file read (None: no limit).
     """
     if isinstance(spec, (list, tuple)) and len(spec) == 1:
         spec = spec[0]
     kind = detect_kind(spec) if kind == "auto" else kind
     if kind == "folder":
-        return FolderSource(_single(spec), max_pixels)
+        return FolderSource(_single(spec), max_pixels, max_member_bytes)
     if kind == "filelist":
-        return FileListSource(_single(spec), max_pixels)
+        return FileListSource(_single(spec), max_pixels, max_member_bytes)
     if kind == "wds":
-        return WdsSource(spec, max_pixels)
+        return WdsSource(spec, max_pixels, max_member_bytes=max_member_bytes)
     if kind == "wds-manifest":
         from poisonscan.data.manifest import ManifestSource
 
-        return ManifestSource(_single(spec), max_pixels)
+        return ManifestSource(_single(spec), max_pixels, max_member_bytes)
     raise DataError(f"unknown source kind {kind!r} (auto, folder, filelist, wds, wds-manifest)")
 
 

@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from poisonscan import runtime as rt
-from poisonscan.data.sources import SampleError, Source
+from poisonscan.data.sources import MAX_ASPECT_RATIO, SampleError, Source
 from poisonscan.errors import DataError, UsageError
-from poisonscan.runs import atomic_write_text
+from poisonscan.runs import atomic_write_text, temp_file
 
 STORE_FORMAT = "poisonscan-image-store"
 STORE_VERSION = 1
@@ -68,17 +67,26 @@ class ImageStore:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Short side to ``size`` (bilinear, antialiased), centre crop ``size x size``; returns ``(S, S, 3)`` uint8."""
+    """Short side to ``size`` (bilinear, antialiased), centre crop ``size x size``; returns ``(S, S, 3)`` uint8.
+
+    An image whose long/short side ratio exceeds ``MAX_ASPECT_RATIO`` (the decoder refuses those, so only a caller's
+    own image can be one) has only its centre region resampled (a ``box`` resize at the same sampling positions, up
+    to float rounding), so the work never exceeds ``MAX_ASPECT_RATIO * size**2`` output pixels.
+    """
     w, h = img.size
     if w <= h:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
     left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-    if (nw, nh) != (size, size):
-        img = img.crop((left, top, left + size, top + size))
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+        img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    else:
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        if (nw, nh) != (size, size):
+            img = img.crop((left, top, left + size, top + size))
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8)
@@ -175,9 +183,9 @@ def _write_meta(path: Path, meta: dict[str, Any]) -> None:
 
 
 def _tmp_npy(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{IMAGES_FILE}.", suffix=".tmp", dir=path)
+    fd, tmp = temp_file(path / IMAGES_FILE)     # the umask's file mode, not mkstemp's 0600
     os.close(fd)
-    return Path(tmp)
+    return tmp
 
 
 def _allocate_npy(tmp: Path, shape: tuple[int, ...]) -> np.ndarray:

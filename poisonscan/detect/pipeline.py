@@ -44,6 +44,7 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,
                                           train_with_refinement)
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
+from poisonscan.detect.recurrence import recurrence_test
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
                                         null_sources, null_windows, replay_null_sources, upgrade_record)
@@ -58,7 +59,7 @@ from poisonscan.errors import ConfigError, DataError, UsageError
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
-from poisonscan.runs import RunDir, create_run
+from poisonscan.runs import RunDir, absolute_settings, config_record, create_run, lock_run, releases_run_locks
 
 STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "verify", "outputs")
 METHODS = ("poisoncam", "patchsearch")
@@ -75,7 +76,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                    "classifier_refine_by", "refine_neighbours", "ensemble", "threshold", "min_evidence", "min_effect",
                    "force"),
     "verify": ("neighbours", "verify_min_prob"),
-    "outputs": ("fail_on",),
+    "outputs": ("fail_on", "fail_on_unreadable"),
 }
 
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
@@ -116,6 +117,10 @@ def validate_config(cfg: DetectConfig) -> None:
                  "batch_size", "null_size"):
         need(int(getattr(cfg, name)) >= 1, f"{name.replace('_', '-')} must be >= 1")
     need(cfg.window > 0, "--window must be > 0 (pixels, or a fraction of the image side like 60/224)")
+    need(cfg.window < 1 or float(cfg.window).is_integer(),
+         f"--window {cfg.window:g}: give whole pixels (17) or a fraction of the image side below 1 (60/224, 0.27)")
+    if cfg.image_size:
+        check_window(cfg.window, cfg.image_size)
     need(0.0 <= cfg.drop_fraction <= 1.0, "--drop-fraction must be in [0, 1]")
     need(0.0 <= cfg.drop_top < 1.0, "--drop-top must be in [0, 1)")
     need(0.0 <= cfg.classifier_holdout <= 0.5, "--classifier-holdout must be in [0, 0.5]")
@@ -125,8 +130,24 @@ def validate_config(cfg: DetectConfig) -> None:
     need(0.0 <= cfg.verify_min_prob <= 1.0, "--verify-min-prob must be in [0, 1] (1: no verification)")
     need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
     need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
+    need(cfg.fail_on_unreadable is None or cfg.fail_on_unreadable >= 0, "--fail-on-unreadable must be >= 0")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
     need(0.0 <= cfg.min_effect <= 1.0, "--min-effect must be in [0, 1] (a share of flip-set images)")
+
+
+def unreadable_limit(fail_on: float | None, fail_on_unreadable: int | None) -> int | None:
+    """The most unscanned (unreadable) samples a run may have before it exits 1: ``--fail-on-unreadable`` when
+    given, else 0 when ``--fail-on`` is given (a CI gate fails closed on samples it could not scan), else none."""
+    if fail_on_unreadable is not None:
+        return int(fail_on_unreadable)
+    return 0 if fail_on is not None else None
+
+
+def check_window(window: float, image_size: int) -> None:
+    """Raise ``ConfigError`` when ``window`` in pixels (>= 1) is larger than the model's ``image_size`` px images."""
+    if window >= 1 and window > image_size:
+        raise ConfigError(f"--window {window:g}: {window:g} px is larger than the model's {image_size} px images "
+                          f"(give at most {image_size} px, or a fraction of the image side like 60/224)")
 
 
 def fail_on_exceeded(fail_on: float | None, removed: int, scanned: int) -> bool:
@@ -192,24 +213,24 @@ def _stale_stage(run: RunDir) -> str | None:
 def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
     """Create the run folder, or reopen it for ``--resume`` and forget the stages whose settings changed.
 
-    Rank 0 writes ``config.json`` and ``environment.json``.
+    Rank 0 locks the folder (:func:`poisonscan.runs.lock_run`, released when :func:`run_detect` ends) and writes
+    ``config.json`` (absolute paths) and ``environment.json``.
     """
     if cfg.resume:
         path = Path(cfg.resume)
         if not (path / "config.json").is_file():
             raise UsageError(f"--resume {path}: not a detect run folder (no config.json)")
-        run = RunDir(path)
+        run = RunDir(path, lock_run(path) if runtime.is_main else None)
         if runtime.is_main:
-            found = [s for s in (_invalidated_stage(run.read_json("config.json"), config_to_dict(cfg)),
-                                 _stale_stage(run)) if s is not None]
+            saved = absolute_settings(run.read_json("config.json"))
+            found = [s for s in (_invalidated_stage(saved, config_record(cfg)), _stale_stage(run)) if s is not None]
             rerun = min(found, key=STAGES.index) if found else None
             if rerun is not None:
                 _clear_from(run, rerun)
     else:
-        path = None
-        if runtime.is_main:
-            path = create_run("detect", cfg.out, overwrite=cfg.overwrite).path
-        run = RunDir(rt.broadcast_object(path))
+        made = create_run("detect", cfg.out, overwrite=cfg.overwrite) if runtime.is_main else None
+        path = rt.broadcast_object(made.path if made is not None else None)
+        run = made if made is not None else RunDir(path)
         if runtime.is_main:
             _clear_from(run, STAGES[0])      # --overwrite of an older run: start from scratch
     if runtime.is_main:
@@ -232,6 +253,7 @@ class _Ctx:
     encoder: nn.Module | None = None
     enc_meta: dict[str, Any] = field(default_factory=dict)
     store: ImageStore | None = None
+    source: Any = None                          # the data source, opened before the run folder was written
     features: np.ndarray | None = None
     clustering: Clustering | None = None
     flip: np.ndarray | None = None
@@ -273,9 +295,10 @@ def _split_gather(runtime: rt.Runtime, n: int, work: Callable[[range], Any]) -> 
 
 
 def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: Any,
-                 split: bool = True) -> np.ndarray:
+                 split: bool = True, destinations: bool = False) -> Any:
     """Poison scores of ``patches`` (n x 3 x w x w) on the flip set; positions drawn from ``(seed, *tags)`` before
-    the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone)."""
+    the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone).
+    ``destinations=True``: also the flip images' new clusters (n x F), as ``(scores, destinations)``."""
     flip_images, flip_labels = ctx.flip_data()
     positions = draw_positions(len(patches), len(flip_images), _torch_gen(ctx.cfg.seed, "paste", *tags))
     rule = ctx.cfg.score_rule
@@ -285,9 +308,12 @@ def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: 
         return poison_scores(ctx.encoder, ctx.clustering, flip_images, flip_labels, patches[sl], ctx.runtime, None,
                              batch_size=ctx.cfg.batch_size, rule=rule,
                              source_clusters=sources[sl] if rule == "to_source" else None,
-                             positions=positions[sl], quiet=True)
+                             positions=positions[sl], quiet=True, destinations=destinations)
 
     parts = _split_gather(ctx.runtime, len(patches), work) if split else [work(range(len(patches)))]
+    if destinations:
+        return (np.concatenate([p[0] for p in parts]).astype(np.int64),
+                np.concatenate([p[1] for p in parts]).astype(np.int32))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
@@ -313,7 +339,7 @@ def _candidates(ctx: _Ctx, indices: np.ndarray, masks: Tensor) -> tuple[np.ndarr
 
 
 def _stage_store(ctx: _Ctx) -> dict[str, Any]:
-    source = open_source(ctx.cfg.data)
+    source = ctx.source if ctx.source is not None else open_source(ctx.cfg.data)
     ctx.store = build_store(source, ctx.size, ctx.run.file("store"), ctx.runtime, ctx.quiet)
     if len(ctx.store) == 0:
         if ctx.runtime.is_main:
@@ -450,9 +476,10 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
         sources = labels[src.numpy()]
     else:
         patches, sources = null_windows(images, cfg.null_size, ctx.window, gen, sources=src), None
-    null = _flip_scores(ctx, patches, sources, "null")
+    null, null_dest = _flip_scores(ctx, patches, sources, "null", destinations=True)
     n_flip = len(ctx.flip)
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
+    ev["recurrence"] = _recurrence(ctx, top, null, null_dest)
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip,
               null_sources=src.tolist(),
@@ -462,6 +489,21 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
         ctx.run.write_json("evidence.json", ev)
     ctx.evidence = ev
     return {"z": ev["z"]}
+
+
+def _recurrence(ctx: _Ctx, top: list[int], null: np.ndarray, null_dest: np.ndarray) -> dict[str, Any]:
+    """The recurrence test (detect/recurrence.py): the top-k windows, cut again from their images, pasted on the
+    flip set once more to see where they send it, compared with the null windows' destinations."""
+    boxes = _boxes(ctx)
+    idx = torch.as_tensor(top, dtype=torch.int64)
+    patches = cut_windows(ctx.store.images[idx], torch.as_tensor([boxes[i] for i in top], dtype=torch.int64))
+    sources = ctx.clustering.labels[np.asarray(top, dtype=np.int64)] if ctx.cfg.score_rule == "to_source" else None
+    _, top_dest = _flip_scores(ctx, patches, sources, "recurrence", destinations=True)
+    _, flip_labels = ctx.flip_data()
+    rec = recurrence_test(top_dest, null_dest, null, flip_labels.numpy(), ctx.clustering.n_clusters,
+                          seed=ctx.cfg.seed)
+    rec["members"] = [int(top[j]) for j in rec["members"]]      # image indices
+    return rec
 
 
 def _null_sources(ctx: _Ctx) -> np.ndarray:
@@ -634,7 +676,14 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
                     forced=bool(clf["forced"]), reason=clf.get("reason") or evidence_gate(
                         ev, cfg.min_evidence, cfg.min_effect)[1])
     meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}
-    exit_code = 1 if fail_on_exceeded(cfg.fail_on, n_removed, n) else 0
+    n_unreadable = len(store.errors)
+    limit = unreadable_limit(cfg.fail_on, cfg.fail_on_unreadable)
+    exit_reasons = ([f"{n_removed} removed, over --fail-on {cfg.fail_on:g}"]
+                    if fail_on_exceeded(cfg.fail_on, n_removed, n) else [])
+    if limit is not None and n_unreadable > limit:
+        exit_reasons.append(f"{n_unreadable} sample(s) could not be read and were not scanned, over "
+                            f"--fail-on-unreadable {limit}")
+    exit_code = 1 if exit_reasons else 0
     verdict = "backdoor signal found" if found else \
         "no backdoor signal (removal forced)" if clf["forced"] else "no backdoor signal"
     return {
@@ -644,7 +693,8 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
         "model": {"checkpoint": cfg.model, "arch": getattr(ctx.encoder, "arch", None), "image_size": ctx.size,
                   "metadata": meta},
         "counts": {"scanned": n, "scored": len(scores), "removed": n_removed,
-                   "removed_fraction": n_removed / n if n else 0.0, "errors": len(store.errors)},
+                   "removed_fraction": n_removed / n if n else 0.0, "errors": n_unreadable,
+                   "unreadable": n_unreadable},
         "clusters": {"requested": cfg.clusters, "n_clusters": ctx.clustering.n_clusters,
                      "flip_set": len(ctx.search["flip_set"])},
         "search": {"rounds": [{k: r[k] for k in ("round", "live_clusters", "scored")} for r in ctx.search["rounds"]],
@@ -666,7 +716,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
         "timings": dict(ctx.timings),
         "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",
                   "summary": "summary.json"},
-        "fail_on": cfg.fail_on, "exit_code": exit_code,
+        "fail_on": cfg.fail_on, "fail_on_unreadable": limit, "exit_code": exit_code, "exit_reasons": exit_reasons,
     }
 
 
@@ -702,11 +752,15 @@ STAGE_FUNCS: dict[str, tuple[Callable[[_Ctx], dict[str, Any]], Callable[[_Ctx], 
 MAIN_ONLY = ("classifier", "verify", "outputs")
 
 
+@releases_run_locks
 def run_detect(cfg: DetectConfig, runtime: rt.Runtime | None = None, quiet: bool = False,
                on_round: RoundHook | None = None) -> dict[str, Any]:
     """Run (or resume) detection and return the summary (the content of ``summary.json``; ``{}`` on ranks > 0).
 
-    ``on_round(round)`` is called after each search round has been saved (tests use it to simulate a kill).
+    Every check of the settings and inputs (a new run's data source included) comes before the run folder is
+    written, so a refused command leaves no ``config.json`` that would make its rerun find the folder not empty.
+    The folder is locked while this runs. ``on_round(round)`` is called after each search round has been saved
+    (tests use it to simulate a kill).
     """
     validate_config(cfg)
     runtime = runtime or rt.setup_runtime(cfg.device, cfg.precision)
@@ -714,12 +768,14 @@ def run_detect(cfg: DetectConfig, runtime: rt.Runtime | None = None, quiet: bool
     rt.seed_everything(cfg.seed)
     encoder, meta = load_encoder(cfg.model, arch=cfg.arch, image_size=cfg.image_size,
                                  trust_pickle=cfg.trust_checkpoint)
+    check_window(cfg.window, int(encoder.image_size))
+    source = None if cfg.resume else open_source(cfg.data)     # a resumed run opens it only to redo the store
     run = open_run(cfg, runtime)
     main = runtime.is_main
     done = rt.broadcast_object({s: run.stage_done(s) for s in STAGES} if main else None)
     if done["outputs"]:                     # a finished run: its summary
         return run.read_json("summary.json") if main else {}
-    ctx = _Ctx(cfg, runtime, run, quiet, on_round, prepare_encoder(encoder.eval(), runtime), meta)
+    ctx = _Ctx(cfg, runtime, run, quiet, on_round, prepare_encoder(encoder.eval(), runtime), meta, source=source)
     for stage in STAGES:
         if stage in MAIN_ONLY and not main:
             return {}                       # ranks > 0 have nothing left to share

@@ -97,7 +97,8 @@ def paste_patches(images_u8: Tensor, patch: Tensor, generator: torch.Generator |
 def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Tensor, flip_labels: Tensor,
                   patches: Sequence[Tensor] | Tensor, runtime: rt.Runtime, generator: torch.Generator | int,
                   batch_size: int = 256, rule: str = "changed", source_clusters: Sequence[int] | Tensor | None = None,
-                  positions: Tensor | None = None, quiet: bool = True) -> np.ndarray:
+                  positions: Tensor | None = None, quiet: bool = True,
+                  destinations: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Poison score of each candidate patch on the flip test set (int64, one per patch).
 
     Each patch is pasted at a random position on every flip image, the patched images are re-encoded
@@ -106,13 +107,16 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
     cluster (``source_clusters``) that move into it. Batches hold ``batch_size`` (candidate, flip image) pairs, so
     the batch never depends on the flip-set size. ``positions`` (n_patches x n_flip x 2 uniforms from
     :func:`draw_positions`) replaces ``generator`` when the caller splits candidates across ranks.
+    ``destinations=True`` also returns the cluster each patched flip image is assigned to (int32 n_patches x n_flip),
+    what the recurrence test (detect/recurrence.py) compares between windows.
     """
     if rule not in RULES:
         raise ValueError(f"rule {rule!r}: choose one of {', '.join(RULES)}")
     plist = list(patches) if not isinstance(patches, Tensor) or patches.ndim == 4 else [patches]
     n_cand, n_flip = len(plist), int(flip_images_u8.shape[0])
     if n_cand == 0 or n_flip == 0:
-        return np.zeros(n_cand, dtype=np.int64)
+        empty = np.zeros(n_cand, dtype=np.int64)
+        return (empty, np.zeros((n_cand, n_flip), dtype=np.int32)) if destinations else empty
     if flip_labels.shape[0] != n_flip:
         raise ValueError("one flip label per flip image is needed")
     if rule == "to_source":
@@ -125,6 +129,7 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
     device = runtime.device
     prepare_encoder(encoder, runtime)
     scores = torch.zeros(n_cand, dtype=torch.int64, device=device)
+    dest = torch.zeros((n_cand, n_flip) if destinations else (0, 0), dtype=torch.int32, device=device)
     hw = (int(flip_images_u8.shape[-2]), int(flip_images_u8.shape[-1]))
     groups: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(plist):
@@ -153,8 +158,10 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
                     src = src_all[cand_dev[ci]]
                     hit = (new_lab == src) & (flip_lab[fi] != src)
                 scores.index_add_(0, cand_dev[ci], hit.long())
+                if destinations:
+                    dest[cand_dev[ci], fi] = new_lab.to(torch.int32)
                 bar.advance(stop - start)
-    return scores.cpu().numpy()
+    return (scores.cpu().numpy(), dest.cpu().numpy()) if destinations else scores.cpu().numpy()
 
 
 # -- iterative search ---------------------------------------------------------------------------------------------

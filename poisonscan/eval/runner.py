@@ -23,7 +23,7 @@ from poisonscan.eval.patching import ATTACKS, apply_trigger_batch, paste_trigger
 from poisonscan.eval.probe import (check_labels, confusion_csv, linear_probe, probe_report, resolve_class,
                                    stratified_subset)
 from poisonscan.models.checkpoints import load_encoder
-from poisonscan.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run
+from poisonscan.runs import RunDir, atomic_write_bytes, atomic_write_text, create_run, releases_run_locks
 from poisonscan.runtime import Runtime, broadcast_object, seed_everything, setup_runtime
 
 __all__ = ["run_detection", "run_probe", "run_backdoor"]
@@ -50,17 +50,19 @@ def run_detection(cfg: EvalDetectionConfig) -> dict[str, Any]:
 
 
 def _setup(cfg: EvalProbeConfig | EvalBackdoorConfig, command: str) -> tuple[Runtime, Any, RunDir, str]:
-    """Runtime, encoder, run directory and encoder cache key of a probe/backdoor command."""
+    """Runtime, encoder, run directory (locked on the main rank until the command ends) and encoder cache key of a
+    probe/backdoor command."""
     runtime = setup_runtime(cfg.device, cfg.precision)
     seed_everything(cfg.seed)
     encoder, _ = load_encoder(cfg.model, cfg.arch, cfg.image_size, trust_pickle=cfg.trust_checkpoint)
     encoder_key = f"{file_digest(cfg.model)}:{encoder.arch}:{encoder.image_size}"
-    run = create_run(command, cfg.out, resume=cfg.out is not None) if runtime.is_main else None
-    if run is not None:
-        run.write_config(cfg)
-        run.write_environment(cfg.seed, runtime)
+    made = create_run(command, cfg.out, resume=cfg.out is not None) if runtime.is_main else None
+    if made is not None:
+        made.write_config(cfg)
+        made.write_environment(cfg.seed, runtime)
     # every rank reads the feature cache (only the main rank writes it)
-    run = RunDir(broadcast_object(str(run.path) if run is not None else None))
+    path = broadcast_object(str(made.path) if made is not None else None)
+    run = made if made is not None else RunDir(path)
     return runtime, encoder, run, encoder_key
 
 
@@ -70,6 +72,7 @@ def _open(spec: str, what: str) -> Source:
     return open_source(spec)
 
 
+@releases_run_locks
 def run_probe(cfg: EvalProbeConfig) -> dict[str, Any] | None:
     """``eval probe``: linear probe ACC/FP/ASR; writes the run directory; the summary on the main rank (else None)."""
     if not cfg.model or not cfg.train or not cfg.val:
@@ -158,6 +161,7 @@ def _metrics_csv(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@releases_run_locks
 def run_backdoor(cfg: EvalBackdoorConfig) -> dict[str, Any] | None:
     """``eval backdoor``: backdoor strength of the threat model; writes the run directory; the summary on the main
     rank (None elsewhere)."""

@@ -7,6 +7,10 @@ checkpoints (timm, torchvision, MoCo v3, SSL-Backdoor, solo-learn, PatchSearch) 
 to the architecture by finding the key prefix (``module.base_encoder.``, ``encoder_q.``, ``backbone.``, ...) under
 which most keys fit the model, preferring online over momentum encoders and dropping projection/prediction heads.
 A checkpoint that does not fit is refused with the first offending keys: never a silent random init.
+
+A file's content only selects among untrained encoders poisonscan can build: :func:`encoder_spec` checks the
+metadata (a plain ``arch`` name, ``image_size``, ``mean``/``std`` and the :data:`BUILD_KWARGS` allow-list) before
+anything is built, so no metadata makes timm fetch weights, read another file or contact a hub.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from poisonscan.errors import CheckpointError, UsageError
-from poisonscan.models.encoders import Encoder, create_encoder, default_image_size, is_known_arch
+from poisonscan.models.encoders import Encoder, check_arch_name, create_encoder, default_image_size, is_known_arch
+from poisonscan.runs import file_mode, temp_file
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,15 @@ _MOMENTUM = re.compile(r"(^|\.)(momentum\w*|\w*_momentum|encoder_k|key_encoder|t
                        r"ema_\w*)\.")
 _ONLINE = re.compile(r"(^|\.)(base_encoder|encoder_q|online\w*|student\w*)\.")
 _ARCH_ALIASES = {"vit_small": "mocov3_vit_small", "vit_base": "vit_base_patch16_224"}
+#: builder arguments a checkpoint may carry: name -> (type, lowest, highest); any other name is refused
+BUILD_KWARGS: dict[str, tuple[type, float, float]] = {
+    "depth": (int, 1, 64),              # transformer blocks
+    "num_heads": (int, 1, 64),          # attention heads per block
+    "drop_rate": (float, 0.0, 1.0),     # dropout (inactive in eval mode)
+    "drop_path_rate": (float, 0.0, 1.0),
+}
+IMAGE_SIZES = (8, 4096)                 # the image_size a checkpoint's metadata may ask for
+STAT_LIMIT = 1000.0                     # largest |mean| or std a checkpoint's metadata may ask for
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
@@ -104,6 +117,10 @@ def save_encoder(encoder: nn.Module, path: Path | str, *, dtype: torch.dtype | s
     clash = _RESERVED & metadata.keys()
     if clash:
         raise ValueError(f"metadata keys {sorted(clash)} are set by save_encoder itself")
+    try:
+        check_build_kwargs(enc.build_kwargs, "save_encoder")
+    except CheckpointError as exc:
+        raise ValueError(f"{exc}: load_encoder would refuse the file") from None
     dt = _as_dtype(dtype)
     meta: dict[str, str] = {
         "format": FORMAT,
@@ -123,12 +140,13 @@ def save_encoder(encoder: nn.Module, path: Path | str, *, dtype: torch.dtype | s
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_file(path)
         os.close(fd)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, file_mode())      # safetensors writes a new 0600 file: the umask's mode, like every output
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -401,6 +419,70 @@ def _infer_vit_image_size(state: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters, for one-line error messages."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_build_kwargs(kwargs: Any, source: str = "checkpoint") -> dict[str, int | float]:
+    """``kwargs`` when every name is in :data:`BUILD_KWARGS` with a value of its type and range; else CheckpointError.
+
+    Names timm loads weights or configs with (``pretrained``, ``pretrained_cfg_overlay``, ``checkpoint_path``,
+    ``cache_dir``...) are never in the allow-list, and no allowed value is a string.
+    """
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError(f"{source}: build_kwargs must be a JSON object, got {_short(kwargs)}")
+    refused = sorted(str(k) for k in kwargs if k not in BUILD_KWARGS)
+    if refused:
+        names = ", ".join(_short(k) for k in refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6
+                                                             else "")
+        raise CheckpointError(f"{source}: build_kwargs {names} not allowed (a checkpoint may set only "
+                              f"{', '.join(BUILD_KWARGS)}; its weights come from the file itself)")
+    for key, value in kwargs.items():
+        kind, lo, hi = BUILD_KWARGS[key]
+        typed = type(value) is int if kind is int else (type(value) in (int, float) and math.isfinite(value))
+        if not typed or not lo <= value <= hi:
+            what = "an integer" if kind is int else "a number"
+            raise CheckpointError(f"{source}: build_kwargs {key}={_short(value)} must be {what} in [{lo:g}, {hi:g}]")
+    return dict(kwargs)
+
+
+def _check_stats(value: Any, key: str, source: str) -> tuple[float, ...] | None:
+    """Normalisation ``mean``/``std`` from metadata: None when absent, else 1 or 3 finite numbers (std > 0)."""
+    if value is None:
+        return None
+    ok = (isinstance(value, list) and len(value) in (1, 3)
+          and all(type(v) in (int, float) and math.isfinite(v) and abs(v) <= STAT_LIMIT for v in value)
+          and (key == "mean" or all(v > 0 for v in value)))
+    if not ok:
+        need = "positive numbers" if key == "std" else "numbers"
+        raise CheckpointError(f"{source}: metadata {key}={_short(value)} must be a list of 1 or 3 {need} "
+                              f"up to {STAT_LIMIT:g}")
+    return tuple(float(v) for v in value)
+
+
+def encoder_spec(meta: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """``create_encoder`` arguments from our files' decoded metadata, each one checked; CheckpointError otherwise.
+
+    Returns ``arch`` (a plain registry or timm name, never a hub repo or path), ``image_size`` (in
+    :data:`IMAGE_SIZES`), ``mean``/``std`` (None for ImageNet's) and ``build_kwargs`` (:func:`check_build_kwargs`).
+    """
+    if "arch" not in meta or "image_size" not in meta:
+        raise CheckpointError(f"{source}: poisonscan metadata lacks arch/image_size")
+    try:
+        arch = check_arch_name(meta["arch"])
+    except UsageError as exc:
+        raise CheckpointError(f"{source}: metadata {exc}") from None
+    size = meta["image_size"]
+    if type(size) is not int or not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]:
+        raise CheckpointError(f"{source}: metadata image_size={_short(size)} must be an integer in "
+                              f"[{IMAGE_SIZES[0]}, {IMAGE_SIZES[1]}]")
+    return {"arch": arch, "image_size": size, "mean": _check_stats(meta.get("mean"), "mean", source),
+            "std": _check_stats(meta.get("std"), "std", source),
+            "build_kwargs": check_build_kwargs(meta.get("build_kwargs", {}), source)}
+
+
 def _arch_from_fields(fields: Mapping[str, Any]) -> str | None:
     name = fields.get("arch")
     if not isinstance(name, str):
@@ -424,15 +506,13 @@ def load_encoder(path: Path | str, arch: str | None = None, image_size: int | No
     state, info = read_checkpoint(path, trust_pickle=trust_pickle)
     if info["kind"] == "poisonscan":
         meta = dict(info["metadata"])
-        if arch is not None and arch != meta.get("arch"):
-            raise CheckpointError(f"{path} holds a {meta.get('arch')} encoder, not {arch} (drop --arch or fix it)")
-        if "arch" not in meta or "image_size" not in meta:
-            raise CheckpointError(f"{path}: poisonscan metadata lacks arch/image_size")
-        size = int(image_size or meta["image_size"])
-        kwargs = meta.get("build_kwargs") if isinstance(meta.get("build_kwargs"), dict) else {}
+        spec = encoder_spec(meta, str(path))   # the only way from file metadata to create_encoder
+        if arch is not None and arch != spec["arch"]:
+            raise CheckpointError(f"{path} holds a {spec['arch']} encoder, not {arch} (drop --arch or fix it)")
+        size = int(image_size or spec["image_size"])
         try:
-            encoder = create_encoder(meta["arch"], size, mean=tuple(meta.get("mean") or ()) or None,
-                                     std=tuple(meta.get("std") or ()) or None, init_weights=False, **kwargs)
+            encoder = create_encoder(spec["arch"], size, mean=spec["mean"], std=spec["std"], init_weights=False,
+                                     **spec["build_kwargs"])
         except UsageError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         matched, report = match_state_dict(state, encoder, max_missing=0, max_unexpected=0, source=str(path))

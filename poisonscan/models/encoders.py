@@ -1,14 +1,18 @@
 """Encoders: a timm backbone behind one interface (image batch in, pooled feature batch out).
 
 Any timm model name works (built with ``pretrained=False, num_classes=0``, ViTs at ``img_size=image_size``); the
-registry adds architectures timm lacks (CIFAR ResNets, MoCo v3's ViT-S). Grad-CAM needs one hooked module and a way to
-turn its activations into a ``B x C x h x w`` map: ``Encoder.gradcam_layer()`` and ``Encoder.gradcam_reshape()``.
+registry adds architectures timm lacks (CIFAR ResNets, MoCo v3's ViT-S). Encoders are always built untrained: names
+with a source prefix or a path (``hf-hub:...``, ``local-dir:...``, ``timm/...``) and the timm arguments that load
+weights (``pretrained``, ``checkpoint_path``...) are refused before timm sees them. Grad-CAM needs one hooked module and
+a way to turn its activations into a ``B x C x h x w`` map: ``Encoder.gradcam_layer()`` and
+``Encoder.gradcam_reshape()``.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Any, Callable
 
 import timm
@@ -23,6 +27,14 @@ BackboneBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, BackboneBuilder] = {}
 _DEFAULT_SIZES: dict[str, int] = {}
 
+#: a registry or timm model name, optionally with a timm pretrained tag (``resnet18.a1_in1k``): no source prefix
+#: (``hf-hub:``, ``local-dir:``), no path or hub-repo separator, nothing timm would resolve outside its registry
+_ARCH_NAME = re.compile(r"(?=.{1,128}$)[A-Za-z0-9_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)?")
+#: ``timm.create_model`` arguments that load weights or configs from files, caches or the network
+WEIGHT_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                           "pretrained_model_args", "checkpoint_path", "cache_dir", "file", "url", "hf_hub_id",
+                           "hf_hub_filename"})
+
 
 def register_encoder(name: str, default_image_size: int = 224) -> Callable[[BackboneBuilder], BackboneBuilder]:
     """Decorator registering ``fn(image_size, **kw) -> nn.Module`` (a pooled-feature backbone) under ``name``.
@@ -31,6 +43,8 @@ def register_encoder(name: str, default_image_size: int = 224) -> Callable[[Back
     """
 
     def wrap(fn: BackboneBuilder) -> BackboneBuilder:
+        if not _ARCH_NAME.fullmatch(name) or "." in name:
+            raise ValueError(f"encoder name {name!r} must be letters, digits, '_' or '-'")
         if name in _REGISTRY:
             raise ValueError(f"encoder {name!r} is already registered")
         _REGISTRY[name] = fn
@@ -48,16 +62,30 @@ def list_encoders(include_timm: bool = False) -> list[str]:
     return names
 
 
+def check_arch_name(arch: object) -> str:
+    """``arch`` when it is a plain model name; UsageError for hub repos, paths and other names timm would resolve
+    outside its registry (``hf-hub:org/repo``, ``local-dir:/path``, ``timm/resnet18``)."""
+    if not isinstance(arch, str):
+        raise UsageError(f"architecture must be a model name, got {type(arch).__name__}")
+    if any(c in arch for c in ":/\\"):
+        raise UsageError(f"architecture {arch[:80]!r} names a hub repo or a path: poisonscan builds only timm model "
+                         "names and its registered encoders, never downloaded or local model configs")
+    if not _ARCH_NAME.fullmatch(arch):
+        raise UsageError(f"architecture {arch[:80]!r} is not a valid model name (letters, digits, '_', '-' and "
+                         "an optional '.tag')")
+    return arch
+
+
 def is_known_arch(arch: str) -> bool:
-    """True when ``arch`` is a registered encoder or a timm model name."""
-    return arch in _REGISTRY or timm.is_model(arch)
+    """True when ``arch`` is a registered encoder or a timm model name (never a hub repo or a path)."""
+    return isinstance(arch, str) and bool(_ARCH_NAME.fullmatch(arch)) and (arch in _REGISTRY or timm.is_model(arch))
 
 
 def default_image_size(arch: str) -> int:
     """The input resolution an architecture is usually used at (CIFAR: 32, timm: its default config, else 224)."""
     if arch in _DEFAULT_SIZES:
         return _DEFAULT_SIZES[arch]
-    if timm.is_model(arch):
+    if is_known_arch(arch):
         cfg = timm.models.get_pretrained_cfg(arch)
         size = getattr(cfg, "input_size", None) if cfg is not None else None
         if size:
@@ -170,9 +198,14 @@ class Encoder(nn.Module):
         return f"arch={self.arch!r}, image_size={self.image_size}, feature_dim={self.feature_dim}, kind={self.kind}"
 
 
+def _untrained(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` for ``timm.create_model`` with ``pretrained=False, num_classes=0`` set last, so nothing overrides them."""
+    return {**kw, "pretrained": False, "num_classes": 0}
+
+
 def _timm_backbone(arch: str, image_size: int, **kw: Any) -> nn.Module:
     """``timm.create_model`` without weights or classifier; ``img_size`` is passed to models that take it."""
-    kw = {"pretrained": False, "num_classes": 0, **kw}
+    kw = _untrained(kw)
     try:
         return timm.create_model(arch, img_size=image_size, **kw)
     except TypeError as exc:
@@ -196,13 +229,19 @@ def create_encoder(arch: str, image_size: int | None = None, *, mean: tuple[floa
                    std: tuple[float, ...] | None = None, init_weights: bool = True, **kw: Any) -> Encoder:
     """Build an untrained :class:`Encoder` for ``arch`` at input resolution ``image_size``.
 
-    ``arch`` is a registered name (:func:`list_encoders`) or any timm model name; ``kw`` goes to the builder
-    (JSON-safe values only, they are saved with the weights). ``mean``/``std`` default to ImageNet's statistics.
+    ``arch`` is a registered name (:func:`list_encoders`) or any timm model name (hub repos and paths are refused);
+    ``kw`` goes to the builder (JSON-safe values only, they are saved with the weights; the arguments that load
+    weights, :data:`WEIGHT_KWARGS`, are refused). ``mean``/``std`` default to ImageNet's statistics.
     ``init_weights=False`` skips timm's (slow) ViT initialisation, leaving some parameters uninitialised: only for
     a model whose every weight is loaded next.
     """
-    if not isinstance(arch, str) or not is_known_arch(arch):
-        raise _unknown_arch(str(arch))
+    check_arch_name(arch)
+    if not is_known_arch(arch):
+        raise _unknown_arch(arch)
+    loading = sorted(WEIGHT_KWARGS & kw.keys())
+    if loading:
+        raise UsageError(f"create_encoder builds untrained encoders: {', '.join(loading)} not accepted "
+                         "(load weights with load_encoder)")
     size = default_image_size(arch) if image_size is None else int(image_size)
     if size < 8:
         raise UsageError(f"image size {size} is too small for {arch}")
@@ -233,16 +272,16 @@ def _cifar_stem(model: nn.Module) -> nn.Module:
 
 @register_encoder("cifar_resnet18", default_image_size=32)
 def _cifar_resnet18(image_size: int, **kw: Any) -> nn.Module:
-    return _cifar_stem(timm.create_model("resnet18", pretrained=False, num_classes=0, **kw))
+    return _cifar_stem(timm.create_model("resnet18", **_untrained(kw)))
 
 
 @register_encoder("cifar_resnet50", default_image_size=32)
 def _cifar_resnet50(image_size: int, **kw: Any) -> nn.Module:
-    return _cifar_stem(timm.create_model("resnet50", pretrained=False, num_classes=0, **kw))
+    return _cifar_stem(timm.create_model("resnet50", **_untrained(kw)))
 
 
 @register_encoder("mocov3_vit_small", default_image_size=224)
 def _mocov3_vit_small(image_size: int, **kw: Any) -> nn.Module:
     """MoCo v3's ViT-S/16: timm's ViT-S with 12 heads instead of 6 (same weight shapes, different attention)."""
     kw = {"num_heads": 12, **kw}
-    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=image_size, **kw)
+    return timm.create_model("vit_small_patch16_224", img_size=image_size, **_untrained(kw))

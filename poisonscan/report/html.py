@@ -76,6 +76,7 @@ table.kv th { background: none; color: var(--muted); font-weight: normal; white-
 .verdict { padding: 10px 14px; border-radius: 6px; font-size: 15px; margin-bottom: 12px; }
 .verdict.found { background: #fde8ea; color: var(--red); border: 1px solid #f3b6bd; }
 .verdict.clean { background: #e6f4ea; color: var(--green); border: 1px solid #b3dcc0; }
+.verdict.unscanned { background: #fff4d6; color: #7a5200; border: 1px solid #f0d58a; }
 .note { color: var(--muted); font-size: 12.5px; }
 .bar { background: #5b8def; height: 10px; border-radius: 2px; min-width: 1px; }
 .bartrack { width: 260px; background: #eef0f4; border-radius: 2px; }
@@ -252,7 +253,13 @@ def _verdict(summary: Mapping[str, Any]) -> str:
         text, cls = f"{format_value(removed)} images removed{pct}.", "clean"
     if ev.get("forced"):
         text += " Removal was forced regardless of the evidence."
-    return f'<div class="verdict {cls}">{esc(text)}</div>'
+    banner = f'<div class="verdict {cls}">{esc(text)}</div>'
+    unreadable = counts.get("unreadable", counts.get("errors"))
+    if unreadable:
+        banner += (f'<div class="verdict unscanned">{esc(format_value(unreadable))} sample(s) could not be read and '
+                   "were not scanned (listed in errors.csv): <code>poisonscan clean</code> leaves them out of the "
+                   "cleaned manifest unless <code>--keep-unreadable</code>.</div>")
+    return banner
 
 
 def _overview(summary: Mapping[str, Any]) -> str:
@@ -282,9 +289,10 @@ def _overview(summary: Mapping[str, Any]) -> str:
             f"trained: {format_value(clf.get('trained'))}, ensemble {format_value(clf.get('ensemble'))}, "
             f"{format_value(clf.get('iterations'))} iterations, validation F1 {format_value(clf.get('val_f1'), 3)}, "
             f"threshold {format_value(clf.get('threshold'), 3)}")))
-    if summary.get("fail_on") is not None:
-        rows.append(("--fail-on", esc(f"{format_value(summary.get('fail_on'))}: exit code "
-                                      f"{format_value(summary.get('exit_code'))}")))
+    if summary.get("fail_on") is not None or summary.get("fail_on_unreadable") is not None:
+        reasons = "; ".join(summary.get("exit_reasons") or [])
+        rows.append(("exit code", esc(f"{format_value(summary.get('exit_code'))}" + (f" ({reasons})" if reasons
+                                                                                       else ""))))
     meta = model.get("metadata")
     if isinstance(meta, Mapping) and meta:
         rows.append(("model metadata", "<br>".join(f"{esc(k)}: {esc(format_value(v))}" for k, v in meta.items())))

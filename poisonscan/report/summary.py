@@ -169,7 +169,7 @@ def _overview(summary: Mapping[str, Any]) -> Table:
     errors = Text(format_value(counts.get("errors", source.get("n_errors"))))
     if counts.get("errors"):
         errors.stylize("yellow")
-        errors.append("  unreadable, listed in errors.csv", style="dim")
+        errors.append("  unreadable, not scanned (errors.csv); clean leaves them out", style="dim")
     scored = Text(format_value(counts.get("scored", search.get("n_scored"))))
     if rounds:
         scored.append(f"  in {len(rounds)} search rounds", style="dim")
@@ -291,13 +291,16 @@ def _files(summary: Mapping[str, Any]) -> Table:
 
 
 def _exit_line(summary: Mapping[str, Any]) -> Text | None:
-    if summary.get("fail_on") is None or summary.get("exit_code") is None:
+    if summary.get("exit_code") is None or (summary.get("fail_on") is None
+                                            and summary.get("fail_on_unreadable") is None):
         return None
     code = summary["exit_code"]
-    text = Text(f"--fail-on {format_value(summary['fail_on'])}: exit code {code}",
-                style="bold red" if code else "green")
+    gates = [f"{flag} {format_value(summary[key])}" for flag, key in (("--fail-on", "fail_on"),
+                                                                       ("--fail-on-unreadable", "fail_on_unreadable"))
+             if summary.get(key) is not None]
+    text = Text(f"{', '.join(gates)}: exit code {code}", style="bold red" if code else "green")
     if code:
-        text.append(" (findings above the threshold)")
+        text.append(f" ({'; '.join(summary.get('exit_reasons') or ['findings above the threshold'])})")
     return text
 
 

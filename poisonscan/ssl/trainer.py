@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonscan import runtime as rt
-from poisonscan.config import PretrainConfig, config_to_dict, resolve_config
+from poisonscan.config import PretrainConfig, resolve_config
 from poisonscan.data.transforms import SSLAugment, to_input
 from poisonscan.errors import CheckpointError, UsageError
-from poisonscan.runs import RunDir, create_run
+from poisonscan.runs import INVOCATION_SETTINGS, RunDir, config_record, create_run, releases_run_locks
 from poisonscan.ssl.methods import SSLMethod, create_method
 
 CHECKPOINT = "last.pt"
@@ -211,10 +211,12 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 
 
 def resume_config(run_path: Path | str, overrides: dict[str, Any] | None = None) -> PretrainConfig:
-    """The config stored in a run's checkpoint, with ``overrides`` (flags given again) applied on top."""
+    """The config stored in a run's checkpoint, with ``overrides`` (flags given again) applied on top; the
+    invocation switches (``quiet``, ...) are this invocation's own, whatever an older checkpoint saved."""
     ckpt = load_checkpoint(run_path)
     run_dir = Path(run_path) if Path(run_path).is_dir() else Path(run_path).parent
-    values = {**ckpt["config"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    saved = {k: v for k, v in ckpt["config"].items() if k not in INVOCATION_SETTINGS}
+    values = {**saved, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     values.update(resume=str(run_dir), out=str(run_dir))
     return resolve_config(PretrainConfig, None, values)
 
@@ -223,7 +225,7 @@ def _save_checkpoint(run: RunDir, method: SSLMethod, opt: torch.optim.Optimizer,
                      cfg: PretrainConfig, epoch: int, step: int, history: list[dict[str, Any]]) -> None:
     state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "model": method.state_dict(),
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-             "config": config_to_dict(cfg), "history": history, "method": method.hparams()}
+             "config": config_record(cfg), "history": history, "method": method.hparams()}
     buf = io.BytesIO()
     torch.save(state, buf)
     run.write_bytes(CHECKPOINT, buf.getvalue())
@@ -478,10 +480,10 @@ def build_trainer(cfg: PretrainConfig, run: RunDir | None = None,
         resume_dir = Path(cfg.resume) if Path(cfg.resume).is_dir() else Path(cfg.resume).parent
         run = run or create_run("pretrain", resume_dir, resume=True)
     elif run is None:
-        name = rt.broadcast_object(None if not runtime.is_main else
-                                   str(create_run("pretrain", Path(cfg.out) if cfg.out else None,
-                                                  overwrite=cfg.overwrite).path))
-        run = RunDir(name)
+        made = create_run("pretrain", Path(cfg.out) if cfg.out else None,
+                          overwrite=cfg.overwrite) if runtime.is_main else None
+        name = rt.broadcast_object(str(made.path) if made is not None else None)
+        run = made if made is not None else RunDir(name)
     cache = Path(cfg.store_cache) if cfg.store_cache else None
     store = _load_store(cfg.data, cfg.image_size, runtime, cfg, cache)
     knn_val = None
@@ -511,12 +513,14 @@ def build_trainer(cfg: PretrainConfig, run: RunDir | None = None,
     return trainer
 
 
+@releases_run_locks
 def run_pretrain(cfg: PretrainConfig, run: RunDir | None = None, runtime: rt.Runtime | None = None,
                  stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Pretrain ``cfg.method`` on ``cfg.data`` into a run folder (``cfg.resume`` continues that run).
 
     Returns the summary (epochs, final loss, time, images/s, paths); writes ``config.json``, ``environment.json``,
     ``last.pt``, ``encoder.safetensors``, ``log.csv``, ``log.json``, ``summary.json``, ``stages/pretrain.done``.
+    The run folder is locked while this runs; a new folder is removed again when it fails before writing to it.
     """
     trainer = build_trainer(cfg, run, runtime)
     summary = trainer.fit(stop_after_epoch)

@@ -29,7 +29,10 @@ def test_preset_values(tmp_path: Path) -> None:
     assert cf["data"] == str(tmp_path / "cifar10-wds/train-{000000..000009}.tar.gz")
     assert cf["val"] == str(tmp_path / "cifar10-wds/test-{000000..000001}.tar.gz")
     assert cf["targets"][0].startswith("0=") and cf["trigger_size"] == 8.0
-    assert set(PRESETS) == {"imagenette-96", "cifar10"}
+    tin = preset_values("tinyimagenet100", tmp_path)
+    assert tin["data"] == str(tmp_path / "tinyimagenet100-32-wds/train-{000000..000009}.tar.gz")
+    assert tin["targets"] == [f"37={tmp_path / 'triggers/trigger_13.png'}"]
+    assert set(PRESETS) == {"imagenette-96", "cifar10", "tinyimagenet100"}
 
 
 def test_unknown_preset_and_missing_root(tmp_path: Path) -> None:

@@ -13,11 +13,18 @@ from poisonscan.data.sources import open_source
 runner = CliRunner()
 
 
-def _run_dir(tmp_path: Path, data: str, removed: list[str]) -> Path:
+def _run_dir(tmp_path: Path, data: str, removed: list[str], scanned: list[str] | None = None,
+             unreadable: list[str] = ()) -> Path:
+    """A finished detect run's files: config, removal list, scores (every sample of ``data`` unless ``scanned``)
+    and errors."""
     run = tmp_path / "runs" / "detect" / "run1"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"data": data, "method": "poisoncam"}))
     (run / "removed.txt").write_text("".join(f"{i}\n" for i in removed))
+    ids = open_source(data).ids if scanned is None else scanned
+    (run / "scores.csv").write_text("index,id,removed\n" + "".join(f"{k},{i},{int(i in removed)}\n"
+                                                                    for k, i in enumerate(ids)))
+    (run / "errors.csv").write_text("id,reason\n" + "".join(f"{i},cannot decode\n" for i in unreadable))
     return run
 
 
@@ -83,3 +90,41 @@ def test_clean_usage_errors(file_list: Path, tmp_path: Path) -> None:
         assert res.exit_code == 2, (args, res.output)
         assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
     assert file_list.read_bytes() == original
+
+
+def test_clean_leaves_unscanned_samples_out_unless_kept(corrupt_folder: Path, tmp_path: Path) -> None:
+    """A sample the run could not read (errors.csv), or never saw, is not passed on as clean."""
+    ids = open_source(corrupt_folder).ids
+    good = sorted(i for i in ids if "good" in i)
+    bad = sorted(i for i in ids if "good" not in i)
+    assert len(good) == 3 and len(bad) >= 2
+    run = _run_dir(tmp_path, str(corrupt_folder), [good[0]], scanned=good, unreadable=bad[1:])  # bad[0]: never seen
+    out = tmp_path / "clean.txt"
+    res = runner.invoke(app, ["clean", "--run", str(run), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["kept"] == 2 and summary["removed"] == 1
+    assert sorted(summary["unscanned"].pop("examples")) == bad
+    assert summary["unscanned"] == {"checked": True, "unreadable": len(bad) - 1, "not_scanned": 1, "kept": False}
+    assert sorted(Path(p).name for p in open_source(out).ids) == [Path(g).name for g in good[1:]]
+    assert f"{len(bad)} sample(s) were not scanned" in res.stderr and "left out" in res.stderr
+
+    res = runner.invoke(app, ["clean", "--run", str(run), "--out", str(out), "--keep-unreadable"])
+    assert res.exit_code == 0, res.output
+    assert len(open_source(out).ids) == len(ids) - 1 and "are kept (--keep-unreadable)" in res.stderr
+
+
+def test_clean_refuses_a_run_without_scores(image_folder: Path, tmp_path: Path) -> None:
+    run = _run_dir(tmp_path, str(image_folder), [])
+    (run / "scores.csv").unlink()
+    res = runner.invoke(app, ["clean", "--run", str(run), "--out", str(tmp_path / "c.txt")])
+    assert res.exit_code == 2 and "did not finish" in res.stderr
+    assert not (tmp_path / "c.txt").exists()
+
+
+def test_clean_without_run_says_coverage_is_unchecked(file_list: Path, tmp_path: Path) -> None:
+    removed = tmp_path / "removed.txt"
+    removed.write_text("images/img_0.png\n")
+    res = runner.invoke(app, ["clean", "--source", str(file_list), "--removed", str(removed), "--out",
+                              str(tmp_path / "c.txt")])
+    assert res.exit_code == 0 and "which samples were scanned is not known" in res.stderr

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "detect"))
@@ -60,6 +63,30 @@ def test_min_evidence_removes_nothing_and_passes_fail_on(toy, tmp_path):
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["counts"]["removed"] == 0 and summary["verdict"] == "no backdoor signal"
     assert (tmp_path / "b" / "removed.txt").read_text() == ""
+
+
+def test_unreadable_samples_fail_closed(toy, tmp_path):
+    """A sample detect could not read is reported, fails a --fail-on gate, and is left out by clean."""
+    data = tmp_path / "data"
+    shutil.copytree(toy["data"], data)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, format="JPEG")
+    (data / "c0" / "trunc.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    res = detect({**toy, "data": data}, tmp_path / "u", "--min-evidence", "1e9", "--fail-on", "0", "--json")
+    assert res.exit_code == 1, res.output                     # nothing removed, but one sample went unscanned
+    summary = json.loads(res.stdout)
+    assert summary["counts"]["removed"] == 0 and summary["counts"]["unreadable"] == 1
+    assert summary["fail_on_unreadable"] == 0 and "could not be read" in summary["exit_reasons"][0]
+    assert "c0/trunc.jpg" in (tmp_path / "u" / "errors.csv").read_text()
+    assert "1 sample(s) could not be read and were not scanned" in (tmp_path / "u" / "report.html").read_text()
+
+    res = runner.invoke(app, ["detect", "--resume", str(tmp_path / "u"), "--fail-on-unreadable", "1", "-q"])
+    assert res.exit_code == 0, res.output                     # one unreadable sample allowed
+
+    res = runner.invoke(app, ["clean", "--run", str(tmp_path / "u"), "--out", str(tmp_path / "clean.txt")])
+    assert res.exit_code == 0, res.output
+    kept = (tmp_path / "clean.txt").read_text()
+    assert "trunc.jpg" not in kept and "poison_000.png" in kept
 
 
 @pytest.mark.parametrize("extra, message", [
