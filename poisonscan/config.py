@@ -109,6 +109,15 @@ ENSEMBLE_DEFAULT = 3
 #: every random window of the evidence test cut from an image it does not flag. Measured in docs/benchmarks.md
 #: section 5.
 VERIFY_MIN_PROB_DEFAULT = 1.0
+#: The evidence gate (detect/evidence.py, detect/recurrence.py): a backdoor signal needs z >= 3 and a pattern that
+#: recurs among the top-k windows more than among random windows (p <= MAX_RECURRENCE_P_DEFAULT, a significance
+#: level, not a fitted value); the effect bar (share of the flip set moved beyond random windows) is off by default.
+#: Chosen and measured as docs/design.md ("The evidence gate") records.
+MIN_EFFECT_DEFAULT = 0.0
+MAX_RECURRENCE_P_DEFAULT = 0.01
+#: the poison classifier's positives: the windows of the recurring group ("recurring"), or every top-k window ("all",
+#: the paper)
+CLASSIFIER_POSITIVES_DEFAULT = "recurring"
 
 
 @dataclass
@@ -217,7 +226,11 @@ class DetectConfig(CommonConfig):
     verify_min_prob: float = field(default=VERIFY_MIN_PROB_DEFAULT, metadata=between(0.0, 1.0))
     min_evidence: float = 3.0           # evidence gate: z of the top-k over random windows ...
     # ... and the share of the images random windows leave that they move
-    min_effect: float = field(default=0.15, metadata=between(0.0, 1.0))
+    min_effect: float = field(default=MIN_EFFECT_DEFAULT, metadata=between(0.0, 1.0))
+    # ... and the recurrence test's p-value: a pattern recurs among the top-k windows (detect/recurrence.py); 1: off
+    max_recurrence_p: float = field(default=MAX_RECURRENCE_P_DEFAULT, metadata=between(0.0, 1.0))
+    # the poison classifier's positives: "recurring" (the recurring group's windows when the test ran) or "all"
+    classifier_positives: str = CLASSIFIER_POSITIVES_DEFAULT
     force: bool = False
     fail_on: float | None = field(default=None, metadata=at_least(0.0))
     # exit 1 above this many unscanned samples (0 when only --fail-on)

@@ -123,6 +123,15 @@ def detect(
                                             help="Minimum share of the flip-set images random windows leave in "
                                                  "place that the top-k move, to remove anything "
                                                  f"{default(DetectConfig, 'min_effect')}."),
+    max_recurrence_p: float | None = typer.Option(
+        None, "--max-recurrence-p", min=0.0, max=1.0,
+        help="Largest p-value of the recurrence test (the top-k windows' largest group sending the flip set to the "
+             "same clusters, against groups of random windows) to remove anything "
+             + default(DetectConfig, "max_recurrence_p", "1 = no recurrence test") + "."),
+    classifier_positives: str | None = typer.Option(
+        None, "--classifier-positives",
+        help="Windows the poison classifier learns as the trigger: recurring (the recurrence test's group) or all "
+             "(every top-k window, the paper) " + default(DetectConfig, "classifier_positives") + "."),
     null_size: int | None = typer.Option(None, "--null-size", min=1, help="Random windows scored as the evidence "
                                                                           "test's null sample "
                                                                           f"{default(DetectConfig, 'null_size')}."),
@@ -171,7 +180,7 @@ def detect(
         classifier_rounds=classifier_rounds, classifier_refine_by=refine_by, neighbours=neighbours,
         verify_min_prob=verify_min_prob, ensemble=ensemble,
         min_evidence=min_evidence,
-        min_effect=min_effect,
+        min_effect=min_effect, max_recurrence_p=max_recurrence_p, classifier_positives=classifier_positives,
         null_size=null_size, null_pool=null_pool, feature_dtype=feature_dtype,
         force=_flag(force), fail_on=fail_on, fail_on_unreadable=fail_on_unreadable,
         resume=str(resume) if resume else None, overwrite=_flag(overwrite),

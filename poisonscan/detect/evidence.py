@@ -192,13 +192,27 @@ def upgrade_record(ev: dict[str, Any]) -> dict[str, Any]:
     return ev
 
 
-def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float) -> tuple[bool, str]:
-    """Is there a backdoor signal? Both ``z >= min_evidence`` and ``effect >= min_effect``; and a one-line reason."""
+def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
+                  max_recurrence_p: float = 1.0) -> tuple[bool, str]:
+    """Is there a backdoor signal? ``z >= min_evidence``, the recurrence test's ``p <= max_recurrence_p`` (1: not
+    asked; a record without the test fails it) and ``effect >= min_effect``; and a one-line reason."""
     z, effect = float(ev["z"]), effect_of(ev)
+    rec = ev.get("recurrence")
     if z < min_evidence:
         return False, f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}"
+    if max_recurrence_p < 1:
+        if not rec:
+            return False, "no backdoor signal: the evidence record has no recurrence test (rerun the evidence stage)"
+        if rec["p_value"] > max_recurrence_p:
+            return False, (f"no backdoor signal: no pattern recurs among the top-k windows (the largest group sending "
+                           f"the flip set to the same clusters has {rec['size']} of {rec['k']}; random windows form "
+                           f"groups of up to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f} > "
+                           f"{max_recurrence_p:g})")
     if effect < min_effect:
         return False, (f"no backdoor signal: the top-k move {100 * effect:.1f}% of the flip-set images random windows "
                        f"leave in place, below the minimum effect {100 * min_effect:g}%")
+    recurring = (f"; {rec['size']} of the top {rec['k']} windows send the flip set to the same clusters (random "
+                 f"windows: groups of up to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f})"
+                 if rec and max_recurrence_p < 1 else "")
     return True, (f"backdoor signal: z = {z:.2f}, the top-k move {100 * effect:.1f}% of the flip-set images random "
-                  f"windows leave in place")
+                  f"windows leave in place{recurring}")

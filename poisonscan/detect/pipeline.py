@@ -74,7 +74,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evidence": ("null_size", "null_pool", "top_k"),
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
                    "classifier_refine_by", "refine_neighbours", "ensemble", "threshold", "min_evidence", "min_effect",
-                   "force"),
+                   "max_recurrence_p", "classifier_positives", "force"),
     "verify": ("neighbours", "verify_min_prob"),
     "outputs": ("fail_on", "fail_on_unreadable"),
 }
@@ -82,7 +82,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
 #: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
 LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0,
-                                 "classifier_refine_by": "p"}
+                                 "classifier_refine_by": "p", "max_recurrence_p": 1.0, "classifier_positives": "all"}
+
+CLASSIFIER_POSITIVES = ("recurring", "all")
 
 REFINE_BY = ("p", "removal")
 
@@ -133,6 +135,9 @@ def validate_config(cfg: DetectConfig) -> None:
     need(cfg.fail_on_unreadable is None or cfg.fail_on_unreadable >= 0, "--fail-on-unreadable must be >= 0")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
     need(0.0 <= cfg.min_effect <= 1.0, "--min-effect must be in [0, 1] (a share of flip-set images)")
+    need(0.0 <= cfg.max_recurrence_p <= 1.0, "--max-recurrence-p must be in [0, 1] (1: no recurrence test)")
+    need(cfg.classifier_positives in CLASSIFIER_POSITIVES,
+         f"--classifier-positives must be one of {', '.join(CLASSIFIER_POSITIVES)}")
 
 
 def unreadable_limit(fail_on: float | None, fail_on_unreadable: int | None) -> int | None:
@@ -203,11 +208,15 @@ def _refine_neighbours(refine_by: str, neighbours: int) -> int:
 
 
 def _stale_stage(run: RunDir) -> str | None:
-    """``"classifier"`` when the run's evidence was written with another ``z`` than today's: its gate decision is
-    taken again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
-    if run.stage_done("evidence") and run.exists("evidence.json") and needs_rescale(run.read_json("evidence.json")):
-        return "classifier"
-    return None
+    """``"evidence"`` when the run's evidence record has no recurrence test (it is run again); ``"classifier"`` when
+    it was written with another ``z`` than today's: its gate decision is taken again on the rescaled record
+    (:func:`upgrade_record`, saved when it is loaded)."""
+    if not (run.stage_done("evidence") and run.exists("evidence.json")):
+        return None
+    record = run.read_json("evidence.json")
+    if "recurrence" not in record:
+        return "evidence"
+    return "classifier" if needs_rescale(record) else None
 
 
 def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
@@ -298,7 +307,8 @@ def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: 
                  split: bool = True, destinations: bool = False) -> Any:
     """Poison scores of ``patches`` (n x 3 x w x w) on the flip set; positions drawn from ``(seed, *tags)`` before
     the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone).
-    ``destinations=True``: also the flip images' new clusters (n x F), as ``(scores, destinations)``."""
+    ``destinations=True``: also where each patch sends the flip set, as ``(scores, clusters n x F, mean feature
+    shift n x D)``."""
     flip_images, flip_labels = ctx.flip_data()
     positions = draw_positions(len(patches), len(flip_images), _torch_gen(ctx.cfg.seed, "paste", *tags))
     rule = ctx.cfg.score_rule
@@ -313,7 +323,8 @@ def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: 
     parts = _split_gather(ctx.runtime, len(patches), work) if split else [work(range(len(patches)))]
     if destinations:
         return (np.concatenate([p[0] for p in parts]).astype(np.int64),
-                np.concatenate([p[1] for p in parts]).astype(np.int32))
+                np.concatenate([p[1] for p in parts]).astype(np.int32),
+                np.concatenate([p[2] for p in parts]).astype(np.float32))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
@@ -476,10 +487,10 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
         sources = labels[src.numpy()]
     else:
         patches, sources = null_windows(images, cfg.null_size, ctx.window, gen, sources=src), None
-    null, null_dest = _flip_scores(ctx, patches, sources, "null", destinations=True)
+    null, null_dest, null_shift = _flip_scores(ctx, patches, sources, "null", destinations=True)
     n_flip = len(ctx.flip)
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
-    ev["recurrence"] = _recurrence(ctx, top, null, null_dest)
+    ev["recurrence"] = _recurrence(ctx, top, null, null_dest, null_shift)
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip,
               null_sources=src.tolist(),
@@ -491,17 +502,18 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     return {"z": ev["z"]}
 
 
-def _recurrence(ctx: _Ctx, top: list[int], null: np.ndarray, null_dest: np.ndarray) -> dict[str, Any]:
+def _recurrence(ctx: _Ctx, top: list[int], null: np.ndarray, null_dest: np.ndarray,
+                null_shift: np.ndarray) -> dict[str, Any]:
     """The recurrence test (detect/recurrence.py): the top-k windows, cut again from their images, pasted on the
     flip set once more to see where they send it, compared with the null windows' destinations."""
     boxes = _boxes(ctx)
     idx = torch.as_tensor(top, dtype=torch.int64)
     patches = cut_windows(ctx.store.images[idx], torch.as_tensor([boxes[i] for i in top], dtype=torch.int64))
     sources = ctx.clustering.labels[np.asarray(top, dtype=np.int64)] if ctx.cfg.score_rule == "to_source" else None
-    _, top_dest = _flip_scores(ctx, patches, sources, "recurrence", destinations=True)
+    _, top_dest, top_shift = _flip_scores(ctx, patches, sources, "recurrence", destinations=True)
     _, flip_labels = ctx.flip_data()
-    rec = recurrence_test(top_dest, null_dest, null, flip_labels.numpy(), ctx.clustering.n_clusters,
-                          seed=ctx.cfg.seed)
+    rec = recurrence_test(top_dest, top_shift, null_dest, null_shift, null, flip_labels.numpy(),
+                          ctx.clustering.n_clusters, seed=ctx.cfg.seed)
     rec["members"] = [int(top[j]) for j in rec["members"]]      # image indices
     return rec
 
@@ -528,7 +540,7 @@ def _boxes(ctx: _Ctx) -> dict[int, list[int]]:
 
 def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     cfg, n = ctx.cfg, len(ctx.store)
-    found, reason = evidence_gate(ctx.evidence, cfg.min_evidence, cfg.min_effect)
+    found, reason = evidence_gate(ctx.evidence, cfg.min_evidence, cfg.min_effect, cfg.max_recurrence_p)
     info: dict[str, Any] = {"trained": False, "ensemble": cfg.ensemble, "iterations": 0, "val_f1": None,
                             "threshold": cfg.threshold, "backdoor_found": bool(found),
                             "forced": bool(cfg.force and not found), "reason": reason}
@@ -541,7 +553,7 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     scores = _scores(ctx)
     score_arr = np.full(n, np.nan)
     score_arr[list(scores)] = list(scores.values())
-    top = [int(i) for i in ctx.evidence["top_k"]]
+    top = _positives(ctx)
     split = classifier_split(score_arr, top, cfg.drop_top, seed=cfg.seed, holdout=cfg.classifier_holdout)
     boxes = _boxes(ctx)
     top_t = torch.as_tensor(top)
@@ -559,12 +571,23 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     info.update(trained=True, iterations=max(res.iterations), iterations_per_model=res.iterations,
                 best_iteration=res.best_iteration, val_f1=res.val_f1,
                 split={"train": len(split.train), "val_pos": len(split.val_pos), "val_neg": len(split.val_neg)},
-                rounds=1 + len(refined.dropped), refinement_dropped=refined.dropped,
+                positives=top, rounds=1 + len(refined.dropped), refinement_dropped=refined.dropped,
                 refine_by=cfg.classifier_refine_by if cfg.classifier_rounds > 1 else None,
                 history=res.history)
     ctx.run.write_json("classifier.json", info)
     ctx.classifier, ctx.probs = info, probs
     return {"trained": True, "val_f1": res.val_f1}
+
+
+def _positives(ctx: _Ctx) -> list[int]:
+    """The images whose windows the classifier learns as the trigger: the recurring group of the top-k when the
+    recurrence test found one (``classifier_positives="recurring"``), else every top-k image (the paper)."""
+    top = [int(i) for i in ctx.evidence["top_k"]]
+    rec = ctx.evidence.get("recurrence")
+    if ctx.cfg.classifier_positives != "recurring" or not rec or rec["p_value"] > ctx.cfg.max_recurrence_p:
+        return top
+    members = {int(i) for i in rec["members"]}
+    return [i for i in top if i in members]
 
 
 def _load_classifier(ctx: _Ctx) -> None:
@@ -673,8 +696,9 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
                                                   ("null_excluded_clusters", []), ("z_scale", "std"),
                                                   ("topk_spread", None))})
     evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
-                    forced=bool(clf["forced"]), reason=clf.get("reason") or evidence_gate(
-                        ev, cfg.min_evidence, cfg.min_effect)[1])
+                    max_recurrence_p=cfg.max_recurrence_p, forced=bool(clf["forced"]),
+                    reason=clf.get("reason") or evidence_gate(ev, cfg.min_evidence, cfg.min_effect,
+                                                              cfg.max_recurrence_p)[1])
     meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}
     n_unreadable = len(store.errors)
     limit = unreadable_limit(cfg.fail_on, cfg.fail_on_unreadable)

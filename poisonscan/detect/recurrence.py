@@ -1,15 +1,19 @@
 """Does one pattern recur among the top-k candidate windows? The evidence a person sees in the trigger gallery.
 
 A trigger pasted onto many images is cut from each of them by the search, and every copy does the same thing to
-the threat model: it sends the flip-set images it moves to the same clusters (the target's). High-contrast clean
-windows also move many flip-set images, at small image sizes often half of them, but each sends them somewhere of
-its own. So two windows are *alike* when the flip-set images they move land in the same clusters in the same
-proportions (the cosine similarity of their destination profiles, :func:`profile_similarity`), and the statistic is
-the largest group of top-k windows alike to one of them (:func:`largest_group`).
+the threat model: it sends the flip-set images it moves to the same clusters (the target's), by moving their
+features the same way. High-contrast clean windows also move many flip-set images, at small image sizes often half
+of them, but each sends them somewhere of its own. So two windows are *alike* when both where they send the flip set
+(the cosine similarity of their destination profiles, :func:`destination_profiles`) and how they move its features
+(the cosine similarity of their mean feature shifts, less the shift every strong window shares) are more similar
+than for nearly all pairs of random windows; the statistic is the largest group of top-k windows alike to one of
+them (:func:`largest_group`). Either signature alone fails somewhere: cluster profiles cannot tell windows apart
+when there are few clusters, and strong windows share part of their feature shift (on a scan with no poison the
+shift alone grouped 8 of the top 20).
 
-Both are calibrated by the run itself: the bar for "alike" is a high quantile of the overlap between random windows
-of the same data set that move as much as the top-k do (the null windows of the evidence test), and the group size
-is compared with the largest group among as many such random windows (:func:`recurrence_test`).
+Both bars are calibrated by the run itself: a high quantile of the similarities between the strongest random
+windows of the evidence test (those that move about as much as the top-k do), and the group size is compared with
+the largest groups among as many of those random windows (:func:`recurrence_test`).
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ def profile_similarity(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray
     return (a / np.maximum(na, 1e-12)) @ (b / np.maximum(nb, 1e-12)).T
 
 
-def largest_group(similarity: np.ndarray, bar: float) -> tuple[int, list[int]]:
-    """The largest group of windows alike (similarity >= ``bar``) to one of them, that one included: its size and
-    members (window indices, the centre first)."""
-    n = similarity.shape[0]
+def largest_group(alike: np.ndarray) -> tuple[int, list[int]]:
+    """The largest group of windows alike (``alike``, a boolean n x n matrix) to one of them, that one included: its
+    size and members (window indices, the centre first)."""
+    n = alike.shape[0]
     if n == 0:
         return 0, []
-    alike = similarity >= bar
+    alike = np.array(alike, dtype=bool)
     np.fill_diagonal(alike, True)
     sizes = alike.sum(1)
     centre = int(np.argmax(sizes))
@@ -56,45 +60,55 @@ def largest_group(similarity: np.ndarray, bar: float) -> tuple[int, list[int]]:
     return int(sizes[centre]), members
 
 
-def recurrence_test(top_dest: np.ndarray, null_dest: np.ndarray, null_scores: np.ndarray, flip_labels: np.ndarray,
-                    n_clusters: int, n_boot: int = 1000, seed: int = 0,
-                    quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
-    """Compare the largest group of alike windows among the top-k (``top_dest``, k x F destination clusters) with
-    the largest groups among k windows drawn from the strongest null windows (``null_dest``, ``null_scores``).
+def recurrence_test(top_dest: np.ndarray, top_shift: np.ndarray, null_dest: np.ndarray, null_shift: np.ndarray,
+                    null_scores: np.ndarray, flip_labels: np.ndarray, n_clusters: int, n_boot: int = 1000,
+                    seed: int = 0, quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
+    """Compare the largest group of alike windows among the top-k with the largest groups among k of the strongest
+    random windows.
 
-    The reference windows are the ``min(len(null), 5 k)`` null windows with the highest poison scores: random
-    windows that move about as much as the top-k. ``bar`` is the ``quantile`` of their pairwise similarities; the
-    bootstrap draws ``k`` of them ``n_boot`` times and records each draw's largest group. Returns the group's
-    ``size`` and ``members`` (positions in the top-k, the centre first), ``bar``, the reference groups' median and
-    99th percentile, ``p_value`` (``(1 + #{reference groups >= size}) / (1 + n_boot)``), the median similarity of
-    the top-k windows to the group's centre and that of the reference pairs.
+    ``*_dest``: the cluster of every flip image with the window pasted (n x F); ``*_shift``: the mean shift of the
+    flip images' features (n x D); ``null_scores``: the random windows' poison scores. The reference windows are the
+    ``min(len(null), 5 k)`` random windows with the highest scores. Two windows are alike when both their destination
+    profiles and their feature shifts (less the reference windows' mean shift) are at least as similar as the
+    ``quantile`` of the reference pairs' similarities (``bar_clusters``, ``bar_shift``). The bootstrap draws ``k``
+    reference windows ``n_boot`` times and records each draw's largest group. Returns the group's ``size`` and
+    ``members`` (positions in the top-k, the centre first), both bars, the reference groups' median and 99th
+    percentile, ``p_value`` (``(1 + #{reference groups >= size}) / (1 + n_boot)``), ``n_reference`` and ``k``.
     """
     labels = np.asarray(flip_labels)
-    top = destination_profiles(top_dest, labels, n_clusters)
-    k = top.shape[0]
-    order = np.argsort(-np.asarray(null_scores), kind="stable")
-    ref = destination_profiles(np.asarray(null_dest)[order[:min(len(order), 5 * k)]], labels, n_clusters)
-    ref_sim = profile_similarity(ref)
-    pairs = ref_sim[np.triu_indices(len(ref), 1)]
-    bar = float(np.quantile(pairs, quantile)) if pairs.size else 1.0
-    bar = min(max(bar, 1e-9), 1.0)
-    sim = profile_similarity(top)
-    size, members = largest_group(sim, bar)
+    k = len(top_dest)
+    ref = np.argsort(-np.asarray(null_scores), kind="stable")[:min(len(null_scores), 5 * k)]
+    shared = np.asarray(null_shift, dtype=np.float64)[ref].mean(0, keepdims=True)
+    signatures = (
+        (destination_profiles(top_dest, labels, n_clusters), destination_profiles(np.asarray(null_dest)[ref], labels,
+                                                                                  n_clusters)),
+        (np.asarray(top_shift, dtype=np.float64) - shared, np.asarray(null_shift, dtype=np.float64)[ref] - shared),
+    )
+    alike_top = np.ones((k, k), dtype=bool)
+    alike_ref = np.ones((len(ref), len(ref)), dtype=bool)
+    bars = []
+    for top_sig, ref_sig in signatures:
+        ref_sim = profile_similarity(ref_sig)
+        pairs = ref_sim[np.triu_indices(len(ref), 1)]
+        bar = float(np.quantile(pairs, quantile)) if pairs.size else 1.0
+        bars.append(bar)
+        alike_ref &= ref_sim >= bar - 1e-9
+        alike_top &= profile_similarity(top_sig) >= bar - 1e-9
+    size, members = largest_group(alike_top)
     rng = np.random.default_rng(seed)
     m = min(k, len(ref))
-    boot = np.array([largest_group(ref_sim[np.ix_(pick, pick)], bar)[0]
+    boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
                      for pick in (rng.choice(len(ref), m, replace=False) for _ in range(n_boot))]) \
         if m > 0 else np.zeros(1)
     return {
         "size": size,
         "members": members,
-        "bar": bar,
+        "bar_clusters": bars[0],
+        "bar_shift": bars[1],
         "quantile": quantile,
         "null_group_median": float(np.median(boot)),
         "null_group_p99": float(np.quantile(boot, 0.99)),
         "p_value": float((1 + int((boot >= size).sum())) / (1 + len(boot))),
-        "centre_similarity_median": float(np.median(sim[members[0]])) if members else 0.0,
-        "reference_similarity_median": float(np.median(pairs)) if pairs.size else 0.0,
         "n_reference": int(len(ref)),
         "k": int(k),
     }

@@ -143,7 +143,7 @@ def test_help_shows_config_defaults(path: tuple[str, ...]) -> None:
 def test_helptext_formats_and_escapes() -> None:
     from poisonscan.cli.helptext import default, described, required
 
-    assert default(DetectConfig, "min_effect") == "[0.15]"
+    assert default(DetectConfig, "null_size") == "[1024]" and default(DetectConfig, "drop_top") == "[0.1]"
     assert default(DetectConfig, "classifier_refine_by") == "\\[removal]"
     assert default(DetectConfig, "window") == "[60/224]"
     assert default(EvalDetectionConfig, "topk") == "[5, 10, 20, 50, 100]"

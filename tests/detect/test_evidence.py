@@ -186,3 +186,18 @@ def test_gate_reports_low_z_first_and_reads_old_evidence_files() -> None:
     # a record with the first (whole-flip-set) effect is recomputed from its fields
     assert effect_of({**old, "effect": 36 / 189}) == pytest.approx(0.3)
     assert effect_of({"z": 5.0, "topk_median": 1.0, "null_median": 0.0, "n_flip": 0, "effect": 0.25}) == 0.25
+
+
+def test_gate_asks_for_a_recurring_pattern_when_told_to() -> None:
+    null = np.arange(100.0)
+    ev = backdoor_evidence(np.full(20, 150.0), null, n_scored=1500, n_flip=250, n_boot=300)
+    assert evidence_gate(ev, 3.0, 0.0)[0]                                  # z alone, no recurrence asked
+    found, reason = evidence_gate(ev, 3.0, 0.0, max_recurrence_p=0.01)
+    assert not found and "no recurrence test" in reason                   # fails closed without the test
+    weak = {**ev, "recurrence": {"size": 3, "k": 20, "null_group_p99": 5.0, "p_value": 0.4}}
+    found, reason = evidence_gate(weak, 3.0, 0.0, max_recurrence_p=0.01)
+    assert not found and "no pattern recurs" in reason and "3 of 20" in reason
+    strong = {**ev, "recurrence": {"size": 14, "k": 20, "null_group_p99": 5.0, "p_value": 0.001}}
+    found, reason = evidence_gate(strong, 3.0, 0.0, max_recurrence_p=0.01)
+    assert found and "14 of the top 20 windows send the flip set to the same clusters" in reason
+    assert not evidence_gate({**strong, "z": 2.0}, 3.0, 0.0, max_recurrence_p=0.01)[0]   # z still needed

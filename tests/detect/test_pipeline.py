@@ -73,10 +73,14 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     # evidence, top-k and the classifier's removal
     assert summary["evidence"]["backdoor_found"] and summary["evidence"]["z"] >= 3
     assert [t["id"] in poisoned for t in summary["top_k"]] == [True] * 5
+    rec = json.loads((run / "evidence.json").read_text())["recurrence"]   # the five triggers recur
+    assert rec["p_value"] <= 0.01 and "send the flip set to the same clusters" in summary["evidence"]["reason"]
+    positives = json.loads((run / "classifier.json").read_text())["positives"]
+    assert positives == [t["index"] for t in summary["top_k"] if t["index"] in rec["members"]]
     removed = (run / "removed.txt").read_text().split()
     assert sum(i in poisoned for i in removed) >= 18 and sum(i not in poisoned for i in removed) <= 5
     assert summary["counts"] == {"scanned": 200, "scored": len(scored), "removed": len(removed),
-                                 "removed_fraction": len(removed) / 200, "errors": 0}
+                                 "removed_fraction": len(removed) / 200, "errors": 0, "unreadable": 0}
     assert summary["classifier"]["trained"] and summary["verdict"] == "backdoor signal found"
     assert all(r["classifier_prob"] for r in rows)
     b = summary["classifier"]["flag_rate"]           # removal score = (P + neighbours' support above b) / 2
