@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
 import numbers
 import os
 import tomllib
@@ -403,7 +404,7 @@ def _convert(value: Any, base: type) -> Any:
         return None
     if base is int:
         return int(value) if isinstance(value, numbers.Integral) else None
-    if isinstance(value, numbers.Real) and value == value:  # NaN is not a setting
+    if isinstance(value, numbers.Real) and math.isfinite(value):  # NaN and infinity are not settings
         try:
             return float(value)
         except OverflowError:

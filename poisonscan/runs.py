@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -327,10 +328,14 @@ def lock_run(folder: Path | str, created: bool = False) -> RunLock | None:
         return None
     path = folder / LOCK_NAME
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:            # never through a link: a shared run folder's .lock must not point the write elsewhere
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
-            raise UsageError(f"cannot lock run folder {folder}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot lock run folder {folder}: {path} is not a plain file we can open "
+                             f"({exc.strerror or exc})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"cannot lock run folder {folder}: {path} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

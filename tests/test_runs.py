@@ -130,3 +130,18 @@ def test_a_failed_command_removes_the_empty_folder_it_created(tmp_path: Path) ->
         failing(tmp_path / "mine")
     assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
 
+
+
+def test_lock_never_writes_through_a_link(tmp_path):
+    """A shared run folder whose .lock links elsewhere is refused, and the link's target is left alone."""
+    from poisonscan.errors import UsageError
+    from poisonscan.runs import LOCK_NAME, lock_run
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(UsageError, match="not a plain file"):
+        lock_run(run)
+    assert victim.read_text() == "keep me\n"

@@ -192,7 +192,7 @@ def detect(
                               "not --config")
         if not (resume / "config.json").is_file():
             raise UsageError(f"--resume {resume}: not a detect run folder (no config.json)")
-        # how this invocation prints is its own: -q (or its absence) wins over what an older run saved
+        # how this invocation prints is its own: -q (or its absence) wins over a quiet saved in config.json
         cfg = replace(resolve_config(DetectConfig, resume / "config.json", flags), quiet=bool(quiet))
     else:
         cfg = resolve_config(DetectConfig, config, flags)

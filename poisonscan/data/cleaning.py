@@ -42,19 +42,23 @@ def _id_column(path: Path, what: str) -> set[str]:
 def unscanned_indices(source: Source, run: Path) -> tuple[list[int], list[int]]:
     """Samples of ``source`` a detect run did not scan: ``(unreadable, never scanned)`` index lists.
 
-    A sample counts as scanned when ``run/scores.csv`` has its id; of the rest, those listed in ``run/errors.csv``
-    were unreadable, the others were not in the data the run read (the source changed since).
+    A sample counts as scanned when the finished run's ``scores.csv`` has its id and ``errors.csv`` does not (a
+    WebDataset key repeated in a shard is scanned once and listed as an error: which copy a loader reads is not
+    known); of the rest, those listed in ``errors.csv`` were unreadable, the others were not in the data the run read
+    (the source changed since).
     """
     scores = run / "scores.csv"
-    if not scores.is_file():
-        raise UsageError(f"{scores} not found: the run did not finish (resume it with detect --resume), so which "
-                         "samples it scanned is not known")
+    if not (run / "stages" / "outputs.done").is_file() or not scores.is_file():
+        raise UsageError(f"{run}: the run did not finish (resume it with detect --resume), so which samples it "
+                         "scanned is not known")
     scanned = _id_column(scores, "scores table")
     errors = _id_column(run / "errors.csv", "error list") if (run / "errors.csv").is_file() else set()
     unreadable, unseen = [], []
     for i, sid in enumerate(source.ids):
-        if sid not in scanned:
-            (unreadable if sid in errors else unseen).append(i)
+        if sid in errors:
+            unreadable.append(i)
+        elif sid not in scanned:
+            unseen.append(i)
     return unreadable, unseen
 
 

@@ -146,7 +146,7 @@ def build_classifier(image_size: int, widths: Sequence[int] = (32, 64, 128, 256)
 
 
 def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top: float, seed: int = 0,
-                     holdout: float = 0.0) -> ClassifierSplit:
+                     holdout: float = 0.0, exclude: Sequence[int] = ()) -> ClassifierSplit:
     """Split the store for the classifier.
 
     ``scores``: poison score per image, NaN where the image was not scored (ranked lowest). Images are ordered by
@@ -155,6 +155,7 @@ def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top:
     rule). ``holdout`` > 0 also holds out that share of the remaining pool, drawn at random, as validation negatives:
     images like the ones the classifier will judge, so model selection sees its false positives (the bottom ``k``
     alone are the easiest negatives there are, and the F1 on them saturates within a few hundred iterations).
+    ``exclude``: more images left out of training and validation (top-k images that are not positives).
     """
     scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
@@ -170,6 +171,7 @@ def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top:
     excluded = np.zeros(n, dtype=bool)
     excluded[order[:n_top]] = True
     excluded[val_pos] = True
+    excluded[np.asarray(list(exclude), dtype=np.int64)] = True
     rest = order[~excluded[order]]
     val_neg = rest[len(rest) - min(k, len(rest) // 2):]
     train = rest[: len(rest) - len(val_neg)]

@@ -179,9 +179,12 @@ def _torch_gen(seed: int, *tags: Any) -> torch.Generator:
 
 
 def _clear_from(run: RunDir, stage: str) -> None:
-    """Forget ``stage`` and every later one (and a partial search when the search is redone)."""
+    """Forget ``stage`` and every later one (and a partial search when the search is redone); the decision's files
+    go too, so nothing reads a removal list the new settings have not made."""
     for s in STAGES[STAGES.index(stage):]:
         run.clear_stage(s)
+    for name in ("removed.txt", "scores.csv", "summary.json"):
+        run.file(name).unlink(missing_ok=True)
     if STAGES.index(stage) <= STAGES.index("search"):
         run.file("search.json").unlink(missing_ok=True)
         shutil.rmtree(run.file("search"), ignore_errors=True)
@@ -207,14 +210,14 @@ def _refine_neighbours(refine_by: str, neighbours: int) -> int:
     return int(neighbours or 0) if refine_by == "removal" else 0
 
 
-def _stale_stage(run: RunDir) -> str | None:
-    """``"evidence"`` when the run's evidence record has no recurrence test (it is run again); ``"classifier"`` when
-    it was written with another ``z`` than today's: its gate decision is taken again on the rescaled record
-    (:func:`upgrade_record`, saved when it is loaded)."""
+def _stale_stage(run: RunDir, cfg: DetectConfig) -> str | None:
+    """``"evidence"`` when the run's evidence record has no recurrence test and the settings use it (it is run
+    again); ``"classifier"`` when it was written with another ``z`` than today's: its gate decision is taken again on
+    the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
     if not (run.stage_done("evidence") and run.exists("evidence.json")):
         return None
     record = run.read_json("evidence.json")
-    if "recurrence" not in record:
+    if "recurrence" not in record and (cfg.max_recurrence_p < 1 or cfg.classifier_positives == "recurring"):
         return "evidence"
     return "classifier" if needs_rescale(record) else None
 
@@ -232,7 +235,8 @@ def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
         run = RunDir(path, lock_run(path) if runtime.is_main else None)
         if runtime.is_main:
             saved = absolute_settings(run.read_json("config.json"))
-            found = [s for s in (_invalidated_stage(saved, config_record(cfg)), _stale_stage(run)) if s is not None]
+            found = [s for s in (_invalidated_stage(saved, config_record(cfg)), _stale_stage(run, cfg))
+                     if s is not None]
             rerun = min(found, key=STAGES.index) if found else None
             if rerun is not None:
                 _clear_from(run, rerun)
@@ -321,10 +325,11 @@ def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: 
                              positions=positions[sl], quiet=True, destinations=destinations)
 
     parts = _split_gather(ctx.runtime, len(patches), work) if split else [work(range(len(patches)))]
-    if destinations:
+    if destinations:                        # a rank with an empty share has no feature width: left out
+        shifts = [p[2] for p in parts if len(p[2])]
         return (np.concatenate([p[0] for p in parts]).astype(np.int64),
                 np.concatenate([p[1] for p in parts]).astype(np.int32),
-                np.concatenate([p[2] for p in parts]).astype(np.float32))
+                np.concatenate(shifts).astype(np.float32) if shifts else np.zeros((0, 0), np.float32))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
@@ -554,7 +559,8 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     score_arr = np.full(n, np.nan)
     score_arr[list(scores)] = list(scores.values())
     top = _positives(ctx)
-    split = classifier_split(score_arr, top, cfg.drop_top, seed=cfg.seed, holdout=cfg.classifier_holdout)
+    split = classifier_split(score_arr, top, cfg.drop_top, seed=cfg.seed, holdout=cfg.classifier_holdout,
+                             exclude=[int(i) for i in ctx.evidence["top_k"] if int(i) not in set(top)])
     boxes = _boxes(ctx)
     top_t = torch.as_tensor(top)
     patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))
@@ -697,6 +703,8 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
                                                   ("topk_spread", None))})
     evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
                     max_recurrence_p=cfg.max_recurrence_p, forced=bool(clf["forced"]),
+                    recurrence={k: ev["recurrence"][k] for k in ("size", "k", "p_value", "null_group_median",
+                                                                 "null_group_p99")} if ev.get("recurrence") else None,
                     reason=clf.get("reason") or evidence_gate(ev, cfg.min_evidence, cfg.min_effect,
                                                               cfg.max_recurrence_p)[1])
     meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}

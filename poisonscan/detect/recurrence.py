@@ -8,8 +8,8 @@ of them, but each sends them somewhere of its own. So two windows are *alike* wh
 (the cosine similarity of their mean feature shifts, less the shift every strong window shares) are more similar
 than for nearly all pairs of random windows; the statistic is the largest group of top-k windows alike to one of
 them (:func:`largest_group`). Either signature alone fails somewhere: cluster profiles cannot tell windows apart
-when there are few clusters, and strong windows share part of their feature shift (on a scan with no poison the
-shift alone grouped 8 of the top 20).
+when there are few clusters, and strong windows share part of their feature shift (docs/design.md, "The evidence
+gate").
 
 Both bars are calibrated by the run itself: a high quantile of the similarities between the strongest random
 windows of the evidence test (those that move about as much as the top-k do), and the group size is compared with
@@ -96,10 +96,11 @@ def recurrence_test(top_dest: np.ndarray, top_shift: np.ndarray, null_dest: np.n
         alike_top &= profile_similarity(top_sig) >= bar - 1e-9
     size, members = largest_group(alike_top)
     rng = np.random.default_rng(seed)
-    m = min(k, len(ref))
-    boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
-                     for pick in (rng.choice(len(ref), m, replace=False) for _ in range(n_boot))]) \
-        if m > 0 else np.zeros(1)
+    if len(ref) < max(k, 2):                # too few random windows to draw k of them: no evidence either way
+        boot = np.full(1, k)
+    else:
+        boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
+                         for pick in (rng.choice(len(ref), k, replace=False) for _ in range(n_boot))])
     return {
         "size": size,
         "members": members,

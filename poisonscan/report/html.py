@@ -304,7 +304,10 @@ def _evidence(ev: Mapping[str, Any]) -> str:
     verdict = f'<span class="{"yes" if found else "no"}">{esc(format_value(found))}</span>'
     rows = [("backdoor found", verdict)]
     labels = [("z", "z"), ("p_value", "p-value"), ("min_evidence", "minimum evidence"),
-              ("effect", "effect (share of the flip-set images random windows leave in place that the top-k move)"), ("min_effect", "minimum effect"),
+              ("effect", "effect (share of the flip-set images random windows leave in place that the top-k move)"),
+              ("min_effect", "minimum effect"),
+              ("max_recurrence_p", "maximum recurrence p-value"), ("recurrence", "recurrence test (largest group of "
+                                                                                   "alike top-k windows)"),
               ("reason", "reason"),
               ("topk_median", "top-k median poison score"), ("null_median", "null median poison score"),
               ("null_size", "null size"), ("best_flip_share", "best flip share"), ("forced", "forced")]

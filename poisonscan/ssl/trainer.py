@@ -212,7 +212,7 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 
 def resume_config(run_path: Path | str, overrides: dict[str, Any] | None = None) -> PretrainConfig:
     """The config stored in a run's checkpoint, with ``overrides`` (flags given again) applied on top; the
-    invocation switches (``quiet``, ...) are this invocation's own, whatever an older checkpoint saved."""
+    invocation switches (``quiet``, ...) are this invocation's own, whatever the checkpoint holds."""
     ckpt = load_checkpoint(run_path)
     run_dir = Path(run_path) if Path(run_path).is_dir() else Path(run_path).parent
     saved = {k: v for k, v in ckpt["config"].items() if k not in INVOCATION_SETTINGS}

@@ -272,3 +272,11 @@ def test_python_m_poisonscan(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     with pytest.raises(SystemExit) as exc:
         runpy.run_module("poisonscan", run_name="__main__")
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: internal error: RuntimeError")
+
+
+@pytest.mark.parametrize("text", ["min_effect = inf\n", "min_effect = nan\n"])
+def test_non_finite_numbers_are_refused(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    line = one_error_line(invoke("detect", "--config", str(path)))
+    assert "min_effect" in line and "must be a number" in line

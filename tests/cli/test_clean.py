@@ -25,6 +25,8 @@ def _run_dir(tmp_path: Path, data: str, removed: list[str], scanned: list[str] |
     (run / "scores.csv").write_text("index,id,removed\n" + "".join(f"{k},{i},{int(i in removed)}\n"
                                                                     for k, i in enumerate(ids)))
     (run / "errors.csv").write_text("id,reason\n" + "".join(f"{i},cannot decode\n" for i in unreadable))
+    (run / "stages").mkdir()
+    (run / "stages" / "outputs.done").write_text("{}")
     return run
 
 
@@ -114,12 +116,21 @@ def test_clean_leaves_unscanned_samples_out_unless_kept(corrupt_folder: Path, tm
     assert len(open_source(out).ids) == len(ids) - 1 and "are kept (--keep-unreadable)" in res.stderr
 
 
-def test_clean_refuses_a_run_without_scores(image_folder: Path, tmp_path: Path) -> None:
+def test_clean_refuses_an_unfinished_run(image_folder: Path, tmp_path: Path) -> None:
     run = _run_dir(tmp_path, str(image_folder), [])
-    (run / "scores.csv").unlink()
+    (run / "stages" / "outputs.done").unlink()          # e.g. a resumed run whose settings changed, still running
     res = runner.invoke(app, ["clean", "--run", str(run), "--out", str(tmp_path / "c.txt")])
     assert res.exit_code == 2 and "did not finish" in res.stderr
     assert not (tmp_path / "c.txt").exists()
+
+
+def test_clean_leaves_out_a_key_that_is_both_scanned_and_an_error(wds_shards: Path, tmp_path: Path) -> None:
+    """A repeated WebDataset key: one copy was scanned, but which one a loader reads is not known."""
+    data = str(wds_shards / "train-{000000..000001}.tar")
+    run = _run_dir(tmp_path, data, [], unreadable=["train-000000.tar::s0001"])
+    res = runner.invoke(app, ["clean", "--run", str(run), "--out", str(tmp_path / "c.tsv"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["kept"] == 7 and "s0001" not in (tmp_path / "c.tsv").read_text()
 
 
 def test_clean_without_run_says_coverage_is_unchecked(file_list: Path, tmp_path: Path) -> None:

@@ -43,6 +43,15 @@ def test_split_orders_by_score_and_leaves_out_top_and_validation():
     assert np.array_equal(split.val_neg, again.val_neg)  # seeded tie-breaking
 
 
+def test_split_leaves_excluded_top_k_images_out_of_training_and_validation():
+    """Top-k images outside the recurring group are neither positives nor negatives, whatever --drop-top is."""
+    scores = np.arange(100, dtype=np.float64)
+    split = C.classifier_split(scores, [99, 98, 97], drop_top=0.0, seed=0, exclude=[96, 95])
+    assert list(split.val_pos) == [99, 98, 97]
+    used = set(split.train.tolist()) | set(split.val_neg.tolist())
+    assert not used & {95, 96, 97, 98, 99} and len(used) == 95
+
+
 def test_split_holdout_adds_random_pool_images_to_the_validation_negatives():
     scores = np.full(1000, np.nan)
     scores[:300] = np.arange(300)
