@@ -542,12 +542,18 @@ def load_classifier(path: Path | str) -> tuple[list[PoisonResNet], dict[str, Any
         raise CheckpointError(f"classifier {path} is not a valid safetensors file: {exc}") from None
     if meta.get("format") != "poisonscan-poison-classifier":
         raise CheckpointError(f"{path} is not a poisonscan poison classifier")
-    widths, stride = json.loads(meta["widths"]), int(meta["stem_stride"])
-    models = []
-    for i in range(int(meta["ensemble"])):
-        model = PoisonResNet(widths, stride)
-        state = {k[len(f"m{i}."):]: v for k, v in tensors.items() if k.startswith(f"m{i}.")}
-        model.load_state_dict(state)
-        models.append(model.eval())
-    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "ensemble", "widths", "stem_stride")}
+    try:                    # the metadata only chooses among the shapes classifier_bytes writes, then must match
+        widths, stride, n = json.loads(meta["widths"]), int(meta["stem_stride"]), int(meta["ensemble"])
+        if (not isinstance(widths, list) or len(widths) != 4 or stride not in (1, 2, 4) or not 1 <= n <= 16
+                or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 1024 for w in widths)):
+            raise ValueError("widths, stem_stride or ensemble out of range")
+        models = []
+        for i in range(n):
+            model = PoisonResNet(widths, stride)
+            state = {k[len(f"m{i}."):]: v for k, v in tensors.items() if k.startswith(f"m{i}.")}
+            model.load_state_dict(state)
+            models.append(model.eval())
+        extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "ensemble", "widths", "stem_stride")}
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"classifier {path}: {str(exc).splitlines()[0][:200]}") from None
     return models, extra

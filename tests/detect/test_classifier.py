@@ -250,3 +250,19 @@ def test_load_classifier_refuses_other_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(other))
     with pytest.raises(CheckpointError, match="not a poisonscan poison classifier"):
         C.load_classifier(other)
+
+
+def test_load_classifier_refuses_metadata_out_of_range(tmp_path):
+    """A shared run's classifier file chooses only among the shapes detect writes; anything else is one line."""
+    from safetensors.torch import save_file
+
+    from poisonscan.errors import CheckpointError
+
+    for meta in ({"widths": "[100000, 1, 1, 1]", "stem_stride": "4", "ensemble": "1"},
+                 {"widths": "[32, 64, 128, 256]", "stem_stride": "4", "ensemble": "100000"},
+                 {"widths": "\"abc\"", "stem_stride": "4", "ensemble": "1"},
+                 {"widths": "[32, 64, 128, 256]", "stem_stride": "4", "ensemble": "1"}):   # no weights: mismatch
+        path = tmp_path / "c.safetensors"
+        save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "poisonscan-poison-classifier", **meta})
+        with pytest.raises(CheckpointError):
+            C.load_classifier(path)

@@ -1,0 +1,79 @@
+r"""The evidence gate on finished detect runs: the recurrence test against the effect bar, side by side.
+
+For each run it prints and records the threat model's strength (k-NN ASR against the rate at which clean images
+are already put with the target), ``z``, the effect, the recurrence test (the largest group of alike top-k
+windows against the largest groups of random windows), what the run decided, what the effect bar
+(``--min-effect 0.15`` with ``z >= 3``, no recurrence test) would have decided on the same evidence, and the
+removal's recall and precision where the ground truth is given.
+
+    python benchmarks/recurrence_runs.py --out benchmarks/results/recurrence/demo.json \
+        --run demo RUN_DIR --truth GROUND_TRUTH.csv --backdoor BACKDOOR_DIR/summary.json --setting "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from poisonscan.config import EvalDetectionConfig
+from poisonscan.detect.evidence import evidence_gate
+from poisonscan.eval.runner import run_detection
+from poisonscan.runs import atomic_write_json, environment_record
+
+EFFECT_BAR = 0.15       # the effect bar compared against (``--min-effect 0.15``)
+
+
+def _strength(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    knn = json.loads(Path(path).read_text()).get("knn") or {}
+    return {"knn_asr": knn.get("asr"), "clean_rate": knn.get("target_rate_clean"), "knn_accuracy": knn.get("accuracy")}
+
+
+def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: str) -> dict[str, Any]:
+    """One run's record."""
+    summary = json.loads((run / "summary.json").read_text())
+    ev = json.loads((run / "evidence.json").read_text())
+    rec = ev.get("recurrence") or {}
+    by_effect, effect_reason = evidence_gate(ev, 3.0, EFFECT_BAR)
+    out: dict[str, Any] = {
+        "name": name, "setting": setting, "run": str(run), "threat_model": _strength(backdoor),
+        "z": ev["z"], "effect": ev.get("effect"),
+        "recurrence": {k: rec.get(k) for k in ("size", "k", "p_value", "null_group_median", "null_group_p99",
+                                               "bar_clusters", "bar_shift")},
+        "decision": {"backdoor_found": summary["evidence"]["backdoor_found"], "reason": summary["evidence"]["reason"],
+                     "removed": summary["counts"]["removed"], "scanned": summary["counts"]["scanned"]},
+        "effect_bar": {"backdoor_found": by_effect, "reason": effect_reason},
+    }
+    if truth:
+        q = run_detection(EvalDetectionConfig(run=str(run), truth=truth))
+        out["decision"].update(recall=q["removal"]["recall"], precision=q["removal"]["precision"],
+                               top20_trigger_accuracy=q["triggers"]["topk"].get("20", {}).get("accuracy"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", nargs=2, metavar=("NAME", "DIR"), required=True)
+    ap.add_argument("--truth", default=None, help="ground_truth.csv of the poisoned data")
+    ap.add_argument("--backdoor", default=None, help="summary.json of `poisonscan eval backdoor` on the threat model")
+    ap.add_argument("--setting", default="", help="one line: data, poisons, trigger, threat model")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    r = row(args.run[0], Path(args.run[1]), args.truth, args.backdoor, args.setting)
+    r["environment"] = environment_record()
+    atomic_write_json(args.out, r)
+    tm, rc, d = r["threat_model"] or {}, r["recurrence"], r["decision"]
+    print(f"{r['name']}: k-NN ASR {tm.get('knn_asr')} (clean rate {tm.get('clean_rate')}); z {r['z']:.2f}, "
+          f"effect {100 * (r['effect'] or 0):.1f}%; recurrence {rc['size']}/{rc['k']} (random: median "
+          f"{rc['null_group_median']}, p99 {rc['null_group_p99']}), p = {rc['p_value']}")
+    print(f"  recurrence gate: {'found' if d['backdoor_found'] else 'not found'}, removed {d['removed']} of "
+          f"{d['scanned']}" + (f", recall {d['recall']:.4f}, precision {d['precision']:.4f}" if "recall" in d else ""))
+    print(f"  effect bar {EFFECT_BAR:g}: {'found' if r['effect_bar']['backdoor_found'] else 'not found'} "
+          f"({r['effect_bar']['reason']})")
+
+
+if __name__ == "__main__":
+    main()
