@@ -256,8 +256,6 @@ def test_load_classifier_refuses_metadata_out_of_range(tmp_path):
     """A shared run's classifier file chooses only among the shapes detect writes; anything else is one line."""
     from safetensors.torch import save_file
 
-    from poisonscan.errors import CheckpointError
-
     for meta in ({"widths": "[100000, 1, 1, 1]", "stem_stride": "4", "ensemble": "1"},
                  {"widths": "[32, 64, 128, 256]", "stem_stride": "4", "ensemble": "100000"},
                  {"widths": "\"abc\"", "stem_stride": "4", "ensemble": "1"},
