@@ -65,7 +65,16 @@ def records(path: Path) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
 SCALE_NAMES = {"min-spread": "min", "central68": "c68", "topk-spread": "top", "std": "std"}
 
 
-def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dict[str, Any]]:
+#: the effect bar a record without the recurrence test is judged by: the gate it was decided with
+RECORDED_EFFECT_BAR = 0.15
+
+
+def table(paths: list[Path], min_evidence: float, min_effect: float,
+          max_recurrence_p: float = DetectConfig.max_recurrence_p,
+          recorded_min_effect: float = RECORDED_EFFECT_BAR) -> list[dict[str, Any]]:
+    """One row per recorded run. A record with the recurrence test is judged by today's gate (``min_evidence``,
+    ``max_recurrence_p``, ``min_effect``); one without it cannot be, and is judged by ``z`` and the effect bar it was
+    decided with (``recorded_min_effect``, or ``min_effect`` when larger)."""
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for path in paths:
         for name, ev, record in records(path):
@@ -76,7 +85,10 @@ def table(paths: list[Path], min_evidence: float, min_effect: float) -> list[dic
             key = (ev.get("null_pool", "all"), float(ev["topk_median"]), float(ev["null_median"]), n_flip,
                    round(float(ev.get("p_value", -1.0)), 6))
             full = {**ev, "n_flip": n_flip}             # effect_of recomputes the effect from these fields
-            found, reason = evidence_gate(full, min_evidence, min_effect)
+            if ev.get("recurrence"):
+                found, reason = evidence_gate(full, min_evidence, min_effect, max_recurrence_p)
+            else:
+                found, reason = evidence_gate(full, min_evidence, max(min_effect, recorded_min_effect))
             row = {"run": name + mark, "z": float(ev["z"]), "topk_median": float(ev["topk_median"]),
                    "null_median": float(ev["null_median"]), "n_flip": n_flip,
                    "effect": effect_of(full), "null_pool": ev.get("null_pool", "all"),

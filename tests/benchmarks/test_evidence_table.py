@@ -50,7 +50,8 @@ def test_table_reads_summaries_pipeline_rows_and_run_folders(tmp_path: Path) -> 
     assert demo_row["run"].endswith("*") and demo_row["effect"] == pytest.approx(20.5 / 55) and demo_row["found_now"]
     assert by_run["run"]["effect"] == pytest.approx(11.5 / 119) and not by_run["run"]["found_now"]
     # a looser effect bar lets the clean-model record through on z alone
-    assert any(r["found_now"] for r in evidence_table.table([tmp_path / "a-summary.json"], 3.0, 0.0))
+    assert any(r["found_now"] for r in evidence_table.table([tmp_path / "a-summary.json"], 3.0, 0.0,
+                                                            recorded_min_effect=0.0))
 
 
 def test_old_records_get_today_z_from_their_scores_and_the_null_is_named(tmp_path: Path) -> None:

@@ -270,7 +270,7 @@ def test_an_old_std_scaled_record_is_rescaled_and_decided_again_on_resume(toy, t
     assert again["evidence"]["z"] == pytest.approx(first["evidence"]["z"]) and again["evidence"]["backdoor_found"]
     saved = json.loads((run / "evidence.json").read_text())
     assert saved["z_scale"] == "min-spread" and saved["z"] == pytest.approx(ev["z"])   # rewritten once
-    assert P._stale_stage(P.RunDir(run)) is None
+    assert P._stale_stage(P.RunDir(run), small_cfg(toy, run)) is None
 
 
 def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, runtime):
