@@ -69,7 +69,7 @@ def main() -> None:
     print(f"{r['name']}: k-NN ASR {tm.get('knn_asr')} (clean rate {tm.get('clean_rate')}); z {r['z']:.2f}, "
           f"effect {100 * (r['effect'] or 0):.1f}%; recurrence {rc['size']}/{rc['k']} (random: median "
           f"{rc['null_group_median']}, p99 {rc['null_group_p99']}), p = {rc['p_value']}")
-    print(f"  recurrence gate: {'found' if d['backdoor_found'] else 'not found'}, removed {d['removed']} of "
+    print(f"  the run's gate: {'found' if d['backdoor_found'] else 'not found'}, removed {d['removed']} of "
           f"{d['scanned']}" + (f", recall {d['recall']:.4f}, precision {d['precision']:.4f}" if "recall" in d else ""))
     print(f"  effect bar {EFFECT_BAR:g}: {'found' if r['effect_bar']['backdoor_found'] else 'not found'} "
           f"({r['effect_bar']['reason']})")

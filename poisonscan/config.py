@@ -110,15 +110,14 @@ ENSEMBLE_DEFAULT = 3
 #: every random window of the evidence test cut from an image it does not flag. Measured in docs/benchmarks.md
 #: section 5.
 VERIFY_MIN_PROB_DEFAULT = 1.0
-#: The evidence gate (detect/evidence.py, detect/recurrence.py): a backdoor signal needs z >= 3 and a pattern that
-#: recurs among the top-k windows more than among random windows (p <= MAX_RECURRENCE_P_DEFAULT, a significance
-#: level, not a fitted value); the effect bar (share of the flip set moved beyond random windows) is off by default.
-#: Chosen and measured as docs/design.md ("The evidence gate") records.
-MIN_EFFECT_DEFAULT = 0.0
-MAX_RECURRENCE_P_DEFAULT = 0.01
-#: the poison classifier's positives: the windows of the recurring group ("recurring"), or every top-k window ("all",
-#: the paper)
-CLASSIFIER_POSITIVES_DEFAULT = "recurring"
+#: The evidence gate (detect/evidence.py): a backdoor signal needs z >= 3 and an effect of at least 0.15 (the share
+#: of the flip set the top-k move beyond random windows, set between the recorded runs of three settings). The
+#: recurrence test (detect/recurrence.py) is recorded on every run and gates only when asked (--max-recurrence-p
+#: 0.01): on a held-out setting it grouped 14 clean top-k windows (docs/design.md, "The evidence gate").
+MIN_EFFECT_DEFAULT = 0.15
+MAX_RECURRENCE_P_DEFAULT = 1.0
+#: the poison classifier's positives: every top-k window ("all", the paper), or the recurring group's ("recurring")
+CLASSIFIER_POSITIVES_DEFAULT = "all"
 
 
 @dataclass
@@ -228,9 +227,9 @@ class DetectConfig(CommonConfig):
     min_evidence: float = 3.0           # evidence gate: z of the top-k over random windows ...
     # ... and the share of the images random windows leave that they move
     min_effect: float = field(default=MIN_EFFECT_DEFAULT, metadata=between(0.0, 1.0))
-    # ... and the recurrence test's p-value: a pattern recurs among the top-k windows (detect/recurrence.py); 1: off
+    # ... and, when below 1, the recurrence test's p-value: a pattern recurs among the top-k (detect/recurrence.py)
     max_recurrence_p: float = field(default=MAX_RECURRENCE_P_DEFAULT, metadata=between(0.0, 1.0))
-    # the poison classifier's positives: "recurring" (the recurring group's windows when the test ran) or "all"
+    # the poison classifier's positives: "all" top-k windows, or "recurring" (the group, when it is significant)
     classifier_positives: str = CLASSIFIER_POSITIVES_DEFAULT
     force: bool = False
     fail_on: float | None = field(default=None, metadata=at_least(0.0))

@@ -44,7 +44,7 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,
                                           train_with_refinement)
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
-from poisonscan.detect.recurrence import recurrence_test
+from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
                                         null_sources, null_windows, replay_null_sources, upgrade_record)
@@ -82,7 +82,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
 #: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
 LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0,
-                                 "classifier_refine_by": "p", "max_recurrence_p": 1.0, "classifier_positives": "all"}
+                                 "classifier_refine_by": "p"}
 
 CLASSIFIER_POSITIVES = ("recurring", "all")
 
@@ -587,10 +587,11 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
 
 def _positives(ctx: _Ctx) -> list[int]:
     """The images whose windows the classifier learns as the trigger: the recurring group of the top-k when the
-    recurrence test found one (``classifier_positives="recurring"``), else every top-k image (the paper)."""
+    recurrence test found one at :data:`~poisonscan.detect.recurrence.SIGNIFICANCE`
+    (``classifier_positives="recurring"``), else every top-k image (the paper)."""
     top = [int(i) for i in ctx.evidence["top_k"]]
     rec = ctx.evidence.get("recurrence")
-    if ctx.cfg.classifier_positives != "recurring" or not rec or rec["p_value"] > ctx.cfg.max_recurrence_p:
+    if ctx.cfg.classifier_positives != "recurring" or not rec or rec["p_value"] > SIGNIFICANCE:
         return top
     members = {int(i) for i in rec["members"]}
     return [i for i in top if i in members]

@@ -24,6 +24,8 @@ import numpy as np
 
 #: the quantile of the similarities between strong random windows above which two windows count as alike
 ALIKE_QUANTILE = 0.99
+#: the p-value at which a group counts as recurring (for ``--classifier-positives recurring``)
+SIGNIFICANCE = 0.01
 
 
 def destination_profiles(dest: np.ndarray, flip_labels: np.ndarray, n_clusters: int) -> np.ndarray:

@@ -74,9 +74,9 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     assert summary["evidence"]["backdoor_found"] and summary["evidence"]["z"] >= 3
     assert [t["id"] in poisoned for t in summary["top_k"]] == [True] * 5
     rec = json.loads((run / "evidence.json").read_text())["recurrence"]   # the five triggers recur
-    assert rec["p_value"] <= 0.01 and "send the flip set to the same clusters" in summary["evidence"]["reason"]
+    assert rec["p_value"] <= 0.01 and rec["size"] == 5 and summary["evidence"]["recurrence"]["size"] == 5
     positives = json.loads((run / "classifier.json").read_text())["positives"]
-    assert positives == [t["index"] for t in summary["top_k"] if t["index"] in rec["members"]]
+    assert positives == [t["index"] for t in summary["top_k"]]                # the paper's positives by default
     removed = (run / "removed.txt").read_text().split()
     assert sum(i in poisoned for i in removed) >= 18 and sum(i not in poisoned for i in removed) <= 5
     assert summary["counts"] == {"scanned": 200, "scored": len(scored), "removed": len(removed),
@@ -497,3 +497,16 @@ def test_full_disk_gives_one_clear_line_and_no_partial_file(toy, tmp_path):
     assert err.startswith("error: ") and "File too large" in err and "store" in err
     assert not list(run.rglob("*.tmp")) and not (run / "store/images.npy").exists()
     assert not (run / "stages/store.done").exists()
+
+
+def test_recurrence_gate_and_recurring_positives_when_asked(toy, tmp_path, runtime):
+    """--max-recurrence-p asks the gate for a recurring pattern (the toy's triggers form one), and
+    --classifier-positives recurring trains on the group's windows."""
+    run = tmp_path / "rec"
+    summary = P.run_detect(small_cfg(toy, run, max_recurrence_p=0.01, classifier_positives="recurring",
+                                     classifier_iters=20), runtime, quiet=True)
+    rec = json.loads((run / "evidence.json").read_text())["recurrence"]
+    assert summary["evidence"]["backdoor_found"] and "send the flip set to the same clusters" in \
+        summary["evidence"]["reason"]
+    positives = json.loads((run / "classifier.json").read_text())["positives"]
+    assert positives and set(positives) <= set(rec["members"])
