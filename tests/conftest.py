@@ -21,8 +21,9 @@ Fixtures (all sizes tiny so every test stays fast):
 from __future__ import annotations
 
 import io
+import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,12 @@ def corrupt_folder(tmp_path: Path) -> Path:
     jpeg = _encode(_make_images(1, 64, seed=5)[0], "JPEG")
     (root / "a" / "trunc.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     return root
+
+
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], int]]:
+    """``umask(mask)`` sets the process umask for the test; the old one comes back afterwards."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield os.umask
+    os.umask(before)

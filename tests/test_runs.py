@@ -6,7 +6,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +18,6 @@ from poisonscan.data.sources import open_source
 from poisonscan.errors import UsageError
 from poisonscan.runs import (LOCK_NAME, RunDir, absolute_spec, atomic_save_npy, atomic_write_text, config_record,
                              create_run, file_mode, lock_run, releases_run_locks)
-
-
-@pytest.fixture
-def umask() -> Iterator[Callable[[int], int]]:
-    """``umask(mask)`` sets the process umask for the test; the old one comes back afterwards."""
-    before = os.umask(0o022)
-    os.umask(before)
-    yield os.umask
-    os.umask(before)
 
 
 def _mode(path: Path) -> int:

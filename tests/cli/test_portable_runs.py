@@ -62,15 +62,6 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "run": root / "scan", "refused": refused, "ran": ran}
 
 
-@pytest.fixture
-def umask() -> Iterator[Callable[[int], int]]:
-    """``umask(mask)`` sets the process umask for the test; the old one comes back afterwards."""
-    before = os.umask(0o022)
-    os.umask(before)
-    yield os.umask
-    os.umask(before)
-
-
 def _modes(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*")
             if p.is_file()}
