@@ -110,14 +110,17 @@ ENSEMBLE_DEFAULT = 3
 #: every random window of the evidence test cut from an image it does not flag. Measured in docs/benchmarks.md
 #: section 5.
 VERIFY_MIN_PROB_DEFAULT = 1.0
-#: The evidence gate (detect/evidence.py): a backdoor signal needs z >= 3 and an effect of at least 0.15 (the share
-#: of the flip set the top-k move beyond random windows, set between the recorded runs of three settings). The
-#: recurrence test (detect/recurrence.py) is recorded on every run and gates only when asked (--max-recurrence-p
-#: 0.01): on a held-out setting it grouped 14 clean top-k windows (docs/design.md, "The evidence gate").
+#: The evidence gate (detect/evidence.py): a backdoor signal needs z >= 3 and either an effect of at least 0.15 (the
+#: share of the flip set the top-k move beyond random windows, set between the recorded runs of three settings:
+#: the demo, imagenette-96 and CIFAR-10 50k) or one picture recurring among the top-k windows at p <= 0.01 (the
+#: recurrence test, detect/recurrence.py, calibrated by each run's own random windows; its 0.99 quantile and 0.01
+#: level are conventions, not fitted). The recurrence test was checked on the demo, a clean-data demo model and
+#: tinyimagenet100 (held out: no default was set on it), docs/design.md, "The evidence gate".
 MIN_EFFECT_DEFAULT = 0.15
-MAX_RECURRENCE_P_DEFAULT = 1.0
-#: the poison classifier's positives: every top-k window ("all", the paper), or the recurring group's ("recurring")
-CLASSIFIER_POSITIVES_DEFAULT = "all"
+MAX_RECURRENCE_P_DEFAULT = 0.01
+#: the poison classifier's positives: the recurring group's windows when there is one ("recurring": top-k windows
+#: outside it are left out of training), or every top-k window ("all", the paper)
+CLASSIFIER_POSITIVES_DEFAULT = "recurring"
 
 
 @dataclass
@@ -227,9 +230,9 @@ class DetectConfig(CommonConfig):
     min_evidence: float = 3.0           # evidence gate: z of the top-k over random windows ...
     # ... and the share of the images random windows leave that they move
     min_effect: float = field(default=MIN_EFFECT_DEFAULT, metadata=between(0.0, 1.0))
-    # ... and, when below 1, the recurrence test's p-value: a pattern recurs among the top-k (detect/recurrence.py)
+    # ... or a picture recurring among the top-k at this p-value (detect/recurrence.py; 0: the effect alone decides)
     max_recurrence_p: float = field(default=MAX_RECURRENCE_P_DEFAULT, metadata=between(0.0, 1.0))
-    # the poison classifier's positives: "all" top-k windows, or "recurring" (the group, when it is significant)
+    # the poison classifier's positives: "recurring" (the group, when there is one) or "all" top-k windows
     classifier_positives: str = CLASSIFIER_POSITIVES_DEFAULT
     force: bool = False
     fail_on: float | None = field(default=None, metadata=at_least(0.0))

@@ -125,9 +125,9 @@ def detect(
                                                  f"{default(DetectConfig, 'min_effect')}."),
     max_recurrence_p: float | None = typer.Option(
         None, "--max-recurrence-p", min=0.0, max=1.0,
-        help="Largest p-value of the recurrence test (the top-k windows' largest group sending the flip set to the "
-             "same clusters, against groups of random windows) to remove anything "
-             + default(DetectConfig, "max_recurrence_p", "1 = no recurrence test") + "."),
+        help="Largest p-value of the recurrence test (the largest group of top-k windows showing one picture, "
+             "against groups of random windows) at which a recurring picture stands in for --min-effect "
+             + default(DetectConfig, "max_recurrence_p", "0 = the effect alone decides") + "."),
     classifier_positives: str | None = typer.Option(
         None, "--classifier-positives",
         help="Windows the poison classifier learns as the trigger: recurring (the recurrence test's group) or all "

@@ -5,9 +5,11 @@ something if their candidate windows move the flip test set much more than rando
 The top-k are maxima over ``n_scored`` scored images, so they are compared with the same order statistics of the
 null: the median of the top-k of ``n_scored`` draws from the null scores, bootstrapped.
 
-Two numbers come out, and ``detect`` needs both (``--min-evidence``, ``--min-effect``): ``z``, how unlikely the top-k
-are under the null, and ``effect``, by how much: of the flip-set images the null's top-k leave in their cluster, the
-share the top-k move. ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip
+Two numbers come out (``--min-evidence``, ``--min-effect``): ``z``, how unlikely the top-k are under the null, and
+``effect``, by how much: of the flip-set images the null's top-k leave in their cluster, the share the top-k move.
+``detect`` needs ``z`` and either the effect or one picture recurring among the top-k windows (detect/recurrence.py,
+``--max-recurrence-p``): where random windows already move most of the flip set (many clusters, small images) a real
+trigger's effect stays small, and the recurring picture is what shows it (docs/design.md, "The evidence gate"). ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip
 most, so on a model trained on clean data it still finds windows a few flips stronger than any random draw, and with
 a tight null those few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole
 flip set: at 32 px random windows already move up to 80% of it, which caps any excess (docs/benchmarks.md s. 2).
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from poisonscan.detect.masking import cut_windows
+from poisonscan.detect.recurrence import SIGNIFICANCE, is_pixel_record
 from poisonscan.detect.search import torch_generator
 
 _BOOT_CHUNK_ELEMS = 4_000_000
@@ -193,26 +196,23 @@ def upgrade_record(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
-                  max_recurrence_p: float = 1.0) -> tuple[bool, str]:
-    """Is there a backdoor signal? ``z >= min_evidence``, the recurrence test's ``p <= max_recurrence_p`` (1: not
-    asked; a record without the test fails it) and ``effect >= min_effect``; and a one-line reason."""
+                  max_recurrence_p: float = SIGNIFICANCE) -> tuple[bool, str]:
+    """Is there a backdoor signal, and a one-line reason? ``z >= min_evidence``, and either ``effect >= min_effect``
+    or one picture recurring among the top-k windows (the recurrence test of detect/recurrence.py with
+    ``p <= max_recurrence_p``; 0: the effect alone decides; a record without the test has no recurring picture)."""
     z, effect = float(ev["z"]), effect_of(ev)
-    rec = ev.get("recurrence")
+    rec = ev.get("recurrence") if is_pixel_record(ev.get("recurrence")) else None
+    recurring = rec is not None and rec["p_value"] <= max_recurrence_p
+    moved = f"the top-k move {100 * effect:.1f}% of the flip-set images random windows leave in place"
+    group = (f"{rec['size']} of the top {rec['k']} windows show one picture (random windows: groups of up to "
+             f"{rec['null_group_p99']:g}, p = {rec['p_value']:.3f})" if rec else "")
     if z < min_evidence:
         return False, f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}"
-    if max_recurrence_p < 1:
-        if not rec:
-            return False, "no backdoor signal: the evidence record has no recurrence test (rerun the evidence stage)"
-        if rec["p_value"] > max_recurrence_p:
-            return False, (f"no backdoor signal: no pattern recurs among the top-k windows (the largest group sending "
-                           f"the flip set to the same clusters has {rec['size']} of {rec['k']}; random windows form "
-                           f"groups of up to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f} > "
-                           f"{max_recurrence_p:g})")
-    if effect < min_effect:
-        return False, (f"no backdoor signal: the top-k move {100 * effect:.1f}% of the flip-set images random windows "
-                       f"leave in place, below the minimum effect {100 * min_effect:g}%")
-    recurring = (f"; {rec['size']} of the top {rec['k']} windows send the flip set to the same clusters (random "
-                 f"windows: groups of up to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f})"
-                 if rec and max_recurrence_p < 1 else "")
-    return True, (f"backdoor signal: z = {z:.2f}, the top-k move {100 * effect:.1f}% of the flip-set images random "
-                  f"windows leave in place{recurring}")
+    if effect >= min_effect:
+        return True, f"backdoor signal: z = {z:.2f}, {moved}" + (f"; {group}" if recurring else "")
+    if recurring:
+        return True, (f"backdoor signal: z = {z:.2f}, {group}; {moved}, below the minimum effect "
+                      f"{100 * min_effect:g}%")
+    why = (f"and no picture recurs among the top-k (largest group {rec['size']} of {rec['k']}; random windows: up "
+           f"to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f})" if rec else "and the record has no recurrence test")
+    return False, f"no backdoor signal: {moved}, below the minimum effect {100 * min_effect:g}%, {why}"

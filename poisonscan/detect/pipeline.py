@@ -44,7 +44,7 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,
                                           train_with_refinement)
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
-from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test
+from poisonscan.detect.recurrence import is_pixel_record, recurrence_test
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
                                         null_sources, null_windows, replay_null_sources, upgrade_record)
@@ -135,7 +135,7 @@ def validate_config(cfg: DetectConfig) -> None:
     need(cfg.fail_on_unreadable is None or cfg.fail_on_unreadable >= 0, "--fail-on-unreadable must be >= 0")
     need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
     need(0.0 <= cfg.min_effect <= 1.0, "--min-effect must be in [0, 1] (a share of flip-set images)")
-    need(0.0 <= cfg.max_recurrence_p <= 1.0, "--max-recurrence-p must be in [0, 1] (1: no recurrence test)")
+    need(0.0 <= cfg.max_recurrence_p <= 1.0, "--max-recurrence-p must be in [0, 1] (0: the effect alone decides)")
     need(cfg.classifier_positives in CLASSIFIER_POSITIVES,
          f"--classifier-positives must be one of {', '.join(CLASSIFIER_POSITIVES)}")
 
@@ -211,13 +211,14 @@ def _refine_neighbours(refine_by: str, neighbours: int) -> int:
 
 
 def _stale_stage(run: RunDir, cfg: DetectConfig) -> str | None:
-    """``"evidence"`` when the run's evidence record has no recurrence test and the settings use it (it is run
-    again); ``"classifier"`` when it was written with another ``z`` than today's: its gate decision is taken again on
+    """``"evidence"`` when the run's evidence record has no recurrence test of pixels and the settings use it (it is
+    run again); ``"classifier"`` when it was written with another ``z`` than today's: its gate decision is taken again on
     the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
     if not (run.stage_done("evidence") and run.exists("evidence.json")):
         return None
     record = run.read_json("evidence.json")
-    if "recurrence" not in record and (cfg.max_recurrence_p < 1 or cfg.classifier_positives == "recurring"):
+    if not is_pixel_record(record.get("recurrence")) and (cfg.max_recurrence_p > 0
+                                                          or cfg.classifier_positives == "recurring"):
         return "evidence"
     return "classifier" if needs_rescale(record) else None
 
@@ -308,11 +309,9 @@ def _split_gather(runtime: rt.Runtime, n: int, work: Callable[[range], Any]) -> 
 
 
 def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: Any,
-                 split: bool = True, destinations: bool = False) -> Any:
+                 split: bool = True) -> np.ndarray:
     """Poison scores of ``patches`` (n x 3 x w x w) on the flip set; positions drawn from ``(seed, *tags)`` before
-    the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone).
-    ``destinations=True``: also where each patch sends the flip set, as ``(scores, clusters n x F, mean feature
-    shift n x D)``."""
+    the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone)."""
     flip_images, flip_labels = ctx.flip_data()
     positions = draw_positions(len(patches), len(flip_images), _torch_gen(ctx.cfg.seed, "paste", *tags))
     rule = ctx.cfg.score_rule
@@ -322,14 +321,9 @@ def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: 
         return poison_scores(ctx.encoder, ctx.clustering, flip_images, flip_labels, patches[sl], ctx.runtime, None,
                              batch_size=ctx.cfg.batch_size, rule=rule,
                              source_clusters=sources[sl] if rule == "to_source" else None,
-                             positions=positions[sl], quiet=True, destinations=destinations)
+                             positions=positions[sl], quiet=True)
 
     parts = _split_gather(ctx.runtime, len(patches), work) if split else [work(range(len(patches)))]
-    if destinations:                        # a rank with an empty share has no feature width: left out
-        shifts = [p[2] for p in parts if len(p[2])]
-        return (np.concatenate([p[0] for p in parts]).astype(np.int64),
-                np.concatenate([p[1] for p in parts]).astype(np.int32),
-                np.concatenate(shifts).astype(np.float32) if shifts else np.zeros((0, 0), np.float32))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
@@ -492,10 +486,10 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
         sources = labels[src.numpy()]
     else:
         patches, sources = null_windows(images, cfg.null_size, ctx.window, gen, sources=src), None
-    null, null_dest, null_shift = _flip_scores(ctx, patches, sources, "null", destinations=True)
+    null = _flip_scores(ctx, patches, sources, "null")
     n_flip = len(ctx.flip)
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
-    ev["recurrence"] = _recurrence(ctx, top, null, null_dest, null_shift)
+    ev["recurrence"] = _recurrence(ctx, top, patches)
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip,
               null_sources=src.tolist(),
@@ -507,18 +501,13 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     return {"z": ev["z"]}
 
 
-def _recurrence(ctx: _Ctx, top: list[int], null: np.ndarray, null_dest: np.ndarray,
-                null_shift: np.ndarray) -> dict[str, Any]:
-    """The recurrence test (detect/recurrence.py): the top-k windows, cut again from their images, pasted on the
-    flip set once more to see where they send it, compared with the null windows' destinations."""
+def _recurrence(ctx: _Ctx, top: list[int], null_patches: Tensor) -> dict[str, Any]:
+    """The recurrence test (detect/recurrence.py) on the top-k windows, cut again from their images, against the
+    evidence test's random windows (no forward pass)."""
     boxes = _boxes(ctx)
     idx = torch.as_tensor(top, dtype=torch.int64)
     patches = cut_windows(ctx.store.images[idx], torch.as_tensor([boxes[i] for i in top], dtype=torch.int64))
-    sources = ctx.clustering.labels[np.asarray(top, dtype=np.int64)] if ctx.cfg.score_rule == "to_source" else None
-    _, top_dest, top_shift = _flip_scores(ctx, patches, sources, "recurrence", destinations=True)
-    _, flip_labels = ctx.flip_data()
-    rec = recurrence_test(top_dest, top_shift, null_dest, null_shift, null, flip_labels.numpy(),
-                          ctx.clustering.n_clusters, seed=ctx.cfg.seed)
+    rec = recurrence_test(patches, null_patches, seed=ctx.cfg.seed)
     rec["members"] = [int(top[j]) for j in rec["members"]]      # image indices
     return rec
 
@@ -587,11 +576,12 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
 
 def _positives(ctx: _Ctx) -> list[int]:
     """The images whose windows the classifier learns as the trigger: the recurring group of the top-k when the
-    recurrence test found one at :data:`~poisonscan.detect.recurrence.SIGNIFICANCE`
-    (``classifier_positives="recurring"``), else every top-k image (the paper)."""
+    recurrence test found one at ``p <= max_recurrence_p`` (``classifier_positives="recurring"``), else every top-k
+    image (the paper)."""
     top = [int(i) for i in ctx.evidence["top_k"]]
     rec = ctx.evidence.get("recurrence")
-    if ctx.cfg.classifier_positives != "recurring" or not rec or rec["p_value"] > SIGNIFICANCE:
+    if (ctx.cfg.classifier_positives != "recurring" or not is_pixel_record(rec)
+            or rec["p_value"] > ctx.cfg.max_recurrence_p):
         return top
     members = {int(i) for i in rec["members"]}
     return [i for i in top if i in members]
@@ -705,7 +695,8 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
     evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
                     max_recurrence_p=cfg.max_recurrence_p, forced=bool(clf["forced"]),
                     recurrence={k: ev["recurrence"][k] for k in ("size", "k", "p_value", "null_group_median",
-                                                                 "null_group_p99")} if ev.get("recurrence") else None,
+                                                                 "null_group_p99")} if is_pixel_record(ev.get("recurrence"))
+                    else None,
                     reason=clf.get("reason") or evidence_gate(ev, cfg.min_evidence, cfg.min_effect,
                                                               cfg.max_recurrence_p)[1])
     meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}

@@ -1,19 +1,18 @@
-"""Does one pattern recur among the top-k candidate windows? The evidence a person sees in the trigger gallery.
+"""Does one picture recur among the top-k candidate windows? The evidence a person sees in the trigger gallery.
 
-A trigger pasted onto many images is cut from each of them by the search, and every copy does the same thing to
-the threat model: it sends the flip-set images it moves to the same clusters (the target's), by moving their
-features the same way. High-contrast clean windows also move many flip-set images, at small image sizes often half
-of them, but each sends them somewhere of its own. So two windows are *alike* when both where they send the flip set
-(the cosine similarity of their destination profiles, :func:`destination_profiles`) and how they move its features
-(the cosine similarity of their mean feature shifts, less the shift every strong window shares) are more similar
-than for nearly all pairs of random windows; the statistic is the largest group of top-k windows alike to one of
-them (:func:`largest_group`). Either signature alone fails somewhere: cluster profiles cannot tell windows apart
-when there are few clusters, and strong windows share part of their feature shift (docs/design.md, "The evidence
-gate").
+A trigger pasted onto many images is cut from each of them by the search, so the top-k windows of a poisoned data
+set hold copies of one picture, each a pixel or two off where the attention put the window. High-contrast clean
+windows can score as high (at small image sizes they move half the flip set), but each shows something of its own.
+Two windows are *alike* when their normalised cross-correlation, the best over small shifts
+(:func:`window_similarity`), is at least a high quantile of the same similarity between random windows of the
+evidence test: the bar is set by the run's own data. The statistic is the largest group of top-k windows alike to
+one of them (:func:`largest_group`), compared with the largest groups that as many random windows form
+(:func:`recurrence_test`). No forward pass is needed: the windows are the ones the search and the evidence test
+already cut.
 
-Both bars are calibrated by the run itself: a high quantile of the similarities between the strongest random
-windows of the evidence test (those that move about as much as the top-k do), and the group size is compared with
-the largest groups among as many of those random windows (:func:`recurrence_test`).
+The test looks at pixels, so it sees patch triggers (pasted the same way on every image) and not triggers spread
+over the whole image (blending, frequency triggers), which the effect bar of the evidence gate still catches
+(detect/evidence.py, :func:`~poisonscan.detect.evidence.evidence_gate`).
 """
 
 from __future__ import annotations
@@ -21,31 +20,65 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-#: the quantile of the similarities between strong random windows above which two windows count as alike
+#: the quantile of the similarities between random windows above which two windows count as alike
 ALIKE_QUANTILE = 0.99
-#: the p-value at which a group counts as recurring (for ``--classifier-positives recurring``)
+#: the p-value at which a group counts as recurring (the default of ``--max-recurrence-p``)
 SIGNIFICANCE = 0.01
+#: the first this many random windows of the evidence test (drawn uniformly) are the reference
+REFERENCE_SIZE = 256
+#: windows are compared over shifts of up to this share of their width each way
+SHIFT_SHARE = 1 / 3
+#: windows wider than this are shrunk (area average) to this many pixels before they are compared
+COMPARE_SIZE = 16
+#: a window whose pixels vary less than this (standard deviation, in units of the pixel range) shows no pattern
+FLAT_STD = 0.02
 
 
-def destination_profiles(dest: np.ndarray, flip_labels: np.ndarray, n_clusters: int) -> np.ndarray:
-    """``n x n_clusters`` counts: for each window (a row of ``dest``, the clusters the F flip images are assigned
-    to with it pasted), how many of the flip images it moves land in each cluster."""
-    dest = np.asarray(dest, dtype=np.int64)
-    moved = dest != np.asarray(flip_labels, dtype=np.int64).reshape(1, -1)
-    rows = np.broadcast_to(np.arange(dest.shape[0])[:, None], dest.shape)
-    out = np.zeros((dest.shape[0], int(n_clusters)), dtype=np.float64)
-    np.add.at(out, (rows[moved], dest[moved]), 1.0)
-    return out
+def _as_float(windows: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``n x C x w x w`` windows (uint8 0-255, or float 0-1) as float32 0-1, shrunk to :data:`COMPARE_SIZE`."""
+    t = torch.as_tensor(windows)
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.ndim != 4 or t.shape[-1] != t.shape[-2]:
+        raise ValueError(f"windows must be n x C x w x w, got {tuple(t.shape)}")
+    if t.shape[-1] > COMPARE_SIZE:
+        t = F.adaptive_avg_pool2d(t, COMPARE_SIZE)
+    return t
 
 
-def profile_similarity(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Cosine similarity of destination profiles (rows of ``a`` against rows of ``b``, or of ``a``); 0 for a window
-    that moves nothing."""
-    b = a if b is None else b
-    na = np.linalg.norm(a, axis=1, keepdims=True)
-    nb = np.linalg.norm(b, axis=1, keepdims=True)
-    return (a / np.maximum(na, 1e-12)) @ (b / np.maximum(nb, 1e-12)).T
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    """``n x C x h x w`` windows as rows, each channel centred (a colour cast is no pattern), scaled to unit norm;
+    a row flatter than :data:`FLAT_STD` becomes zero."""
+    x = (x - x.mean((2, 3), keepdim=True)).flatten(1)
+    norm = x.norm(dim=1, keepdim=True)
+    flat = norm < FLAT_STD * x.shape[1] ** 0.5
+    return torch.where(flat, torch.zeros_like(x), x / norm.clamp_min(1e-12))
+
+
+def window_similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None,
+                      max_shift: int | None = None) -> np.ndarray:
+    """Similarity of windows ``a`` (n x C x w x w) to windows ``b`` (m x C x w x w; default ``a``): the largest
+    normalised cross-correlation of their overlap (each channel centred, all scaled together) over shifts of up to ``max_shift`` pixels
+    each way (default :data:`SHIFT_SHARE` of the compared width: a trigger smaller than the window sits anywhere
+    in it). n x m floats in [-1, 1]; 0 against a flat window."""
+    ta = _as_float(a)
+    tb = ta if b is None else _as_float(b)
+    if ta.shape[1:] != tb.shape[1:]:
+        raise ValueError(f"windows of different shapes: {tuple(ta.shape[1:])} and {tuple(tb.shape[1:])}")
+    w = int(ta.shape[-1])
+    s = int(w * SHIFT_SHARE) if max_shift is None else max(0, min(int(max_shift), w - 1))
+    best = torch.full((ta.shape[0], tb.shape[0]), -1.0)
+    for dy in range(-s, s + 1):
+        for dx in range(-s, s + 1):
+            h, ww = w - abs(dy), w - abs(dx)
+            ya, yb = max(dy, 0), max(-dy, 0)
+            xa, xb = max(dx, 0), max(-dx, 0)
+            pa = _normalised(ta[:, :, ya:ya + h, xa:xa + ww])
+            pb = _normalised(tb[:, :, yb:yb + h, xb:xb + ww])
+            best = torch.maximum(best, pa @ pb.T)
+    return best.numpy().astype(np.float64)
 
 
 def largest_group(alike: np.ndarray) -> tuple[int, list[int]]:
@@ -62,41 +95,30 @@ def largest_group(alike: np.ndarray) -> tuple[int, list[int]]:
     return int(sizes[centre]), members
 
 
-def recurrence_test(top_dest: np.ndarray, top_shift: np.ndarray, null_dest: np.ndarray, null_shift: np.ndarray,
-                    null_scores: np.ndarray, flip_labels: np.ndarray, n_clusters: int, n_boot: int = 1000,
-                    seed: int = 0, quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
-    """Compare the largest group of alike windows among the top-k with the largest groups among k of the strongest
-    random windows.
+def recurrence_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.ndarray | torch.Tensor,
+                    n_boot: int = 1000, seed: int = 0, quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
+    """Compare the largest group of alike windows among the top-k with the largest groups among k random windows.
 
-    ``*_dest``: the cluster of every flip image with the window pasted (n x F); ``*_shift``: the mean shift of the
-    flip images' features (n x D); ``null_scores``: the random windows' poison scores. The reference windows are the
-    ``min(len(null), 5 k)`` random windows with the highest scores. Two windows are alike when both their destination
-    profiles and their feature shifts (less the reference windows' mean shift) are at least as similar as the
-    ``quantile`` of the reference pairs' similarities (``bar_clusters``, ``bar_shift``). The bootstrap draws ``k``
-    reference windows ``n_boot`` times and records each draw's largest group. Returns the group's ``size`` and
-    ``members`` (positions in the top-k, the centre first), both bars, the reference groups' median and 99th
-    percentile, ``p_value`` (``(1 + #{reference groups >= size}) / (1 + n_boot)``), ``n_reference`` and ``k``.
+    ``top_windows``: the k top-k windows; ``null_windows``: the evidence test's random windows, of which the first
+    :data:`REFERENCE_SIZE` are the reference. Not the strongest ones: where a tenth of the data is poisoned, the
+    random windows that score highest are the ones that happen to cover a trigger, and their copies would raise
+    the bar to the trigger's own similarity (drawn uniformly, a few copies among 256 windows leave the 99th
+    percentile of their pairs alone). Two windows are alike when their
+    :func:`window_similarity` is at least the ``quantile`` of the reference pairs' similarities (``bar``) and above
+    0. The bootstrap draws ``k`` reference windows ``n_boot`` times and records each draw's largest group. Returns
+    the group's ``size`` and ``members`` (positions in the top-k, the centre first), ``bar``, the reference groups'
+    median and 99th percentile, ``p_value`` (``(1 + #{reference groups >= size}) / (1 + n_boot)``),
+    ``n_reference``, ``k`` and ``signature`` ("pixels": what the windows are compared by).
     """
-    labels = np.asarray(flip_labels)
-    k = len(top_dest)
-    ref = np.argsort(-np.asarray(null_scores), kind="stable")[:min(len(null_scores), 5 * k)]
-    shared = np.asarray(null_shift, dtype=np.float64)[ref].mean(0, keepdims=True)
-    signatures = (
-        (destination_profiles(top_dest, labels, n_clusters), destination_profiles(np.asarray(null_dest)[ref], labels,
-                                                                                  n_clusters)),
-        (np.asarray(top_shift, dtype=np.float64) - shared, np.asarray(null_shift, dtype=np.float64)[ref] - shared),
-    )
-    alike_top = np.ones((k, k), dtype=bool)
-    alike_ref = np.ones((len(ref), len(ref)), dtype=bool)
-    bars = []
-    for top_sig, ref_sig in signatures:
-        ref_sim = profile_similarity(ref_sig)
-        pairs = ref_sim[np.triu_indices(len(ref), 1)]
-        bar = float(np.quantile(pairs, quantile)) if pairs.size else 1.0
-        bars.append(bar)
-        alike_ref &= ref_sim >= bar - 1e-9
-        alike_top &= profile_similarity(top_sig) >= bar - 1e-9
-    size, members = largest_group(alike_top)
+    k = len(top_windows)
+    ref_windows = torch.as_tensor(null_windows)[:REFERENCE_SIZE]
+    ref = np.arange(len(ref_windows))
+    ref_sim = window_similarity(ref_windows) if len(ref) else np.zeros((0, 0))
+    pairs = ref_sim[np.triu_indices(len(ref), 1)]
+    bar = float(np.quantile(pairs, quantile)) if pairs.size else 1.0
+    alike_ref = (ref_sim >= bar - 1e-9) & (ref_sim > 0)
+    top_sim = window_similarity(top_windows) if k else np.zeros((0, 0))
+    size, members = largest_group((top_sim >= bar - 1e-9) & (top_sim > 0))
     rng = np.random.default_rng(seed)
     if len(ref) < max(k, 2):                # too few random windows to draw k of them: no evidence either way
         boot = np.full(1, k)
@@ -104,10 +126,10 @@ def recurrence_test(top_dest: np.ndarray, top_shift: np.ndarray, null_dest: np.n
         boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
                          for pick in (rng.choice(len(ref), k, replace=False) for _ in range(n_boot))])
     return {
+        "signature": "pixels",
         "size": size,
         "members": members,
-        "bar_clusters": bars[0],
-        "bar_shift": bars[1],
+        "bar": bar,
         "quantile": quantile,
         "null_group_median": float(np.median(boot)),
         "null_group_p99": float(np.quantile(boot, 0.99)),
@@ -115,3 +137,8 @@ def recurrence_test(top_dest: np.ndarray, top_shift: np.ndarray, null_dest: np.n
         "n_reference": int(len(ref)),
         "k": int(k),
     }
+
+
+def is_pixel_record(rec: dict[str, Any] | None) -> bool:
+    """Is ``rec`` (an evidence record's ``recurrence``) this module's test?"""
+    return bool(rec) and rec.get("signature") == "pixels"

@@ -97,8 +97,7 @@ def paste_patches(images_u8: Tensor, patch: Tensor, generator: torch.Generator |
 def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Tensor, flip_labels: Tensor,
                   patches: Sequence[Tensor] | Tensor, runtime: rt.Runtime, generator: torch.Generator | int,
                   batch_size: int = 256, rule: str = "changed", source_clusters: Sequence[int] | Tensor | None = None,
-                  positions: Tensor | None = None, quiet: bool = True,
-                  destinations: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  positions: Tensor | None = None, quiet: bool = True) -> np.ndarray:
     """Poison score of each candidate patch on the flip test set (int64, one per patch).
 
     Each patch is pasted at a random position on every flip image, the patched images are re-encoded
@@ -107,19 +106,13 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
     cluster (``source_clusters``) that move into it. Batches hold ``batch_size`` (candidate, flip image) pairs, so
     the batch never depends on the flip-set size. ``positions`` (n_patches x n_flip x 2 uniforms from
     :func:`draw_positions`) replaces ``generator`` when the caller splits candidates across ranks.
-    ``destinations=True`` also returns where each patch sends the flip set, what the recurrence test
-    (detect/recurrence.py) compares between windows: the cluster each patched flip image is assigned to (int32
-    n_patches x n_flip) and the mean shift of the flip images' features (float32 n_patches x D).
     """
     if rule not in RULES:
         raise ValueError(f"rule {rule!r}: choose one of {', '.join(RULES)}")
     plist = list(patches) if not isinstance(patches, Tensor) or patches.ndim == 4 else [patches]
     n_cand, n_flip = len(plist), int(flip_images_u8.shape[0])
     if n_cand == 0 or n_flip == 0:
-        empty = np.zeros(n_cand, dtype=np.int64)
-        if destinations:
-            return empty, np.zeros((n_cand, n_flip), dtype=np.int32), np.zeros((n_cand, 0), dtype=np.float32)
-        return empty
+        return np.zeros(n_cand, dtype=np.int64)
     if flip_labels.shape[0] != n_flip:
         raise ValueError("one flip label per flip image is needed")
     if rule == "to_source":
@@ -132,8 +125,6 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
     device = runtime.device
     prepare_encoder(encoder, runtime)
     scores = torch.zeros(n_cand, dtype=torch.int64, device=device)
-    dest = torch.zeros((n_cand, n_flip) if destinations else (0, 0), dtype=torch.int32, device=device)
-    shift: Tensor | None = None
     hw = (int(flip_images_u8.shape[-2]), int(flip_images_u8.shape[-1]))
     groups: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(plist):
@@ -141,8 +132,6 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
     with eval_mode(encoder), torch.inference_mode(), rt.progress("poison scores", n_cand * n_flip, quiet) as bar:
         flip_dev = flip_images_u8.to(device)
         flip_lab = torch.as_tensor(flip_labels).to(device=device, dtype=torch.int64)
-        clean = (torch.cat([encode(encoder, flip_dev[i:i + batch_size], runtime, to_cpu=False)
-                            for i in range(0, n_flip, batch_size)]) if destinations else None)
         src_all = (torch.as_tensor(source_clusters).to(device=device, dtype=torch.int64)
                    if rule == "to_source" else None)
         for patch_hw, members in groups.items():
@@ -157,23 +146,14 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
                 pair = torch.arange(start, stop, device=device)
                 ci, fi = pair // n_flip, pair % n_flip
                 imgs = paste_at(flip_dev[fi], stack[ci], xs[ci, fi], ys[ci, fi], inplace=True)
-                feats = encode(encoder, imgs, runtime, to_cpu=False)
-                new_lab, _ = clustering.assign_torch(feats)
+                new_lab, _ = clustering.assign_torch(encode(encoder, imgs, runtime, to_cpu=False))
                 if rule == "changed":
                     hit = new_lab != flip_lab[fi]
                 else:
                     src = src_all[cand_dev[ci]]
                     hit = (new_lab == src) & (flip_lab[fi] != src)
                 scores.index_add_(0, cand_dev[ci], hit.long())
-                if destinations:
-                    dest[cand_dev[ci], fi] = new_lab.to(torch.int32)
-                    if shift is None:
-                        shift = torch.zeros(n_cand, feats.shape[1], dtype=torch.float32, device=device)
-                    shift.index_add_(0, cand_dev[ci], feats.float() - clean[fi])
                 bar.advance(stop - start)
-    if destinations:
-        mean_shift = (shift / n_flip).cpu().numpy() if shift is not None else np.zeros((n_cand, 0), np.float32)
-        return scores.cpu().numpy(), dest.cpu().numpy(), mean_shift
     return scores.cpu().numpy()
 
 

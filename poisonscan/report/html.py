@@ -307,7 +307,8 @@ def _evidence(ev: Mapping[str, Any]) -> str:
               ("effect", "effect (share of the flip-set images random windows leave in place that the top-k move)"),
               ("min_effect", "minimum effect"),
               ("max_recurrence_p", "maximum recurrence p-value"), ("recurrence", "recurrence test (largest group of "
-                                                                                   "alike top-k windows)"),
+                                                                                   "top-k windows showing one "
+                                                                                   "picture)"),
               ("reason", "reason"),
               ("topk_median", "top-k median poison score"), ("null_median", "null median poison score"),
               ("null_size", "null size"), ("best_flip_share", "best flip share"), ("forced", "forced")]

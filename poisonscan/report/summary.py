@@ -218,7 +218,7 @@ def _recurrence_text(ev: Mapping[str, Any]) -> Text:
     rec = ev.get("recurrence")
     if not isinstance(rec, Mapping):
         return Text("-")
-    return Text(f"{format_value(rec.get('size'))} of the top {format_value(rec.get('k'))} windows alike  "
+    return Text(f"{format_value(rec.get('size'))} of the top {format_value(rec.get('k'))} windows show one picture  "
                 f"(random windows: up to {format_value(rec.get('null_group_p99'))}; p = "
                 f"{format_value(rec.get('p_value'), 3)}, maximum {format_value(ev.get('max_recurrence_p'), 3)})")
 

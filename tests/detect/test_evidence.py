@@ -188,16 +188,25 @@ def test_gate_reports_low_z_first_and_reads_old_evidence_files() -> None:
     assert effect_of({"z": 5.0, "topk_median": 1.0, "null_median": 0.0, "n_flip": 0, "effect": 0.25}) == 0.25
 
 
-def test_gate_asks_for_a_recurring_pattern_when_told_to() -> None:
-    null = np.arange(100.0)
-    ev = backdoor_evidence(np.full(20, 150.0), null, n_scored=1500, n_flip=250, n_boot=300)
-    assert evidence_gate(ev, 3.0, 0.0)[0]                                  # z alone, no recurrence asked
-    found, reason = evidence_gate(ev, 3.0, 0.0, max_recurrence_p=0.01)
-    assert not found and "no recurrence test" in reason                   # fails closed without the test
-    weak = {**ev, "recurrence": {"size": 3, "k": 20, "null_group_p99": 5.0, "p_value": 0.4}}
-    found, reason = evidence_gate(weak, 3.0, 0.0, max_recurrence_p=0.01)
-    assert not found and "no pattern recurs" in reason and "3 of 20" in reason
-    strong = {**ev, "recurrence": {"size": 14, "k": 20, "null_group_p99": 5.0, "p_value": 0.001}}
-    found, reason = evidence_gate(strong, 3.0, 0.0, max_recurrence_p=0.01)
-    assert found and "14 of the top 20 windows send the flip set to the same clusters" in reason
-    assert not evidence_gate({**strong, "z": 2.0}, 3.0, 0.0, max_recurrence_p=0.01)[0]   # z still needed
+def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
+    """Where random windows already move most of the flip set, a trigger's effect stays small: a picture recurring
+    among the top-k passes the gate instead; z is still needed, and without the test the effect alone decides."""
+    null = np.r_[np.full(250, 120.0), np.full(6, 124.0)]
+    ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
+                           n_boot=300)
+    assert ev["z"] > 3 and ev["effect"] < 0.15
+    found, reason = evidence_gate(ev, 3.0, 0.15)
+    assert not found and reason.endswith("and the record has no recurrence test")
+    weak = {**ev, "recurrence": {"signature": "pixels", "size": 3, "k": 20, "null_group_p99": 5.0, "p_value": 0.4}}
+    found, reason = evidence_gate(weak, 3.0, 0.15)
+    assert not found and "no picture recurs among the top-k (largest group 3 of 20" in reason
+    strong = {**ev, "recurrence": {**weak["recurrence"], "size": 13, "p_value": 0.001}}
+    found, reason = evidence_gate(strong, 3.0, 0.15)
+    assert found and "13 of the top 20 windows show one picture" in reason and "below the minimum effect" in reason
+    assert not evidence_gate(strong, 3.0, 0.15, max_recurrence_p=0.0)[0]            # 0: the effect alone decides
+    assert not evidence_gate({**strong, "z": 2.0}, 3.0, 0.15)[0]                      # z still needed
+    other = {**strong, "recurrence": {**strong["recurrence"], "signature": "destinations"}}
+    assert not evidence_gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one
+    big = {**strong, "effect": 0.5, "topk_median": 200.0}
+    found, reason = evidence_gate(big, 3.0, 0.15)
+    assert found and "13 of the top 20 windows show one picture" in reason

@@ -73,10 +73,10 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     # evidence, top-k and the classifier's removal
     assert summary["evidence"]["backdoor_found"] and summary["evidence"]["z"] >= 3
     assert [t["id"] in poisoned for t in summary["top_k"]] == [True] * 5
-    rec = json.loads((run / "evidence.json").read_text())["recurrence"]   # the five triggers recur
+    rec = json.loads((run / "evidence.json").read_text())["recurrence"]   # the five triggers show one picture
     assert rec["p_value"] <= 0.01 and rec["size"] == 5 and summary["evidence"]["recurrence"]["size"] == 5
     positives = json.loads((run / "classifier.json").read_text())["positives"]
-    assert positives == [t["index"] for t in summary["top_k"]]                # the paper's positives by default
+    assert sorted(positives) == sorted(t["index"] for t in summary["top_k"])  # the group: all five
     removed = (run / "removed.txt").read_text().split()
     assert sum(i in poisoned for i in removed) >= 18 and sum(i not in poisoned for i in removed) <= 5
     assert summary["counts"] == {"scanned": 200, "scored": len(scored), "removed": len(removed),
@@ -183,7 +183,8 @@ def test_min_evidence_gate_and_force_on_resume(toy, tmp_path, runtime):
 
 def test_min_effect_gate_and_its_change_on_resume(toy, tmp_path, runtime):
     run = tmp_path / "effect"
-    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, classifier_iters=20), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, max_recurrence_p=0.0, classifier_iters=20), runtime,
+                           quiet=True)
     ev = summary["evidence"]
     assert ev["z"] >= 3 and ev["effect"] < 1.0 and ev["min_effect"] == 1.0      # significant, but under the bar
     assert not ev["backdoor_found"] and "minimum effect 100%" in ev["reason"]
@@ -499,14 +500,21 @@ def test_full_disk_gives_one_clear_line_and_no_partial_file(toy, tmp_path):
     assert not (run / "stages/store.done").exists()
 
 
-def test_recurrence_gate_and_recurring_positives_when_asked(toy, tmp_path, runtime):
-    """--max-recurrence-p asks the gate for a recurring pattern (the toy's triggers form one), and
-    --classifier-positives recurring trains on the group's windows."""
+def test_a_recurring_picture_passes_the_gate_and_trains_the_classifier(toy, tmp_path, runtime):
+    """Under an effect bar nothing reaches, the toy's five triggers (one picture) still pass the gate, and the
+    classifier learns the group's windows; --max-recurrence-p 0 leaves the decision to the effect alone."""
     run = tmp_path / "rec"
-    summary = P.run_detect(small_cfg(toy, run, max_recurrence_p=0.01, classifier_positives="recurring",
-                                     classifier_iters=20), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, classifier_iters=20), runtime, quiet=True)
     rec = json.loads((run / "evidence.json").read_text())["recurrence"]
-    assert summary["evidence"]["backdoor_found"] and "send the flip set to the same clusters" in \
-        summary["evidence"]["reason"]
+    assert rec["signature"] == "pixels" and rec["p_value"] <= 0.01 and rec["size"] == 5
+    reason = summary["evidence"]["reason"]
+    assert summary["evidence"]["backdoor_found"] and "5 of the top 5 windows show one picture" in reason
+    assert "below the minimum effect 100%" in reason and summary["classifier"]["trained"]
     positives = json.loads((run / "classifier.json").read_text())["positives"]
     assert positives and set(positives) <= set(rec["members"])
+    evidence_done = (run / "stages/evidence.done").read_text()
+    again = P.run_detect(small_cfg(toy, None, resume=str(run), min_effect=1.0, max_recurrence_p=0.0,
+                                   classifier_iters=20), runtime, quiet=True)
+    assert (run / "stages/evidence.done").read_text() == evidence_done      # only the decision reruns
+    assert not again["evidence"]["backdoor_found"] and again["counts"]["removed"] == 0
+    assert "no backdoor signal" in again["evidence"]["reason"]

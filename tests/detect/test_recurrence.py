@@ -1,39 +1,55 @@
-"""The recurrence test: windows that send the flip set to the same clusters form a group; random ones do not."""
+"""The recurrence test: copies of one picture among the top-k windows form a group; random windows do not."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
 
-from poisonscan.detect.recurrence import destination_profiles, largest_group, profile_similarity, recurrence_test
+from poisonscan.detect.recurrence import (COMPARE_SIZE, is_pixel_record, largest_group, recurrence_test,
+                                          window_similarity)
 
-N_FLIP, N_CLUSTERS = 200, 50
-
-
-def _windows(rng: np.random.Generator, labels: np.ndarray, n: int, moved_share: float,
-             target: int | None = None) -> np.ndarray:
-    """``n`` windows' destinations: each moves ``moved_share`` of the flip images, to ``target`` (a trigger) or to
-    clusters of its own (a random window: a few favourite clusters each)."""
-    out = np.tile(labels, (n, 1))
-    for w in range(n):
-        moved = rng.random(N_FLIP) < moved_share
-        if target is not None:
-            out[w, moved] = target
-        else:
-            favourites = rng.choice(N_CLUSTERS, 3, replace=False)
-            out[w, moved] = rng.choice(favourites, int(moved.sum()))
-    return out
+W = 9
 
 
-def test_destination_profiles_count_moved_images_by_cluster():
-    labels = np.array([0, 0, 1, 1])
-    dest = np.array([[5, 5, 1, 1],      # moves images 0, 1 to cluster 5
-                     [5, 6, 1, 2],      # moves 0, 1, 3 to clusters 5, 6, 2
-                     [0, 0, 1, 1]])     # moves nothing
-    prof = destination_profiles(dest, labels, 8)
-    assert prof[0].tolist() == [0, 0, 0, 0, 0, 2, 0, 0] and prof[1].tolist() == [0, 0, 1, 0, 0, 1, 1, 0]
-    sim = profile_similarity(prof)
-    assert np.isclose(sim[0, 1], 1 / np.sqrt(3)) and np.isclose(sim[0, 0], 1.0)
-    assert (sim[2] == 0).all() and (sim[:, 2] == 0).all()
+def _natural(rng: np.random.Generator, n: int, w: int = W) -> torch.Tensor:
+    """``n`` uint8 windows of smooth random content with a little noise (what random windows of photos look like)."""
+    coarse = torch.as_tensor(rng.random((n, 3, 3, 3)), dtype=torch.float32)
+    smooth = F.interpolate(coarse, size=(w, w), mode="bilinear", align_corners=False)
+    noisy = smooth + 0.03 * torch.as_tensor(rng.normal(size=(n, 3, w, w)), dtype=torch.float32)
+    return (noisy.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _copies(rng: np.random.Generator, trigger: torch.Tensor, n: int, w: int = W) -> torch.Tensor:
+    """``n`` windows of ``w`` px cut around a pasted ``trigger``, each placed a pixel or two differently, on natural
+    backgrounds, with a little noise."""
+    out = _natural(rng, n, w).clone()
+    t = trigger.shape[-1]
+    for i in range(n):
+        x, y = rng.integers(0, w - t + 1, 2)
+        out[i, :, y:y + t, x:x + t] = trigger
+    noise = torch.as_tensor(rng.integers(-4, 5, out.shape), dtype=torch.int16)
+    return (out.to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+
+
+def test_window_similarity_finds_a_shifted_copy_and_ignores_brightness_and_flat_windows():
+    rng = np.random.default_rng(0)
+    a = torch.as_tensor(rng.integers(0, 256, (1, 3, 12, 12)), dtype=torch.uint8)
+    shifted = torch.roll(a, shifts=(2, 1), dims=(2, 3))
+    assert window_similarity(a)[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert window_similarity(a, shifted, max_shift=0)[0, 0] < 0.3          # unaligned: no match ...
+    assert window_similarity(a, shifted, max_shift=3)[0, 0] > 0.99         # ... until the shift is searched
+    darker = (a.float() * 0.5 + 20).to(torch.uint8)
+    assert window_similarity(a, darker)[0, 0] > 0.98                       # normalised: contrast does not count
+    flat = torch.full((1, 3, 12, 12), 128, dtype=torch.uint8)
+    assert window_similarity(a, flat)[0, 0] == 0.0 and window_similarity(flat)[0, 0] == 0.0
+    big = F.interpolate(a.float(), size=(48, 48), mode="nearest").to(torch.uint8)
+    assert COMPARE_SIZE < 48 and window_similarity(big)[0, 0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError):
+        window_similarity(a, big)
+    with pytest.raises(ValueError):
+        window_similarity(a[0])
 
 
 def test_largest_group_is_centred_on_the_most_alike_window():
@@ -42,40 +58,22 @@ def test_largest_group_is_centred_on_the_most_alike_window():
     assert largest_group(np.zeros((0, 0), dtype=bool)) == (0, [])
 
 
-def _shifts(rng: np.random.Generator, n: int, direction: np.ndarray | None = None) -> np.ndarray:
-    """Mean feature shifts: a shared part every strong window has, plus the trigger's direction or one of its own."""
-    shared = np.full(32, 0.5)
-    own = rng.normal(size=(n, 32)) if direction is None else direction + 0.05 * rng.normal(size=(n, 32))
-    return shared + own
-
-
-def test_trigger_windows_recur_and_random_windows_do_not():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, N_CLUSTERS, N_FLIP)
-    labels[labels == 7] = 8                               # cluster 7 is the target: no flip image starts there
-    null, null_shift = _windows(rng, labels, 1024, 0.5), _shifts(rng, 1024)
-    null_scores = (null != labels).sum(1)
-    direction = rng.normal(size=32)
-    top = np.concatenate([_windows(rng, labels, 12, 0.55, target=7), _windows(rng, labels, 8, 0.6)])
-    top_shift = np.concatenate([_shifts(rng, 12, direction), _shifts(rng, 8)])
-    rec = recurrence_test(top, top_shift, null, null_shift, null_scores, labels, N_CLUSTERS, seed=0)
-    assert rec["size"] >= 12 and set(rec["members"]) >= set(range(12))
-    assert rec["p_value"] < 0.01 and rec["null_group_p99"] < 5
-
-    clean = recurrence_test(_windows(rng, labels, 20, 0.6), _shifts(rng, 20), null, null_shift, null_scores, labels,
-                            N_CLUSTERS, seed=0)
-    assert clean["size"] < 5 and clean["p_value"] > 0.05
-
-
-def test_few_clusters_still_tell_a_trigger_from_random_windows():
-    """With 3 clusters every strong window sends the flip set to the same place: the feature shift decides."""
+def test_copies_of_a_trigger_recur_and_random_windows_do_not():
     rng = np.random.default_rng(1)
-    labels = rng.integers(0, 2, N_FLIP)
-    null = np.where(rng.random((256, N_FLIP)) < 0.5, 2, labels)
-    null_shift = _shifts(rng, 256)
-    direction = rng.normal(size=32)
-    top, top_shift = np.where(rng.random((5, N_FLIP)) < 0.6, 2, labels), _shifts(rng, 5, direction)
-    rec = recurrence_test(top, top_shift, null, null_shift, (null != labels).sum(1), labels, 3, seed=0)
-    assert rec["size"] == 5 and rec["bar_clusters"] > 0.99 and rec["p_value"] < 0.01
-    rec = recurrence_test(top, _shifts(rng, 5), null, null_shift, (null != labels).sum(1), labels, 3, seed=0)
-    assert rec["size"] < 3
+    trigger = torch.as_tensor(rng.integers(0, 256, (3, 8, 8)), dtype=torch.uint8)
+    null = _natural(rng, 1024)
+    top = torch.cat([_copies(rng, trigger, 12), _natural(rng, 8)])          # an impure top-20: 12 copies
+    rec = recurrence_test(top, null, n_boot=300, seed=0)
+    assert rec["signature"] == "pixels" and is_pixel_record(rec)
+    assert rec["size"] >= 12 and set(rec["members"]) >= set(range(12)) and rec["members"][0] < 12
+    assert rec["p_value"] < 0.01 and rec["null_group_p99"] < 5 and rec["n_reference"] == 256 and rec["k"] == 20
+    clean = recurrence_test(_natural(rng, 20), null, n_boot=300, seed=0)
+    assert clean["size"] < 5 and clean["p_value"] > 0.05
+    assert not is_pixel_record(None) and not is_pixel_record({"signature": "destinations"})
+
+
+def test_too_few_random_windows_give_no_evidence():
+    rng = np.random.default_rng(2)
+    trigger = torch.as_tensor(rng.integers(0, 256, (3, 8, 8)), dtype=torch.uint8)
+    rec = recurrence_test(_copies(rng, trigger, 5), _natural(rng, 3), n_boot=50)
+    assert rec["size"] == 5 and rec["p_value"] == 1.0
