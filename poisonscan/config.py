@@ -110,6 +110,12 @@ ENSEMBLE_DEFAULT = 3
 #: every random window of the evidence test cut from an image it does not flag. Measured in docs/benchmarks.md
 #: section 5.
 VERIFY_MIN_PROB_DEFAULT = 1.0
+#: The poison score counts the flip-set images a candidate window moves into its own cluster ("to_source",
+#: PatchSearch's rule), not every image it moves ("changed", the paper's). With many clusters and small images any
+#: high-contrast window moves half the flip set, and "changed" ranks such clean windows above the trigger: on the
+#: held-out tinyimagenet100 (100 classes, 32 px, 1% poisoned) 4 of the top 20 were poisons with "changed" and 16 with
+#: "to_source"; on the demo both found 20 of 20 (docs/design.md, "The poison score").
+SCORE_RULE_DEFAULT = "to_source"
 #: The evidence gate (detect/evidence.py): a backdoor signal needs z >= 3 and either an effect of at least 0.15 (the
 #: share of the flip set the top-k move beyond random windows, set between the recorded runs of three settings:
 #: the demo, imagenette-96 and CIFAR-10 50k) or one picture recurring among the top-k windows at p <= 0.01 (the
@@ -206,7 +212,8 @@ class DetectConfig(CommonConfig):
     drop_fraction: float = field(default=PAPER.drop_fraction, metadata=between(0.0, 1.0))
     top_k: int = field(default=PAPER.top_k, metadata=at_least(1))
     drop_top: float = field(default=PAPER.drop_top, metadata=between(0.0, 0.99))
-    score_rule: str = "changed"         # poison score: "changed" (paper) or "to_source" (PatchSearch)
+    # poison score: "to_source" (PatchSearch: flips into the candidate's own cluster) or "changed" (paper: any flip)
+    score_rule: str = SCORE_RULE_DEFAULT
     aggregate: str = "sum"              # cluster score in the search: "sum" (paper) or "max" (PatchSearch)
     # random windows scored for the backdoor-evidence test (benchmarks 2c) ...
     null_size: int = field(default=1024, metadata=at_least(1))

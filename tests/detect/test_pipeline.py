@@ -357,20 +357,21 @@ def test_patchsearch_method_swaps_only_candidate_detection(toy, tmp_path, runtim
     summary = P.run_detect(small_cfg(toy, run, method="patchsearch", min_evidence=1e9), runtime, quiet=True)
     assert summary["method"] == "patchsearch"
     search = json.loads((run / "search.json").read_text())
-    assert search["method"] == "patchsearch" and search["rule"] == "changed" and search["aggregate"] == "sum"
+    assert search["method"] == "patchsearch" and search["rule"] == "to_source" and search["aggregate"] == "sum"
     # Grad-CAM misses some triggers (an image aligned with its centroid has a near-zero gradient), but the
     # top of the ranking is poisoned
     assert sum(t["id"] in toy["poisoned"] for t in summary["top_k"]) >= 3
     assert np.load(run / "attention.npy").shape[0] == summary["search"]["n_scored"]
 
 
-def test_patchsearch_rules_to_source_and_max(toy, tmp_path, runtime):
+def test_the_papers_rule_and_max(toy, tmp_path, runtime):
+    """The paper's poison score (any flip image whose cluster changes) and PatchSearch's max aggregate."""
     run = tmp_path / "ps_rules"
-    summary = P.run_detect(small_cfg(toy, run, method="patchsearch", score_rule="to_source", aggregate="max",
+    summary = P.run_detect(small_cfg(toy, run, method="patchsearch", score_rule="changed", aggregate="max",
                                      min_evidence=1e9), runtime, quiet=True)
     search = json.loads((run / "search.json").read_text())
-    assert search["rule"] == "to_source" and search["aggregate"] == "max"
-    assert summary["top_k"][0]["id"] in toy["poisoned"] and summary["top_k"][0]["poison_score"] == 30
+    assert search["rule"] == "changed" and search["aggregate"] == "max"
+    assert summary["top_k"][0]["id"] in toy["poisoned"] and summary["top_k"][0]["poison_score"] >= 30
     evidence = json.loads((run / "evidence.json").read_text())
     assert len(evidence["null_scores"]) == 64 and np.median(evidence["null_scores"]) < 5
 

@@ -1,18 +1,22 @@
-r"""The evidence gate on finished detect runs: the recurrence test against the effect bar, side by side.
+r"""The evidence gate on finished detect runs: the run's decision beside the effect bar's alone.
 
 For each run it prints and records the threat model's strength (k-NN ASR against the rate at which clean images
-are already put with the target), ``z``, the effect, the recurrence test (the largest group of alike top-k
-windows against the largest groups of random windows), what the run decided, what the effect bar
-(``--min-effect 0.15`` with ``z >= 3``, no recurrence test) would have decided on the same evidence, and the
-removal's recall and precision where the ground truth is given.
+are already put with the target), ``z``, the effect, the recurrence test (the largest group of top-k windows
+showing one picture against the largest groups of random windows), what the run decided, what the effect bar
+alone (``--min-effect 0.15`` with ``z >= 3``, ``--max-recurrence-p 0``) would have decided on the same evidence,
+and the removal's recall and precision (and how many of the top 20 are poisons) where the ground truth is given.
 
-    python benchmarks/recurrence_runs.py --out benchmarks/results/recurrence/demo.json \
-        --run demo RUN_DIR --truth GROUND_TRUTH.csv --backdoor BACKDOOR_DIR/summary.json --setting "..."
+    python benchmarks/decision_records.py --out benchmarks/results/decisions/demo.json \
+        --run demo RUN_DIR --truth GROUND_TRUTH.csv --backdoor BACKDOOR_DIR/summary.json --setting "..." \
+        --role tuned --command "poisonscan demo ..."
+
+The records are what docs/results.md is generated from (``benchmarks/results_page.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -32,17 +36,19 @@ def _strength(path: str | None) -> dict[str, Any] | None:
     return {"knn_asr": knn.get("asr"), "clean_rate": knn.get("target_rate_clean"), "knn_accuracy": knn.get("accuracy")}
 
 
-def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: str) -> dict[str, Any]:
+def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: str, role: str = "held-out",
+        commands: list[str] | None = None) -> dict[str, Any]:
     """One run's record."""
     summary = json.loads((run / "summary.json").read_text())
     ev = json.loads((run / "evidence.json").read_text())
     rec = ev.get("recurrence") or {}
-    by_effect, effect_reason = evidence_gate(ev, 3.0, EFFECT_BAR)
+    by_effect, effect_reason = evidence_gate(ev, 3.0, EFFECT_BAR, max_recurrence_p=0.0)
     out: dict[str, Any] = {
-        "name": name, "setting": setting, "run": str(run), "threat_model": _strength(backdoor),
+        "name": name, "setting": setting, "role": role, "commands": list(commands or []), "run": str(run),
+        "threat_model": _strength(backdoor),
         "z": ev["z"], "effect": ev.get("effect"),
-        "recurrence": {k: rec.get(k) for k in ("size", "k", "p_value", "null_group_median", "null_group_p99",
-                                               "bar_clusters", "bar_shift")},
+        "recurrence": {k: rec.get(k) for k in ("signature", "size", "k", "p_value", "null_group_median",
+                                               "null_group_p99", "bar", "n_reference")},
         "decision": {"backdoor_found": summary["evidence"]["backdoor_found"], "reason": summary["evidence"]["reason"],
                      "removed": summary["counts"]["removed"], "scanned": summary["counts"]["scanned"]},
         "effect_bar": {"backdoor_found": by_effect, "reason": effect_reason},
@@ -51,6 +57,11 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
         q = run_detection(EvalDetectionConfig(run=str(run), truth=truth))
         out["decision"].update(recall=q["removal"]["recall"], precision=q["removal"]["precision"],
                                top20_trigger_accuracy=q["triggers"]["topk"].get("20", {}).get("accuracy"))
+        ids = json.loads((run / "ids.json").read_text())
+        with open(truth, newline="") as fh:
+            poisoned = {r["sample_id"] for r in csv.DictReader(fh) if r.get("poisoned") == "1"}
+        out["recurrence"].update(poisons_in_group=sum(ids[int(i)] in poisoned for i in rec.get("members", [])),
+                                 poisons_in_top_k=sum(ids[int(i)] in poisoned for i in ev["top_k"]))
     return out
 
 
@@ -60,15 +71,20 @@ def main() -> None:
     ap.add_argument("--truth", default=None, help="ground_truth.csv of the poisoned data")
     ap.add_argument("--backdoor", default=None, help="summary.json of `poisonscan eval backdoor` on the threat model")
     ap.add_argument("--setting", default="", help="one line: data, poisons, trigger, threat model")
+    ap.add_argument("--role", choices=("tuned", "held-out"), required=True,
+                    help="tuned: a default was chosen on this setting; held-out: none was")
+    ap.add_argument("--command", action="append", default=[], help="a command that reproduces the run (repeat)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    r = row(args.run[0], Path(args.run[1]), args.truth, args.backdoor, args.setting)
+    r = row(args.run[0], Path(args.run[1]), args.truth, args.backdoor, args.setting, args.role, args.command)
     r["environment"] = environment_record()
     atomic_write_json(args.out, r)
     tm, rc, d = r["threat_model"] or {}, r["recurrence"], r["decision"]
     print(f"{r['name']}: k-NN ASR {tm.get('knn_asr')} (clean rate {tm.get('clean_rate')}); z {r['z']:.2f}, "
           f"effect {100 * (r['effect'] or 0):.1f}%; recurrence {rc['size']}/{rc['k']} (random: median "
-          f"{rc['null_group_median']}, p99 {rc['null_group_p99']}), p = {rc['p_value']}")
+          f"{rc['null_group_median']}, p99 {rc['null_group_p99']}), p = {rc['p_value']}"
+          + (f"; poisons: {rc['poisons_in_top_k']} in the top-k, {rc['poisons_in_group']} in the group"
+             if "poisons_in_group" in rc else ""))
     print(f"  the run's gate: {'found' if d['backdoor_found'] else 'not found'}, removed {d['removed']} of "
           f"{d['scanned']}" + (f", recall {d['recall']:.4f}, precision {d['precision']:.4f}" if "recall" in d else ""))
     print(f"  effect bar {EFFECT_BAR:g}: {'found' if r['effect_bar']['backdoor_found'] else 'not found'} "
