@@ -110,6 +110,11 @@ def detect(
              "neighbour consensus keeps; removed when it moves more flip-set images than every random window cut "
              "from an unflagged image; 1 = off, 0.9 measured in docs/benchmarks.md section 5 "
              f"{default(DetectConfig, 'verify_min_prob')}."),
+    match_picture: bool | None = typer.Option(
+        None, "--match-picture/--no-match-picture",
+        help="When a picture recurs among the top-k windows, remove exactly the images that contain it (their best "
+             "window as similar to the group's windows as the recurrence test's bar), whatever the classifier says "
+             + default(DetectConfig, "match_picture") + "."),
     ensemble: int | None = typer.Option(None, "--ensemble", min=1,
                                         help="Poison classifiers trained with different seeds and averaged "
                                              + default(DetectConfig, "ensemble", "1 = the paper's single classifier")
@@ -178,7 +183,7 @@ def detect(
         drop_top=drop_top, classifier_iters=classifier_iters,
         classifier_holdout=classifier_holdout, classifier_decoys=classifier_decoys,
         classifier_rounds=classifier_rounds, classifier_refine_by=refine_by, neighbours=neighbours,
-        verify_min_prob=verify_min_prob, ensemble=ensemble,
+        verify_min_prob=verify_min_prob, match_picture=match_picture, ensemble=ensemble,
         min_evidence=min_evidence,
         min_effect=min_effect, max_recurrence_p=max_recurrence_p, classifier_positives=classifier_positives,
         null_size=null_size, null_pool=null_pool, feature_dtype=feature_dtype,

@@ -213,6 +213,11 @@ def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
     if recurring:
         return True, (f"backdoor signal: z = {z:.2f}, {group}; {moved}, below the minimum effect "
                       f"{100 * min_effect:g}%")
-    why = (f"and no picture recurs among the top-k (largest group {rec['size']} of {rec['k']}; random windows: up "
-           f"to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f})" if rec else "and the record has no recurrence test")
+    if rec is None:
+        why = "and the record has no recurrence test"
+    elif max_recurrence_p <= 0:
+        why = "and a recurring picture is not asked for (--max-recurrence-p 0)"
+    else:
+        why = (f"and no picture recurs among the top-k (largest group {rec['size']} of {rec['k']}; random windows: "
+               f"up to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f})")
     return False, f"no backdoor signal: {moved}, below the minimum effect {100 * min_effect:g}%, {why}"

@@ -44,6 +44,7 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,
                                           train_with_refinement)
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
+from poisonscan.detect.matching import best_match, match_threshold
 from poisonscan.detect.recurrence import is_pixel_record, recurrence_test
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
@@ -75,21 +76,22 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
                    "classifier_refine_by", "refine_neighbours", "ensemble", "threshold", "min_evidence", "min_effect",
                    "max_recurrence_p", "classifier_positives", "force"),
-    "verify": ("neighbours", "verify_min_prob"),
+    "verify": ("neighbours", "verify_min_prob", "match_picture"),
     "outputs": ("fail_on", "fail_on_unreadable"),
 }
 
 #: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
 #: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
 LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0,
-                                 "classifier_refine_by": "p"}
+                                 "classifier_refine_by": "p", "match_picture": False}
 
 CLASSIFIER_POSITIVES = ("recurring", "all")
 
 REFINE_BY = ("p", "removal")
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
-                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "verify_flips", "removed", "top_k_rank")
+                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "verify_flips", "picture_match", "removed",
+                 "top_k_rank")
 
 RoundHook = Callable[[int], None]
 
@@ -279,6 +281,7 @@ class _Ctx:
     neighbour_index: np.ndarray | None = None   # those neighbours' indices, N x k
     removal: np.ndarray | None = None           # the removal score thresholded by the decision, N
     verify: dict[str, Any] | None = None        # verify.json: the isolated flags flip-tested, and which passed
+    match: np.ndarray | None = None             # each image's best similarity to the recurring picture, N
     timings: dict[str, float] = field(default_factory=dict)
     stage_start: float = 0.0
     _flip_cache: tuple[Tensor, Tensor] | None = None
@@ -632,19 +635,54 @@ def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
                     "verified": bool(flips[j] > bar)} for j, i in enumerate(cand)]
     ctx.verify = {"min_prob": cfg.verify_min_prob, "bar": bar, "n_candidates": len(entries),
                   "n_verified": sum(e["verified"] for e in entries), "candidates": entries}
+    ctx.verify["picture_match"] = _picture_match(ctx)
     ctx.run.write_json("verify.json", ctx.verify)
     return {"candidates": len(entries), "verified": ctx.verify["n_verified"]}
 
 
+def _picture_match(ctx: _Ctx) -> dict[str, Any] | None:
+    """With a backdoor signal and a recurring picture (``match_picture``), search every image for it
+    (detect/matching.py): ``picture_match.npy`` and the record of ``verify.json``; else ``None``."""
+    rec = ctx.evidence.get("recurrence")
+    ctx.match = None
+    ctx.run.file("picture_match.npy").unlink(missing_ok=True)
+    if (not ctx.cfg.match_picture or ctx.probs is None or not is_pixel_record(rec)
+            or rec["p_value"] > ctx.cfg.max_recurrence_p):
+        return None
+    boxes, members = _boxes(ctx), [int(i) for i in rec["members"]]
+    templates = cut_windows(ctx.store.images[torch.as_tensor(members)],
+                            torch.as_tensor([boxes[i] for i in members], dtype=torch.int64))
+    ctx.match = best_match(ctx.store.images, templates, ctx.runtime, ctx.cfg.batch_size, ctx.quiet)
+    ctx.run.save_npy("picture_match.npy", ctx.match)
+    threshold, outlier = match_threshold(ctx.match, rec["bar"])
+    contains = ctx.match >= threshold - 1e-9
+    flagged = _decide(ctx) | _verified_of(ctx, ctx.verify)
+    return {"threshold": threshold, "bar": float(rec["bar"]), "outlier_bar": outlier, "templates": len(members),
+            "contain": int(contains.sum()), "flagged_without": int((flagged & ~contains).sum()),
+            "added": int((contains & ~flagged).sum())}
+
+
 def _load_verify(ctx: _Ctx) -> None:
     ctx.verify = ctx.run.read_json("verify.json")
+    ctx.match = (np.load(ctx.run.file("picture_match.npy"), allow_pickle=False)
+                 if ctx.verify.get("picture_match") else None)
 
 
-def _verified(ctx: _Ctx) -> np.ndarray:
+def _verified_of(ctx: _Ctx, verify: dict[str, Any] | None) -> np.ndarray:
     """Bool N: the images the verification step removes (on top of the removal score's decision)."""
     out = np.zeros(len(ctx.store), dtype=bool)
-    out[[e["index"] for e in (ctx.verify or {}).get("candidates", []) if e["verified"]]] = True
+    out[[e["index"] for e in (verify or {}).get("candidates", []) if e["verified"]]] = True
     return out
+
+
+def _removed(ctx: _Ctx) -> np.ndarray:
+    """Bool N, the removal: the images that contain the recurring picture when it was searched for (the
+    classifier's flags without it are kept, images with it that the classifier kept are removed); else the removal
+    score's decision and the verified flags."""
+    pm = (ctx.verify or {}).get("picture_match")
+    if pm is not None and ctx.match is not None:
+        return ctx.match >= pm["threshold"] - 1e-9
+    return _decide(ctx) | _verified_of(ctx, ctx.verify)
 
 
 def _fmt(values: np.ndarray | None, i: int) -> str:
@@ -664,7 +702,7 @@ def _scores_csv(ctx: _Ctx, removed: np.ndarray, ranks: dict[int, int]) -> str:
         box = e["box"] if e else ["", "", "", ""]
         w.writerow([i, sid, "" if label is None else label, int(cl.labels[i]), f"{float(cl.distances[i]):.6f}",
                     e["poison_score"] if e else "", *box, _fmt(ctx.probs, i), _fmt(ctx.neighbour_probs, i),
-                    _fmt(ctx.removal, i), verify.get(i, ""), int(removed[i]), ranks.get(i, "")])
+                    _fmt(ctx.removal, i), verify.get(i, ""), _fmt(ctx.match, i), int(removed[i]), ranks.get(i, "")])
     return buf.getvalue()
 
 
@@ -737,6 +775,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
                        int((ctx.probs > cfg.threshold).sum()),
                        "verification": {k: (ctx.verify or {}).get(k) for k in ("min_prob", "bar", "n_candidates",
                                                                                  "n_verified")}},
+        "picture_match": (ctx.verify or {}).get("picture_match"),
         "timings": dict(ctx.timings),
         "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",
                   "summary": "summary.json"},
@@ -746,7 +785,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
 
 def _stage_outputs(ctx: _Ctx) -> dict[str, Any]:
     run, store = ctx.run, ctx.store
-    removed = _decide(ctx) | _verified(ctx)
+    removed = _removed(ctx)
     top = [int(i) for i in ctx.evidence["top_k"]]
     ranks = {i: r + 1 for r, i in enumerate(top)}
     run.write_text("scores.csv", _scores_csv(ctx, removed, ranks))

@@ -203,7 +203,8 @@ def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     strong = {**ev, "recurrence": {**weak["recurrence"], "size": 13, "p_value": 0.001}}
     found, reason = evidence_gate(strong, 3.0, 0.15)
     assert found and "13 of the top 20 windows show one picture" in reason and "below the minimum effect" in reason
-    assert not evidence_gate(strong, 3.0, 0.15, max_recurrence_p=0.0)[0]            # 0: the effect alone decides
+    found, reason = evidence_gate(strong, 3.0, 0.15, max_recurrence_p=0.0)          # 0: the effect alone decides
+    assert not found and reason.endswith("a recurring picture is not asked for (--max-recurrence-p 0)")
     assert not evidence_gate({**strong, "z": 2.0}, 3.0, 0.15)[0]                      # z still needed
     other = {**strong, "recurrence": {**strong["recurrence"], "signature": "destinations"}}
     assert not evidence_gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one

@@ -88,7 +88,9 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     for r in rows:
         support = min(max((float(r["neighbour_prob"]) - b) / (1 - b), 0.0), 1.0)
         assert abs(float(r["removal_score"]) - (float(r["classifier_prob"]) + support) / 2) < 2e-5
-        assert (r["removed"] == "1") == (float(r["removal_score"]) > 0.5)
+        # the triggers recur, so the removal is the images that contain the picture (the classifier's own decision,
+        # by the removal score, is tested with --no-match-picture below)
+        assert (r["removed"] == "1") == (float(r["picture_match"]) >= summary["picture_match"]["threshold"] - 1e-6)
     assert summary["classifier"]["neighbours"] == 10
     assert {r["id"] for r in rows if r["removed"] == "1"} == set(removed)
     assert sorted(int(r["top_k_rank"]) for r in rows if r["top_k_rank"]) == [1, 2, 3, 4, 5]
@@ -278,11 +280,11 @@ def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, r
     """With the refinement dropping by P alone the neighbours only decide; by the removal score they also chose the
     classifier's training pool, so a change retrains it."""
     run = tmp_path / "nb"
-    P.run_detect(small_cfg(toy, run, classifier_refine_by="p"), runtime, quiet=True)
+    P.run_detect(small_cfg(toy, run, classifier_refine_by="p", match_picture=False), runtime, quiet=True)
     classifier_done = (run / "stages/classifier.done").read_text()
     probs = (run / "classifier_probs.npy").read_bytes()
-    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0, classifier_refine_by="p"), runtime,
-                           quiet=True)
+    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0, classifier_refine_by="p",
+                                     match_picture=False), runtime, quiet=True)
     assert (run / "stages/classifier.done").read_text() == classifier_done      # not retrained
     assert (run / "classifier_probs.npy").read_bytes() == probs
     rows = read_scores(run)
@@ -290,7 +292,8 @@ def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, r
     assert all((r["removed"] == "1") == (float(r["classifier_prob"]) > 0.5) for r in rows)
     assert summary["classifier"]["neighbours"] == 0
     assert summary["counts"]["removed"] == summary["classifier"]["removed_by_classifier_alone"]
-    P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0), runtime, quiet=True)    # refine by removal
+    P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0, match_picture=False), runtime,
+                 quiet=True)                                                         # refine by removal
     assert (run / "stages/classifier.done").read_text() != classifier_done
 
 
@@ -298,11 +301,12 @@ def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, ru
     """Neighbours over the whole data set give no support, so the consensus keeps every poison; verification
     flip-tests the window the classifier looks at in each confident flag and removes the poisons."""
     run = tmp_path / "verify"
-    off = P.run_detect(small_cfg(toy, run, neighbours=199, classifier_refine_by="p"), runtime, quiet=True)
+    off = P.run_detect(small_cfg(toy, run, neighbours=199, classifier_refine_by="p", match_picture=False), runtime,
+                       quiet=True)
     assert off["counts"]["removed"] == 0 and off["classifier"]["verification"]["n_candidates"] == 0
     classifier_done = (run / "stages/classifier.done").read_text()
     summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=199, classifier_refine_by="p",
-                                     verify_min_prob=0.9), runtime, quiet=True)
+                                     verify_min_prob=0.9, match_picture=False), runtime, quiet=True)
     assert (run / "stages/classifier.done").read_text() == classifier_done          # only the decision again
     ver = json.loads((run / "verify.json").read_text())
     evidence = json.loads((run / "evidence.json").read_text())
@@ -513,9 +517,23 @@ def test_a_recurring_picture_passes_the_gate_and_trains_the_classifier(toy, tmp_
     assert "below the minimum effect 100%" in reason and summary["classifier"]["trained"]
     positives = json.loads((run / "classifier.json").read_text())["positives"]
     assert positives and set(positives) <= set(rec["members"])
+    # the removal: exactly the images that contain the picture, whatever the classifier flagged
+    match = np.load(run / "picture_match.npy")
+    pm = summary["picture_match"]
+    assert pm["bar"] == rec["bar"] and pm["templates"] == 5 and pm["threshold"] == max(pm["bar"], pm["outlier_bar"])
+    assert pm["contain"] == int((match >= pm["threshold"]).sum())
+    removed = set((run / "removed.txt").read_text().split())
+    assert removed == set(toy["poisoned"]) and pm["contain"] == len(toy["poisoned"])
+    rows = read_scores(run)
+    assert all((float(r["picture_match"]) >= pm["threshold"] - 1e-6) == (r["removed"] == "1") for r in rows)
     evidence_done = (run / "stages/evidence.done").read_text()
     again = P.run_detect(small_cfg(toy, None, resume=str(run), min_effect=1.0, max_recurrence_p=0.0,
                                    classifier_iters=20), runtime, quiet=True)
     assert (run / "stages/evidence.done").read_text() == evidence_done      # only the decision reruns
     assert not again["evidence"]["backdoor_found"] and again["counts"]["removed"] == 0
     assert "no backdoor signal" in again["evidence"]["reason"]
+    assert again["picture_match"] is None and not (run / "picture_match.npy").exists()
+    classifier = P.run_detect(small_cfg(toy, None, resume=str(run), match_picture=False, classifier_iters=20),
+                              runtime, quiet=True)                            # the classifier decides
+    assert classifier["picture_match"] is None and classifier["evidence"]["backdoor_found"]
+    assert classifier["counts"]["removed"] == sum(r["removed"] == "1" for r in read_scores(run))

@@ -1,0 +1,69 @@
+"""Finding the recurring picture in every image: a pasted copy anywhere matches, clean images and flat ones do not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poisonscan import runtime as rt
+from poisonscan.detect.matching import best_match, match_threshold
+from poisonscan.detect.recurrence import window_similarity
+
+
+def _natural(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
+    coarse = torch.as_tensor(rng.random((n, 3, 4, 4)), dtype=torch.float32)
+    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    noisy = smooth + 0.03 * torch.as_tensor(rng.normal(size=(n, 3, size, size)), dtype=torch.float32)
+    return (noisy.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return rt.setup_runtime("cpu", "fp32")
+
+
+def test_a_pasted_copy_matches_anywhere_and_clean_images_do_not(runtime):
+    rng = np.random.default_rng(0)
+    trigger = torch.as_tensor(rng.integers(0, 256, (3, 8, 8)), dtype=torch.uint8)
+    images = _natural(rng, 40, 32)
+    for i in range(20):                                      # the first 20 carry the trigger, anywhere
+        x, y = rng.integers(0, 32 - 8 + 1, 2)
+        images[i, :, y:y + 8, x:x + 8] = trigger
+    templates = torch.cat([trigger[None], trigger[None]])
+    sims = best_match(images, templates, runtime, batch_size=7)
+    assert sims.shape == (40,) and sims.dtype == np.float32
+    assert (sims[:20] > 0.999).all() and (sims[20:] < 0.9).all()
+    flat = torch.full((2, 3, 32, 32), 90, dtype=torch.uint8)
+    assert (best_match(flat, templates, runtime) == 0).all()
+    assert best_match(images[:0], templates, runtime).shape == (0,)
+
+
+def test_the_measure_is_the_recurrence_tests(runtime):
+    """On an image the size of the window, the match is window_similarity without shifts."""
+    rng = np.random.default_rng(1)
+    a, b = _natural(rng, 1, 9), torch.as_tensor(rng.integers(0, 256, (3, 3, 9, 9)), dtype=torch.uint8)
+    expected = window_similarity(a, b, max_shift=0).max()
+    assert best_match(a, b, runtime)[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_wide_templates_are_compared_shrunk(runtime):
+    rng = np.random.default_rng(2)
+    trigger = torch.as_tensor(rng.integers(0, 256, (3, 6, 6)), dtype=torch.uint8)
+    trigger = F.interpolate(trigger[None].float(), size=(40, 40), mode="nearest")[0].to(torch.uint8)
+    images = _natural(rng, 4, 120)
+    images[0, :, 40:80, 40:80] = trigger                      # aligned with the shrink grid
+    images[1, :, 13:53, 61:101] = trigger                     # and not
+    sims = best_match(images, trigger[None], runtime)
+    assert sims[0] > 0.99 and sims[1] > 0.9 and (sims[2:] < 0.9).all()
+
+
+def test_the_threshold_is_the_larger_of_the_pair_bar_and_an_outlier_bar():
+    rng = np.random.default_rng(3)
+    clean = rng.normal(0.3, 0.02, 1000)                       # noise-like images: a low pair bar is not enough
+    matches = np.r_[clean, np.full(50, 1.0)]
+    threshold, outlier = match_threshold(matches, bar=0.25)
+    assert threshold == outlier and clean.max() < threshold < 1.0
+    assert match_threshold(matches, bar=0.9) == (0.9, outlier)
+    assert match_threshold(np.zeros(0), bar=0.5)[0] == 0.5
