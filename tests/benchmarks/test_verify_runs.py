@@ -31,7 +31,7 @@ def test_a_toy_run_verified_in_a_copy(tmp_path: Path, one_torch_thread) -> None:
     cfg = DetectConfig(data=str(work / "data" / "train"), model=str(model), out=str(work / "detect-poisoncam"),
                        clusters=4, masks=64, flip_size=40, top_k=5, null_size=64, classifier_iters=100,
                        batch_size=128, device="cpu", precision="fp32", ensemble=1, neighbours=199,
-                       classifier_refine_by="p")
+                       classifier_refine_by="p", match_picture=False)      # the classifier's decision, verified
     run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
     original = (work / "detect-poisoncam" / "scores.csv").read_text()
     after = verify_runs.verified_run(work, 0.9)
