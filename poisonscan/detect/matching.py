@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poisonscan import runtime as rt
-from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD
+from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD, as_compared, normalised
 
 
 #: an image's best match must stand this many robust standard deviations (1.4826 x MAD) above the median of all
@@ -38,18 +38,11 @@ def match_threshold(matches: np.ndarray, bar: float) -> tuple[float, float]:
 
 
 def _prepare(templates_u8: Tensor) -> tuple[Tensor, float]:
-    """The templates as float 0-1, shrunk to :data:`COMPARE_SIZE` when wider, each channel centred and the whole
-    scaled to unit norm (flat ones zeroed); and the factor the images must be shrunk by to match."""
-    t = templates_u8.float() / 255.0
-    w = int(t.shape[-1])
-    scale = 1.0
-    if w > COMPARE_SIZE:
-        scale = COMPARE_SIZE / w
-        t = F.adaptive_avg_pool2d(t, COMPARE_SIZE)
-    t = t - t.mean((2, 3), keepdim=True)
-    norm = t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    flat = norm < FLAT_STD * t[0].numel() ** 0.5
-    return torch.where(flat, torch.zeros_like(t), t / norm.clamp_min(1e-12)), scale
+    """The templates as the recurrence test compares windows (shrunk, each channel centred, unit norm, flat ones
+    zeroed), as convolution kernels; and the factor the images must be shrunk by to match."""
+    t = as_compared(templates_u8)
+    w = int(templates_u8.shape[-1])
+    return normalised(t).view_as(t), (COMPARE_SIZE / w if w > COMPARE_SIZE else 1.0)
 
 
 def best_match(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256,

@@ -90,8 +90,8 @@ CLASSIFIER_POSITIVES = ("recurring", "all")
 REFINE_BY = ("p", "removal")
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
-                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "verify_flips", "picture_match", "removed",
-                 "top_k_rank")
+                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "verify_flips", "picture_match",
+                 "removed", "top_k_rank")
 
 RoundHook = Callable[[int], None]
 
@@ -732,9 +732,9 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
                                                   ("topk_spread", None))})
     evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
                     max_recurrence_p=cfg.max_recurrence_p, forced=bool(clf["forced"]),
-                    recurrence={k: ev["recurrence"][k] for k in ("size", "k", "p_value", "null_group_median",
-                                                                 "null_group_p99")} if is_pixel_record(ev.get("recurrence"))
-                    else None,
+                    recurrence=({k: ev["recurrence"][k] for k in ("size", "k", "p_value", "null_group_median",
+                                                                  "null_group_p99")}
+                                if is_pixel_record(ev.get("recurrence")) else None),
                     reason=clf.get("reason") or evidence_gate(ev, cfg.min_evidence, cfg.min_effect,
                                                               cfg.max_recurrence_p)[1])
     meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}

@@ -37,7 +37,7 @@ COMPARE_SIZE = 16
 FLAT_STD = 0.02
 
 
-def _as_float(windows: np.ndarray | torch.Tensor) -> torch.Tensor:
+def as_compared(windows: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``n x C x w x w`` windows (uint8 0-255, or float 0-1) as float32 0-1, shrunk to :data:`COMPARE_SIZE`."""
     t = torch.as_tensor(windows)
     t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
@@ -48,7 +48,7 @@ def _as_float(windows: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _normalised(x: torch.Tensor) -> torch.Tensor:
+def normalised(x: torch.Tensor) -> torch.Tensor:
     """``n x C x h x w`` windows as rows, each channel centred (a colour cast is no pattern), scaled to unit norm;
     a row flatter than :data:`FLAT_STD` becomes zero."""
     x = (x - x.mean((2, 3), keepdim=True)).flatten(1)
@@ -60,11 +60,11 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
 def window_similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None,
                       max_shift: int | None = None) -> np.ndarray:
     """Similarity of windows ``a`` (n x C x w x w) to windows ``b`` (m x C x w x w; default ``a``): the largest
-    normalised cross-correlation of their overlap (each channel centred, all scaled together) over shifts of up to ``max_shift`` pixels
-    each way (default :data:`SHIFT_SHARE` of the compared width: a trigger smaller than the window sits anywhere
-    in it). n x m floats in [-1, 1]; 0 against a flat window."""
-    ta = _as_float(a)
-    tb = ta if b is None else _as_float(b)
+    normalised cross-correlation of their overlap (each channel centred, all scaled together) over shifts of up to
+    ``max_shift`` pixels each way (default :data:`SHIFT_SHARE` of the compared width: a trigger smaller than the
+    window sits anywhere in it). n x m floats in [-1, 1]; 0 against a flat window."""
+    ta = as_compared(a)
+    tb = ta if b is None else as_compared(b)
     if ta.shape[1:] != tb.shape[1:]:
         raise ValueError(f"windows of different shapes: {tuple(ta.shape[1:])} and {tuple(tb.shape[1:])}")
     w = int(ta.shape[-1])
@@ -75,8 +75,8 @@ def window_similarity(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor
             h, ww = w - abs(dy), w - abs(dx)
             ya, yb = max(dy, 0), max(-dy, 0)
             xa, xb = max(dx, 0), max(-dx, 0)
-            pa = _normalised(ta[:, :, ya:ya + h, xa:xa + ww])
-            pb = _normalised(tb[:, :, yb:yb + h, xb:xb + ww])
+            pa = normalised(ta[:, :, ya:ya + h, xa:xa + ww])
+            pb = normalised(tb[:, :, yb:yb + h, xb:xb + ww])
             best = torch.maximum(best, pa @ pb.T)
     return best.numpy().astype(np.float64)
 
