@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.recurrence import SIGNIFICANCE, is_pixel_record
+from poisonscan.detect.recurrence import SIGNIFICANCE, is_pixel_record, recurring_group
 from poisonscan.detect.search import torch_generator
 
 _BOOT_CHUNK_ELEMS = 4_000_000
@@ -203,7 +203,7 @@ def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
     ``p <= max_recurrence_p``; 0: the effect alone decides; a record without the test has no recurring picture)."""
     z, effect = float(ev["z"]), effect_of(ev)
     rec = ev.get("recurrence") if is_pixel_record(ev.get("recurrence")) else None
-    recurring = rec is not None and rec["p_value"] <= max_recurrence_p
+    recurring = recurring_group(ev, max_recurrence_p) is not None
     moved = f"the top-k move {100 * effect:.1f}% of the flip-set images random windows leave in place"
     group = (f"{rec['size']} of the top {rec['k']} windows show one picture (random windows: groups of up to "
              f"{rec['null_group_p99']:g}, p = {rec['p_value']:.3f})" if rec else "")

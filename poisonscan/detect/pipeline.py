@@ -45,7 +45,7 @@ from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, cl
                                           train_with_refinement)
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.detect.matching import best_match, match_threshold
-from poisonscan.detect.recurrence import is_pixel_record, recurrence_test
+from poisonscan.detect.recurrence import is_pixel_record, recurrence_test, recurring_group
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
                                         null_sources, null_windows, replay_null_sources, upgrade_record)
@@ -214,8 +214,8 @@ def _refine_neighbours(refine_by: str, neighbours: int) -> int:
 
 def _stale_stage(run: RunDir, cfg: DetectConfig) -> str | None:
     """``"evidence"`` when the run's evidence record has no recurrence test of pixels and the settings use it (it is
-    run again); ``"classifier"`` when it was written with another ``z`` than today's: its gate decision is taken again on
-    the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
+    run again); ``"classifier"`` when it was written with another ``z`` than today's: its gate decision is taken
+    again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
     if not (run.stage_done("evidence") and run.exists("evidence.json")):
         return None
     record = run.read_json("evidence.json")
@@ -582,9 +582,8 @@ def _positives(ctx: _Ctx) -> list[int]:
     recurrence test found one at ``p <= max_recurrence_p`` (``classifier_positives="recurring"``), else every top-k
     image (the paper)."""
     top = [int(i) for i in ctx.evidence["top_k"]]
-    rec = ctx.evidence.get("recurrence")
-    if (ctx.cfg.classifier_positives != "recurring" or not is_pixel_record(rec)
-            or rec["p_value"] > ctx.cfg.max_recurrence_p):
+    rec = recurring_group(ctx.evidence, ctx.cfg.max_recurrence_p)
+    if ctx.cfg.classifier_positives != "recurring" or rec is None:
         return top
     members = {int(i) for i in rec["members"]}
     return [i for i in top if i in members]
@@ -643,11 +642,10 @@ def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
 def _picture_match(ctx: _Ctx) -> dict[str, Any] | None:
     """With a backdoor signal and a recurring picture (``match_picture``), search every image for it
     (detect/matching.py): ``picture_match.npy`` and the record of ``verify.json``; else ``None``."""
-    rec = ctx.evidence.get("recurrence")
+    rec = recurring_group(ctx.evidence, ctx.cfg.max_recurrence_p)
     ctx.match = None
     ctx.run.file("picture_match.npy").unlink(missing_ok=True)
-    if (not ctx.cfg.match_picture or ctx.probs is None or not is_pixel_record(rec)
-            or rec["p_value"] > ctx.cfg.max_recurrence_p):
+    if not ctx.cfg.match_picture or ctx.probs is None or rec is None:
         return None
     boxes, members = _boxes(ctx), [int(i) for i in rec["members"]]
     templates = cut_windows(ctx.store.images[torch.as_tensor(members)],

@@ -142,3 +142,10 @@ def recurrence_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.nda
 def is_pixel_record(rec: dict[str, Any] | None) -> bool:
     """Is ``rec`` (an evidence record's ``recurrence``) this module's test?"""
     return bool(rec) and rec.get("signature") == "pixels"
+
+
+def recurring_group(ev: dict[str, Any], max_p: float) -> dict[str, Any] | None:
+    """The evidence record ``ev``'s recurrence test when it found a recurring picture (``p <= max_p``), else None:
+    what the evidence gate, the classifier's positives and the picture match all ask."""
+    rec = ev.get("recurrence")
+    return rec if is_pixel_record(rec) and rec["p_value"] <= max_p else None
