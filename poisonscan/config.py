@@ -83,26 +83,23 @@ class PaperDefaults:
 
 PAPER = PaperDefaults()
 
-#: the first of poisonscan's five departures from the paper's classifier recipe: this share of the poison
-#: classifier's clean training (and validation) images get a pasted window of another image, so the classifier
-#: learns the trigger's content, not the traces of pasting. Measured in docs/benchmarks.md section 5; 0 restores the
-#: paper's recipe.
+#: Departures from the paper's classifier recipe (each measured in docs/benchmarks.md section 5; "paper:" gives
+#: the paper's recipe back).
+#: Decoys: this share of the classifier's clean training (and validation) images get a pasted window of another
+#: image, so the classifier learns the trigger's content, not the traces of pasting (paper: 0).
 DECOY_DEFAULT = 0.5
-#: ... and its second: the classifier is trained twice, the second time without the training negatives the first
-#: one calls poisonous (the unscored poisons among them); 1 restores the paper's single training.
+#: Refinement: the classifier is trained again without the training negatives the first one calls poisonous (the
+#: unscored poisons among them) (paper: 1).
 ROUNDS_DEFAULT = 2
-#: ... and the third, in the removal decision: an image's removal score is its classifier probability averaged with
-#: the support of its nearest neighbours in the threat model's feature space, their mean probability above the data
-#: set's flag rate (detect/neighbours.py); 0 restores the paper's decision on the classifier probability alone.
+#: Neighbours: an image's removal score is its classifier probability averaged with the support of its nearest
+#: neighbours in the threat model's feature space, their mean probability above the data set's flag rate
+#: (detect/neighbours.py) (paper: 0, the classifier probability alone).
 NEIGHBOURS_DEFAULT = 10
-#: ... the fourth, what the refinement round drops from the training negatives: "removal", the images the removal
-#: decision would remove (P with its neighbours' support, NEIGHBOURS_DEFAULT) as well as those with P > threshold;
-#: "p", the latter alone. ...
+#: What the refinement drops from the training negatives: "removal", the images the removal decision would remove
+#: (P with its neighbours' support) as well as those with P > threshold; "p", the latter alone (paper: no refinement).
 REFINE_BY_DEFAULT = "removal"
-#: ... and the fifth: the classifier is an ensemble of this many, trained with different seeds, their logits
-#: averaged, since one classifier's decision varies from seed to seed (recall 94.6-99.8% on one 50k run). With the
-#: fourth it was measured in docs/benchmarks.md section 5 ("The classifier's seed"); 1 and "p" restore the paper's
-#: single classifier and the earlier refinement.
+#: Ensemble: this many classifiers, trained with different seeds, their logits averaged, since one classifier's
+#: decision varies from seed to seed (recall 94.6-99.8% on one CIFAR-10 50k run) (paper: 1).
 ENSEMBLE_DEFAULT = 3
 #: An optional step after the decision, off by default (1): an image the classifier flags with P above this that the
 #: neighbour consensus keeps is verified by the threat model (detect/verification.py): the window the classifier

@@ -176,7 +176,7 @@ def _subset(train: Path, limit: int, dest: Path) -> Path:
     """An evenly spaced subset of ``limit`` training samples (every class kept), as new shards in ``dest``."""
     import numpy as np
 
-    from poisonscan.data.manifest import reshard
+    from poisonscan.data.writers import reshard
     from poisonscan.data.sources import open_source
 
     source = open_source(train)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from poisonscan.config import DetectConfig
-from poisonscan.data.manifest import reshard
+from poisonscan.data.writers import reshard
 from poisonscan.data.sources import open_source
 from poisonscan.errors import UsageError
 from poisonscan.runs import (LOCK_NAME, RunDir, absolute_spec, atomic_save_npy, atomic_write_text, config_record,

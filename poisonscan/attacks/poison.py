@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import gzip
 import hashlib
 import io
 import json
@@ -26,12 +25,11 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 import zlib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import PIL
@@ -43,7 +41,9 @@ from poisonscan.attacks.ctrl import ctrl_trigger
 from poisonscan.attacks.patch import corner_range, load_trigger, paste_trigger, resize_trigger, trigger_side
 from poisonscan.attacks.presets import apply_preset
 from poisonscan.config import PoisonConfig, config_to_dict
-from poisonscan.data.sources import SampleError, Source, decode_image, open_source
+from poisonscan.data.sources import (IMAGE_EXTENSIONS, WDS_IMAGE_EXTS, FileListSource, FileSource, SampleError, Source,
+                                     decode_image, open_source)
+from poisonscan.data.writers import TarWriter, overlaps, unique_name
 from poisonscan.errors import DataError, UsageError
 from poisonscan.runs import absolute_settings, atomic_write_json, atomic_write_text
 from poisonscan.runtime import broadcast_object, is_distributed, progress
@@ -52,7 +52,6 @@ ATTACKS = ("patch", "blend", "ctrl")
 POISON_SUFFIX = "__poison"
 PATCHED_SUFFIX = "__patched"
 PNG_COMPRESS_LEVEL = 6
-GZIP_LEVEL = 6
 TRAIN_DIR, VAL_DIR, TRIGGER_DIR = "train", "val_patched", "triggers"
 GROUND_TRUTH = "ground_truth.csv"
 GT_COLUMNS = ("sample_id", "source_id", "label", "poisoned", "target", "target_name", "trigger", "attack",
@@ -357,17 +356,6 @@ def encode_png(arr: np.ndarray) -> bytes:
 # writers: one per output kind; each returns the id open_source(output) gives the written sample
 
 
-def _unique(rel: str, used: set[str]) -> str:
-    """``rel``, or ``<stem>-2<ext>``, ``-3`` ... when taken (compared case-insensitively)."""
-    stem, ext = os.path.splitext(rel)
-    cand, n = rel, 1
-    while cand.casefold() in used:
-        n += 1
-        cand = f"{stem}-{n}{ext}"
-    used.add(cand.casefold())
-    return cand
-
-
 class FileSetWriter:
     """Image folder (same relative paths) or file list (``images/...`` plus a new list with the same name)."""
 
@@ -375,8 +363,9 @@ class FileSetWriter:
 
     def __init__(self, source: Source, dest: Path, link: bool = False) -> None:
         self.source, self.dest, self.link = source, dest, link
-        self.paths: list[str] = list(getattr(source, "paths"))
-        self.is_list = source.kind == "filelist"
+        assert isinstance(source, FileSource)
+        self.paths: list[str] = list(source.paths)
+        self.is_list = isinstance(source, FileListSource)
         if self.is_list:
             common = os.path.commonpath([os.path.dirname(p) for p in self.paths])
             self.rels = ["images/" + os.path.relpath(p, common).replace(os.sep, "/") for p in self.paths]
@@ -384,7 +373,7 @@ class FileSetWriter:
         else:
             self.rels = list(source.ids)
         self.used: set[str] = set()
-        self.taken: list[str] = [_unique(r, self.used) for r in self.rels]
+        self.taken: list[str] = [unique_name(r, self.used, fold_case=True) for r in self.rels]
         self.lines: list[tuple[str, int | None]] = []
         self.linked = self.copied = 0
         dest.mkdir(parents=True, exist_ok=True)
@@ -418,7 +407,7 @@ class FileSetWriter:
     def add_image(self, i: int, suffix: str, png: bytes, members: dict[str, bytes] | None) -> str:
         parent, _, fname = self.rels[i].rpartition("/")
         stem = os.path.splitext(fname)[0]
-        rel = _unique(f"{parent + '/' if parent else ''}{stem}{suffix}.png", self.used)
+        rel = unique_name(f"{parent + '/' if parent else ''}{stem}{suffix}.png", self.used, fold_case=True)
         with open(self._target(rel), "wb") as fh:
             fh.write(png)
         self.lines.append((rel, self.source.labels[i]))
@@ -438,30 +427,6 @@ def _safe_rel(rel: str) -> bool:
     return bool(rel) and not rel.startswith("/") and ".." not in parts and "" not in parts
 
 
-class TarSink:
-    """A deterministic tar (gzipped when the name ends in .gz/.tgz): mtime 0, uid/gid 0, mode 0644, gzip mtime 0."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.raw: BinaryIO = open(path, "wb")
-        self.gz = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw, mtime=0, compresslevel=GZIP_LEVEL) \
-            if path.name.lower().endswith((".gz", ".tgz")) else None
-        self.tar = tarfile.open(fileobj=self.gz or self.raw, mode="w", format=tarfile.GNU_FORMAT)
-
-    def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
-
-    def close(self) -> None:
-        self.tar.close()
-        if self.gz is not None:
-            self.gz.close()
-        self.raw.close()
-
-
 class WdsWriter:
     """WebDataset shards with the input's relative names; samples in input order, members sorted by extension."""
 
@@ -469,7 +434,7 @@ class WdsWriter:
 
     def __init__(self, source: Source, dest: Path, link: bool = False) -> None:
         self.source, self.dest = source, dest
-        self.sinks: dict[str, TarSink] = {}
+        self.sinks: dict[str, TarWriter] = {}
         self.done: set[str] = set()
         self.keys: dict[str, set[str]] = {}
         for sid in source.ids:
@@ -491,20 +456,20 @@ class WdsWriter:
             first.setdefault(self._split(i)[0], k)
         return sorted(indices, key=lambda i: first[self._split(i)[0]])
 
-    def _sink(self, rel: str) -> TarSink:
+    def _sink(self, rel: str) -> TarWriter:
         if rel not in self.sinks:
             if rel in self.done:
                 raise RuntimeError(f"shard {rel} reopened: samples must come shard by shard")
             for other in list(self.sinks):      # samples come shard by shard: close the finished shard
                 self.sinks.pop(other).close()
                 self.done.add(other)
-            self.sinks[rel] = TarSink(self.dest.joinpath(*rel.split("/")))
+            path = self.dest.joinpath(*rel.split("/"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.sinks[rel] = TarWriter(path)
         return self.sinks[rel]
 
     def _write(self, rel: str, key: str, members: dict[str, bytes]) -> str:
-        sink = self._sink(rel)
-        for ext in sorted(members):
-            sink.add(f"{key}.{ext}", members[ext])
+        self._sink(rel).add_sample(key, members)
         return f"{rel}::{key}"
 
     def add_clean(self, i: int, members: dict[str, bytes] | None) -> str:
@@ -515,12 +480,7 @@ class WdsWriter:
 
     def add_image(self, i: int, suffix: str, png: bytes, members: dict[str, bytes] | None) -> str:
         rel, key = self._split(i)
-        used = self.keys[rel]
-        new_key, n = f"{key}{suffix}", 1
-        while new_key in used:
-            n += 1
-            new_key = f"{key}{suffix}-{n}"
-        used.add(new_key)
+        new_key = unique_name(f"{key}{suffix}", self.keys[rel])
         image_ext = self.source.image_ext(i)
         extra = {e: d for e, d in (members or {}).items() if e != image_ext and e not in _IMAGE_EXTS}
         label = self.source.labels[i]
@@ -534,13 +494,13 @@ class WdsWriter:
         return "."
 
 
-_IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff", "gif"}
+_IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS} | set(WDS_IMAGE_EXTS)
 
 
 def make_writer(source: Source, dest: Path, link: bool) -> FileSetWriter | WdsWriter:
-    if source.kind in ("folder", "filelist"):
+    if isinstance(source, FileSource):
         return FileSetWriter(source, dest, link)
-    if source.kind in ("wds", "wds-manifest"):
+    if source.is_sharded:
         return WdsWriter(source, dest)
     raise UsageError(f"cannot write a data set of kind {source.kind!r}")
 
@@ -645,26 +605,11 @@ def write_val(cfg: PoisonConfig, source: Source, targets: list[Target], dest: Pa
 # output folder handling
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    child, parent = child.resolve(), parent.resolve()
-    return child == parent or parent in child.parents
-
-
-def _input_roots(source: Source) -> list[Path]:
-    spec = source.spec()
-    files = [spec] if isinstance(spec, str) else list(spec)
-    roots = [Path(source.root)] + [Path(f) for f in files]
-    base = getattr(source, "base", None)
-    if base is not None:
-        roots += [Path(f) for f in base.spec()]
-    return roots
-
-
 def check_output(out: Path, overwrite: bool, sources: list[Source]) -> None:
     """Refuse an output that exists (unless --overwrite on a poison output) or overlaps an input."""
     for src in sources:
-        for root in _input_roots(src):
-            if _inside(out, root) or _inside(root, out):
+        for root in src.input_paths():
+            if overlaps(out, root):
                 raise UsageError(f"output {out} overlaps the input {root}: the input is never modified")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
@@ -814,7 +759,7 @@ def _write_all(cfg: PoisonConfig, source: Source, val_source: Source | None, tar
         "seed": cfg.seed,
         "input": {"kind": source.kind, "spec": cfg.data, "n": len(source), "unlisted_errors": len(source.errors)},
         "train": {
-            "kind": "wds" if source.kind == "wds-manifest" else source.kind, "spec": train_spec,
+            "kind": "wds" if source.is_sharded else source.kind, "spec": train_spec,
             "ground_truth": GROUND_TRUTH, "n": len(rows), "poisoned": len(plan.poisoned),
             "poison_fraction": round(len(plan.poisoned) / max(1, len(rows)), 6),
             "per_class": _counts(rows, source, aliases),
@@ -841,7 +786,7 @@ def _write_all(cfg: PoisonConfig, source: Source, val_source: Source | None, tar
         atomic_write_text(partial / VAL_DIR / GROUND_TRUTH, _gt_text(vrows, cfg.attack))
         val_aliases = class_aliases(val_source)
         summary["val_patched"] = {
-            "kind": "wds" if val_source.kind == "wds-manifest" else val_source.kind, "spec": val_spec,
+            "kind": "wds" if val_source.is_sharded else val_source.kind, "spec": val_spec,
             "source": cfg.val, "ground_truth": f"{VAL_DIR}/{GROUND_TRUTH}", "n": len(vrows),
             "margin": cfg.val_margin,
             "per_target": {str(t.index): sum(1 for r in vrows if r.target is t) for t in targets},

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from poisonscan.config import CleanConfig
-from poisonscan.data.manifest import read_removal_list, removal_indices, reshard, write_manifest
+from poisonscan.data.writers import read_removal_list, removal_indices, reshard, write_manifest
 from poisonscan.data.sources import Source, open_source
 from poisonscan.errors import UsageError
 
@@ -62,15 +62,6 @@ def unscanned_indices(source: Source, run: Path) -> tuple[list[int], list[int]]:
     return unreadable, unseen
 
 
-def _input_files(source: Source) -> set[str]:
-    spec = source.spec()
-    files = [spec] if isinstance(spec, str) else list(spec)
-    base = getattr(source, "base", None)  # a WebDataset manifest also reads its shards
-    if base is not None:
-        files += base.spec()
-    return {os.path.realpath(f) for f in files}
-
-
 def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
     """Resolve inputs, write the manifest (and shards); returns the summary. Raises ``UsageError``."""
     if not cfg.out:
@@ -98,7 +89,7 @@ def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
             keep = [i for i in keep if i not in dropped]
 
     out = Path(cfg.out)
-    protected = _input_files(source) | {os.path.realpath(removed_path)}
+    protected = {os.path.realpath(p) for p in source.input_paths()} | {os.path.realpath(removed_path)}
     if os.path.realpath(out) in protected:
         raise UsageError(f"--out {out} is an input file; the input is never modified")
     if out.is_dir():
@@ -108,7 +99,7 @@ def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
         "source": {"kind": source.kind, "spec": source.spec(), "n": len(source), "errors": len(source.errors)},
         "removal_list": str(removed_path), "listed": len(removed_ids), "removed": len(removed), "kept": len(keep),
         "unknown": len(unknown), "unknown_examples": unknown[:5], "manifest": str(out),
-        "manifest_format": "wds-manifest" if source.kind in ("wds", "wds-manifest") else "filelist",
+        "manifest_format": "wds-manifest" if source.is_sharded else "filelist",
         "strict": cfg.strict,
         "unscanned": {"checked": run is not None, "unreadable": len(unreadable), "not_scanned": len(unseen),
                       "kept": cfg.keep_unreadable, "examples": [source.ids[i] for i in (unreadable + unseen)[:5]]},

@@ -31,13 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poisonscan.config import DECOY_DEFAULT
+from poisonscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
 from poisonscan.errors import CheckpointError, PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
 
-#: classifier input normalisation (ImageNet statistics; the classifier is trained from scratch on any data)
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -321,8 +319,9 @@ def _amp(runtime: Runtime) -> contextlib.AbstractContextManager:
 
 
 def _normalise(x: Tensor, channels_last: bool) -> Tensor:
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype)[None, :, None, None]
+    """ImageNet statistics: the classifier is trained from scratch on any data, so any fixed pair serves."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype)[None, :, None, None]
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 

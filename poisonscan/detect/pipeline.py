@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from poisonscan import __version__
 from poisonscan import runtime as rt
 from poisonscan.config import DetectConfig, config_to_dict
-from poisonscan.data.manifest import write_removal_list
+from poisonscan.data.writers import write_removal_list
 from poisonscan.data.sources import open_source
 from poisonscan.data.store import ImageStore, build_store, open_store, write_errors_csv
 from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,

@@ -21,6 +21,7 @@ from poisonscan.detect.clustering import choose_n_clusters, fit_kmeans
 from poisonscan.detect.features import extract_features
 from poisonscan.errors import DataError, UsageError
 from poisonscan.eval import metrics as M
+from poisonscan.eval.knn import knn_vote
 from poisonscan.eval.patching import TRIGGER_SIZE, VAL_MARGIN, apply_trigger_batch
 from poisonscan.eval.probe import linear_probe, probe_report, stratified_subset
 
@@ -30,31 +31,18 @@ __all__ = ["knn_predict", "flip_test_rows", "oracle_flips", "backdoor_strength"]
 def knn_predict(bank_feats: np.ndarray, bank_labels: Sequence[int] | np.ndarray, query_feats: np.ndarray,
                 n_classes: int, k: int = 20, temperature: float = 0.07, exclude_self: bool = False,
                 chunk: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
-    """Weighted k-NN on L2-normalised features (cosine): the ``k`` most similar bank rows vote ``exp(sim / T)``.
+    """``knn_vote`` on numpy features: the predicted class of each query (int64).
 
     ``exclude_self``: query row ``i`` never votes with bank row ``i`` (leave-one-out when the bank is the query set
-    itself, or its clean version). Returns the predicted class of each query (int64).
+    itself, or its clean version).
     """
     bank = torch.as_tensor(np.asarray(bank_feats, dtype=np.float32), device=device)
     labels = torch.as_tensor(np.asarray(bank_labels, dtype=np.int64), device=device)
-    query = np.asarray(query_feats, dtype=np.float32)
-    if exclude_self and query.shape[0] > bank.shape[0]:
-        raise ValueError("exclude_self needs query row i to match bank row i")
-    k = min(int(k), bank.shape[0] - int(exclude_self))
-    if k < 1:
+    query = torch.as_tensor(np.asarray(query_feats, dtype=np.float32))
+    if min(int(k), bank.shape[0] - int(exclude_self)) < 1:
         raise UsageError("the k-NN bank needs at least two samples")
-    out = []
-    for start in range(0, query.shape[0], chunk):
-        q = torch.as_tensor(query[start:start + chunk], device=device)
-        sim = q @ bank.T
-        if exclude_self:
-            rows = torch.arange(q.shape[0], device=device)
-            sim[rows, rows + start] = -float("inf")
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], n_classes, device=device)
-        votes.scatter_add_(1, labels[top_idx], (top_sim / temperature).exp())
-        out.append(votes.argmax(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+    pred = knn_vote(bank, labels, query, n_classes, k, temperature, exclude_self, chunk)
+    return pred.cpu().numpy().astype(np.int64)
 
 
 def flip_test_rows(cluster_labels: np.ndarray, distances: np.ndarray, n_clusters: int) -> np.ndarray:

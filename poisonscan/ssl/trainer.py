@@ -27,6 +27,7 @@ from poisonscan import runtime as rt
 from poisonscan.config import PretrainConfig, resolve_config
 from poisonscan.data.transforms import SSLAugment, to_input
 from poisonscan.errors import CheckpointError, UsageError
+from poisonscan.eval.knn import knn_vote
 from poisonscan.runs import INVOCATION_SETTINGS, RunDir, config_record, create_run, releases_run_locks
 from poisonscan.ssl.methods import SSLMethod, create_method
 
@@ -180,17 +181,10 @@ def embed(encoder: nn.Module, images_u8: torch.Tensor, runtime: rt.Runtime, batc
 @torch.no_grad()
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Top-1 accuracy of a weighted k-NN vote (cosine similarity, weights ``exp(sim / T)``) on L2-normalised rows."""
+    """Top-1 accuracy of the weighted k-NN vote (``knn_vote``) on L2-normalised rows."""
     classes = int(max(bank_labels.max().item(), query_labels.max().item())) + 1
-    k = min(k, bank.shape[0])
-    correct = 0
-    for i in range(0, query.shape[0], chunk):
-        sim = query[i:i + chunk] @ bank.t()
-        top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], classes, device=sim.device)
-        votes.scatter_add_(1, bank_labels[idx], (top / temperature).exp())
-        correct += int((votes.argmax(1) == query_labels[i:i + chunk]).sum())
-    return correct / max(query.shape[0], 1)
+    pred = knn_vote(bank, bank_labels, query, classes, k, temperature, chunk=chunk)
+    return int((pred == query_labels.to(pred.device)).sum()) / max(query.shape[0], 1)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "detect"))
-from detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: E402,F401
+from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
-from poisonscan.config import DetectConfig  # noqa: E402
-from poisonscan.detect.pipeline import run_detect  # noqa: E402
-from poisonscan.runtime import setup_runtime  # noqa: E402
+from poisonscan.config import DetectConfig
+from poisonscan.detect.pipeline import run_detect
+from poisonscan.runtime import setup_runtime
 
 SPEC = importlib.util.spec_from_file_location("null_noise", ROOT / "benchmarks" / "null_noise.py")
 null_noise = importlib.util.module_from_spec(SPEC)

@@ -5,19 +5,17 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "detect"))
-from detect_toys import make_poisoned_folder, save_toy_checkpoint, one_torch_thread  # noqa: E402,F401
+from tests.detect.detect_toys import make_poisoned_folder, save_toy_checkpoint, one_torch_thread  # noqa: F401
 
-from poisonscan.cli import app  # noqa: E402
-from poisonscan.cli.detect import parse_window  # noqa: E402
-from poisonscan.errors import ConfigError  # noqa: E402
+from poisonscan.cli import app
+from poisonscan.cli.detect import parse_window
+from poisonscan.errors import ConfigError
 
 runner = CliRunner()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,12 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from poisonscan.cli import app
+from tests.eval import eval_synthetic as synthetic
 
 runner = CliRunner()
-_spec = importlib.util.spec_from_file_location(
-    "eval_synthetic", Path(__file__).resolve().parents[1] / "eval" / "eval_synthetic.py")
-synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic)  # type: ignore[union-attr]
 IDS = [r[0] for r in synthetic.RUN_ROWS]
 
 

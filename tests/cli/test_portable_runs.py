@@ -3,7 +3,6 @@ umask's mode, one process per run folder, ``-q`` not frozen in a run, and the fl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,30 +11,17 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from typer.testing import CliRunner
 
 from poisonscan.cli import app
 from poisonscan.runs import LOCK_NAME
+from tests.detect import detect_toys as toys  # registers the toy threat model
+from tests.eval import eval_synthetic as synthetic
 
 runner = CliRunner()
 TESTS = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    """A helper module of the tests, by path (the one already imported under ``name`` when there is one)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name]
-
-
-toys = _load("detect_toys", TESTS / "detect" / "detect_toys.py")          # registers the toy threat model
-synthetic = _load("eval_synthetic", TESTS / "eval" / "eval_synthetic.py")
 one_torch_thread = toys.one_torch_thread
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import detect_toys  # noqa: E402,F401  (registers the toy encoder)
+import tests.detect.detect_toys  # noqa: F401  (registers the toy encoder)
 
-import torch  # noqa: E402
+import torch
 
-from poisonscan.detect import pipeline  # noqa: E402
+from poisonscan.detect import pipeline
 
 
 def _stall_in_round(n: int, ready: Path) -> None:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from detect_toys import trigger_batch, trigger_u8, one_torch_thread  # noqa: E402,F401
+from tests.detect.detect_toys import trigger_batch, trigger_u8, one_torch_thread  # noqa: F401
 
-from poisonscan.detect import classifier as C  # noqa: E402
-from poisonscan.detect.masking import cut_windows  # noqa: E402
-from poisonscan.errors import CheckpointError, UsageError  # noqa: E402
-from poisonscan.runtime import setup_runtime  # noqa: E402
+from poisonscan.detect import classifier as C
+from poisonscan.detect.masking import cut_windows
+from poisonscan.errors import CheckpointError, UsageError
+from poisonscan.runtime import setup_runtime
 
 TINY = (8, 16, 32, 64)
 

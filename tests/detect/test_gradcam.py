@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from detect_toys import TRIGGER_SIDE, iou, toy_encoder, trigger_batch, one_torch_thread  # noqa: E402,F401
+from tests.detect.detect_toys import TRIGGER_SIDE, iou, toy_encoder, trigger_batch, one_torch_thread  # noqa: F401
 
-from poisonscan.detect.clustering import Clustering, fit_kmeans  # noqa: E402
-from poisonscan.detect.features import extract_features  # noqa: E402
-from poisonscan.detect.gradcam import gradcam_candidates, gradcam_maps, minmax_scale  # noqa: E402
-from poisonscan.models import create_encoder  # noqa: E402
-from poisonscan.runtime import setup_runtime  # noqa: E402
+from poisonscan.detect.clustering import Clustering, fit_kmeans
+from poisonscan.detect.features import extract_features
+from poisonscan.detect.gradcam import gradcam_candidates, gradcam_maps, minmax_scale
+from poisonscan.models import create_encoder
+from poisonscan.runtime import setup_runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from detect_toys import iou, make_poisoned_folder, save_toy_checkpoint, one_torch_thread  # noqa: E402,F401
+from tests.detect.detect_toys import iou, make_poisoned_folder, save_toy_checkpoint, one_torch_thread  # noqa: F401
 
-from poisonscan.config import DetectConfig  # noqa: E402
-from poisonscan.detect import pipeline as P  # noqa: E402
-from poisonscan.detect.evidence import replay_null_sources  # noqa: E402
-from poisonscan.errors import ConfigError, UsageError  # noqa: E402
-from poisonscan.runtime import setup_runtime  # noqa: E402
+from poisonscan.config import DetectConfig
+from poisonscan.detect import pipeline as P
+from poisonscan.detect.evidence import replay_null_sources
+from poisonscan.errors import ConfigError, UsageError
+from poisonscan.runtime import setup_runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -420,8 +419,7 @@ def _distributed_worker(rank: int, world: int, port: int, cfg: DetectConfig) -> 
 
     torch.set_num_threads(1)                          # as in the single-process run (float sums in the same order)
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import detect_toys  # noqa: F401  (registers the toy encoder in this process)
+    import tests.detect.detect_toys  # noqa: F401  (registers the toy encoder in this process)
 
     try:
         P.run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
@@ -443,11 +441,12 @@ def test_two_processes_give_the_single_process_result(toy, tmp_path, runtime):
     assert a == b
 
 
-CHILD = Path(__file__).parent / "detect_child.py"
+CHILD = "tests.detect.detect_child"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _child_args(toy: dict, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(CHILD), *extra, "--", str(toy["root"] / "poisoned"), "--model",
+    return [sys.executable, "-m", CHILD, *extra, "--", str(toy["root"] / "poisoned"), "--model",
             toy["model"], "--out", str(out), "--clusters", "4", "--masks", "64", "--flip-size", "40", "--top-k", "5",
             "--null-size", "64", "--classifier-iters", "100", "--batch-size", "128", "--device", "cpu",
             "--precision", "fp32", "--min-evidence", "1e9", "--quiet"]
@@ -461,11 +460,11 @@ def test_sigkill_in_the_middle_of_masking_then_resume_gives_identical_outputs(to
     import time
 
     ref = tmp_path / "ref"
-    subprocess.run(_child_args(toy, ref), check=True, timeout=300, capture_output=True)
+    subprocess.run(_child_args(toy, ref), check=True, timeout=300, capture_output=True, cwd=ROOT)
 
     run, ready = tmp_path / "killed", tmp_path / "ready"
     proc = subprocess.Popen(_child_args(toy, run, "--stall-in-masking-round", "2", str(ready)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.monotonic() + 300
     while not ready.exists():
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "child ended early"
@@ -481,8 +480,8 @@ def test_sigkill_in_the_middle_of_masking_then_resume_gives_identical_outputs(to
     assert not (run / "scores.csv").exists() and not (run / "summary.json").exists()
     assert not list(run.rglob("*.tmp"))               # atomic writes: no half-written file under a final name
 
-    done = subprocess.run(_child_args(toy, run)[:3] + ["--resume", str(run), "--quiet"], capture_output=True,
-                          timeout=300)
+    done = subprocess.run(_child_args(toy, run)[:4] + ["--resume", str(run), "--quiet"], capture_output=True,
+                          timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr.decode()
     for name in ("scores.csv", "removed.txt"):
         assert (run / name).read_text() == (ref / name).read_text(), name
@@ -496,7 +495,8 @@ def test_full_disk_gives_one_clear_line_and_no_partial_file(toy, tmp_path):
 
     run = tmp_path / "full"
     # the image store (200 x 3 x 32 x 32 = 614 kB) does not fit under the limit; config.json etc. do
-    done = subprocess.run(_child_args(toy, run, "--fsize-limit", str(100_000)), capture_output=True, timeout=300)
+    done = subprocess.run(_child_args(toy, run, "--fsize-limit", str(100_000)), capture_output=True, timeout=300,
+                          cwd=ROOT)
     err = done.stderr.decode()
     assert done.returncode == 2, err
     assert "Traceback" not in err and err.count("\n") == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval_synthetic import RUN_ROWS, TRUTH_ROWS, write_run, write_truth
+from tests.eval.eval_synthetic import RUN_ROWS, TRUTH_ROWS, write_run, write_truth
 from poisonscan.errors import DataError, UsageError
 from poisonscan.eval.detection import (detection_plots, evaluate_detection, flatten_metrics, map_boxes_to_frame,
                                        read_run, read_truth)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from poisonscan.data.sources import (FileListSource, FolderSource, Sample, SampleError, WdsSource, decode_image,
-                                     detect_kind, expand_braces, open_source, split_key)
+from poisonscan.data.sources import (SOURCE_KINDS, FileListSource, FolderSource, ManifestSource, Sample, SampleError,
+                                     WdsSource, decode_image, detect_kind, expand_braces, open_source, split_key,
+                                     wds_manifest_text)
 from poisonscan.errors import DataError
 
 
@@ -296,6 +297,24 @@ def test_detect_kind(image_folder: Path, file_list: Path, wds_shards: Path) -> N
     assert detect_kind(file_list) == "filelist"
     assert detect_kind(wds_shards) == "wds"
     assert detect_kind(str(wds_shards / "train-{000000..000001}.tar")) == "wds"
+
+
+def test_every_kind_answers_key_paths_and_sharding(image_folder: Path, file_list: Path, wds_shards: Path,
+                                                   tmp_path: Path) -> None:
+    folder, flist, wds = open_source(image_folder), open_source(file_list), open_source(wds_shards)
+    assert SOURCE_KINDS == {"folder": FolderSource, "filelist": FileListSource, "wds": WdsSource,
+                            "wds-manifest": ManifestSource}
+    assert (folder.is_sharded, flist.is_sharded, wds.is_sharded) == (False, False, True)
+    assert folder.key(0) == Path(folder.ids[0]).stem and wds.key(0) == wds.ids[0].split("::", 1)[1]
+    assert folder.input_paths() == [image_folder.resolve()] * 2
+    assert Path(flist.spec()) in flist.input_paths()
+    manifest = tmp_path / "kept.tsv"
+    manifest.write_text(wds_manifest_text(wds.root, [wds.locator(1)]))
+    kept = open_source(manifest)
+    assert kept.is_sharded and kept.ids == [wds.ids[1]] and kept.key(0) == wds.key(1)
+    assert manifest in kept.input_paths() and Path(wds.locator(1).split("\t")[0]) in kept.input_paths()
+    with pytest.raises(DataError, match="unknown source kind"):
+        open_source(image_folder, kind="zip")
 
 
 def test_non_utf8_file_name(tmp_path: Path, make_images) -> None:

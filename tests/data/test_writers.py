@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from poisonscan.data.manifest import (ManifestSource, read_removal_list, removal_indices, reshard, safe_key,
-                                      write_manifest, write_removal_list)
-from poisonscan.data.sources import Sample, open_source
+from poisonscan.data.sources import ManifestSource, Sample, open_source
+from poisonscan.data.writers import (TarWriter, read_removal_list, removal_indices, reshard, safe_key, unique_name,
+                                     write_manifest, write_removal_list)
 from poisonscan.data.store import build_store
 from poisonscan.errors import DataError
 
@@ -114,8 +114,8 @@ def test_reshard_sanitises_names(tmp_path: Path, write_shard, make_images) -> No
     assert res.n_written == 4 and not res.errors and [p.name for p in res.shards] == ["shard-000000.tar"]
     with tarfile.open(res.shards[0]) as tar:
         got = tar.getnames()
-    assert got == ["evil.png", "evil.cls", "evil_1.png", "evil_1.cls", "same.png", "same.cls",
-                   "same_1.png", "same_1.cls"]
+    assert got == ["evil.cls", "evil.png", "evil-2.cls", "evil-2.png", "same.cls", "same.png",
+                   "same-2.cls", "same-2.png"]
     assert all("/" not in n and ".." not in n for n in got)
     assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
     assert not (tmp_path / "evil.png").exists() and not Path("/abs").exists()
@@ -135,6 +135,33 @@ def test_reshard_folder_split_compress_and_guards(image_folder: Path, tmp_path: 
     assert np.array_equal(_pixels(back, 3), _pixels(src, 4))
     with pytest.raises(DataError, match="not empty"):
         reshard(src, [0], tmp_path / "rs")
-    with pytest.raises(DataError, match="inside the input"):
+    with pytest.raises(DataError, match="overlaps the input"):
         reshard(src, [0], image_folder / "shards")
     assert not (image_folder / "shards").exists()
+
+
+def test_tar_writer_is_deterministic_and_atomic(tmp_path: Path) -> None:
+    members = {"png": b"\x89PNG fake", "cls": b"3"}
+    paths = []
+    for name in ("a.tar.gz", "b.tar.gz"):
+        w = TarWriter(tmp_path / name)
+        w.add_sample("k", members)
+        assert not (tmp_path / name).exists()          # only the temp file until close
+        paths.append(w.close())
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    with tarfile.open(paths[0]) as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos] == ["k.cls", "k.png"] and all(i.mtime == 0 and i.uid == 0 for i in infos)
+    w = TarWriter(tmp_path / "c.tar")
+    w.add("x.png", b"1")
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "b.tar.gz"]
+
+
+def test_unique_name_numbers_the_stem() -> None:
+    used: set[str] = set()
+    assert [unique_name(n, used) for n in ("a/x.png", "a/x.png", "a/x.png", "b.v2/key")] == [
+        "a/x.png", "a/x-2.png", "a/x-3.png", "b.v2/key"]
+    assert unique_name("b.v2/key", used) == "b.v2/key-2"       # a dot in a folder name is not an extension
+    folded: set[str] = set()
+    assert [unique_name(n, folded, fold_case=True) for n in ("A.png", "a.png")] == ["A.png", "a-2.png"]
