@@ -12,6 +12,8 @@ convolutions over whole batches of images, so the scan costs about as much as on
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -81,3 +83,17 @@ def best_match(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, bat
             out[start:start + len(x)] = sim.amax(dim=(1, 2, 3)).float().cpu().numpy()
             bar.advance(len(x))
     return out
+
+
+def match_verdict(found: bool, reason: str, picture_match: dict[str, Any] | None, effect: float,
+                  min_effect: float) -> tuple[bool, str]:
+    """The run's verdict once the picture was searched for: a signal that rests on the recurring picture alone (the
+    effect below ``min_effect``) is withdrawn when no image holds the picture apart from the data (``contain`` 0:
+    the outlier bar over all images' best matches is above every image's match). Such a group is a pattern common
+    to the data that the search's windows share, not a pasted trigger."""
+    if not found or picture_match is None or picture_match["contain"] > 0 or effect >= min_effect:
+        return found, reason
+    return False, (f"no backdoor signal: {reason.removeprefix('backdoor signal: ')}; but no image holds that "
+                   f"picture apart from the data (best matches must reach {picture_match['threshold']:.2f}, the "
+                   f"median of all images' plus {OUTLIER_SIGMAS:g} robust sd): a common pattern, not a pasted "
+                   f"trigger")

@@ -44,11 +44,11 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,
                                           train_with_refinement)
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
-from poisonscan.detect.matching import best_match, match_threshold
+from poisonscan.detect.matching import best_match, match_threshold, match_verdict
 from poisonscan.detect.recurrence import is_pixel_record, recurrence_test, recurring_group
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
-from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, evidence_gate, needs_rescale, null_pool,
-                                        null_sources, null_windows, replay_null_sources, upgrade_record)
+from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, effect_of, evidence_gate, needs_rescale,
+                                        null_pool, null_sources, null_windows, replay_null_sources, upgrade_record)
 from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
 from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
@@ -722,7 +722,9 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
     scores, boxes = _scores(ctx), _boxes(ctx)
     top = [int(i) for i in ev["top_k"]]
     n, n_removed = len(store), int(removed.sum())
-    found = bool(clf["backdoor_found"])
+    found, reason = match_verdict(bool(clf["backdoor_found"]), clf.get("reason") or evidence_gate(
+        ev, cfg.min_evidence, cfg.min_effect, cfg.max_recurrence_p)[1], (ctx.verify or {}).get("picture_match"),
+        effect_of(ev), cfg.min_effect)
     evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
                                    "null_size")}
     evidence.update({k: ev.get(k, d) for k, d in (("null_pool", "all"), ("null_pool_size", None),
@@ -733,8 +735,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
                     recurrence=({k: ev["recurrence"][k] for k in ("size", "k", "p_value", "null_group_median",
                                                                   "null_group_p99")}
                                 if is_pixel_record(ev.get("recurrence")) else None),
-                    reason=clf.get("reason") or evidence_gate(ev, cfg.min_evidence, cfg.min_effect,
-                                                              cfg.max_recurrence_p)[1])
+                    reason=reason)
     meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}
     n_unreadable = len(store.errors)
     limit = unreadable_limit(cfg.fail_on, cfg.fail_on_unreadable)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from poisonscan import runtime as rt
-from poisonscan.detect.matching import best_match, match_threshold
+from poisonscan.detect.matching import best_match, match_threshold, match_verdict
 from poisonscan.detect.recurrence import window_similarity
 
 
@@ -67,3 +67,17 @@ def test_the_threshold_is_the_larger_of_the_pair_bar_and_an_outlier_bar():
     assert threshold == outlier and clean.max() < threshold < 1.0
     assert match_threshold(matches, bar=0.9) == (0.9, outlier)
     assert match_threshold(np.zeros(0), bar=0.5)[0] == 0.5
+
+
+def test_a_picture_no_image_holds_apart_withdraws_a_recurrence_only_signal() -> None:
+    reason = ("backdoor signal: z = 5.00, 7 of the top 20 windows show one picture (random windows: groups of up to "
+              "5, p = 0.002); the top-k move 1.0% of the flip-set images random windows leave in place, below the "
+              "minimum effect 15%")
+    common = {"threshold": 1.36, "bar": 0.875, "outlier_bar": 1.36, "templates": 7, "contain": 0}
+    found, why = match_verdict(True, reason, common, effect=0.01, min_effect=0.15)
+    assert not found and why.startswith("no backdoor signal: z = 5.00, 7 of the top 20") and "common pattern" in why
+    # a picture some images hold, a signal the effect carries, or no search at all: the gate's verdict stands
+    assert match_verdict(True, reason, {**common, "contain": 250}, 0.01, 0.15) == (True, reason)
+    assert match_verdict(True, reason, common, 0.2, 0.15) == (True, reason)
+    assert match_verdict(True, reason, None, 0.01, 0.15) == (True, reason)
+    assert match_verdict(False, "no backdoor signal: z", common, 0.01, 0.15) == (False, "no backdoor signal: z")
