@@ -37,7 +37,6 @@ from poisonscan.errors import CheckpointError, PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
 
 
-
 @dataclass
 class ClassifierConfig:
     """Training settings; the defaults follow PatchSearch (SGD, batch 32, 2000 iterations, eval every 20)."""
