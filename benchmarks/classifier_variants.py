@@ -7,10 +7,10 @@ the bundled demo data, ids ending in ``__poison``.
     python benchmarks/classifier_variants.py RUN '{"holdout": 0.05}' [--truth ground_truth.csv] [--threads 2]
 
 Keys of the JSON variant: any ``ClassifierConfig`` field (``iterations``, ``ensemble``, ``crop_scale``,
-``decoy_prob``, ``min_iterations``, ...), ``drop_top`` and ``holdout`` (``classifier_split``), ``rounds``
+``decoys``, ``min_iterations``, ...), ``drop_top`` and ``holdout`` (``classifier_split``), ``rounds``
 and ``refine_by`` (``"p"`` or ``"removal"``: ``train_with_refinement``), ``neighbours`` (the removal score of
 ``detect/neighbours.py``) and ``split_seed`` (the seed of ``classifier_split``; 0). Defaults: detect's
-(``'{"decoy_prob": 0, "rounds": 1, "neighbours": 0, "ensemble": 1}'`` is the paper's recipe). Each threshold is
+(``'{"decoys": 0, "rounds": 1, "neighbours": 0, "ensemble": 1}'`` is the paper's recipe). Each threshold is
 reported for the classifier's probability alone and for the removal score.
 """
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from poisonscan.data.store import open_store
-from poisonscan.config import ENSEMBLE_DEFAULT, NEIGHBOURS_DEFAULT, REFINE_BY_DEFAULT, ROUNDS_DEFAULT
-from poisonscan.detect.classifier import ClassifierConfig, classifier_split, train_with_refinement
+from poisonscan.detect.classifier import ClassifierConfig, ClassifierSettings, classifier_split, train_with_refinement
+from poisonscan.detect.decision import DecisionSettings
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
 from poisonscan.runtime import setup_runtime
@@ -61,10 +61,10 @@ def main() -> None:
     patches = cut_windows(store.images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     runtime = setup_runtime("cpu", "fp32")
     t0 = time.perf_counter()
-    rounds = int(variant.pop("rounds", ROUNDS_DEFAULT))
-    k = int(variant.pop("neighbours", NEIGHBOURS_DEFAULT))
-    refine_by = variant.pop("refine_by", REFINE_BY_DEFAULT)
-    variant.setdefault("ensemble", ENSEMBLE_DEFAULT)
+    rounds = int(variant.pop("rounds", ClassifierSettings.rounds))
+    k = int(variant.pop("neighbours", DecisionSettings.neighbours))
+    refine_by = variant.pop("refine_by", ClassifierSettings.refine_by)
+    variant.setdefault("ensemble", ClassifierSettings.ensemble)
     centroids = np.load(args.run / "clusters.npz")["centroids"]
     nbrs = nearest_neighbours(np.load(args.run / "features.npy", mmap_mode="r"), k, centroids) if k else None
     refined = train_with_refinement(store.images, patches, split, ClassifierConfig(**variant), runtime, rounds,

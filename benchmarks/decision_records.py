@@ -3,8 +3,8 @@ r"""The evidence gate on finished detect runs: the run's decision beside the eff
 For each run it prints and records the threat model's strength (k-NN ASR against the rate at which clean images
 are already put with the target), ``z``, the effect, the recurrence test (the largest group of top-k windows
 showing one picture against the largest groups of random windows), what the run decided, what the effect bar
-alone (``--min-effect 0.15`` with ``z >= 3``, ``--max-recurrence-p 0``) would have decided on the same evidence,
-and the removal's recall and precision (and how many of the top 20 are poisons) where the ground truth is given.
+alone (``decision.min_effect = 0.15`` with ``z >= 3``, ``decision.max_recurrence_p = 0``) would have decided on the
+same evidence, and the removal's recall and precision (and how many of the top 20 are poisons) where the ground truth is given.
 
     python benchmarks/decision_records.py --out benchmarks/results/decisions/demo.json \
         --run demo RUN_DIR --truth GROUND_TRUTH.csv --backdoor BACKDOOR_DIR/summary.json --setting "..." \
@@ -26,7 +26,7 @@ from poisonscan.detect.evidence import evidence_gate
 from poisonscan.eval.runner import run_detection
 from poisonscan.runs import atomic_write_json, environment_record
 
-EFFECT_BAR = 0.15       # the effect bar compared against (``--min-effect 0.15``)
+EFFECT_BAR = 0.15       # the effect bar compared against (``--set decision.min_effect=0.15``)
 
 
 def _strength(path: str | None) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Backdoor evidence (issue 11) on strong, weak and no-poison settings of the demo data; chooses --min-evidence.
+"""Backdoor evidence (issue 11) on strong, weak and no-poison settings of the demo data; chooses decision.min_evidence.
 
     python benchmarks/evidence_study.py --weak .bench/models/demo_epoch37.safetensors [--work .bench/evidence]
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from poisonscan.config import DetectConfig, EvalBackdoorConfig, EvalDetectionConfig
+from poisonscan.settings import configure
 from poisonscan.demo import DEMO_ATTACK, DEMO_MODEL, DEMO_TARGET, DEMO_TRAIN, DEMO_TRIGGER, DEMO_VAL, poison_demo_data
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.eval.runner import run_backdoor, run_detection
@@ -26,8 +27,8 @@ from poisonscan.runs import atomic_write_json, environment_record
 def case(name: str, data: Path, model: Path, truth: Path | None, work: Path, force: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = work / f"detect-{name}"
-    det = run_detect(DetectConfig(data=str(data), model=str(model), out=str(out), force=force, quiet=True,
-                                  resume=str(out) if out.exists() else None), quiet=True)
+    det = run_detect(configure(DetectConfig, data=str(data), model=str(model), out=str(out), force=force,
+                               quiet=True, resume=str(out) if out.exists() else None), quiet=True)
     row: dict[str, Any] = {"case": name, "model": str(model), "evidence": det["evidence"],
                            "removed": det["counts"]["removed"], "seconds": round(time.perf_counter() - t0, 1)}
     if truth is not None:

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from poisonscan.config import DetectConfig
-from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_gate, upgrade_record
+from poisonscan.detect.decision import DecisionSettings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record_compat import upgrade_record  # noqa: E402
+
+from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_gate  # noqa: E402
 
 
 def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:
@@ -70,7 +74,7 @@ RECORDED_EFFECT_BAR = 0.15
 
 
 def table(paths: list[Path], min_evidence: float, min_effect: float,
-          max_recurrence_p: float = DetectConfig.max_recurrence_p,
+          max_recurrence_p: float = DecisionSettings.max_recurrence_p,
           recorded_min_effect: float = RECORDED_EFFECT_BAR) -> list[dict[str, Any]]:
     """One row per recorded run. A record with the recurrence test is judged by today's gate (``min_evidence``,
     ``max_recurrence_p``, ``min_effect``); one without it cannot be, and is judged by ``z`` and the effect bar it was
@@ -112,8 +116,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", type=Path)
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--min-evidence", type=float, default=DetectConfig.min_evidence)
-    ap.add_argument("--min-effect", type=float, default=DetectConfig.min_effect)
+    ap.add_argument("--min-evidence", type=float, default=DecisionSettings.min_evidence)
+    ap.add_argument("--min-effect", type=float, default=DecisionSettings.min_effect)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     paths = sorted(args.results.rglob("*.json")) + list(args.paths)

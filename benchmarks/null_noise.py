@@ -7,14 +7,13 @@ For each finished detect run folder: scores a large pool of random windows with 
 flip set (a hard-linked copy of the run, resumed with ``null_size = --pool``; the run itself is not touched), then
 redoes the evidence test ``--draws`` times on subsets of ``--sizes`` windows drawn from that pool without
 replacement, and reports the spread of the null median, of ``z`` and of the effect, and how often today's gate
-(``--min-evidence``, ``--min-effect``; detect's defaults) says "backdoor signal". With ``--truth`` it also counts the pool's windows
-cut from poisons.
+(``--min-evidence``, ``--min-effect``: detect's ``decision.min_evidence`` and ``decision.min_effect``) says "backdoor
+signal". With ``--truth`` it also counts the pool's windows cut from poisons.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -30,26 +29,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from null_sources import null_source_report, poisoned_ids  # noqa: E402
 
 from poisonscan.config import DetectConfig  # noqa: E402
-from poisonscan.detect.evidence import backdoor_evidence, evidence_gate, upgrade_record  # noqa: E402
-from poisonscan.detect.pipeline import run_detect  # noqa: E402
+from record_compat import upgrade_record  # noqa: E402
+
+from poisonscan.detect.evidence import backdoor_evidence, evidence_gate  # noqa: E402
+from poisonscan.detect.decision import DecisionSettings  # noqa: E402
+from poisonscan.detect.pipeline import read_run_config, run_detect  # noqa: E402
+from poisonscan.settings import resolve_config  # noqa: E402
 from poisonscan.runs import atomic_write_json, environment_record  # noqa: E402
 
-GATE = DetectConfig()
+GATE = DecisionSettings()
 NO_GATE = 1e9   # the copy's min_evidence: its gate stays shut, so the resume stops at the (skipped) classifier
 
 
 def score_pool(run: Path, pool: int, scratch: Path, runtime: Any = None) -> dict[str, Any]:
     """The evidence record of a hard-linked copy of ``run`` resumed with ``pool`` null windows (only the evidence
     stage and the outputs rerun; the classifier is skipped)."""
-    saved = json.loads((run / "config.json").read_text())
+    saved = read_run_config(run)
     copy = scratch / run.name
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(run, copy, copy_function=_link_or_copy)    # every write of a resume is atomic: links stay intact
-    names = {f.name for f in dataclasses.fields(DetectConfig)}
-    values = {k: v for k, v in saved.items() if k in names}
-    values.update(out=str(copy), resume=str(copy), null_size=int(pool), min_evidence=NO_GATE,
-                  min_effect=GATE.min_effect, force=False, quiet=True, fail_on=None, overwrite=False)
-    run_detect(DetectConfig(**values), runtime, quiet=True)
+    saved.update(out=str(copy), fail_on=None)
+    saved["evidence"]["null_size"] = int(pool)
+    saved["decision"].update(min_evidence=NO_GATE, min_effect=GATE.min_effect, force=False)
+    cfg = resolve_config(DetectConfig, None, {"resume": str(copy), "quiet": True}, tables=[("config.json", saved)])
+    run_detect(cfg, runtime, quiet=True)
     return json.loads((copy / "evidence.json").read_text())
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from poisonscan.detect.evidence import replay_null_sources
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record_compat import replay_null_sources  # noqa: E402
+
 from poisonscan.detect.pipeline import derive_seed
 
 

@@ -29,6 +29,7 @@ from poisonscan.data.cleaning import clean_dataset
 from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig,
                                PoisonConfig, PretrainConfig)
 from poisonscan.detect.pipeline import run_detect
+from poisonscan.settings import configure
 from poisonscan.eval.runner import run_backdoor, run_detection, run_probe
 from poisonscan.runs import atomic_write_json, environment_record
 from poisonscan.ssl.trainer import run_pretrain
@@ -100,9 +101,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for method in args.methods:
         det_dir = work / f"detect-{method}"
-        det = _step(f"detect-{method}", work, lambda: run_detect(DetectConfig(
-            data=train_spec, model=str(model), out=str(det_dir), method=method, seed=args.seed, quiet=True,
-            resume=str(det_dir) if det_dir.exists() else None, **detect_overrides), quiet=True), timings)
+        det = _step(f"detect-{method}", work, lambda: run_detect(configure(
+            DetectConfig, data=train_spec, model=str(model), out=str(det_dir), method=method, seed=args.seed,
+            quiet=True, resume=str(det_dir) if det_dir.exists() else None, **detect_overrides), quiet=True), timings)
         row: dict[str, Any] = {"removed": det["counts"]["removed"], "evidence": det.get("evidence"),
                                "verdict": det.get("verdict"), "top_k": det.get("top_k"),
                                "timings": det.get("timings")}

@@ -17,7 +17,7 @@ cleaned set says nothing about this one. A record's detection figures are
 those of the ``eval detection`` JSON beside it (``<name>-eval-detection.json``, or
 ``<name>-<tag>-eval-detection.json`` of a resumed scan whose ``<name>-<tag>.json`` is not itself a record) where
 there is one: the scan as it stands, not as first run. A record without one whose
-evidence today's gate (``DetectConfig.min_evidence``, ``min_effect``; ``evidence_table.py``) would not pass counts
+evidence today's gate (``DecisionSettings.min_evidence``, ``min_effect``; ``evidence_table.py``) would not pass counts
 as 0 removed, marked ``gate``: what its scan resumed would remove. Nothing is rerun.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_table import table as evidence_rows  # noqa: E402
 
-from poisonscan.config import DetectConfig  # noqa: E402
+from poisonscan.detect.decision import DecisionSettings  # noqa: E402
 
 SOURCE_RANK = {"eval-detection": 0, "record": 1, "gate": 2}
 METRICS = ("knn_asr", "oracle_flips", "removed", "recall", "precision", "retrained_knn_asr", "probe_asr",
@@ -113,7 +113,7 @@ def _row(path: Path, rec: dict[str, Any], method: str) -> dict[str, Any]:
            "source": "eval-detection" if ev else "record",
            "time": (rec.get("environment") or {}).get("time") or ""}
     if not ev and row["removed"]:
-        gate = [r for r in evidence_rows([path], DetectConfig.min_evidence, DetectConfig.min_effect)
+        gate = [r for r in evidence_rows([path], DecisionSettings.min_evidence, DecisionSettings.min_effect)
                 if r["run"] == f"{path}:{method}"]
         if gate and not gate[0]["found_now"]:
             row.update(removed=0, recall=0.0 if row["recall"] is not None else None, precision=None, source="gate")

@@ -1,4 +1,4 @@
-"""The opt-in verification of isolated flags (``detect --verify-min-prob``) on finished benchmark runs
+"""The opt-in verification of isolated flags (``detect --set decision.verify_min_prob=P``) on finished benchmark runs
 (docs/benchmarks.md section 5, "Verifying isolated flags").
 
     python benchmarks/verify_runs.py WORK [WORK ...] [--min-prob 0.9] [--json OUT]
@@ -19,19 +19,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from poisonscan.config import DetectConfig, resolve_config
-from poisonscan.detect.pipeline import run_detect
+from poisonscan.config import DetectConfig
+
+from poisonscan.settings import resolve_config
+from poisonscan.detect.pipeline import read_run_config, run_detect
 from poisonscan.eval.detection import evaluate_detection, read_run, read_truth
 
 
 def verified_run(work: Path, min_prob: float) -> Path:
-    """``work``'s detect run resumed with ``--verify-min-prob min_prob`` in a copy (reused when finished)."""
+    """``work``'s detect run resumed with ``decision.verify_min_prob = min_prob`` in a copy (reused when finished)."""
     src, dst = work / "detect-poisoncam", work / f"detect-verify-{min_prob:g}"
     if not (dst / "stages" / "outputs.done").is_file():
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
-        cfg = resolve_config(DetectConfig, dst / "config.json",
-                             {"resume": str(dst), "verify_min_prob": min_prob, "quiet": True})
+        cfg = resolve_config(DetectConfig, None, {"resume": str(dst), "decision.verify_min_prob": min_prob,
+                                                  "quiet": True}, tables=[("config.json", read_run_config(dst))])
         run_detect(cfg, quiet=True)
     return dst
 

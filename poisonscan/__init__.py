@@ -1,3 +1,3 @@
 """poisonscan: find and remove backdoor-poisoned images (PoisonCAM)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

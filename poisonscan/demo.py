@@ -118,9 +118,11 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     say("4/6 detecting (PoisonCAM)")
-    budget = {k: v for k, v in (("masks", cfg.masks), ("classifier_iters", cfg.classifier_iters)) if v}
-    detect = run_detect(DetectConfig(data=str(poisoned["train"]), model=str(model), out=str(run.file("detect")),
-                                     overwrite=True, **budget, **common), quiet=True)
+    detect_cfg = DetectConfig(data=str(poisoned["train"]), model=str(model), out=str(run.file("detect")),
+                              overwrite=True, **common)
+    detect_cfg.search.masks = cfg.masks or detect_cfg.search.masks
+    detect_cfg.classifier.iterations = cfg.classifier_iters or detect_cfg.classifier.iterations
+    detect = run_detect(detect_cfg, quiet=True)
     timings["detect"] = time.perf_counter() - t0
     quality = run_detection(EvalDetectionConfig(run=str(run.file("detect")), truth=str(poisoned["ground_truth"])))
 

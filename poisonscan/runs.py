@@ -203,7 +203,7 @@ def absolute_settings(values: dict[str, Any]) -> dict[str, Any]:
 def config_record(cfg: Any) -> dict[str, Any]:
     """What a run saves of its config (``config.json``, a pretrain checkpoint): every setting that shapes the
     result, paths absolute, without the invocation switches (:data:`INVOCATION_SETTINGS`)."""
-    from poisonscan.config import config_to_dict
+    from poisonscan.settings import config_to_dict
 
     values = config_to_dict(cfg) if is_dataclass(cfg) else dict(cfg)
     return absolute_settings({k: v for k, v in values.items() if k not in INVOCATION_SETTINGS})

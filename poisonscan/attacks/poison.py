@@ -40,7 +40,8 @@ from poisonscan.attacks.blend import blend_trigger
 from poisonscan.attacks.ctrl import ctrl_trigger
 from poisonscan.attacks.patch import corner_range, load_trigger, paste_trigger, resize_trigger, trigger_side
 from poisonscan.attacks.presets import apply_preset
-from poisonscan.config import PoisonConfig, config_to_dict
+from poisonscan.config import PoisonConfig
+from poisonscan.settings import config_to_dict
 from poisonscan.data.sources import (IMAGE_EXTENSIONS, WDS_IMAGE_EXTS, FileListSource, FileSource, SampleError, Source,
                                      decode_image, open_source)
 from poisonscan.data.writers import TarWriter, overlaps, unique_name

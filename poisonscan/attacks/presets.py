@@ -8,7 +8,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from poisonscan.config import PAPER, PoisonConfig
+from poisonscan.config import PoisonConfig
+
+from poisonscan.settings import PAPER
 from poisonscan.errors import UsageError
 
 #: environment variable naming the shared data root (``--shared-data`` wins over it)

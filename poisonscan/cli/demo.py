@@ -10,7 +10,8 @@ from rich.table import Table
 
 from poisonscan.cli.common import err_console, handle_errors, overrides
 from poisonscan.cli.helptext import default, described
-from poisonscan.config import DemoConfig, DetectConfig, resolve_config
+from poisonscan.config import DemoConfig, DetectConfig
+from poisonscan.settings import resolve_config
 from poisonscan.demo import DEMO_RECIPE, DEMO_TARGET, DEMO_TRIGGER
 from poisonscan.report.summary import print_json
 
@@ -80,10 +81,10 @@ def demo(
                                                                      "of this many training images "
                                                                      f"{described('all')}."),
     masks: int | None = typer.Option(None, "--masks", min=1, help="Reduced budget: masks per image "
-                                                                f"{default(DetectConfig, 'masks')}."),
+                                                                f"{default(DetectConfig, 'search.masks')}."),
     classifier_iters: int | None = typer.Option(None, "--classifier-iters", min=1,
                                                 help="Reduced budget: poison-classifier iterations "
-                                                     f"{default(DetectConfig, 'classifier_iters')}."),
+                                                     f"{default(DetectConfig, 'classifier.iterations')}."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N "
                                                             f"{default(DemoConfig, 'device')}."),
     seed: int | None = typer.Option(None, "--seed", help=f"Random seed {default(DemoConfig, 'seed')}."),

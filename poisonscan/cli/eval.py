@@ -13,8 +13,8 @@ from rich.console import Console
 
 from poisonscan.cli.common import handle_errors, overrides
 from poisonscan.cli.helptext import default, described, required
-from poisonscan.config import (CommonConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig,
-                               resolve_config)
+from poisonscan.config import CommonConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig
+from poisonscan.settings import resolve_config
 from poisonscan.report.summary import print_json, print_table
 
 eval_app = typer.Typer(name="eval", help="Evaluate a detection run, a linear probe, or a threat model's backdoor.",

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from poisonscan.config import PAPER, defaults_of
+from poisonscan.settings import PAPER, defaults_of, owner_of
 
 
 def format_value(value: Any) -> str:
@@ -38,9 +38,10 @@ def bracket(text: str, note: str | None = None) -> str:
 
 
 def default(cls: type, name: str, note: str | None = None) -> str:
-    """The default of config field ``name`` of ``cls`` in brackets (``default(DetectConfig, "min_effect")`` ->
-    ``\\[0.15]``), with an optional note after a semicolon. Fields without a value (``None``, ``""``) have none to
-    show: describe theirs with :func:`described` or mark them with :func:`required`."""
+    """The default of config field ``name`` of ``cls`` in brackets (``default(DetectConfig, "decision.min_effect")``
+    -> ``\\[0.15]``; a section's setting with a dot), with an optional note after a semicolon. Fields without a value
+    (``None``, ``""``) have none to show: describe theirs with :func:`described` or mark them with :func:`required`."""
+    cls, name = owner_of(cls, name)
     values = defaults_of(cls)
     if name not in values:
         raise KeyError(f"{cls.__name__} has no field {name!r}")

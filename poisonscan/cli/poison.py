@@ -13,7 +13,8 @@ from poisonscan.attacks.poison import poison_dataset
 from poisonscan.attacks.presets import PRESETS, preset_values
 from poisonscan.cli.common import emit_json, err_console, handle_errors, overrides
 from poisonscan.cli.helptext import default, described, required
-from poisonscan.config import PoisonConfig, resolve_config
+from poisonscan.config import PoisonConfig
+from poisonscan.settings import resolve_config
 
 
 def build_config(flags: dict[str, Any], config_file: Path | None) -> PoisonConfig:

@@ -9,7 +9,8 @@ import typer
 
 from poisonscan.cli.common import emit_json, err_console, handle_errors, overrides
 from poisonscan.cli.helptext import default, described, required
-from poisonscan.config import PretrainConfig, resolve_config
+from poisonscan.config import PretrainConfig
+from poisonscan.settings import resolve_config
 from poisonscan.runtime import setup_runtime
 
 

@@ -9,7 +9,7 @@ validation F1 stalls; the weights with the best F1 (ties: lower validation loss)
 logits. Its P(poisonous) of every image, averaged with the image's feature-space neighbours' (``neighbours``), is
 the removal score the pipeline thresholds.
 
-Two departures from the paper's recipe, both on by default and both off with ``decoy_prob=0``, one round
+Two departures from the paper's recipe, both on by default and both off with ``decoys=0``, one round
 (docs/benchmarks.md section 5 measures them): *decoys*, a share of the negatives (and a copy of the validation
 negatives) get a pasted window of another image, so pasting alone is not evidence; *refinement*, a second training
 without the negatives the first classifier flags (the poisons the search never scored).
@@ -30,18 +30,49 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from poisonscan.config import DECOY_DEFAULT
 from poisonscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
 from poisonscan.errors import CheckpointError, PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
+from poisonscan.settings import PAPER, at_least, between, one_of
+
+REFINE_BY = ("p", "removal")
+POSITIVES = ("recurring", "all")
+
+
+@dataclass
+class ClassifierSettings:
+    """The classifier stage's settings (``[detect.classifier]``; ``--set classifier.KEY=VALUE``). Four depart from
+    the paper's recipe (``--preset paper`` gives it back: decoys 0, rounds 1, ensemble 1, positives "all"); each is
+    measured in docs/design.md, "The poison classifier"."""
+
+    iterations: int = field(default=2000, metadata=at_least(1))     # training iterations per model (PatchSearch)
+    #: p, the top share by poison score left out of the training pool (likely poisons)
+    drop_top: float = field(default=PAPER.drop_top, metadata=between(0.0, 0.99))
+    holdout: float = field(default=0.0, metadata=between(0.0, 0.5))  # share of the pool held out as val negatives
+    #: decoys: this share of the clean training (and validation) images get a pasted window of another image, so
+    #: the classifier learns the trigger's content, not the traces of pasting (paper: 0)
+    decoys: float = field(default=0.5, metadata=between(0.0, 1.0))
+    #: refinement: the classifier is trained again without the training negatives the last one flags (the poisons
+    #: the search never scored) (paper: 1)
+    rounds: int = field(default=2, metadata=at_least(1))
+    #: what a refinement round drops: "removal", the images the removal decision would remove (P with its
+    #: neighbours' support) as well as those with P > threshold; "p", the latter alone
+    refine_by: str = field(default="removal", metadata=one_of(REFINE_BY))
+    #: classifiers trained with different seeds, logits averaged: one classifier's decision varies from seed to
+    #: seed (recall 94.6-99.8% on one CIFAR-10 50k run) (paper: 1)
+    ensemble: int = field(default=3, metadata=at_least(1))
+    #: the windows learned as the trigger: the recurrence test's group when there is one ("recurring": top-k
+    #: windows outside it are left out of training), or every top-k window ("all", the paper)
+    positives: str = field(default="recurring", metadata=one_of(POSITIVES))
 
 
 @dataclass
 class ClassifierConfig:
-    """Training settings; the defaults follow PatchSearch (SGD, batch 32, 2000 iterations, eval every 20)."""
+    """How one ensemble is trained; the defaults follow PatchSearch (SGD, batch 32, eval every 20) and, for what a
+    user sets, :class:`ClassifierSettings`."""
 
-    iterations: int = 2000
+    iterations: int = ClassifierSettings.iterations
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
@@ -49,13 +80,13 @@ class ClassifierConfig:
     eval_every: int = 20
     patience: int = 10                      # evaluations without a better val F1 before stopping ...
     min_iterations: int | None = None       # ... but never before this many (None: a quarter of the iterations)
-    ensemble: int = 1
+    ensemble: int = ClassifierSettings.ensemble
     min_side: float = 20 / 224              # pasted trigger side, fraction of the image side
     max_side: float = 80 / 224
     margin: float = 10 / 224                # pasted trigger distance from the border, fraction of the side
     crop_scale: tuple[float, float] = (0.2, 1.0)
     paste_prob: float = 0.5
-    decoy_prob: float = DECOY_DEFAULT       # share of negatives that get a pasted window of another image
+    decoys: float = ClassifierSettings.decoys   # share of negatives that get a pasted window of another image
     widths: tuple[int, ...] = (32, 64, 128, 256)
     predict_batch_size: int = 256
     seed: int = 0
@@ -180,7 +211,7 @@ def classifier_split(scores: np.ndarray, top_k_indices: Sequence[int], drop_top:
         val_neg, train = np.concatenate([val_neg, train[held]]), train[keep]
     if len(train) == 0 or len(val_neg) == 0:
         raise UsageError(f"too few images ({n}) to train the poison classifier with top-k {k} and drop-top "
-                         f"{drop_top} (lower --top-k / --drop-top)")
+                         f"{drop_top} (lower evidence.top_k / classifier.drop_top)")
     return ClassifierSplit(np.sort(train), val_pos, np.sort(val_neg))
 
 
@@ -330,7 +361,7 @@ def training_batch(images_u8: Tensor, patches: Tensor, cfg: ClassifierConfig, g:
     """Augmented, normalised training batch and labels (1 = pasted) from a uint8 batch already on the device."""
     x = random_resized_crop(images_u8.float() / 255, cfg.crop_scale, g)
     x, labels = random_paste(x, patches.float() / 255, cfg.paste_prob, cfg.min_side, cfg.max_side, cfg.margin, g,
-                             cfg.decoy_prob)
+                             cfg.decoys)
     return _normalise(colour_augment(x, g), channels_last), labels
 
 
@@ -436,7 +467,7 @@ def train_poison_classifier(images_u8: Tensor, patches: Tensor | Sequence[Tensor
     val_idx = np.concatenate([split.val_pos, split.val_neg])
     val_y = np.concatenate([np.ones(len(split.val_pos)), np.zeros(len(split.val_neg))]).astype(np.int64)
     val_x = images_u8[torch.as_tensor(val_idx)]
-    if cfg.decoy_prob > 0:                # model selection also sees pasted natural windows, labelled clean
+    if cfg.decoys > 0:                # model selection also sees pasted natural windows, labelled clean
         decoys = decoy_validation(images_u8[torch.as_tensor(split.val_neg)], patches, cfg)
         val_x, val_y = torch.cat([val_x, decoys]), np.concatenate([val_y, np.zeros(len(decoys), np.int64)])
     models, iters, best_its, history = [], [], [], []

@@ -5,11 +5,11 @@ something if their candidate windows move the flip test set much more than rando
 The top-k are maxima over ``n_scored`` scored images, so they are compared with the same order statistics of the
 null: the median of the top-k of ``n_scored`` draws from the null scores, bootstrapped.
 
-Two numbers come out (``--min-evidence``, ``--min-effect``): ``z``, how unlikely the top-k are under the null, and
-``effect``, by how much: of the flip-set images the null's top-k leave in their cluster, the share the top-k move.
-``detect`` needs ``z`` and either the effect or one picture recurring among the top-k windows (detect/recurrence.py,
-``--max-recurrence-p``): where random windows already move most of the flip set (many clusters, small images) a real
-trigger's effect stays small, and the recurring picture is what shows it (docs/design.md, "The evidence gate").
+Two numbers come out (``decision.min_evidence``, ``decision.min_effect``): ``z``, how unlikely the top-k are under the
+null, and ``effect``, by how much: of the flip-set images the null's top-k leave in their cluster, the share the top-k
+move. ``detect`` needs ``z`` and either the effect or one picture recurring among the top-k windows
+(detect/recurrence.py, ``decision.max_recurrence_p``): where random windows already move most of the flip set (many
+clusters, small images) a real trigger's effect stays small, and the recurring picture is what shows it (docs/design.md, "The evidence gate").
 ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip most, so on a model
 trained on clean data it still finds windows a few flips stronger than any random draw, and with a tight null those
 few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole
@@ -34,6 +34,7 @@ potent natural windows, and leaving them out lowered the null (imagenette-96: ef
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,10 +44,25 @@ from torch import Tensor
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.recurrence import SIGNIFICANCE, is_pixel_record, recurring_group
 from poisonscan.detect.search import torch_generator
+from poisonscan.settings import PAPER, at_least, one_of
 
 _BOOT_CHUNK_ELEMS = 4_000_000
 NULL_POOLS = ("all", "outside-topk-clusters")
-Z_SCALE = "min-spread"  # how ``z`` is scaled; a record without this key was scaled by the bootstrap's std alone
+
+
+@dataclass
+class EvidenceSettings:
+    """The evidence stage's settings (``[detect.evidence]``; ``--set evidence.KEY=VALUE``): the top-k and the null
+    they are compared with. The gate's thresholds belong to the decision (:class:`DecisionSettings`)."""
+
+    top_k: int = field(default=PAPER.top_k, metadata=at_least(1))     # k, the poison set the search returns
+    #: random windows scored as the null; with 256 the null's top-k median moved so much with the draw that a
+    #: clean-data CIFAR-10 model passed the gate in 6% of redrawn nulls (benchmarks/null_noise.py)
+    null_size: int = field(default=1024, metadata=at_least(1))
+    #: where null windows are cut: "all" images, or "outside-topk-clusters" (fewer poisons in the null, but a lower
+    #: null on clean data: imagenette-96's clean-data model went from effect 5.7% to 16%)
+    null_pool: str = field(default="all", metadata=one_of(NULL_POOLS))
+Z_SCALE = "min-spread"  # how ``z`` is scaled (recorded as ``z_scale``)
 
 
 def null_pool(labels: np.ndarray, top: np.ndarray | list[int], pool: str = "all") -> np.ndarray | None:
@@ -67,13 +83,6 @@ def null_sources(n_images: int, n: int, generator: torch.Generator, pool: np.nda
     if pool is None:
         return torch.randint(0, n_images, (n,), generator=generator)
     return torch.as_tensor(np.asarray(pool, dtype=np.int64))[torch.randint(0, len(pool), (n,), generator=generator)]
-
-
-def replay_null_sources(generator: torch.Generator | int, n_images: int, n: int, labels: np.ndarray,
-                        top: np.ndarray | list[int], pool: str = "all") -> np.ndarray:
-    """The images an evidence test's ``n`` null windows were cut from, for a record that does not list them: the
-    first draw of its generator (detect seeds it with ``derive_seed(seed, "null")``), replayed."""
-    return null_sources(n_images, n, torch_generator(generator), null_pool(labels, top, pool)).numpy()
 
 
 def null_windows(images_u8: Tensor, n: int, window: int, generator: torch.Generator | int,
@@ -178,24 +187,6 @@ def effect_of(ev: dict[str, Any]) -> float:
     return effect_size(ev["topk_median"], ev["null_median"], int(ev["n_flip"]))
 
 
-def needs_rescale(ev: dict[str, Any]) -> bool:
-    """Was ``z`` written with another scale than today's, and does the record keep what today's needs?"""
-    return ev.get("z_scale") != Z_SCALE and bool(ev.get("topk_scores")) and "null_median" in ev and "boot_std" in ev
-
-
-def upgrade_record(ev: dict[str, Any]) -> dict[str, Any]:
-    """An evidence record in today's terms: ``effect`` added, and ``z`` recomputed (:func:`evidence_z`) from the
-    record's top-k scores, null median and bootstrap std when it was scaled otherwise (a summary without them keeps
-    its ``z``)."""
-    ev = dict(ev)
-    if needs_rescale(ev):
-        scores = ev["topk_scores"]
-        ev.update(z=evidence_z(scores, ev["null_median"], ev["boot_std"]), z_scale=Z_SCALE,
-                  topk_spread=topk_spread(scores))
-    ev["effect"] = effect_of(ev)
-    return ev
-
-
 def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
                   max_recurrence_p: float = SIGNIFICANCE) -> tuple[bool, str]:
     """Is there a backdoor signal, and a one-line reason? ``z >= min_evidence``, and either ``effect >= min_effect``
@@ -217,7 +208,7 @@ def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
     if rec is None:
         why = "and the record has no recurrence test"
     elif max_recurrence_p <= 0:
-        why = "and a recurring picture is not asked for (--max-recurrence-p 0)"
+        why = "and a recurring picture is not asked for (decision.max_recurrence_p = 0)"
     else:
         why = (f"and no picture recurs among the top-k (largest group {rec['size']} of {rec['k']}; random windows: "
                f"up to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f})")

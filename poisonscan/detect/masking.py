@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poisonscan import runtime as rt
-from poisonscan.config import PAPER
+from poisonscan.settings import PAPER
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.features import encode, eval_mode, prepare_encoder
 

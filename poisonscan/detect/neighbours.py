@@ -91,7 +91,7 @@ def neighbour_support(neighbour_means: np.ndarray, flag_rate: float) -> np.ndarr
 
 def removal_score(probs: np.ndarray, neighbour_means: np.ndarray | None) -> np.ndarray:
     """``(p + neighbour support) / 2`` (float32 N, see the module docstring) from the neighbours' mean
-    probabilities (:func:`neighbour_mean`); ``p`` itself when there are none (``--neighbours 0``)."""
+    probabilities (:func:`neighbour_mean`); ``p`` itself when there are none (``--set decision.neighbours=0``)."""
     probs = np.asarray(probs, dtype=np.float32)
     if neighbour_means is None or probs.size == 0:
         return probs.copy()

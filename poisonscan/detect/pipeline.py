@@ -27,7 +27,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,57 +37,33 @@ from torch import Tensor, nn
 
 from poisonscan import __version__
 from poisonscan import runtime as rt
-from poisonscan.config import DetectConfig, config_to_dict
-from poisonscan.data.writers import write_removal_list
+from poisonscan.config import DetectConfig
 from poisonscan.data.sources import open_source
 from poisonscan.data.store import ImageStore, build_store, open_store, write_errors_csv
+from poisonscan.data.writers import write_removal_list
 from poisonscan.detect.classifier import (ClassifierConfig, classifier_bytes, classifier_split, load_classifier,
                                           train_with_refinement)
-from poisonscan.detect.neighbours import nearest_neighbours, neighbour_mean, removal_score
-from poisonscan.detect.matching import best_match, match_threshold, match_verdict
-from poisonscan.detect.recurrence import is_pixel_record, recurrence_test, recurring_group
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
-from poisonscan.detect.evidence import (NULL_POOLS, backdoor_evidence, effect_of, evidence_gate, needs_rescale,
-                                        null_pool, null_sources, null_windows, replay_null_sources, upgrade_record)
-from poisonscan.detect.features import FEATURE_DTYPES, extract_features, prepare_encoder
+from poisonscan.detect.decision import refinement_neighbours, removal_scores
+from poisonscan.detect.evidence import (backdoor_evidence, effect_of, evidence_gate, null_pool, null_sources,
+                                        null_windows)
+from poisonscan.detect.features import extract_features, prepare_encoder
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
-from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
-                                       make_masks, window_pixels)
-from poisonscan.detect.search import AGGREGATES, RULES, draw_positions, flip_test_set, iterative_search, \
-    poison_scores, top_k
+from poisonscan.detect.masking import MaskingConfig, cluster_activation_masking, cut_windows, make_masks, window_pixels
+from poisonscan.detect.matching import best_match, match_threshold, match_verdict
+from poisonscan.detect.neighbours import nearest_neighbours
+from poisonscan.detect.recurrence import is_pixel_record, recurrence_test, recurring_group
+from poisonscan.detect.search import draw_positions, flip_test_set, iterative_search, poison_scores, top_k
 from poisonscan.detect.verification import occlusion_windows, verification_bar, verification_candidates
 from poisonscan.errors import ConfigError, DataError, UsageError
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
 from poisonscan.runs import RunDir, absolute_settings, config_record, create_run, lock_run, releases_run_locks
+from poisonscan.settings import check_config, sections
 
 STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "verify", "outputs")
-METHODS = ("poisoncam", "patchsearch")
-
-#: the settings each stage's result depends on: changing one on --resume reruns that stage and all later ones
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "store": ("data", "model", "arch", "image_size"),
-    "features": ("feature_dtype",),
-    "clusters": ("clusters", "seed"),
-    "search": ("method", "masks", "window", "mask_strategy", "flip_size", "samples_per_cluster", "drop_fraction",
-               "score_rule", "aggregate"),
-    "evidence": ("null_size", "null_pool", "top_k"),
-    "classifier": ("drop_top", "classifier_iters", "classifier_holdout", "classifier_decoys", "classifier_rounds",
-                   "classifier_refine_by", "refine_neighbours", "ensemble", "threshold", "min_evidence", "min_effect",
-                   "max_recurrence_p", "classifier_positives", "force"),
-    "verify": ("neighbours", "verify_min_prob", "match_picture"),
-    "outputs": ("fail_on", "fail_on_unreadable"),
-}
-
-#: what a run written before a setting existed did, for settings whose default is not that (a resumed old run
-#: compares against these, so the new default reruns the stage instead of passing for the old behaviour)
-LEGACY_VALUES: dict[str, Any] = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0,
-                                 "classifier_refine_by": "p", "match_picture": False}
-
-CLASSIFIER_POSITIVES = ("recurring", "all")
-
-REFINE_BY = ("p", "removal")
+SECTIONS = sections(DetectConfig)
 
 SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
                  "box_h", "classifier_prob", "neighbour_prob", "removal_score", "verify_flips", "picture_match",
@@ -100,46 +76,21 @@ RoundHook = Callable[[int], None]
 
 
 def validate_config(cfg: DetectConfig) -> None:
-    """Raise ``ConfigError`` for settings the pipeline cannot run with."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    need(bool(cfg.data), "no data set: give DATA (a folder, file list or WebDataset shards)")
-    need(bool(cfg.model), "no threat model: give --model CKPT")
-    need(cfg.method in METHODS, f"--method {cfg.method}: choose one of {', '.join(METHODS)}")
-    need(cfg.mask_strategy in STRATEGIES, f"--mask-strategy {cfg.mask_strategy}: choose one of "
-                                          f"{', '.join(STRATEGIES)}")
-    need(cfg.score_rule in RULES, f"score_rule {cfg.score_rule}: choose one of {', '.join(RULES)}")
-    need(cfg.null_pool in NULL_POOLS, f"--null-pool {cfg.null_pool}: choose one of {', '.join(NULL_POOLS)}")
-    need(cfg.classifier_refine_by in REFINE_BY, f"--refine-by {cfg.classifier_refine_by}: choose one of "
-                                                f"{', '.join(REFINE_BY)}")
-    need(cfg.aggregate in AGGREGATES, f"aggregate {cfg.aggregate}: choose one of {', '.join(AGGREGATES)}")
-    need(cfg.feature_dtype in FEATURE_DTYPES, f"--feature-dtype {cfg.feature_dtype}: choose one of "
-                                              f"{', '.join(FEATURE_DTYPES)}")
-    for name in ("clusters", "masks", "flip_size", "samples_per_cluster", "top_k", "classifier_iters", "ensemble",
-                 "batch_size", "null_size"):
-        need(int(getattr(cfg, name)) >= 1, f"{name.replace('_', '-')} must be >= 1")
-    need(cfg.window > 0, "--window must be > 0 (pixels, or a fraction of the image side like 60/224)")
-    need(cfg.window < 1 or float(cfg.window).is_integer(),
-         f"--window {cfg.window:g}: give whole pixels (17) or a fraction of the image side below 1 (60/224, 0.27)")
+    """Raise ``ConfigError`` for settings the pipeline cannot run with (types, ranges and choices of every setting,
+    then what no single setting shows)."""
+    check_config(cfg)
+    if not cfg.data:
+        raise ConfigError("no data set: give DATA (a folder, file list or WebDataset shards)")
+    if not cfg.model:
+        raise ConfigError("no threat model: give --model CKPT")
+    window = cfg.search.window
+    if not (window < 1 or float(window).is_integer()):
+        raise ConfigError(f"--window {window:g}: give whole pixels (17) or a fraction of the image side below 1 "
+                          "(60/224, 0.27)")
+    if not math.isfinite(cfg.decision.min_evidence):
+        raise ConfigError("setting 'decision.min_evidence' must be a number")
     if cfg.image_size:
-        check_window(cfg.window, cfg.image_size)
-    need(0.0 <= cfg.drop_fraction <= 1.0, "--drop-fraction must be in [0, 1]")
-    need(0.0 <= cfg.drop_top < 1.0, "--drop-top must be in [0, 1)")
-    need(0.0 <= cfg.classifier_holdout <= 0.5, "--classifier-holdout must be in [0, 0.5]")
-    need(0.0 <= cfg.classifier_decoys <= 1.0, "--classifier-decoys must be in [0, 1]")
-    need(cfg.classifier_rounds >= 1, "--classifier-rounds must be at least 1")
-    need(cfg.neighbours >= 0, "--neighbours must be >= 0")
-    need(0.0 <= cfg.verify_min_prob <= 1.0, "--verify-min-prob must be in [0, 1] (1: no verification)")
-    need(0.0 <= cfg.threshold <= 1.0, "threshold must be in [0, 1]")
-    need(cfg.fail_on is None or cfg.fail_on >= 0, "--fail-on must be >= 0 (a count, or a fraction below 1)")
-    need(cfg.fail_on_unreadable is None or cfg.fail_on_unreadable >= 0, "--fail-on-unreadable must be >= 0")
-    need(math.isfinite(cfg.min_evidence), "--min-evidence must be a number")
-    need(0.0 <= cfg.min_effect <= 1.0, "--min-effect must be in [0, 1] (a share of flip-set images)")
-    need(0.0 <= cfg.max_recurrence_p <= 1.0, "--max-recurrence-p must be in [0, 1] (0: the effect alone decides)")
-    need(cfg.classifier_positives in CLASSIFIER_POSITIVES,
-         f"--classifier-positives must be one of {', '.join(CLASSIFIER_POSITIVES)}")
+        check_window(window, cfg.image_size)
 
 
 def unreadable_limit(fail_on: float | None, fail_on_unreadable: int | None) -> int | None:
@@ -192,37 +143,35 @@ def _clear_from(run: RunDir, stage: str) -> None:
         shutil.rmtree(run.file("search"), ignore_errors=True)
 
 
-def _invalidated_stage(saved: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first stage whose settings differ between the saved and the new config (a key the saved config lacks
-    counts as its :data:`LEGACY_VALUES` entry, else as today's default)."""
-    defaults = config_to_dict(DetectConfig())
-    old = {key: saved.get(key, LEGACY_VALUES.get(key, defaults.get(key))) for key in defaults}
-    old, new = ({**c, "refine_neighbours": _refine_neighbours(c["classifier_refine_by"], c["neighbours"])}
-                for c in (old, {**defaults, **new}))
-    for stage in STAGES:
-        for key in STAGE_KEYS[stage]:
-            if old.get(key) != new.get(key):
-                return stage
-    return None
+def rerun_from(saved: dict[str, Any], cfg: DetectConfig) -> str | None:
+    """The first stage whose settings differ between a run's saved ``config.json`` and ``cfg``: each setting's
+    stage is its field's ``stage`` metadata (a section's: the section field's), see :class:`DetectConfig`."""
+    new = config_record(cfg)
+    changed = []
+    for f in fields(DetectConfig):
+        name = f.metadata.get("stage")
+        if name is None or saved.get(f.name) == new.get(f.name):
+            continue
+        if f.name in SECTIONS:           # a section: each changed setting's own stage, else the section's
+            old, now = saved.get(f.name) or {}, new[f.name]
+            changed += [g.metadata.get("stage", name) for g in fields(SECTIONS[f.name])
+                        if old.get(g.name) != now[g.name]]
+        else:
+            changed.append(name)
+    return min(changed, key=STAGES.index) if changed else None
 
 
-def _refine_neighbours(refine_by: str, neighbours: int) -> int:
-    """The neighbours the classifier's refinement rounds look at (0 unless they drop by the removal score): a
-    setting of the classifier stage derived from two others."""
-    return int(neighbours or 0) if refine_by == "removal" else 0
-
-
-def _stale_stage(run: RunDir, cfg: DetectConfig) -> str | None:
-    """``"evidence"`` when the run's evidence record has no recurrence test of pixels and the settings use it (it is
-    run again); ``"classifier"`` when it was written with another ``z`` than today's: its gate decision is taken
-    again on the rescaled record (:func:`upgrade_record`, saved when it is loaded)."""
-    if not (run.stage_done("evidence") and run.exists("evidence.json")):
-        return None
-    record = run.read_json("evidence.json")
-    if not is_pixel_record(record.get("recurrence")) and (cfg.max_recurrence_p > 0
-                                                          or cfg.classifier_positives == "recurring"):
-        return "evidence"
-    return "classifier" if needs_rescale(record) else None
+def read_run_config(path: Path) -> dict[str, Any]:
+    """The settings of the detect run folder ``path`` (its ``config.json`` without the version line); a run of
+    another poisonscan version, or no run at all, is refused with one line."""
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--resume {path}: not a detect run folder (no config.json)")
+    saved = RunDir(path).read_json("config.json")
+    version = saved.pop("version", None) if isinstance(saved, dict) else None
+    if version != __version__:
+        raise UsageError(f"--resume {path}: written by poisonscan {version or 'of another version'}, this is "
+                         f"{__version__}; start a new run")
+    return saved
 
 
 def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
@@ -233,14 +182,10 @@ def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
     """
     if cfg.resume:
         path = Path(cfg.resume)
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--resume {path}: not a detect run folder (no config.json)")
+        saved = absolute_settings(read_run_config(path))
         run = RunDir(path, lock_run(path) if runtime.is_main else None)
         if runtime.is_main:
-            saved = absolute_settings(run.read_json("config.json"))
-            found = [s for s in (_invalidated_stage(saved, config_record(cfg)), _stale_stage(run, cfg))
-                     if s is not None]
-            rerun = min(found, key=STAGES.index) if found else None
+            rerun = rerun_from(saved, cfg)
             if rerun is not None:
                 _clear_from(run, rerun)
     else:
@@ -250,7 +195,7 @@ def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
         if runtime.is_main:
             _clear_from(run, STAGES[0])      # --overwrite of an older run: start from scratch
     if runtime.is_main:
-        run.write_config(cfg)
+        run.write_json("config.json", {"version": __version__, **config_record(cfg)})
         run.write_environment(cfg.seed, runtime)
     rt.barrier()
     return run
@@ -292,12 +237,12 @@ class _Ctx:
 
     @property
     def window(self) -> int:
-        return window_pixels(self.cfg.window, self.size)
+        return window_pixels(self.cfg.search.window, self.size)
 
     def flip_data(self) -> tuple[Tensor, Tensor]:
         """The flip test set's images (uint8) and their cluster labels."""
         if self.flip is None:
-            self.flip = flip_test_set(self.clustering, self.features, self.cfg.flip_size, self.cfg.clusters)
+            self.flip = flip_test_set(self.clustering, self.features, self.cfg.search.flip_size, self.cfg.clusters)
         if self._flip_cache is None:
             idx = torch.as_tensor(self.flip)
             self._flip_cache = (self.store.images[idx], torch.as_tensor(self.clustering.labels[self.flip]))
@@ -317,7 +262,7 @@ def _flip_scores(ctx: _Ctx, patches: Tensor, sources: np.ndarray | None, *tags: 
     the candidates are split across ranks (``split=False``: all on this rank, for the stages rank 0 runs alone)."""
     flip_images, flip_labels = ctx.flip_data()
     positions = draw_positions(len(patches), len(flip_images), _torch_gen(ctx.cfg.seed, "paste", *tags))
-    rule = ctx.cfg.score_rule
+    rule = ctx.cfg.search.score_rule
 
     def work(shard: range) -> np.ndarray:
         sl = slice(shard.start, shard.stop)
@@ -335,7 +280,7 @@ def _candidates(ctx: _Ctx, indices: np.ndarray, masks: Tensor) -> tuple[np.ndarr
     eta n)."""
     def work(shard: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         imgs = ctx.store.images[torch.as_tensor(indices[shard.start:shard.stop])]
-        if ctx.cfg.method == "patchsearch":
+        if ctx.cfg.search.method == "patchsearch":
             att, boxes, eta = gradcam_candidates(ctx.encoder, ctx.clustering, imgs, ctx.window, ctx.runtime,
                                                  batch_size=gradcam_batch_size(ctx.cfg.batch_size))
         else:
@@ -402,9 +347,9 @@ def _load_clusters(ctx: _Ctx) -> None:
 def _search_doc(ctx: _Ctx, result: Any, entries: dict[int, dict[str, Any]], completed: bool) -> dict[str, Any]:
     rounds = [{k: r[k] for k in ("round", "live_clusters", "scored", "retired", "dropped") if k in r}
               for r in result.rounds]
-    return {"format": "poisonscan-search", "completed": completed, "method": ctx.cfg.method,
-            "window": ctx.window, "n_masks": ctx.cfg.masks, "mask_strategy": ctx.cfg.mask_strategy,
-            "rule": ctx.cfg.score_rule, "aggregate": ctx.cfg.aggregate,
+    return {"format": "poisonscan-search", "completed": completed, "method": ctx.cfg.search.method,
+            "window": ctx.window, "n_masks": ctx.cfg.search.masks, "mask_strategy": ctx.cfg.search.mask_strategy,
+            "rule": ctx.cfg.search.score_rule, "aggregate": ctx.cfg.search.aggregate,
             "flip_set": [int(i) for i in ctx.flip], "rounds": rounds,
             "scored": [entries[i] for i in result.order],
             "cluster_scores": [[int(c), float(s)] for c, s in sorted(result.cluster_scores.items())]}
@@ -413,7 +358,7 @@ def _search_doc(ctx: _Ctx, result: Any, entries: dict[int, dict[str, Any]], comp
 def _stage_search(ctx: _Ctx) -> dict[str, Any]:
     cfg, run, main = ctx.cfg, ctx.run, ctx.runtime.is_main
     ctx.flip_data()
-    masks = make_masks(MaskingConfig(cfg.masks, ctx.window, cfg.mask_strategy, batch_size=cfg.batch_size),
+    masks = make_masks(MaskingConfig(cfg.search.masks, ctx.window, cfg.search.mask_strategy, batch_size=cfg.batch_size),
                        ctx.size, _torch_gen(cfg.seed, "masks"))
     # a search killed after some rounds: keep what they computed (search.json is rewritten after every round)
     saved = rt.broadcast_object(run.read_json("search.json") if main and run.exists("search.json") else None)
@@ -446,10 +391,10 @@ def _stage_search(ctx: _Ctx) -> dict[str, Any]:
             ctx.on_round(rnd)
 
     with rt.progress("search", total=None, quiet=ctx.quiet) as bar:
-        result = iterative_search(labels, score_fn, cfg.samples_per_cluster, cfg.drop_fraction,
+        result = iterative_search(labels, score_fn, cfg.search.samples_per_cluster, cfg.search.drop_fraction,
                                   np.random.default_rng(derive_seed(cfg.seed, "search")),
                                   already_scored={i: e["poison_score"] for i, e in entries.items()},
-                                  on_round=on_round, aggregate=cfg.aggregate)
+                                  on_round=on_round, aggregate=cfg.search.aggregate)
     doc = _search_doc(ctx, result, entries, completed=True)
     if main:
         chunks = [np.load(run.file(f"search/attention_{r:04d}.npy")) for r in range(1, len(result.rounds) + 1)
@@ -478,17 +423,17 @@ def _scores(ctx: _Ctx) -> dict[int, int]:
 def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     cfg = ctx.cfg
     scores = _scores(ctx)
-    top = top_k(scores, cfg.top_k)
+    top = top_k(scores, cfg.evidence.top_k)
     gen = _torch_gen(cfg.seed, "null")
     images = ctx.store.images
     labels = ctx.clustering.labels
-    pool = null_pool(labels, top, cfg.null_pool)   # None: all images
-    src = null_sources(len(images), cfg.null_size, gen, pool)       # the images the null windows are cut from
-    if cfg.score_rule == "to_source":  # the null windows need their source image's cluster
+    pool = null_pool(labels, top, cfg.evidence.null_pool)   # None: all images
+    src = null_sources(len(images), cfg.evidence.null_size, gen, pool)       # the images the null windows are cut from
+    if cfg.search.score_rule == "to_source":  # the null windows need their source image's cluster
         patches = torch.cat([null_windows(images[int(i):int(i) + 1], 1, ctx.window, gen) for i in src])
         sources = labels[src.numpy()]
     else:
-        patches, sources = null_windows(images, cfg.null_size, ctx.window, gen, sources=src), None
+        patches, sources = null_windows(images, cfg.evidence.null_size, ctx.window, gen, sources=src), None
     null = _flip_scores(ctx, patches, sources, "null")
     n_flip = len(ctx.flip)
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=cfg.seed)
@@ -496,7 +441,8 @@ def _stage_evidence(ctx: _Ctx) -> dict[str, Any]:
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     ev.update(top_k=top, topk_scores=[scores[i] for i in top], null_scores=null.tolist(), n_flip=n_flip,
               null_sources=src.tolist(),
-              null_pool=cfg.null_pool if pool is not None else "all", null_pool_size=len(pool) if pool is not None
+              null_pool=cfg.evidence.null_pool if pool is not None else "all",
+              null_pool_size=len(pool) if pool is not None
               else len(images), null_excluded_clusters=excluded)
     if ctx.runtime.is_main:
         ctx.run.write_json("evidence.json", ev)
@@ -516,19 +462,12 @@ def _recurrence(ctx: _Ctx, top: list[int], null_patches: Tensor) -> dict[str, An
 
 
 def _null_sources(ctx: _Ctx) -> np.ndarray:
-    """The null windows' source images: recorded in evidence.json, or replayed for a record written before."""
-    ev = ctx.evidence
-    if "null_sources" in ev:
-        return np.asarray(ev["null_sources"], dtype=np.int64)
-    return replay_null_sources(derive_seed(ctx.cfg.seed, "null"), len(ctx.store), len(ev["null_scores"]),
-                               ctx.clustering.labels, ev["top_k"], ev.get("null_pool", "all"))
+    """The images the null windows were cut from (recorded in evidence.json)."""
+    return np.asarray(ctx.evidence["null_sources"], dtype=np.int64)
 
 
 def _load_evidence(ctx: _Ctx) -> None:
-    saved = ctx.run.read_json("evidence.json")
-    ctx.evidence = upgrade_record(saved)    # older records in today's terms (effect, z's scale)
-    if saved.get("z_scale") != ctx.evidence.get("z_scale") and ctx.runtime.is_main:
-        ctx.run.write_json("evidence.json", ctx.evidence)
+    ctx.evidence = ctx.run.read_json("evidence.json")
 
 
 def _boxes(ctx: _Ctx) -> dict[int, list[int]]:
@@ -537,11 +476,12 @@ def _boxes(ctx: _Ctx) -> dict[int, list[int]]:
 
 def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     cfg, n = ctx.cfg, len(ctx.store)
-    found, reason = evidence_gate(ctx.evidence, cfg.min_evidence, cfg.min_effect, cfg.max_recurrence_p)
-    info: dict[str, Any] = {"trained": False, "ensemble": cfg.ensemble, "iterations": 0, "val_f1": None,
-                            "threshold": cfg.threshold, "backdoor_found": bool(found),
-                            "forced": bool(cfg.force and not found), "reason": reason}
-    if not (found or cfg.force):
+    dec = cfg.decision
+    found, reason = evidence_gate(ctx.evidence, dec.min_evidence, dec.min_effect, dec.max_recurrence_p)
+    info: dict[str, Any] = {"trained": False, "ensemble": cfg.classifier.ensemble, "iterations": 0, "val_f1": None,
+                            "threshold": cfg.decision.threshold, "backdoor_found": bool(found),
+                            "forced": bool(cfg.decision.force and not found), "reason": reason}
+    if not (found or cfg.decision.force):
         for stale in ("classifier.safetensors", "classifier_probs.npy"):
             ctx.run.file(stale).unlink(missing_ok=True)
         ctx.run.write_json("classifier.json", info)
@@ -551,26 +491,27 @@ def _stage_classifier(ctx: _Ctx) -> dict[str, Any]:
     score_arr = np.full(n, np.nan)
     score_arr[list(scores)] = list(scores.values())
     top = _positives(ctx)
-    split = classifier_split(score_arr, top, cfg.drop_top, seed=cfg.seed, holdout=cfg.classifier_holdout,
+    split = classifier_split(score_arr, top, cfg.classifier.drop_top, seed=cfg.seed,
+                             holdout=cfg.classifier.holdout,
                              exclude=[int(i) for i in ctx.evidence["top_k"] if int(i) not in set(top)])
     boxes = _boxes(ctx)
     top_t = torch.as_tensor(top)
     patches = cut_windows(ctx.store.images[top_t], torch.as_tensor([boxes[i] for i in top]))
-    ccfg = ClassifierConfig(iterations=cfg.classifier_iters, ensemble=cfg.ensemble, predict_batch_size=cfg.batch_size,
-                            decoy_prob=cfg.classifier_decoys, seed=cfg.seed)
-    refine_k = _refine_neighbours(cfg.classifier_refine_by, cfg.neighbours) if cfg.classifier_rounds > 1 else 0
+    ccfg = ClassifierConfig(iterations=cfg.classifier.iterations, ensemble=cfg.classifier.ensemble,
+                            predict_batch_size=cfg.batch_size, decoys=cfg.classifier.decoys, seed=cfg.seed)
+    refine_k = refinement_neighbours(cfg.classifier, cfg.decision)
     nbrs = _neighbours(ctx, refine_k) if refine_k else None
-    refined = train_with_refinement(ctx.store.images, patches, split, ccfg, ctx.runtime, cfg.classifier_rounds,
-                                    cfg.threshold, cfg.batch_size, ctx.quiet, neighbours=nbrs)
+    refined = train_with_refinement(ctx.store.images, patches, split, ccfg, ctx.runtime, cfg.classifier.rounds,
+                                    cfg.decision.threshold, cfg.batch_size, ctx.quiet, neighbours=nbrs)
     res, probs = refined.result, refined.probs
     ctx.run.write_bytes("classifier.safetensors", classifier_bytes(res.models, image_size=ctx.size,
-                                                                   threshold=cfg.threshold, val_f1=res.val_f1))
+                                                                   threshold=cfg.decision.threshold, val_f1=res.val_f1))
     ctx.run.save_npy("classifier_probs.npy", probs)
     info.update(trained=True, iterations=max(res.iterations), iterations_per_model=res.iterations,
                 best_iteration=res.best_iteration, val_f1=res.val_f1,
                 split={"train": len(split.train), "val_pos": len(split.val_pos), "val_neg": len(split.val_neg)},
                 positives=top, rounds=1 + len(refined.dropped), refinement_dropped=refined.dropped,
-                refine_by=cfg.classifier_refine_by if cfg.classifier_rounds > 1 else None,
+                refine_by=cfg.classifier.refine_by if cfg.classifier.rounds > 1 else None,
                 history=res.history)
     ctx.run.write_json("classifier.json", info)
     ctx.classifier, ctx.probs = info, probs
@@ -582,8 +523,8 @@ def _positives(ctx: _Ctx) -> list[int]:
     recurrence test found one at ``p <= max_recurrence_p`` (``classifier_positives="recurring"``), else every top-k
     image (the paper)."""
     top = [int(i) for i in ctx.evidence["top_k"]]
-    rec = recurring_group(ctx.evidence, ctx.cfg.max_recurrence_p)
-    if ctx.cfg.classifier_positives != "recurring" or rec is None:
+    rec = recurring_group(ctx.evidence, ctx.cfg.decision.max_recurrence_p)
+    if ctx.cfg.classifier.positives != "recurring" or rec is None:
         return top
     members = {int(i) for i in rec["members"]}
     return [i for i in top if i in members]
@@ -607,10 +548,9 @@ def _decide(ctx: _Ctx) -> np.ndarray:
     removal decision ``score > threshold``; nothing is removed without a trained classifier."""
     if ctx.probs is None:
         return np.zeros(len(ctx.store), dtype=bool)
-    k = int(ctx.cfg.neighbours)
-    ctx.neighbour_probs = neighbour_mean(ctx.probs, _neighbours(ctx, k)) if k > 0 else None
-    ctx.removal = removal_score(ctx.probs, ctx.neighbour_probs)
-    return ctx.removal > ctx.cfg.threshold
+    k = int(ctx.cfg.decision.neighbours)
+    ctx.neighbour_probs, ctx.removal = removal_scores(ctx.probs, _neighbours(ctx, k) if k > 0 else None)
+    return ctx.removal > ctx.cfg.decision.threshold
 
 
 def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
@@ -618,9 +558,10 @@ def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
     (see ``verification``): removed when it moves more flip-set images than every null window cut from an image
     the classifier does not flag."""
     cfg = ctx.cfg
-    cand = (verification_candidates(ctx.probs, _decide(ctx), cfg.verify_min_prob) if ctx.probs is not None
+    cand = (verification_candidates(ctx.probs, _decide(ctx), cfg.decision.verify_min_prob) if ctx.probs is not None
             else np.zeros(0, dtype=np.int64))
-    bar = (verification_bar(ctx.evidence.get("null_scores", []), _null_sources(ctx), ctx.probs <= cfg.threshold)
+    bar = (verification_bar(ctx.evidence.get("null_scores", []), _null_sources(ctx),
+                            ctx.probs <= cfg.decision.threshold)
            if ctx.probs is not None else -1)
     entries: list[dict[str, Any]] = []
     if len(cand):
@@ -632,7 +573,7 @@ def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
         entries = [{"index": int(i), "prob": float(ctx.probs[i]), "box": [int(v) for v in boxes[j]],
                     "occluded_prob": float(p_min[j]), "poison_score": int(flips[j]),
                     "verified": bool(flips[j] > bar)} for j, i in enumerate(cand)]
-    ctx.verify = {"min_prob": cfg.verify_min_prob, "bar": bar, "n_candidates": len(entries),
+    ctx.verify = {"min_prob": cfg.decision.verify_min_prob, "bar": bar, "n_candidates": len(entries),
                   "n_verified": sum(e["verified"] for e in entries), "candidates": entries}
     ctx.verify["picture_match"] = _picture_match(ctx)
     ctx.run.write_json("verify.json", ctx.verify)
@@ -642,10 +583,10 @@ def _stage_verify(ctx: _Ctx) -> dict[str, Any]:
 def _picture_match(ctx: _Ctx) -> dict[str, Any] | None:
     """With a backdoor signal and a recurring picture (``match_picture``), search every image for it
     (detect/matching.py): ``picture_match.npy`` and the record of ``verify.json``; else ``None``."""
-    rec = recurring_group(ctx.evidence, ctx.cfg.max_recurrence_p)
+    rec = recurring_group(ctx.evidence, ctx.cfg.decision.max_recurrence_p)
     ctx.match = None
     ctx.run.file("picture_match.npy").unlink(missing_ok=True)
-    if not ctx.cfg.match_picture or ctx.probs is None or rec is None:
+    if not ctx.cfg.decision.match_picture or ctx.probs is None or rec is None:
         return None
     boxes, members = _boxes(ctx), [int(i) for i in rec["members"]]
     templates = cut_windows(ctx.store.images[torch.as_tensor(members)],
@@ -722,16 +663,15 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
     scores, boxes = _scores(ctx), _boxes(ctx)
     top = [int(i) for i in ev["top_k"]]
     n, n_removed = len(store), int(removed.sum())
-    found, reason = match_verdict(bool(clf["backdoor_found"]), clf.get("reason") or evidence_gate(
-        ev, cfg.min_evidence, cfg.min_effect, cfg.max_recurrence_p)[1], (ctx.verify or {}).get("picture_match"),
-        effect_of(ev), cfg.min_effect)
+    dec = cfg.decision
+    gate_reason = clf.get("reason") or evidence_gate(ev, dec.min_evidence, dec.min_effect, dec.max_recurrence_p)[1]
+    found, reason = match_verdict(bool(clf["backdoor_found"]), gate_reason, (ctx.verify or {}).get("picture_match"),
+                                  effect_of(ev), dec.min_effect)
     evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
-                                   "null_size")}
-    evidence.update({k: ev.get(k, d) for k, d in (("null_pool", "all"), ("null_pool_size", None),
-                                                  ("null_excluded_clusters", []), ("z_scale", "std"),
-                                                  ("topk_spread", None))})
-    evidence.update(min_evidence=cfg.min_evidence, min_effect=cfg.min_effect, backdoor_found=found,
-                    max_recurrence_p=cfg.max_recurrence_p, forced=bool(clf["forced"]),
+                                   "null_size", "null_pool", "null_pool_size", "null_excluded_clusters", "z_scale",
+                                   "topk_spread")}
+    evidence.update(min_evidence=dec.min_evidence, min_effect=dec.min_effect, backdoor_found=found,
+                    max_recurrence_p=dec.max_recurrence_p, forced=bool(clf["forced"]),
                     recurrence=({k: ev["recurrence"][k] for k in ("size", "k", "p_value", "null_group_median",
                                                                   "null_group_p99")}
                                 if is_pixel_record(ev.get("recurrence")) else None),
@@ -748,7 +688,7 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
     verdict = "backdoor signal found" if found else \
         "no backdoor signal (removal forced)" if clf["forced"] else "no backdoor signal"
     return {
-        "command": "detect", "method": cfg.method, "run_dir": str(ctx.run.path), "version": __version__,
+        "command": "detect", "method": cfg.search.method, "run_dir": str(ctx.run.path), "version": __version__,
         "source": {"spec": cfg.data, "kind": store.source.get("kind"), "n_samples": n + len(store.errors),
                    "n_errors": len(store.errors)},
         "model": {"checkpoint": cfg.model, "arch": getattr(ctx.encoder, "arch", None), "image_size": ctx.size,
@@ -768,10 +708,10 @@ def _summary(ctx: _Ctx, removed: np.ndarray) -> dict[str, Any]:
         "classifier": {"trained": bool(clf["trained"]), "ensemble": int(clf["ensemble"]),
                        "iterations": int(clf["iterations"]), "val_f1": clf.get("val_f1"),
                        "rounds": clf.get("rounds"), "refine_by": clf.get("refine_by"),
-                       "threshold": float(clf["threshold"]), "neighbours": int(cfg.neighbours),
+                       "threshold": float(clf["threshold"]), "neighbours": int(cfg.decision.neighbours),
                        "flag_rate": None if ctx.probs is None else float(np.mean(ctx.probs)),
                        "removed_by_classifier_alone": None if ctx.probs is None else
-                       int((ctx.probs > cfg.threshold).sum()),
+                       int((ctx.probs > cfg.decision.threshold).sum()),
                        "verification": {k: (ctx.verify or {}).get(k) for k in ("min_prob", "bar", "n_candidates",
                                                                                  "n_verified")}},
         "picture_match": (ctx.verify or {}).get("picture_match"),
@@ -830,7 +770,7 @@ def run_detect(cfg: DetectConfig, runtime: rt.Runtime | None = None, quiet: bool
     rt.seed_everything(cfg.seed)
     encoder, meta = load_encoder(cfg.model, arch=cfg.arch, image_size=cfg.image_size,
                                  trust_pickle=cfg.trust_checkpoint)
-    check_window(cfg.window, int(encoder.image_size))
+    check_window(cfg.search.window, int(encoder.image_size))
     source = None if cfg.resume else open_source(cfg.data)     # a resumed run opens it only to redo the store
     run = open_run(cfg, runtime)
     main = runtime.is_main

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 #: the quantile of the similarities between random windows above which two windows count as alike
 ALIKE_QUANTILE = 0.99
-#: the p-value at which a group counts as recurring (the default of ``--max-recurrence-p``)
+#: the p-value at which a group counts as recurring (the default of ``decision.max_recurrence_p``)
 SIGNIFICANCE = 0.01
 #: the first this many random windows of the evidence test (drawn uniformly) are the reference
 REFERENCE_SIZE = 256

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from poisonscan import runtime as rt
-from poisonscan.config import PAPER
+from poisonscan.settings import PAPER
 from poisonscan.data.store import ImageStore
 from poisonscan.detect.clustering import choose_n_clusters, fit_kmeans
 from poisonscan.detect.features import extract_features

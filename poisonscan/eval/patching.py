@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from poisonscan.attacks.patch import load_trigger, random_corner, resize_trigger, trigger_side
-from poisonscan.config import PAPER
+from poisonscan.settings import PAPER
 
 __all__ = ["ATTACKS", "TRIGGER_SIZE", "VAL_MARGIN", "apply_trigger_batch", "read_trigger", "paste_trigger_batch"]
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonscan import runtime as rt
-from poisonscan.config import PretrainConfig, resolve_config
+from poisonscan.config import PretrainConfig
+from poisonscan.settings import resolve_config
 from poisonscan.data.transforms import SSLAugment, to_input
 from poisonscan.errors import CheckpointError, UsageError
 from poisonscan.eval.knn import knn_vote

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from poisonscan.attacks.presets import DATA_ENV, PRESETS, apply_preset, preset_values, shared_data_root
-from poisonscan.config import PAPER, PoisonConfig
+from poisonscan.config import PoisonConfig
+from poisonscan.settings import PAPER
 from poisonscan.errors import UsageError
 
 

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
 from poisonscan.config import DetectConfig
+from poisonscan.settings import configure
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.runtime import setup_runtime
 
@@ -50,9 +51,9 @@ def test_study_scores_a_pool_on_a_copy_and_leaves_the_run(tmp_path: Path, one_to
     truth = tmp_path / "truth.csv"
     truth.write_text("sample_id,poisoned\n" + "".join(f"{i},1\n" for i in poisoned))
     run = tmp_path / "run"
-    cfg = DetectConfig(data=str(tmp_path / "data"), model=str(model), out=str(run), clusters=4, masks=64,
-                       flip_size=40, top_k=5, null_size=32, classifier_iters=20, batch_size=128, device="cpu",
-                       precision="fp32")
+    cfg = configure(DetectConfig, data=str(tmp_path / "data"), model=str(model), out=str(run), clusters=4, masks=64,
+                    flip_size=40, top_k=5, null_size=32, iterations=20, batch_size=128, device="cpu",
+                    precision="fp32")
     run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
     before = (run / "evidence.json").read_bytes()
     (tmp_path / "scratch").mkdir()

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
 from poisonscan.config import DetectConfig
+from poisonscan.settings import configure
 from poisonscan.detect.evidence import null_sources, null_windows
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.runtime import setup_runtime
@@ -39,9 +40,9 @@ def test_report_on_a_toy_run(tmp_path: Path, one_torch_thread) -> None:
     runtime = setup_runtime("cpu", precision="fp32")
     reports = {}
     for pool in ("all", "outside-topk-clusters"):
-        cfg = DetectConfig(data=str(tmp_path / "data"), model=str(model), out=str(tmp_path / pool), clusters=4,
-                           masks=64, flip_size=40, top_k=5, null_size=64, classifier_iters=20, batch_size=128,
-                           device="cpu", precision="fp32", null_pool=pool)
+        cfg = configure(DetectConfig, data=str(tmp_path / "data"), model=str(model), out=str(tmp_path / pool),
+                        clusters=4, masks=64, flip_size=40, top_k=5, null_size=64, iterations=20, batch_size=128,
+                        device="cpu", precision="fp32", null_pool=pool)
         run_detect(cfg, runtime, quiet=True)
         reports[pool] = null_sources_script.null_source_report(tmp_path / pool, null_sources_script.poisoned_ids(truth))
     every, outside = reports["all"], reports["outside-topk-clusters"]

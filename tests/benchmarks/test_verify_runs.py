@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
 from poisonscan.config import DetectConfig
+from poisonscan.settings import configure
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.runtime import setup_runtime
 
@@ -26,10 +27,10 @@ def test_a_toy_run_verified_in_a_copy(tmp_path: Path, one_torch_thread) -> None:
         "sample_id,poisoned\n" + "".join(f"{i},{int(i in poisoned)}\n" for i in ids))
     model = save_toy_checkpoint(tmp_path / "toy.safetensors")
     # neighbours over the whole data set: the consensus keeps every poison, so the verification has work to do
-    cfg = DetectConfig(data=str(work / "data" / "train"), model=str(model), out=str(work / "detect-poisoncam"),
-                       clusters=4, masks=64, flip_size=40, top_k=5, null_size=64, classifier_iters=100,
-                       batch_size=128, device="cpu", precision="fp32", ensemble=1, neighbours=199,
-                       classifier_refine_by="p", match_picture=False)      # the classifier's decision, verified
+    cfg = configure(DetectConfig, data=str(work / "data" / "train"), model=str(model),
+                    out=str(work / "detect-poisoncam"), clusters=4, masks=64, flip_size=40, top_k=5, null_size=64,
+                    iterations=100, batch_size=128, device="cpu", precision="fp32", ensemble=1, neighbours=199,
+                    refine_by="p", match_picture=False)      # the classifier's decision, verified
     run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
     original = (work / "detect-poisoncam" / "scores.csv").read_text()
     after = verify_runs.verified_run(work, 0.9)

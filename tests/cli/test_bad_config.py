@@ -27,7 +27,8 @@ from poisonscan.cli import eval as eval_cli
 from poisonscan.cli import poison as poison_cli
 from poisonscan.cli import pretrain as pretrain_cli
 from poisonscan.config import (CleanConfig, DemoConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig,
-                               EvalProbeConfig, PoisonConfig, PretrainConfig, Range, _specs, field_range)
+                               EvalProbeConfig, PoisonConfig, PretrainConfig)
+from poisonscan.settings import Range, _specs, field_range, sections
 
 runner = CliRunner()
 
@@ -38,8 +39,7 @@ COMMANDS: dict[str, tuple[type, str, bool, str, tuple[str, Any, str]]] = {
              ("retrain_epochs", -1, "-1 is not in the range x>=0.")),
     "pretrain": (PretrainConfig, "epochs", False, "method", ("batch_size", 1, "1 is not in the range x>=2.")),
     "poison": (PoisonConfig, "ctrl_block", False, "attack", ("margin", 0.7, "0.7 is not in the range 0.0<=x<0.5.")),
-    "detect": (DetectConfig, "masks", False, "method",
-               ("drop_fraction", 1.5, "1.5 is not in the range 0.0<=x<=1.0.")),
+    "detect": (DetectConfig, "clusters", False, "feature_dtype", ("clusters", 0, "0 is not in the range x>=1.")),
     "clean": (CleanConfig, "shard_size", False, "out", ("shard_size", 0, "0 is not in the range x>=1.")),
     "eval detection": (EvalDetectionConfig, "topk", True, "run",
                        ("fpr", [0.5, 1], "1.0 is not in the range 0.0<x<1.0.")),
@@ -116,9 +116,10 @@ def test_out_of_range(command: str, fmt: str, tmp_path: Path) -> None:
 def test_float_for_an_int_is_not_rounded(tmp_path: Path) -> None:
     """``masks: 1.5`` is refused, not truncated; ``drop_fraction: 0`` (an int for a float) is fine."""
     path = tmp_path / "c.yaml"
-    path.write_text("detect:\n  masks: 1.5\n")
-    assert "must be an integer, got 1.5" in one_error_line(invoke("detect", "--config", str(path)))
-    path.write_text("detect:\n  drop_fraction: 0\n  masks: 64\n")
+    path.write_text("detect:\n  search:\n    masks: 1.5\n")
+    assert "setting 'search.masks' in" in (line := one_error_line(invoke("detect", "--config", str(path))))
+    assert "must be an integer, got 1.5" in line
+    path.write_text("detect:\n  search:\n    drop_fraction: 0\n    masks: 64\n")
     line = one_error_line(invoke("detect", "--config", str(path)))      # the config is fine: DATA is missing
     assert "no data set" in line
 
@@ -127,6 +128,9 @@ def test_flag_out_of_range_without_a_typer_bound() -> None:
     """``--k`` has no Typer bound: the config's range refuses it, in the flag's words."""
     assert one_error_line(invoke("eval backdoor", "--k", "0")) == "error: --k: 0 is not in the range x>=1."
 
+
+#: flags that set a section's setting
+FLAG_FIELDS = {"masks": "search.masks", "flip_size": "search.flip_size"}
 
 #: the function behind each command (its parameters' defaults are Typer's OptionInfo with min/max)
 FUNCTIONS = {"demo": demo_cli.demo, "pretrain": pretrain_cli.pretrain, "poison": poison_cli.poison,
@@ -143,7 +147,7 @@ def test_flag_bounds_agree_with_the_config(command: str) -> None:
     bounded = [(name, p.default) for name, p in inspect.signature(FUNCTIONS[command]).parameters.items()
                if isinstance(p.default, OptionInfo) and (p.default.min is not None or p.default.max is not None)]
     for name, info in bounded:
-        rng = field_range(cls, name)
+        rng = field_range(cls, FLAG_FIELDS.get(name, name) if cls is DetectConfig else name)
         assert rng is not None, f"{command} {name}: a bounded flag of an unbounded setting"
         assert (rng.min, rng.max) == (info.min, info.max), name
         assert (rng.min_open, rng.max_open) == (getattr(info, "min_open", False), getattr(info, "max_open", False))
@@ -166,8 +170,9 @@ def test_range_messages_are_worded_like_click() -> None:
 
 def test_every_setting_has_a_checked_type() -> None:
     for cls in (DemoConfig, PretrainConfig, PoisonConfig, DetectConfig, CleanConfig, EvalDetectionConfig,
-                EvalProbeConfig, EvalBackdoorConfig):
-        assert None not in _specs(cls).values(), cls.__name__
+                EvalProbeConfig, EvalBackdoorConfig, *sections(DetectConfig).values()):
+        untyped = {name for name, spec in _specs(cls).items() if spec is None}
+        assert untyped == set(sections(cls)), cls.__name__      # only the sections, whose settings are checked
 
 
 # ------------------------------------------------------------------------------------------------- window
@@ -274,9 +279,9 @@ def test_python_m_poisonscan(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: internal error: RuntimeError")
 
 
-@pytest.mark.parametrize("text", ["min_effect = inf\n", "min_effect = nan\n"])
+@pytest.mark.parametrize("text", ["[decision]\nmin_effect = inf\n", "[detect.decision]\nmin_effect = nan\n"])
 def test_non_finite_numbers_are_refused(text: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     line = one_error_line(invoke("detect", "--config", str(path)))
-    assert "min_effect" in line and "must be a number" in line
+    assert "setting 'decision.min_effect'" in line and "must be a number" in line

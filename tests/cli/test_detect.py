@@ -1,4 +1,4 @@
-"""``poisonscan detect`` through Typer's CliRunner: exit codes, --json, --fail-on, --min-evidence, --resume."""
+"""``poisonscan detect`` through Typer's CliRunner: exit codes, --json, --fail-on, --set, --preset, --resume."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from poisonscan.errors import ConfigError
 
 runner = CliRunner()
 
-SMALL = {"clusters": 4, "masks": 64, "flip_size": 40, "top_k": 5, "null_size": 64, "classifier_iters": 100,
-         "batch_size": 128, "device": "cpu", "precision": "fp32"}
+SMALL = {"clusters": 4, "batch_size": 128, "device": "cpu", "precision": "fp32",
+         "search": {"masks": 64, "flip_size": 40}, "evidence": {"top_k": 5, "null_size": 64},
+         "classifier": {"iterations": 100}}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,7 +56,7 @@ def test_fail_on_exit_codes_and_json(toy, tmp_path):
 
 
 def test_min_evidence_removes_nothing_and_passes_fail_on(toy, tmp_path):
-    res = detect(toy, tmp_path / "b", "--min-evidence", "1e9", "--fail-on", "0")
+    res = detect(toy, tmp_path / "b", "--set", "decision.min_evidence=1e9", "--fail-on", "0")
     assert res.exit_code == 0, res.output
     assert "Overview" in res.stdout and "Evidence" in res.stdout
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
@@ -70,7 +71,8 @@ def test_unreadable_samples_fail_closed(toy, tmp_path):
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, format="JPEG")
     (data / "c0" / "trunc.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    res = detect({**toy, "data": data}, tmp_path / "u", "--min-evidence", "1e9", "--fail-on", "0", "--json")
+    res = detect({**toy, "data": data}, tmp_path / "u", "--set", "decision.min_evidence=1e9", "--fail-on", "0",
+                 "--json")
     assert res.exit_code == 1, res.output                     # nothing removed, but one sample went unscanned
     summary = json.loads(res.stdout)
     assert summary["counts"]["removed"] == 0 and summary["counts"]["unreadable"] == 1
@@ -90,8 +92,12 @@ def test_unreadable_samples_fail_closed(toy, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--window", "sixty"], "--window"),
     (["--method", "gradcam"], "--method"),
-    (["--mask-strategy", "diagonal"], "--mask-strategy"),
-    (["--min-effect", "2"], "--min-effect"),
+    (["--set", "search.mask_strategy=diagonal"], "--set search.mask_strategy: \"diagonal\" is not one of full"),
+    (["--set", "decision.min_effect=2"], "--set decision.min_effect: 2.0 is not in the range 0.0<=x<=1.0."),
+    (["--set", "decision.min_efect=0.1"], "did you mean 'decision.min_effect'?"),
+    (["--set", "masks=8"], "name a stage's setting as SECTION.KEY"),
+    (["--set", "search.masks"], "give KEY=VALUE"),
+    (["--preset", "../paper"], "--preset ../paper: choose one of default, paper, patchsearch"),
 ])
 def test_usage_errors_exit_2(toy, tmp_path, extra, message):
     res = detect(toy, tmp_path / "c", *extra)
@@ -127,6 +133,5 @@ def test_parse_window():
 def test_help_lists_the_flags():
     res = runner.invoke(app, ["detect", "--help"])
     assert res.exit_code == 0
-    for flag in ("--model", "--method", "--fail-on", "--min-evidence", "--min-effect", "--resume", "--window",
-                 "--json"):
+    for flag in ("--model", "--method", "--fail-on", "--set", "--preset", "--resume", "--window", "--json"):
         assert flag in res.stdout

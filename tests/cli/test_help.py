@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from poisonscan.cli import COMMANDS, app
 from poisonscan.config import (CleanConfig, DemoConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig,
-                               EvalProbeConfig, PoisonConfig, PretrainConfig, defaults_of)
+                               EvalProbeConfig, PoisonConfig, PretrainConfig)
+from poisonscan.settings import flat_defaults
 
 DOCS = Path(__file__).parents[2] / "docs" / "commands"
 
@@ -32,12 +33,13 @@ CONFIGS: dict[tuple[str, ...], type] = {
     ("clean",): CleanConfig, ("eval", "detection"): EvalDetectionConfig, ("eval", "probe"): EvalProbeConfig,
     ("eval", "backdoor"): EvalBackdoorConfig,
 }
-#: parameters whose name is not their config field's
-ALIASES = {"refine_by": "classifier_refine_by", "reshard_dir": "reshard", "csv_out": "csv", "trigger": "triggers",
-           "target": "targets"}
+#: parameters whose name is not their config field's (a section's setting: ``search.masks``)
+ALIASES = {"reshard_dir": "reshard", "csv_out": "csv", "trigger": "triggers", "target": "targets",
+           "method": "search.method", "masks": "search.masks", "window": "search.window",
+           "flip_size": "search.flip_size", "force": "decision.force"}
 #: parameters that set no config field: the command's own switches, and flags a command accepts like every
 #: command's without using them (``poison --device``)
-CLI_ONLY = {"config", "json_out", "as_json", "quiet", "device"}
+CLI_ONLY = {"config", "json_out", "as_json", "quiet", "device", "settings"}
 
 runner = CliRunner()
 
@@ -52,7 +54,7 @@ def command(path: tuple[str, ...]) -> Any:
 
 def field_of(path: tuple[str, ...], param: Any) -> str | None:
     """The config field a parameter sets (``None`` for the command's own switches such as ``--json``)."""
-    fields = defaults_of(CONFIGS[path])
+    fields = flat_defaults(CONFIGS[path])
     if param.name in fields:
         return param.name
     if param.name in ALIASES and ALIASES[param.name] in fields:
@@ -117,7 +119,7 @@ def test_help_shows_config_defaults(path: tuple[str, ...]) -> None:
     paths = {(name,) for name in COMMANDS if name != "eval"} | {("eval", name) for name in command(("eval",)).commands}
     assert paths == set(CONFIGS), "a command without its config class here"
     rows = rendered_help(path)
-    defaults = defaults_of(CONFIGS[path])
+    defaults = flat_defaults(CONFIGS[path])
     problems = []
     for opt in options(path):
         row = rows.get(opt.opts[0])
@@ -143,11 +145,12 @@ def test_help_shows_config_defaults(path: tuple[str, ...]) -> None:
 def test_helptext_formats_and_escapes() -> None:
     from poisonscan.cli.helptext import default, described, required
 
-    assert default(DetectConfig, "null_size") == "[1024]" and default(DetectConfig, "drop_top") == "[0.1]"
-    assert default(DetectConfig, "classifier_refine_by") == "\\[removal]"
-    assert default(DetectConfig, "window") == "[60/224]"
+    assert default(DetectConfig, "evidence.null_size") == "[1024]"
+    assert default(DetectConfig, "classifier.drop_top") == "[0.1]"
+    assert default(DetectConfig, "classifier.refine_by") == "\\[removal]"
+    assert default(DetectConfig, "search.window") == "[60/224]"
     assert default(EvalDetectionConfig, "topk") == "[5, 10, 20, 50, 100]"
-    assert default(DetectConfig, "ensemble", "1 = one") == "[3; 1 = one]"
+    assert default(DetectConfig, "classifier.ensemble", "1 = one") == "[3; 1 = one]"
     assert default(CleanConfig, "compress") == "\\[off]"
     assert described("runs/detect/runN") == "\\[runs/detect/runN]"
     assert required("--resume") == "(required unless --resume)"
@@ -245,7 +248,7 @@ def synopsis_problems(path: tuple[str, ...], page: Path) -> list[str]:
         if name not in COMMANDS:
             problems.append(f"{page.name}: poisonscan {name} is not a command")
     by_name = {name: opt for opt in options(path) for name in opt.opts + opt.secondary_opts}
-    defaults = defaults_of(CONFIGS[path])
+    defaults = flat_defaults(CONFIGS[path])
     for found, args in synopsis_commands(page):
         if found != path:
             continue
@@ -264,7 +267,7 @@ def synopsis_problems(path: tuple[str, ...], page: Path) -> list[str]:
 @pytest.mark.parametrize("path", list(CONFIGS), ids="-".join)
 def test_docs_defaults_match_config(path: tuple[str, ...]) -> None:
     page = pages()[path]
-    defaults = defaults_of(CONFIGS[path])
+    defaults = flat_defaults(CONFIGS[path])
     by_name = {name: opt for opt in options(path) for name in opt.opts + opt.secondary_opts}
     params = command(path).params
     set_by_flag = {field_of(path, p) for p in params} - {None}
@@ -277,7 +280,7 @@ def test_docs_defaults_match_config(path: tuple[str, ...]) -> None:
     for _, kind, rows in tables:
         for names, cell in rows:
             if kind == "setting":
-                for name in re.findall(r"`(\w+)`", names):
+                for name in re.findall(r"`([\w.]+)`", names):
                     if name not in defaults:
                         problems.append(f"{page.name}: setting {name} is not a field of {CONFIGS[path].__name__}")
                     elif name in set_by_flag:

@@ -26,8 +26,9 @@ one_torch_thread = toys.one_torch_thread
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: the small budget of tests/cli/test_detect.py; no classifier (the evidence gate stays shut)
-SMALL = ["--clusters", "4", "--masks", "64", "--flip-size", "40", "--top-k", "5", "--null-size", "64",
-         "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--min-evidence", "1e9"]
+SMALL = ["--clusters", "4", "--masks", "64", "--flip-size", "40", "--set", "evidence.top_k=5", "--set",
+         "evidence.null_size=64", "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--set",
+         "decision.min_evidence=1e9"]
 
 
 @pytest.fixture(scope="module")

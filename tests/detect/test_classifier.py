@@ -159,7 +159,7 @@ def _trigger_task() -> tuple[torch.Tensor, torch.Tensor, C.ClassifierSplit]:
 
 def test_classifier_learns_pasted_triggers_and_finds_real_ones(runtime):
     images, patches, split = _trigger_task()
-    cfg = C.ClassifierConfig(iterations=150, widths=TINY, eval_every=20, decoy_prob=0.0)   # the paper's recipe
+    cfg = C.ClassifierConfig(iterations=150, widths=TINY, eval_every=20, decoys=0.0, ensemble=1)   # the paper's recipe
     res = C.train_poison_classifier(images, patches, split, cfg, runtime, quiet=True)
     assert res.val_f1 == 1.0 and len(res.models) == 1
     assert 1 <= res.best_iteration[0] <= res.iterations[0] <= 150
@@ -177,7 +177,7 @@ def test_decoys_keep_clean_images_with_a_foreign_square_off_the_list(runtime):
     """Clean images holding a pasted window of another image (sharp edges, foreign content, no trigger) are what a
     classifier trained on plain negatives confuses with a pasted trigger; the decoy-trained one keeps them."""
     images, patches, split = _trigger_task()
-    cfg = C.ClassifierConfig(iterations=400, widths=TINY, eval_every=20, decoy_prob=0.5)
+    cfg = C.ClassifierConfig(iterations=400, widths=TINY, eval_every=20, decoys=0.5, ensemble=1)
     res = C.train_poison_classifier(images, patches, split, cfg, runtime, quiet=True)
     assert len(res.history) >= 1 and res.val_f1 == 1.0
     clean, _ = trigger_batch(60, seed=9, poisoned=False)
@@ -194,7 +194,7 @@ def test_refinement_drops_the_real_poisons_hidden_among_the_negatives(runtime):
     images = torch.cat([images, hidden])
     n = len(images)
     split = C.ClassifierSplit(np.concatenate([split.train, np.arange(n - 12, n)]), split.val_pos, split.val_neg)
-    cfg = C.ClassifierConfig(iterations=300, widths=TINY, eval_every=20)
+    cfg = C.ClassifierConfig(iterations=300, widths=TINY, eval_every=20, ensemble=1)
     once = C.train_with_refinement(images, patches, split, cfg, runtime, rounds=1, quiet=True)
     assert once.dropped == [] and len(once.train) == len(split.train) and once.probs.shape == (n,)
     twice = C.train_with_refinement(images, patches, split, cfg, runtime, rounds=2, quiet=True)

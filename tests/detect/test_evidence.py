@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_topk_medians, effect_of, effect_size,
-                                        evidence_gate, evidence_z, null_pool, null_windows, topk_spread,
-                                        upgrade_record)
+                                        evidence_gate, evidence_z, null_pool, null_windows, topk_spread)
 
 
 def test_null_windows_are_cut_from_the_images() -> None:
@@ -137,20 +136,6 @@ def test_a_spread_out_top_k_over_a_tight_null_needs_the_effect_test() -> None:
     assert not evidence_gate(ev, 3.0, 0.15)[0]
 
 
-def test_old_records_are_rescaled_from_their_scores() -> None:
-    old = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250, "boot_std": 15.0,
-           "topk_scores": TRIGGER_TOPK.tolist()}
-    up = upgrade_record(old)
-    assert up["z"] == pytest.approx(evidence_z(TRIGGER_TOPK, 196, 15.0)) and up["z_scale"] == "min-spread"
-    assert old["z"] == 1.2 and up["effect"] == pytest.approx(14 / 54)
-    summary = {"z": 1.2, "topk_median": 210.0, "null_median": 196.0, "n_flip": 250}      # no scores: kept
-    assert upgrade_record(summary)["z"] == 1.2 and "z_scale" not in upgrade_record(summary)
-    today = backdoor_evidence(TRIGGER_TOPK, np.arange(100.0), n_scored=2028, n_flip=250)
-    assert upgrade_record({**today, "z": 99.0})["z"] == 99.0                             # today's records as written
-    bare = upgrade_record({"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189})
-    assert bare["z"] == 5.0 and bare["effect"] == pytest.approx(0.3)
-
-
 def test_evidence_rejects_empty_inputs() -> None:
     with pytest.raises(ValueError):
         backdoor_evidence(np.array([]), np.ones(3), 10, 10)
@@ -204,7 +189,7 @@ def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     found, reason = evidence_gate(strong, 3.0, 0.15)
     assert found and "13 of the top 20 windows show one picture" in reason and "below the minimum effect" in reason
     found, reason = evidence_gate(strong, 3.0, 0.15, max_recurrence_p=0.0)          # 0: the effect alone decides
-    assert not found and reason.endswith("a recurring picture is not asked for (--max-recurrence-p 0)")
+    assert not found and reason.endswith("a recurring picture is not asked for (decision.max_recurrence_p = 0)")
     assert not evidence_gate({**strong, "z": 2.0}, 3.0, 0.15)[0]                      # z still needed
     other = {**strong, "recurrence": {**strong["recurrence"], "signature": "destinations"}}
     assert not evidence_gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one

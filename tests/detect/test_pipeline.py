@@ -6,7 +6,6 @@ import csv
 import json
 import socket
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,9 @@ from tests.detect.detect_toys import iou, make_poisoned_folder, save_toy_checkpo
 
 from poisonscan.config import DetectConfig
 from poisonscan.detect import pipeline as P
-from poisonscan.detect.evidence import replay_null_sources
 from poisonscan.errors import ConfigError, UsageError
 from poisonscan.runtime import setup_runtime
+from poisonscan.settings import configure
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,12 +32,13 @@ def toy(tmp_path_factory) -> dict:
     return {"root": root, "poisoned": poisoned, "model": str(ckpt)}
 
 
-def small_cfg(toy: dict, out: Path, data: str = "poisoned", **kw) -> DetectConfig:
-    base = dict(data=str(toy["root"] / data), model=toy["model"], out=str(out), clusters=4, masks=64, flip_size=40,
-                top_k=5, null_size=64, classifier_iters=100, batch_size=128, device="cpu", precision="fp32",
-                ensemble=1)    # one classifier keeps these tests of the pipeline's mechanics fast
+def small_cfg(toy: dict, out: Path | None, data: str = "poisoned", **kw) -> DetectConfig:
+    """A small detect config; settings by their own names (``masks``, ``min_effect``), see ``configure``."""
+    base = dict(data=str(toy["root"] / data), model=toy["model"], out=str(out) if out else None, clusters=4,
+                masks=64, flip_size=40, top_k=5, null_size=64, iterations=100, batch_size=128, device="cpu",
+                precision="fp32", ensemble=1)    # one classifier keeps these tests of the pipeline's mechanics fast
     base.update(kw)
-    return DetectConfig(**base)
+    return configure(DetectConfig, **base)
 
 
 def read_scores(run: Path) -> list[dict[str, str]]:
@@ -164,11 +164,11 @@ def test_no_backdoor_signal_removes_nothing(toy, tmp_path, runtime):
 
 def test_min_evidence_gate_and_force_on_resume(toy, tmp_path, runtime):
     run = tmp_path / "gate"
-    summary = P.run_detect(small_cfg(toy, run, min_evidence=1e9, classifier_iters=20), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, run, min_evidence=1e9, iterations=20), runtime, quiet=True)
     assert summary["counts"]["removed"] == 0 and summary["verdict"] == "no backdoor signal"
     search_done = (run / "stages/search.done").read_text()
     # --force on resume reruns only the classifier and the outputs
-    forced = P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9, classifier_iters=20,
+    forced = P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9, iterations=20,
                                     force=True), runtime, quiet=True)
     assert (run / "stages/search.done").read_text() == search_done
     assert forced["classifier"]["trained"] and forced["evidence"]["forced"]
@@ -184,57 +184,63 @@ def test_min_evidence_gate_and_force_on_resume(toy, tmp_path, runtime):
 
 def test_min_effect_gate_and_its_change_on_resume(toy, tmp_path, runtime):
     run = tmp_path / "effect"
-    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, max_recurrence_p=0.0, classifier_iters=20), runtime,
+    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, max_recurrence_p=0.0, iterations=20), runtime,
                            quiet=True)
     ev = summary["evidence"]
     assert ev["z"] >= 3 and ev["effect"] < 1.0 and ev["min_effect"] == 1.0      # significant, but under the bar
     assert not ev["backdoor_found"] and "minimum effect 100%" in ev["reason"]
     assert summary["counts"]["removed"] == 0 and not summary["classifier"]["trained"]
     evidence_done = (run / "stages/evidence.done").read_text()
-    again = P.run_detect(small_cfg(toy, None, resume=str(run), classifier_iters=20), runtime, quiet=True)
+    again = P.run_detect(small_cfg(toy, None, resume=str(run), iterations=20), runtime, quiet=True)
     assert (run / "stages/evidence.done").read_text() == evidence_done      # only the classifier and outputs rerun
     assert again["evidence"]["backdoor_found"] and again["classifier"]["trained"]
     assert again["evidence"]["effect"] == ev["effect"] and again["evidence"]["reason"].startswith("backdoor signal")
-    with pytest.raises(ConfigError, match="min-effect"):
+    with pytest.raises(ConfigError, match="min_effect"):
         P.run_detect(small_cfg(toy, tmp_path / "bad", min_effect=2.0), runtime, quiet=True)
 
 
-def test_resume_compares_settings_an_old_run_lacks_with_what_it_did():
-    from poisonscan.config import config_to_dict
+def test_resume_reruns_from_the_first_stage_a_changed_setting_shapes():
+    """Each setting's stage comes from the dataclasses' ``stage`` metadata (a section's field, or its own)."""
+    cfg = configure(DetectConfig, data="d", model="m")
+    saved = P.config_record(cfg)
+    assert P.rerun_from(saved, cfg) is None
+    expect = {"image_size": "store", "feature_dtype": "features", "clusters": "clusters", "seed": "clusters",
+              "masks": "search", "score_rule": "search", "null_pool": "evidence", "top_k": "evidence",
+              "decoys": "classifier", "ensemble": "classifier", "min_effect": "classifier", "force": "classifier",
+              "neighbours": "classifier", "threshold": "classifier", "verify_min_prob": "verify",
+              "match_picture": "verify", "fail_on": "outputs", "fail_on_unreadable": "outputs",
+              "batch_size": None, "device": None, "quiet": None, "preset": None}
+    values = {"image_size": 64, "feature_dtype": "float16", "clusters": 7, "seed": 3, "masks": 8,
+              "score_rule": "changed", "null_pool": "outside-topk-clusters", "top_k": 4, "decoys": 0.0, "ensemble": 1,
+              "min_effect": 0.2, "force": True, "neighbours": 0, "threshold": 0.6, "verify_min_prob": 0.9,
+              "match_picture": False, "fail_on": 3, "fail_on_unreadable": 2, "batch_size": 8, "device": "cpu",
+              "quiet": True, "preset": "paper"}
+    for name, stage in expect.items():
+        assert P.rerun_from(saved, configure(DetectConfig, data="d", model="m", **{name: values[name]})) == stage, name
+    # the earliest of several
+    assert P.rerun_from(saved, configure(DetectConfig, data="d", model="m", fail_on=3, masks=8, ensemble=1)) == "search"
+    # every setting that shapes a result has a stage: the top level's in its metadata, a section's by its section
+    from dataclasses import fields
+    for f in fields(DetectConfig):
+        if f.name not in ("out", "resume", "overwrite", "trust_checkpoint", "batch_size", "device", "precision",
+                          "quiet", "preset"):
+            assert f.metadata.get("stage") in P.STAGES, f.name
 
-    new = config_to_dict(DetectConfig(data="d", model="m"))
-    saved = {k: v for k, v in new.items() if k not in ("classifier_decoys", "classifier_rounds", "neighbours",
-                                                       "min_effect", "null_pool")}
-    # written before decoys and refinement existed: it trained the paper's way, so today's default reruns it
-    assert P._invalidated_stage(saved, new) == "classifier"
-    paper = {"classifier_decoys": 0.0, "classifier_rounds": 1, "neighbours": 0, "min_effect": 0.0}
-    assert P._invalidated_stage(saved, {**new, **paper}) is None
-    # written before the null pool existed: its null came from every image, today's default
-    assert P._invalidated_stage(saved, {**new, **paper, "null_pool": "outside-topk-clusters"}) == "evidence"
-    assert P._invalidated_stage({**new, "neighbours": 0}, new) == "classifier"   # it chose the refinement's drop
-    by_p = {**new, "classifier_refine_by": "p"}
-    assert P._invalidated_stage({**by_p, "neighbours": 0}, by_p) == "verify"   # the decision (and what it kept)
-    assert P._invalidated_stage(new, new) is None
-    assert P._invalidated_stage(new, {**new, "classifier_rounds": 3}) == "classifier"
-    assert P._invalidated_stage(new, {**new, "masks": 8, "classifier_rounds": 3}) == "search"
-    # a key without a legacy entry counts as today's default
-    assert P._invalidated_stage({k: v for k, v in new.items() if k != "null_size"}, new) is None
-    # refinement by the removal score: the neighbours count then decides the classifier's training pool too
-    by_removal = {**new, "classifier_refine_by": "removal"}
-    assert P._invalidated_stage(by_p, by_removal) == "classifier"
-    assert P._invalidated_stage(by_removal, {**by_removal, "neighbours": 5}) == "classifier"
-    assert P._invalidated_stage(by_p, {**by_p, "neighbours": 5}) == "verify"
-    # written before the verification step: it removed by the removal score alone, today's default (off)
-    assert P._invalidated_stage({k: v for k, v in new.items() if k != "verify_min_prob"}, new) is None
-    assert P._invalidated_stage(new, {**new, "verify_min_prob": 0.9}) == "verify"
-    assert P._invalidated_stage(new, {**new, "fail_on": 3}) == "outputs"
-    assert P._invalidated_stage({k: v for k, v in by_p.items() if k != "classifier_refine_by"}, by_p) is None
+
+def test_resume_refuses_a_run_of_another_version(toy, tmp_path, runtime):
+    run = tmp_path / "old"
+    P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["version"] == P.__version__
+    (run / "config.json").write_text(json.dumps({**saved, "version": "0.0.1"}))
+    with pytest.raises(UsageError, match="written by poisonscan 0.0.1"):
+        P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True)
 
 
 def test_null_from_outside_the_top_k_clusters_and_back_to_all_on_resume(toy, tmp_path, runtime):
     run = tmp_path / "pool"
-    assert DetectConfig().null_pool == "all"
-    summary = P.run_detect(small_cfg(toy, run, classifier_iters=20, null_pool="outside-topk-clusters"), runtime,
+    assert DetectConfig().evidence.null_pool == "all"
+    summary = P.run_detect(small_cfg(toy, run, iterations=20, null_pool="outside-topk-clusters"), runtime,
                            quiet=True)
     ev = json.loads((run / "evidence.json").read_text())
     labels = np.load(run / "clusters.npz")["labels"]
@@ -248,63 +254,43 @@ def test_null_from_outside_the_top_k_clusters_and_back_to_all_on_resume(toy, tmp
     assert max(ev["null_scores"]) < min(ev["topk_scores"])
     search_done = (run / "stages/search.done").read_text()
     evidence_done = (run / "stages/evidence.done").read_text()
-    anywhere = P.run_detect(small_cfg(toy, None, resume=str(run), null_pool="all", classifier_iters=20), runtime,
+    anywhere = P.run_detect(small_cfg(toy, None, resume=str(run), null_pool="all", iterations=20), runtime,
                             quiet=True)
     assert (run / "stages/search.done").read_text() == search_done
     assert (run / "stages/evidence.done").read_text() != evidence_done
     assert anywhere["evidence"]["null_pool"] == "all" and anywhere["evidence"]["null_excluded_clusters"] == []
     assert anywhere["evidence"]["null_pool_size"] == 200
-    with pytest.raises(ConfigError, match="null-pool"):
+    with pytest.raises(ConfigError, match="null_pool"):
         P.run_detect(small_cfg(toy, tmp_path / "bad", null_pool="nearby"), runtime, quiet=True)
 
 
-def test_an_old_std_scaled_record_is_rescaled_and_decided_again_on_resume(toy, tmp_path, runtime):
-    run = tmp_path / "old"
-    first = P.run_detect(small_cfg(toy, run, classifier_iters=20), runtime, quiet=True)
-    ev = json.loads((run / "evidence.json").read_text())
-    old = {k: v for k, v in ev.items() if k not in ("z_scale", "topk_spread", "effect")}
-    (run / "evidence.json").write_text(json.dumps({**old, "z": 0.4}))       # as written by the std-scaled version
-    search_done = (run / "stages/search.done").read_text()
-    classifier_done = (run / "stages/classifier.done").read_text()
-    again = P.run_detect(small_cfg(toy, None, resume=str(run), classifier_iters=20), runtime, quiet=True)
-    assert (run / "stages/search.done").read_text() == search_done
-    assert (run / "stages/classifier.done").read_text() != classifier_done        # the decision is taken again
-    assert again["evidence"]["z"] == pytest.approx(first["evidence"]["z"]) and again["evidence"]["backdoor_found"]
-    saved = json.loads((run / "evidence.json").read_text())
-    assert saved["z_scale"] == "min-spread" and saved["z"] == pytest.approx(ev["z"])   # rewritten once
-    assert P._stale_stage(P.RunDir(run), small_cfg(toy, run)) is None
-
-
-def test_changing_neighbours_on_resume_redoes_only_the_decision(toy, tmp_path, runtime):
-    """With the refinement dropping by P alone the neighbours only decide; by the removal score they also chose the
-    classifier's training pool, so a change retrains it."""
+def test_changing_neighbours_on_resume_redoes_the_classifier_stage(toy, tmp_path, runtime):
+    """A decision setting reruns from the classifier stage (the refinement may drop by the removal score); with the
+    same seed and training pool the classifier comes out the same, and the neighbours decide afresh."""
     run = tmp_path / "nb"
-    P.run_detect(small_cfg(toy, run, classifier_refine_by="p", match_picture=False), runtime, quiet=True)
+    P.run_detect(small_cfg(toy, run, refine_by="p", match_picture=False), runtime, quiet=True)
     classifier_done = (run / "stages/classifier.done").read_text()
     probs = (run / "classifier_probs.npy").read_bytes()
-    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0, classifier_refine_by="p",
+    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0, refine_by="p",
                                      match_picture=False), runtime, quiet=True)
-    assert (run / "stages/classifier.done").read_text() == classifier_done      # not retrained
-    assert (run / "classifier_probs.npy").read_bytes() == probs
+    assert (run / "stages/classifier.done").read_text() != classifier_done      # retrained ...
+    assert (run / "classifier_probs.npy").read_bytes() == probs                  # ... to the same classifier
     rows = read_scores(run)
     assert all(r["neighbour_prob"] == "" and r["removal_score"] == r["classifier_prob"] for r in rows)
     assert all((r["removed"] == "1") == (float(r["classifier_prob"]) > 0.5) for r in rows)
     assert summary["classifier"]["neighbours"] == 0
     assert summary["counts"]["removed"] == summary["classifier"]["removed_by_classifier_alone"]
-    P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=0, match_picture=False), runtime,
-                 quiet=True)                                                         # refine by removal
-    assert (run / "stages/classifier.done").read_text() != classifier_done
 
 
 def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, runtime):
     """Neighbours over the whole data set give no support, so the consensus keeps every poison; verification
     flip-tests the window the classifier looks at in each confident flag and removes the poisons."""
     run = tmp_path / "verify"
-    off = P.run_detect(small_cfg(toy, run, neighbours=199, classifier_refine_by="p", match_picture=False), runtime,
+    off = P.run_detect(small_cfg(toy, run, neighbours=199, refine_by="p", match_picture=False), runtime,
                        quiet=True)
     assert off["counts"]["removed"] == 0 and off["classifier"]["verification"]["n_candidates"] == 0
     classifier_done = (run / "stages/classifier.done").read_text()
-    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=199, classifier_refine_by="p",
+    summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=199, refine_by="p",
                                      verify_min_prob=0.9, match_picture=False), runtime, quiet=True)
     assert (run / "stages/classifier.done").read_text() == classifier_done          # only the decision again
     ver = json.loads((run / "verify.json").read_text())
@@ -333,9 +319,6 @@ def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, ru
     null, src = np.array(evidence["null_scores"]), np.array(evidence["null_sources"])
     assert ver["bar"] == null[unflagged[src]].max() < max(evidence["topk_scores"]) <= null.max()
     assert not unflagged[src][null >= min(evidence["topk_scores"])].any()   # the recorded sources are the real ones
-    labels = np.load(run / "clusters.npz")["labels"]                        # ... and an older record's replay
-    assert replay_null_sources(P.derive_seed(0, "null"), 200, len(null), labels, evidence["top_k"]).tolist() == \
-        evidence["null_sources"]
     assert summary["classifier"]["verification"] == {"min_prob": 0.9, "bar": ver["bar"],
                                                      "n_candidates": ver["n_candidates"],
                                                      "n_verified": len(verified)}
@@ -344,15 +327,15 @@ def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, ru
 
 def test_refinement_by_the_removal_score_runs_and_is_recorded(toy, tmp_path, runtime):
     run = tmp_path / "refine"
-    summary = P.run_detect(small_cfg(toy, run, classifier_refine_by="removal", ensemble=2), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, run, refine_by="removal", ensemble=2), runtime, quiet=True)
     info = json.loads((run / "classifier.json").read_text())
     assert info["refine_by"] == "removal" and info["rounds"] in (1, 2) and info["ensemble"] == 2
     assert len(info["iterations_per_model"]) == 2 and summary["classifier"]["ensemble"] == 2
     removed = (run / "removed.txt").read_text().split()
     assert summary["counts"]["removed"] == len(removed)
     assert sum(i in toy["poisoned"] for i in removed) >= 18 and sum(i not in toy["poisoned"] for i in removed) <= 5
-    with pytest.raises(ConfigError, match="refine-by"):
-        P.run_detect(small_cfg(toy, tmp_path / "bad", classifier_refine_by="both"), runtime, quiet=True)
+    with pytest.raises(ConfigError, match="refine_by"):
+        P.run_detect(small_cfg(toy, tmp_path / "bad", refine_by="both"), runtime, quiet=True)
 
 
 def test_patchsearch_method_swaps_only_candidate_detection(toy, tmp_path, runtime):
@@ -393,9 +376,14 @@ def test_config_validation_and_fail_on():
     good = DetectConfig(data="d", model="m")
     P.validate_config(good)
     for bad in (dict(method="gradcam"), dict(mask_strategy="diagonal"), dict(window=0), dict(drop_top=1.0),
-                dict(top_k=0), dict(score_rule="moved"), dict(aggregate="mean"), dict(fail_on=-1), dict(data="")):
-        with pytest.raises(ConfigError):
-            P.validate_config(replace(good, **bad))
+                dict(top_k=0), dict(score_rule="moved"), dict(aggregate="mean"), dict(fail_on=-1), dict(data=""),
+                dict(window=2.5), dict(min_evidence=float("nan"))):
+        with pytest.raises(ConfigError):                     # built through the settings' checks ...
+            P.validate_config(configure(DetectConfig, **{"data": "d", "model": "m", **bad}))
+    wrong = DetectConfig(data="d", model="m")
+    wrong.search.masks = 0
+    with pytest.raises(ConfigError, match="search.masks"):   # ... or in Python
+        P.validate_config(wrong)
     assert not P.fail_on_exceeded(None, 100, 100)
     assert P.fail_on_exceeded(0, 1, 100) and not P.fail_on_exceeded(0, 0, 100)
     assert P.fail_on_exceeded(0.05, 6, 100) and not P.fail_on_exceeded(0.05, 5, 100)
@@ -447,9 +435,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _child_args(toy: dict, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", CHILD, *extra, "--", str(toy["root"] / "poisoned"), "--model",
-            toy["model"], "--out", str(out), "--clusters", "4", "--masks", "64", "--flip-size", "40", "--top-k", "5",
-            "--null-size", "64", "--classifier-iters", "100", "--batch-size", "128", "--device", "cpu",
-            "--precision", "fp32", "--min-evidence", "1e9", "--quiet"]
+            toy["model"], "--out", str(out), "--clusters", "4", "--masks", "64", "--flip-size", "40", "--set",
+            "evidence.top_k=5", "--set", "evidence.null_size=64", "--set", "classifier.iterations=100",
+            "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--set", "decision.min_evidence=1e9",
+            "--quiet"]
 
 
 def test_sigkill_in_the_middle_of_masking_then_resume_gives_identical_outputs(toy, tmp_path):
@@ -509,7 +498,7 @@ def test_a_recurring_picture_passes_the_gate_and_trains_the_classifier(toy, tmp_
     """Under an effect bar nothing reaches, the toy's five triggers (one picture) still pass the gate, and the
     classifier learns the group's windows; --max-recurrence-p 0 leaves the decision to the effect alone."""
     run = tmp_path / "rec"
-    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, classifier_iters=20), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, run, min_effect=1.0, iterations=20), runtime, quiet=True)
     rec = json.loads((run / "evidence.json").read_text())["recurrence"]
     assert rec["signature"] == "pixels" and rec["p_value"] <= 0.01 and rec["size"] == 5
     reason = summary["evidence"]["reason"]
@@ -528,12 +517,12 @@ def test_a_recurring_picture_passes_the_gate_and_trains_the_classifier(toy, tmp_
     assert all((float(r["picture_match"]) >= pm["threshold"] - 1e-6) == (r["removed"] == "1") for r in rows)
     evidence_done = (run / "stages/evidence.done").read_text()
     again = P.run_detect(small_cfg(toy, None, resume=str(run), min_effect=1.0, max_recurrence_p=0.0,
-                                   classifier_iters=20), runtime, quiet=True)
+                                   iterations=20), runtime, quiet=True)
     assert (run / "stages/evidence.done").read_text() == evidence_done      # only the decision reruns
     assert not again["evidence"]["backdoor_found"] and again["counts"]["removed"] == 0
     assert "no backdoor signal" in again["evidence"]["reason"]
     assert again["picture_match"] is None and not (run / "picture_match.npy").exists()
-    classifier = P.run_detect(small_cfg(toy, None, resume=str(run), match_picture=False, classifier_iters=20),
+    classifier = P.run_detect(small_cfg(toy, None, resume=str(run), match_picture=False, iterations=20),
                               runtime, quiet=True)                            # the classifier decides
     assert classifier["picture_match"] is None and classifier["evidence"]["backdoor_found"]
     assert classifier["counts"]["removed"] == sum(r["removed"] == "1" for r in read_scores(run))

@@ -1,0 +1,153 @@
+"""detect's settings: sections owned by the stages, the preset files, ``configure``, and the scans they give.
+
+The golden values below were written by the detect pipeline before its settings were split into sections (the flat
+``DetectConfig`` of 0.1): the same scan under the sectioned settings must find the same top-k windows and remove the
+same images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
+
+from poisonscan.config import DetectConfig, detect_config, preset_table, presets
+from poisonscan.detect.pipeline import run_detect
+from poisonscan.errors import ConfigError
+from poisonscan.runtime import setup_runtime
+from poisonscan.settings import (config_to_dict, configure, defaults_of, dotted_names, flat_defaults, parse_assignment,
+                                 resolve_config, sections)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PRESETS = Path(__file__).resolve().parents[1] / "poisonscan" / "presets"
+
+#: top-k (id, poison score, window) of the toy scans, as the flat-settings pipeline wrote them
+GOLDEN_TOPK = {
+    "poisoncam": [("c0/poison_002.png", 30, [16, 17, 9, 9]), ("c0/poison_003.png", 30, [13, 15, 9, 9]),
+                  ("c0/poison_004.png", 30, [4, 12, 9, 9]), ("c0/poison_009.png", 30, [5, 17, 9, 9]),
+                  ("c0/poison_010.png", 30, [8, 2, 9, 9])],
+    "patchsearch": [("c0/poison_002.png", 30, [16, 16, 9, 9]), ("c0/poison_003.png", 30, [14, 14, 9, 9]),
+                    ("c0/poison_004.png", 30, [2, 10, 9, 9]), ("c0/poison_018.png", 30, [2, 2, 9, 9]),
+                    ("c0/img_031.png", 4, [0, 0, 9, 9])],
+}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("toy")
+    poisoned = make_poisoned_folder(root / "poisoned")
+    return {"root": root, "poisoned": poisoned, "model": str(save_toy_checkpoint(root / "toy.safetensors"))}
+
+
+def small(toy: dict, out: Path, preset: str | None = None, **kw: object) -> DetectConfig:
+    """The toy scan's budget over ``preset``, settings by their own names."""
+    flags = dotted_names(DetectConfig, dict(data=str(toy["root"] / "poisoned"), model=toy["model"], out=str(out),
+                                            clusters=4, masks=64, flip_size=40, top_k=5, null_size=64,
+                                            iterations=100, batch_size=128, device="cpu", precision="fp32", **kw))
+    return detect_config(preset, None, flags)
+
+
+def topk_rows(run: Path) -> list[tuple[str, int, list[int]]]:
+    with open(run / "scores.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["top_k_rank"]]
+    rows.sort(key=lambda r: int(r["top_k_rank"]))
+    return [(r["id"], int(r["poison_score"]), [int(r[k]) for k in ("box_x", "box_y", "box_w", "box_h")])
+            for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_the_default_preset_file_is_the_dataclass_defaults() -> None:
+    assert presets() == ["default", "paper", "patchsearch"]
+    assert detect_config() == DetectConfig() == detect_config("default")
+    table = tomllib.loads((PRESETS / "default.toml").read_text())["detect"]
+    flat = {**{k: v for k, v in table.items() if not isinstance(v, dict)},
+            **{f"{s}.{k}": v for s, sub in table.items() if isinstance(sub, dict) for k, v in sub.items()}}
+    stage_settings = {k for k in flat_defaults(DetectConfig) if "." in k}
+    assert stage_settings <= set(flat)                        # the file lists every stage setting ...
+    for key, value in flat.items():                           # ... at its dataclass default
+        assert flat_defaults(DetectConfig)[key] == pytest.approx(value) if isinstance(value, float) else \
+            flat_defaults(DetectConfig)[key] == value, key
+
+
+def test_sections_are_owned_by_their_stages_and_names_are_unique() -> None:
+    owners = {name: cls.__module__ for name, cls in sections(DetectConfig).items()}
+    assert owners == {"search": "poisonscan.detect.search", "evidence": "poisonscan.detect.evidence",
+                      "classifier": "poisonscan.detect.classifier", "decision": "poisonscan.detect.decision"}
+    names = [f.name for cls in sections(DetectConfig).values() for f in fields(cls)]
+    top = [f.name for f in fields(DetectConfig)]
+    assert len(names) == len(set(names)) and not set(names) & set(top)      # a setting's own name is enough
+
+
+def test_paper_and_patchsearch_presets() -> None:
+    paper = detect_config("paper")
+    assert paper.preset == "paper" and paper.search.score_rule == "changed" and paper.search.aggregate == "sum"
+    assert (paper.classifier.ensemble, paper.classifier.rounds, paper.classifier.decoys) == (1, 1, 0.0)
+    assert paper.classifier.positives == "all"
+    assert (paper.decision.neighbours, paper.decision.verify_min_prob, paper.decision.match_picture) == (0, 1.0, False)
+    assert paper.decision.force and paper.decision.threshold == 0.5
+    ps = detect_config("patchsearch")
+    assert (ps.search.method, ps.search.score_rule, ps.search.aggregate) == ("patchsearch", "to_source", "max")
+    assert (ps.classifier.ensemble, ps.classifier.rounds, ps.classifier.decoys) == (5, 1, 0.0)
+    for name in presets():                                     # every file holds only known settings
+        where, table = preset_table(name)
+        resolve_config(DetectConfig, tables=[(where, table)])
+    with pytest.raises(ConfigError, match="choose one of default, paper, patchsearch"):
+        preset_table("/etc/passwd")
+
+
+def test_layers_flags_and_assignments(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[detect]\nclusters = 50\n[detect.search]\nmasks = 32\n[detect.decision]\nmin_effect = 0.1\n')
+    cfg = detect_config("paper", path, {"search.masks": 16, "clusters": None})
+    assert (cfg.clusters, cfg.search.masks, cfg.decision.min_effect) == (50, 16, 0.1)   # flags win, None is unset
+    assert cfg.search.score_rule == "changed" and cfg.preset == "paper"                   # the rest from the preset
+    assert parse_assignment("decision.min_effect=0.1") == ("decision.min_effect", 0.1)
+    assert parse_assignment("classifier.refine_by=p") == ("classifier.refine_by", "p")
+    assert parse_assignment("decision.match_picture = false") == ("decision.match_picture", False)
+    with pytest.raises(ConfigError, match="did you mean 'search.masks'"):
+        resolve_config(DetectConfig, None, {"masks": 3})
+    with pytest.raises(ConfigError, match="must be a table"):
+        resolve_config(DetectConfig, tables=[("t", {"search": 3})])
+    assert configure(DetectConfig, masks=8, min_effect=0.2).search.masks == 8
+    saved = config_to_dict(cfg)
+    assert resolve_config(DetectConfig, tables=[("config.json", saved)]) == cfg          # a run's record rebuilds it
+    assert defaults_of(DetectConfig)["search"] == DetectConfig().search
+
+
+# ------------------------------------------------------------------------------------------------ scans
+
+
+@pytest.mark.parametrize("method", ["poisoncam", "patchsearch"])
+def test_the_sectioned_settings_scan_as_the_flat_ones_did(toy: dict, tmp_path: Path, method: str) -> None:
+    summary = run_detect(small(toy, tmp_path / method, method=method, ensemble=1), setup_runtime("cpu", "fp32"),
+                         quiet=True)
+    assert topk_rows(tmp_path / method) == GOLDEN_TOPK[method]
+    assert sorted((tmp_path / method / "removed.txt").read_text().split()) == sorted(toy["poisoned"])
+    assert summary["counts"]["removed"] == 20
+
+
+def test_the_paper_preset_trains_one_classifier_once_and_decides_on_p(toy: dict, tmp_path: Path) -> None:
+    run = tmp_path / "paper"
+    summary = run_detect(small(toy, run, "paper"), setup_runtime("cpu", "fp32"), quiet=True)
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "paper" and config["classifier"]["decoys"] == 0.0
+    info = json.loads((run / "classifier.json").read_text())
+    assert info["trained"] and info["ensemble"] == 1 and len(info["iterations_per_model"]) == 1
+    assert info["rounds"] == 1 and info["refine_by"] is None and info["refinement_dropped"] == []
+    assert len(info["positives"]) == 5                                    # every top-k window, the recurring or not
+    with open(run / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["neighbour_prob"] == "" and r["picture_match"] == "" and r["verify_flips"] == "" for r in rows)
+    assert all(r["removal_score"] == r["classifier_prob"] for r in rows)
+    assert all((r["removed"] == "1") == (float(r["classifier_prob"]) > 0.5) for r in rows)
+    assert summary["picture_match"] is None and summary["search"]["n_scored"] > 0
+    assert json.loads((run / "search.json").read_text())["rule"] == "changed"
