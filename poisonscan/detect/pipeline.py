@@ -53,6 +53,7 @@ from poisonscan.detect.masking import MaskingConfig, cluster_activation_masking,
 from poisonscan.detect.matching import best_match, match_threshold, match_verdict
 from poisonscan.detect.neighbours import nearest_neighbours
 from poisonscan.detect.recurrence import is_pixel_record, recurrence_test, recurring_group
+from poisonscan.detect.scores import SCORE_COLUMNS
 from poisonscan.detect.search import draw_positions, flip_test_set, iterative_search, poison_scores, top_k
 from poisonscan.detect.verification import occlusion_windows, verification_bar, verification_candidates
 from poisonscan.errors import ConfigError, DataError, UsageError
@@ -64,10 +65,6 @@ from poisonscan.settings import check_config, sections
 
 STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "verify", "outputs")
 SECTIONS = sections(DetectConfig)
-
-SCORE_COLUMNS = ("index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
-                 "box_h", "classifier_prob", "neighbour_prob", "removal_score", "verify_flips", "picture_match",
-                 "removed", "top_k_rank")
 
 RoundHook = Callable[[int], None]
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from poisonscan.detect.scores import read_scores
 from poisonscan.errors import DataError, UsageError
 from poisonscan.eval import metrics as M
 from poisonscan.eval.plots import histogram_chart, line_chart
@@ -33,8 +34,9 @@ BOX_COLUMNS = ("box_x", "box_y", "box_w", "box_h")
 SHORT_BOX_COLUMNS = ("x", "y", "w", "h")          # what `poison` writes
 WHOLE_IMAGE_ATTACKS = ("blend", "ctrl")          # the trigger covers the whole image
 FRAME_BOX_COLUMNS = ("frame_box_x", "frame_box_y", "frame_box_w", "frame_box_h")
-SCORE_COLUMNS = ("index", "id", "poison_score", "box_x", "box_y", "box_w", "box_h", "classifier_prob", "removed",
-                 "top_k_rank")
+#: the columns of scores.csv the evaluation needs (detect/scores.py defines them all)
+REQUIRED_COLUMNS = ("index", "id", "poison_score", "box_x", "box_y", "box_w", "box_h", "classifier_prob", "removed",
+                    "top_k_rank")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -86,7 +88,7 @@ class DetectRunScores:
     summary: dict[str, Any] = field(default_factory=dict)
     store_meta: dict[str, Any] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
-    removal_score: np.ndarray | None = None   # float N (classifier P averaged with its neighbours'); None: older run
+    removal_score: np.ndarray | None = None   # float N (P averaged with its neighbours'); None: a table without it
 
 
 def _float(cell: str | None, what: str, where: str) -> float:
@@ -183,18 +185,12 @@ def read_run(run_dir: Path | str) -> DetectRunScores:
     scores_path = run / "scores.csv"
     if not scores_path.is_file():
         raise UsageError(f"detect run {run} has no scores.csv (did detect finish? resume it with --resume)")
-    _, rows = _read_csv(scores_path, SCORE_COLUMNS, "scores table")
-    if not rows:
+    table = read_scores(scores_path, REQUIRED_COLUMNS)
+    if not len(table):
         raise UsageError(f"detect run {run}: scores.csv has no rows")
-    where = str(scores_path)
-    poison = np.array([_float(r["poison_score"], "poison_score", where) for r in rows])
-    prob = np.array([_float(r["classifier_prob"], "classifier_prob", where) for r in rows])
+    poison, prob = table["poison_score"], table["classifier_prob"]
     if np.isnan(poison).all() and np.isnan(prob).all():
         raise UsageError(f"detect run {run} has no scores: every poison_score and classifier_prob is empty")
-    removed = np.array([(r["removed"] or "0").strip() in ("1", "true", "True") for r in rows])
-    rank = np.array([_float(r["top_k_rank"], "top_k_rank", where) for r in rows])
-    removal = (np.array([_float(r["removal_score"], "removal_score", where) for r in rows])
-               if "removal_score" in rows[0] else None)
     summary = _read_json(run / "summary.json")
     store_meta = _read_json(run / "store" / "store.json")
     size = store_meta.get("size") or summary.get("model", {}).get("image_size")
@@ -202,8 +198,9 @@ def read_run(run_dir: Path | str) -> DetectRunScores:
     if (run / "errors.csv").is_file():
         _, err_rows = _read_csv(run / "errors.csv", ("id",), "error list")
         unreadable = [r["id"] for r in err_rows]
-    return DetectRunScores(run, [r["id"] for r in rows], poison, _boxes_from(rows, BOX_COLUMNS, where), prob,
-                           removed, rank, int(size) if size else None, summary, store_meta, unreadable, removal)
+    return DetectRunScores(run, table.ids, poison, table.boxes, prob, table.removed, table["top_k_rank"],
+                           int(size) if size else None, summary, store_meta, unreadable,
+                           table["removal_score"] if "removal_score" in table.columns else None)
 
 
 # ----------------------------------------------------------------------------------------------- box mapping
