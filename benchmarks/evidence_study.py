@@ -1,4 +1,4 @@
-"""Backdoor evidence (issue 11) on strong, weak and no-poison settings of the demo data; chooses decision.min_evidence.
+"""Backdoor evidence on strong, weak and no-poison settings of the demo data; chooses decision.min_evidence.
 
     python benchmarks/evidence_study.py --weak .bench/models/demo_epoch37.safetensors [--work .bench/evidence]
 

@@ -1,4 +1,4 @@
-"""How strong a backdoor does a threat model carry? (issue 11; docs/commands/eval.md)
+"""How strong a backdoor does a threat model carry? (docs/commands/eval.md)
 
 k-NN accuracy on clean val and k-NN "ASR" with the trigger pasted; linear-probe ASR when labelled train features are
 given; with the training set's ground truth, the purity of the clusters holding the poisons; and the "oracle flips":
