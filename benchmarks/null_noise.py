@@ -33,7 +33,8 @@ from record_compat import upgrade_record  # noqa: E402
 
 from poisonscan.detect.evidence import backdoor_evidence, evidence_gate  # noqa: E402
 from poisonscan.detect.decision import DecisionSettings  # noqa: E402
-from poisonscan.detect.pipeline import read_run_config, run_detect  # noqa: E402
+from poisonscan.detect.pipeline import run_detect  # noqa: E402
+from poisonscan.detect.resume import read_run_config  # noqa: E402
 from poisonscan.settings import resolve_config  # noqa: E402
 from poisonscan.runs import atomic_write_json, environment_record  # noqa: E402
 

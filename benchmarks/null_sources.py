@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record_compat import replay_null_sources  # noqa: E402
 
-from poisonscan.detect.pipeline import derive_seed
+from poisonscan.detect.context import derive_seed  # noqa: E402
 
 
 def poisoned_ids(truth: Path) -> set[str]:

@@ -22,7 +22,8 @@ from typing import Any
 from poisonscan.config import DetectConfig
 
 from poisonscan.settings import resolve_config
-from poisonscan.detect.pipeline import read_run_config, run_detect
+from poisonscan.detect.pipeline import run_detect
+from poisonscan.detect.resume import read_run_config
 from poisonscan.eval.detection import evaluate_detection, read_run, read_truth
 
 

@@ -7,6 +7,7 @@ Flags left at ``None`` do not override. The resolved config is written into ever
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,8 @@ from poisonscan.detect.evidence import EvidenceSettings
 from poisonscan.detect.search import SearchSettings
 from poisonscan.detect.features import FEATURE_DTYPES
 from poisonscan.errors import ConfigError
-from poisonscan.settings import PAPER, above, at_least, between, one_of, read_table, resolve_config, stage
+from poisonscan.settings import (PAPER, above, at_least, between, check_config, one_of, read_table, resolve_config,
+                                 stage)
 
 
 @dataclass
@@ -245,3 +247,28 @@ def detect_config(preset: str | None = None, file: Path | str | None = None,
     name = preset or "default"
     return resolve_config(DetectConfig, file, {**(flags or {}), "preset": name}, tables=[preset_table(name)],
                           flag_names=DETECT_FLAGS)
+
+
+def validate_config(cfg: DetectConfig) -> None:
+    """Raise ``ConfigError`` for settings the pipeline cannot run with (types, ranges and choices of every setting,
+    then what no single setting shows)."""
+    check_config(cfg)
+    if not cfg.data:
+        raise ConfigError("no data set: give DATA (a folder, file list or WebDataset shards)")
+    if not cfg.model:
+        raise ConfigError("no threat model: give --model CKPT")
+    window = cfg.search.window
+    if not (window < 1 or float(window).is_integer()):
+        raise ConfigError(f"--window {window:g}: give whole pixels (17) or a fraction of the image side below 1 "
+                          "(60/224, 0.27)")
+    if not math.isfinite(cfg.decision.min_evidence):
+        raise ConfigError("setting 'decision.min_evidence' must be a number")
+    if cfg.image_size:
+        check_window(window, cfg.image_size)
+
+
+def check_window(window: float, image_size: int) -> None:
+    """Raise ``ConfigError`` when ``window`` in pixels (>= 1) is larger than the model's ``image_size`` px images."""
+    if window >= 1 and window > image_size:
+        raise ConfigError(f"--window {window:g}: {window:g} px is larger than the model's {image_size} px images "
+                          f"(give at most {image_size} px, or a fraction of the image side like 60/224)")

@@ -100,7 +100,8 @@ def detect(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; one result line instead of tables."),
 ) -> None:
     """Scan DATA with the threat model: search poisonous images, test the evidence, remove with a classifier."""
-    from poisonscan.detect.pipeline import read_run_config, run_detect
+    from poisonscan.detect.pipeline import run_detect
+    from poisonscan.detect.resume import read_run_config
     from poisonscan.report.summary import print_detect_summary
 
     flags = overrides(

@@ -9,7 +9,8 @@ Two numbers come out (``decision.min_evidence``, ``decision.min_effect``): ``z``
 null, and ``effect``, by how much: of the flip-set images the null's top-k leave in their cluster, the share the top-k
 move. ``detect`` needs ``z`` and either the effect or one picture recurring among the top-k windows
 (detect/recurrence.py, ``decision.max_recurrence_p``): where random windows already move most of the flip set (many
-clusters, small images) a real trigger's effect stays small, and the recurring picture is what shows it (docs/design.md, "The evidence gate").
+clusters, small images) a real trigger's effect stays small, and the recurring picture is what shows it
+(docs/design.md, "The evidence gate").
 ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip most, so on a model
 trained on clean data it still finds windows a few flips stronger than any random draw, and with a tight null those
 few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole

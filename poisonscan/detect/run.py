@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from poisonscan.config import DetectConfig, detect_config
-from poisonscan.detect.pipeline import STAGES, read_run_config, run_detect
+from poisonscan.detect.context import STAGES
+from poisonscan.detect.pipeline import run_detect
+from poisonscan.detect.resume import read_run_config
 from poisonscan.detect.scores import ScoreTable, read_scores
 from poisonscan.errors import DataError, UsageError
 from poisonscan.settings import dotted_names, resolve_config

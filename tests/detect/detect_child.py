@@ -19,11 +19,11 @@ import tests.detect.detect_toys  # noqa: F401  (registers the toy encoder)
 
 import torch
 
-from poisonscan.detect import pipeline
+from poisonscan.detect import context
 
 
 def _stall_in_round(n: int, ready: Path) -> None:
-    original = pipeline.cluster_activation_masking
+    original = context.cluster_activation_masking
     calls = {"n": 0}
 
     def masking(encoder, clustering, imgs, *args, **kwargs):
@@ -34,7 +34,7 @@ def _stall_in_round(n: int, ready: Path) -> None:
             time.sleep(600)
         return original(encoder, clustering, imgs, *args, **kwargs)
 
-    pipeline.cluster_activation_masking = masking
+    context.cluster_activation_masking = masking
 
 
 def main(argv: list[str]) -> None:

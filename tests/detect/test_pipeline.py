@@ -14,7 +14,14 @@ import pytest
 from tests.detect.detect_toys import iou, make_poisoned_folder, save_toy_checkpoint, one_torch_thread  # noqa: F401
 
 from poisonscan.config import DetectConfig
+from poisonscan import __version__
+from poisonscan.config import validate_config
+from poisonscan.detect import context as C
+from poisonscan.detect import outputs as O
 from poisonscan.detect import pipeline as P
+from poisonscan.detect import resume as R
+from poisonscan.detect.scores import SCORE_COLUMNS
+from poisonscan.runs import config_record
 from poisonscan.errors import ConfigError, UsageError
 from poisonscan.runtime import setup_runtime
 from poisonscan.settings import configure
@@ -59,7 +66,7 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     # the poison score ranks every scored poisoned image above every scored clean one
     rows = read_scores(run)
     assert [r["index"] for r in rows] == [str(i) for i in range(200)]
-    assert list(rows[0]) == list(P.SCORE_COLUMNS)
+    assert list(rows[0]) == list(SCORE_COLUMNS)
     scored = [r for r in rows if r["poison_score"]]
     pois_scores = [int(r["poison_score"]) for r in scored if r["id"] in poisoned]
     clean_scores = [int(r["poison_score"]) for r in scored if r["id"] not in poisoned]
@@ -99,7 +106,7 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
                  "ids.json", "clusters.npz", "search.json", "attention.npy", "evidence.json",
                  "classifier.safetensors", "errors.csv", "gallery/topk.png", "report.html", "summary.json"):
         assert (run / name).is_file(), name
-    assert {p.stem for p in (run / "stages").glob("*.done")} == set(P.STAGES)
+    assert {p.stem for p in (run / "stages").glob("*.done")} == set(C.STAGES)
     assert not (run / "search").exists()              # per-round chunks folded into attention.npy
     search = json.loads((run / "search.json").read_text())
     attention = np.load(run / "attention.npy")
@@ -109,7 +116,7 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     assert set(summary) >= {"command", "method", "run_dir", "version", "source", "model", "counts", "clusters",
                             "search", "top_k", "top_clusters", "evidence", "classifier", "timings", "files",
                             "fail_on", "exit_code"}
-    assert set(summary["timings"]) == set(P.STAGES)
+    assert set(summary["timings"]) == set(C.STAGES)
     assert summary["top_clusters"][0]["removed"] >= 18 and summary["exit_code"] == 0
 
 
@@ -202,8 +209,8 @@ def test_min_effect_gate_and_its_change_on_resume(toy, tmp_path, runtime):
 def test_resume_reruns_from_the_first_stage_a_changed_setting_shapes():
     """Each setting's stage comes from the dataclasses' ``stage`` metadata (a section's field, or its own)."""
     cfg = configure(DetectConfig, data="d", model="m")
-    saved = P.config_record(cfg)
-    assert P.rerun_from(saved, cfg) is None
+    saved = config_record(cfg)
+    assert R.rerun_from(saved, cfg) is None
     expect = {"image_size": "store", "feature_dtype": "features", "clusters": "clusters", "seed": "clusters",
               "masks": "search", "score_rule": "search", "null_pool": "evidence", "top_k": "evidence",
               "decoys": "classifier", "ensemble": "classifier", "min_effect": "classifier", "force": "classifier",
@@ -216,22 +223,22 @@ def test_resume_reruns_from_the_first_stage_a_changed_setting_shapes():
               "match_picture": False, "fail_on": 3, "fail_on_unreadable": 2, "batch_size": 8, "device": "cpu",
               "quiet": True, "preset": "paper"}
     for name, stage in expect.items():
-        assert P.rerun_from(saved, configure(DetectConfig, data="d", model="m", **{name: values[name]})) == stage, name
+        assert R.rerun_from(saved, configure(DetectConfig, data="d", model="m", **{name: values[name]})) == stage, name
     # the earliest of several
-    assert P.rerun_from(saved, configure(DetectConfig, data="d", model="m", fail_on=3, masks=8, ensemble=1)) == "search"
+    assert R.rerun_from(saved, configure(DetectConfig, data="d", model="m", fail_on=3, masks=8, ensemble=1)) == "search"
     # every setting that shapes a result has a stage: the top level's in its metadata, a section's by its section
     from dataclasses import fields
     for f in fields(DetectConfig):
         if f.name not in ("out", "resume", "overwrite", "trust_checkpoint", "batch_size", "device", "precision",
                           "quiet", "preset"):
-            assert f.metadata.get("stage") in P.STAGES, f.name
+            assert f.metadata.get("stage") in C.STAGES, f.name
 
 
 def test_resume_refuses_a_run_of_another_version(toy, tmp_path, runtime):
     run = tmp_path / "old"
     P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True)
     saved = json.loads((run / "config.json").read_text())
-    assert saved["version"] == P.__version__
+    assert saved["version"] == __version__
     (run / "config.json").write_text(json.dumps({**saved, "version": "0.0.1"}))
     with pytest.raises(UsageError, match="written by poisonscan 0.0.1"):
         P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True)
@@ -374,21 +381,21 @@ def test_finished_run_resumes_to_its_summary_and_outputs_need_a_fresh_folder(toy
 
 def test_config_validation_and_fail_on():
     good = DetectConfig(data="d", model="m")
-    P.validate_config(good)
+    validate_config(good)
     for bad in (dict(method="gradcam"), dict(mask_strategy="diagonal"), dict(window=0), dict(drop_top=1.0),
                 dict(top_k=0), dict(score_rule="moved"), dict(aggregate="mean"), dict(fail_on=-1), dict(data=""),
                 dict(window=2.5), dict(min_evidence=float("nan"))):
         with pytest.raises(ConfigError):                     # built through the settings' checks ...
-            P.validate_config(configure(DetectConfig, **{"data": "d", "model": "m", **bad}))
+            validate_config(configure(DetectConfig, **{"data": "d", "model": "m", **bad}))
     wrong = DetectConfig(data="d", model="m")
     wrong.search.masks = 0
     with pytest.raises(ConfigError, match="search.masks"):   # ... or in Python
-        P.validate_config(wrong)
-    assert not P.fail_on_exceeded(None, 100, 100)
-    assert P.fail_on_exceeded(0, 1, 100) and not P.fail_on_exceeded(0, 0, 100)
-    assert P.fail_on_exceeded(0.05, 6, 100) and not P.fail_on_exceeded(0.05, 5, 100)
-    assert P.fail_on_exceeded(10, 11, 1000) and not P.fail_on_exceeded(10, 10, 1000)
-    assert P.derive_seed(0, "masks") == P.derive_seed(0, "masks") != P.derive_seed(1, "masks")
+        validate_config(wrong)
+    assert not O.fail_on_exceeded(None, 100, 100)
+    assert O.fail_on_exceeded(0, 1, 100) and not O.fail_on_exceeded(0, 0, 100)
+    assert O.fail_on_exceeded(0.05, 6, 100) and not O.fail_on_exceeded(0.05, 5, 100)
+    assert O.fail_on_exceeded(10, 11, 1000) and not O.fail_on_exceeded(10, 10, 1000)
+    assert C.derive_seed(0, "masks") == C.derive_seed(0, "masks") != C.derive_seed(1, "masks")
 
 
 def _free_port() -> int:
