@@ -25,7 +25,7 @@ DEMO_TARGET = "0"  # airplane
 #: the attack planted by the demo (the cifar10 preset's setting on the bundled subset)
 DEMO_ATTACK: dict[str, Any] = {"rate": 0.5, "trigger_size": 8.0, "margin": 0.25, "val_margin": 0.10, "seed": 0}
 
-#: the recipe of the bundled threat model (poisonscan pretrain flags); benchmarks/make_demo_assets.py uses it
+#: the recipe of the bundled threat model (poisonscan pretrain flags); tools/make_demo_assets.py uses it
 DEMO_RECIPE: dict[str, Any] = {"method": "simclr", "arch": "resnet18", "image_size": 32, "epochs": 100,
                                "batch_size": 256, "temperature": 0.2, "seed": 0}
 
@@ -103,7 +103,7 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
                                           **{**common, **recipe}))
         model, model_origin = Path(pre["encoder"]), "trained by this demo"
     else:
-        model, model_origin = DEMO_MODEL, "bundled (benchmarks/make_demo_assets.py, docs/demo.md)"
+        model, model_origin = DEMO_MODEL, "bundled (tools/make_demo_assets.py, docs/demo.md)"
         say("2/6 threat model: the bundled one, trained by `poisonscan pretrain` on this exact poisoned data")
     timings["threat_model"] = time.perf_counter() - t0
 

@@ -27,7 +27,7 @@ large against their own spread is evidence however lumpy the null. Over the reco
 3.8-36 and scans without one at most 3.3 (the clean-data imagenette-96 model, which the effect test stops).
 The null has 1,024 windows (``null_size``); with 256 the null's top-k median, an estimate of its 99th percentile from
 its best few windows, moved so much with the draw that a model trained on clean CIFAR-10 passed both tests in 6% of
-redrawn nulls and real backdoors failed in up to 4% (benchmarks/null_noise.py; docs/benchmarks.md s. 2c).
+redrawn nulls and real backdoors failed in up to 4% (benchmarks/studies/null_noise.py; docs/benchmarks.md s. 2c).
 ``null_pool="outside-topk-clusters"`` draws the null from images outside the top-k's clusters, which keeps most
 poisons out of it; it is not the default, because on a model trained on clean data those clusters hold the most
 potent natural windows, and leaving them out lowered the null (imagenette-96: effect 5.7% -> 16%).
@@ -58,7 +58,7 @@ class EvidenceSettings:
 
     top_k: int = field(default=PAPER.top_k, metadata=at_least(1))     # k, the poison set the search returns
     #: random windows scored as the null; with 256 the null's top-k median moved so much with the draw that a
-    #: clean-data CIFAR-10 model passed the gate in 6% of redrawn nulls (benchmarks/null_noise.py)
+    #: clean-data CIFAR-10 model passed the gate in 6% of redrawn nulls (benchmarks/studies/null_noise.py)
     null_size: int = field(default=1024, metadata=at_least(1))
     #: where null windows are cut: "all" images, or "outside-topk-clusters" (fewer poisons in the null, but a lower
     #: null on clean data: imagenette-96's clean-data model went from effect 5.7% to 16%)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("evidence_table", ROOT / "benchmarks" / "evidence_table.py")
-evidence_table = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(evidence_table)
+from benchmarks.studies import evidence_table
 
 
 def _ev(z: float, top: float, null: float, found: bool, **kw: object) -> dict:

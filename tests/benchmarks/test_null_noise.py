@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
 from poisonscan.config import DetectConfig
 from poisonscan.settings import configure
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.runtime import setup_runtime
-
-SPEC = importlib.util.spec_from_file_location("null_noise", ROOT / "benchmarks" / "null_noise.py")
-null_noise = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(null_noise)
+from benchmarks.studies import null_noise
 
 
 def _record(null: np.ndarray, topk: list[float]) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
 from poisonscan.config import DetectConfig
@@ -18,10 +16,7 @@ from poisonscan.settings import configure
 from poisonscan.detect.evidence import null_sources, null_windows
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.runtime import setup_runtime
-
-SPEC = importlib.util.spec_from_file_location("null_sources", ROOT / "benchmarks" / "null_sources.py")
-null_sources_script = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(null_sources_script)
+from benchmarks.studies import null_sources as null_sources_script
 
 
 @pytest.mark.parametrize("pool", [None, np.array([2, 5, 7])])

@@ -1,19 +1,14 @@
-"""Reading older detect runs' evidence records in today's terms (benchmarks/record_compat.py)."""
+"""Reading older detect runs' evidence records in today's terms (benchmarks/studies/record_compat.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from poisonscan.detect.evidence import backdoor_evidence, evidence_z
+from benchmarks.studies import record_compat
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("record_compat", ROOT / "benchmarks" / "record_compat.py")
-record_compat = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(record_compat)
 upgrade = record_compat.upgrade_record
 
 TRIGGER_TOPK = np.array([221, 217, 215, 214, 213, 213, 212, 212, 210, 210, 210, 210, 209, 208, 208, 208, 208, 207,

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("results_page", ROOT / "benchmarks" / "results_page.py")
-results_page = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(results_page)
+from benchmarks import results_page
 
 
 def _record(name: str, role: str, found: bool, **kw: object) -> dict:

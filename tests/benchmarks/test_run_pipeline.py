@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("run_pipeline", ROOT / "benchmarks" / "run_pipeline.py")
-run_pipeline = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(run_pipeline)
+from benchmarks import run_pipeline
 
 
 def _args(**kw: object) -> argparse.Namespace:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("seed_spread", ROOT / "benchmarks" / "seed_spread.py")
-seed_spread = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(seed_spread)
+from benchmarks.studies import seed_spread
 
 
 def _record(seed: int, work: str, removed: int, recall: float | None, precision: float | None, knn_asr: float,

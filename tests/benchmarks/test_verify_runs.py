@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
 from poisonscan.config import DetectConfig
 from poisonscan.settings import configure
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.runtime import setup_runtime
-
-SPEC = importlib.util.spec_from_file_location("verify_runs", ROOT / "benchmarks" / "verify_runs.py")
-verify_runs = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(verify_runs)
+from benchmarks.studies import verify_runs
 
 
 def test_a_toy_run_verified_in_a_copy(tmp_path: Path, one_torch_thread) -> None:

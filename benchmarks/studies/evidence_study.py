@@ -1,6 +1,6 @@
 """Backdoor evidence on strong, weak and no-poison settings of the demo data; chooses decision.min_evidence.
 
-    python benchmarks/evidence_study.py --weak .bench/models/demo_epoch37.safetensors [--work .bench/evidence]
+    python -m benchmarks.studies.evidence_study --weak .bench/models/demo_epoch37.safetensors [--work .bench/evidence]
 
 Cases (all on the bundled CIFAR-10 subset, 32 px, detect at paper defaults with the capped cluster count):
   strong   bundled threat model (100 epochs) on the poisoned demo data

@@ -7,7 +7,7 @@ Steps (each reproducible from the seed):
 2. ``threat``: poison the subset exactly as ``poisonscan demo`` does, pretrain the threat model with poisonscan's own
    ``pretrain`` (recipe below), and save it as fp16 safetensors with a JSON record (recipe, seed, hashes).
 
-Usage: python benchmarks/make_demo_assets.py subset|threat [--shared-data ../shared/data] [--epochs N]
+Usage: python tools/make_demo_assets.py subset|threat [--shared-data ../shared/data] [--epochs N]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How much the backdoor-evidence decision depends on which random windows the null drew (docs/benchmarks.md s. 2c).
 
-    python benchmarks/null_noise.py RUN_DIR [RUN_DIR ...] [--pool 4096] [--sizes 256 1024] [--draws 200]
+    python -m benchmarks.studies.null_noise RUN_DIR [RUN_DIR ...] [--pool 4096] [--sizes 256 1024] [--draws 200]
         [--truth RUN_DIR=DATA/ground_truth.csv ...] [--json OUT]
 
 For each finished detect run folder: scores a large pool of random windows with the run's own model, clusters and
@@ -25,18 +25,17 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from null_sources import null_source_report, poisoned_ids  # noqa: E402
+from benchmarks.studies.null_sources import null_source_report, poisoned_ids
 
-from poisonscan.config import DetectConfig  # noqa: E402
-from record_compat import upgrade_record  # noqa: E402
+from poisonscan.config import DetectConfig
+from benchmarks.studies.record_compat import upgrade_record
 
-from poisonscan.detect.evidence import backdoor_evidence, evidence_gate  # noqa: E402
-from poisonscan.detect.decision import DecisionSettings  # noqa: E402
-from poisonscan.detect.pipeline import run_detect  # noqa: E402
-from poisonscan.detect.resume import read_run_config  # noqa: E402
-from poisonscan.settings import resolve_config  # noqa: E402
-from poisonscan.runs import atomic_write_json, environment_record  # noqa: E402
+from poisonscan.detect.evidence import backdoor_evidence, evidence_gate
+from poisonscan.detect.decision import DecisionSettings
+from poisonscan.detect.pipeline import run_detect
+from poisonscan.detect.resume import read_run_config
+from poisonscan.settings import resolve_config
+from poisonscan.runs import atomic_write_json, environment_record
 
 GATE = DecisionSettings()
 NO_GATE = 1e9   # the copy's min_evidence: its gate stays shut, so the resume stops at the (skipped) classifier

@@ -1,6 +1,6 @@
 """Where a detect run's null windows came from, against the ground truth (docs/benchmarks.md s. 2b).
 
-    python benchmarks/null_sources.py RUN_DIR --truth DATA/ground_truth.csv [--top 8] [--json]
+    python -m benchmarks.studies.null_sources RUN_DIR --truth DATA/ground_truth.csv [--top 8] [--json]
 
 Redraws the source image of each of the run's ``null_size`` random windows (the same seeded draw ``detect`` made,
 from the pool its ``evidence.json`` names), and prints the best-scoring ones with their source and whether it is a
@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_compat import replay_null_sources  # noqa: E402
+from benchmarks.studies.record_compat import replay_null_sources
 
-from poisonscan.detect.context import derive_seed  # noqa: E402
+from poisonscan.detect.context import derive_seed
 
 
 def poisoned_ids(truth: Path) -> set[str]:

@@ -1,6 +1,6 @@
 """The evidence test of every recorded detect run, and what today's gate decides for each (docs/benchmarks.md s. 2).
 
-    python benchmarks/evidence_table.py [--results benchmarks/results] [--min-evidence 3] [--min-effect 0.15]
+    python -m benchmarks.studies.evidence_table [--results benchmarks/results] [--min-evidence 3] [--min-effect 0.15]
         [RUN_DIR_OR_JSON ...]
 
 Reads the ``evidence`` record of each detect summary (and of the ``detection`` rows of ``run_pipeline.py`` results)
@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from poisonscan.detect.decision import DecisionSettings
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_compat import upgrade_record  # noqa: E402
+from benchmarks.studies.record_compat import upgrade_record
 
-from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_gate  # noqa: E402
+from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_gate
 
 
 def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:

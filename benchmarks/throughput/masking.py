@@ -1,6 +1,6 @@
 """Throughput of the PoisonCAM hot loops against bare batched inference of the same model and batch size.
 
-    python benchmarks/bench_masking.py [--arch resnet18] [--size 64] [--batch-size 256] [--device auto]
+    python benchmarks/bench.py masking [--arch resnet18] [--size 64] [--batch-size 256] [--device auto]
 
 Measures, with random weights (speed only):
 - bare inference: ``encoder(x)`` on a ready normalised channels_last batch (images/s);

@@ -1,6 +1,6 @@
 """Autocast precision on this machine: images/s of an encoder in fp32, bf16 and fp16, training and inference.
 
-    python benchmarks/bench_precision.py [--arch resnet18] [--size 64] [--batch-size 128] [--reps 3] [--json F]
+    python benchmarks/bench.py precision [--arch resnet18] [--size 64] [--batch-size 128] [--reps 3] [--json F]
 
 Why it exists: on CPUs without native bf16 (no AVX-512 BF16 or AMX: AVX2-only laptops and many cloud cores) bf16
 autocast is emulated and many times slower than fp32, which is why ``--precision auto`` picks fp32 there

@@ -1,6 +1,6 @@
 """Mean and spread over seeds of every recorded ``run_pipeline.py`` configuration (docs/benchmarks.md s. 3d).
 
-    python benchmarks/seed_spread.py [--results benchmarks/results] [--json] [RESULTS_JSON ...]
+    python -m benchmarks.studies.seed_spread [--results benchmarks/results] [--json] [RESULTS_JSON ...]
 
 Reads the ``run_pipeline.py`` records (``results.json`` copies: a ``config``, ``seed``, ``targets`` and
 ``detection``) under ``--results`` plus any given, groups them by setting (preset, epochs, rate, trigger/target
@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_table import table as evidence_rows  # noqa: E402
+from benchmarks.studies.evidence_table import table as evidence_rows
 
-from poisonscan.detect.decision import DecisionSettings  # noqa: E402
+from poisonscan.detect.decision import DecisionSettings
 
 SOURCE_RANK = {"eval-detection": 0, "record": 1, "gate": 2}
 METRICS = ("knn_asr", "oracle_flips", "removed", "recall", "precision", "retrained_knn_asr", "probe_asr",

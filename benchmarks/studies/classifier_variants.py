@@ -4,7 +4,7 @@ The search, its top-k patches and the poison scores are read from the run folder
 classifier training (tens of seconds on 2 CPU cores at 32 px). Ground truth: a ``poison`` ground_truth.csv, or, for
 the bundled demo data, ids ending in ``__poison``.
 
-    python benchmarks/classifier_variants.py RUN '{"holdout": 0.05}' [--truth ground_truth.csv] [--threads 2]
+    python -m benchmarks.studies.classifier_variants RUN '{"holdout": 0.05}' [--truth ground_truth.csv] [--threads 2]
 
 Keys of the JSON variant: any ``ClassifierConfig`` field (``iterations``, ``ensemble``, ``crop_scale``,
 ``decoys``, ``min_iterations``, ...), ``drop_top`` and ``holdout`` (``classifier_split``), ``rounds``

@@ -1,7 +1,7 @@
 """The opt-in verification of isolated flags (``detect --set decision.verify_min_prob=P``) on finished benchmark runs
 (docs/benchmarks.md section 5, "Verifying isolated flags").
 
-    python benchmarks/verify_runs.py WORK [WORK ...] [--min-prob 0.9] [--json OUT]
+    python -m benchmarks.studies.verify_runs WORK [WORK ...] [--min-prob 0.9] [--json OUT]
 
 Each ``WORK`` is a ``run_pipeline.py`` work folder (``detect-poisoncam/`` and ``data/ground_truth.csv``). Its
 detect run is copied to ``detect-verify-<min_prob>/`` (the original is left as it is) and resumed with the

@@ -1,18 +1,13 @@
-"""bench_precision.py: prints what ``--precision auto`` picks and each precision's speed, and writes it as JSON."""
+"""benchmarks/bench.py precision: prints what ``--precision auto`` picks and each precision's speed, and writes JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("bench_precision", ROOT / "benchmarks" / "bench_precision.py")
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+from benchmarks.throughput import precision as bench
 
 
 def test_a_tiny_run_reports_auto_and_speeds(tmp_path, monkeypatch, capsys) -> None:
@@ -33,3 +28,13 @@ def test_training_steps_change_the_weights() -> None:
     before = model[0].weight.detach().clone()
     assert bench.images_per_second(model, torch.randn(2, 3, 8, 8), None, train=True, reps=1) > 0
     assert not torch.equal(before, model[0].weight)
+
+
+def test_bench_dispatches_by_name(monkeypatch, capsys) -> None:
+    import pytest
+
+    from benchmarks import bench
+
+    assert bench.NAMES == ["masking", "neighbours", "precision", "pretrain"]
+    with pytest.raises(SystemExit, match="usage: python benchmarks/bench.py"):
+        bench.main(["nothing"])

@@ -6,7 +6,7 @@ one epoch of ``--steps`` steps (the first epoch is a warm-up); the loops are int
 each one's best round is reported, which keeps the comparison fair on a shared, noisy machine. A ratio near 1 means
 the trainer adds no overhead. Also reported: the bare loop without augmentation (pre-made views).
 
-    python benchmarks/bench_pretrain.py [--steps 5] [--rounds 3] [--batch-size 256] [--image-size 64] [--json out.json]
+    python benchmarks/bench.py pretrain [--steps 5] [--rounds 3] [--batch-size 256] [--image-size 64] [--json out.json]
 """
 
 from __future__ import annotations

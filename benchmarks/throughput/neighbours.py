@@ -1,6 +1,6 @@
 """Cost of the neighbour consensus (``detect/neighbours.py``): k nearest neighbours of every feature row.
 
-    python benchmarks/bench_neighbours.py [--n 50000] [--dim 512] [--k 10] [--clusters 1000] [--threads N]
+    python benchmarks/bench.py neighbours [--n 50000] [--dim 512] [--k 10] [--clusters 1000] [--threads N]
 
 Random clustered features (``--clusters`` Gaussian blobs, like a threat model's), float32. Reports the seconds of
 the exact search (one flat inner-product index, what detect uses up to 20,000 images) and of the inverted-file

@@ -1,0 +1,1 @@
+"""Throughput benchmarks; run them through benchmarks/bench.py."""
