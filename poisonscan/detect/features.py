@@ -47,13 +47,15 @@ def normalise_u8(u8: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) ->
 
 
 def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask: Tensor | None = None,
-           to_cpu: bool = True) -> Tensor:
-    """L2-normalised float32 features of a uint8 batch ``N x 3 x S x S``.
+           to_cpu: bool = True, size: int | None = None) -> Tensor:
+    """L2-normalised float32 features of a uint8 batch ``N x 3 x S x S``: the one encode path of detect, eval and
+    the pretraining monitor (``ssl.trainer.embed``).
 
     The batch is normalised like ``data.transforms.to_input`` with ``encoder.mean``/``encoder.std`` (ImageNet
     statistics when absent); where
     ``zero_mask`` (bool ``N x S x S`` or ``1 x S x S`` / ``S x S``, True = masked) is set the *normalised* input is
-    zero, as the reference implementations zero the model input. Runs under ``runtime.autocast()`` and
+    zero, as the reference implementations zero the model input. With ``size`` the normalised batch is resized
+    (bilinear, antialiased) to ``size x size`` when its side differs. Runs under ``runtime.autocast()`` and
     ``torch.inference_mode()`` in channels_last layout. The caller keeps the encoder in eval mode
     (:func:`eval_mode`). With ``to_cpu=False`` the features stay on the device (hot loops).
     """
@@ -68,6 +70,8 @@ def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask
             if m.ndim == 2:
                 m = m.unsqueeze(0)
             x.masked_fill_(m.unsqueeze(1), 0.0)
+        if size is not None and x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         with runtime.autocast():
             feats = encoder(x)
         feats = F.normalize(feats.float().flatten(1), dim=1)

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from poisonscan import runtime as rt
 from poisonscan.config import PretrainConfig
 from poisonscan.settings import resolve_config
-from poisonscan.data.transforms import SSLAugment, to_input
+from poisonscan.data.transforms import SSLAugment
+from poisonscan.detect.features import encode, eval_mode
 from poisonscan.errors import CheckpointError, UsageError
 from poisonscan.eval.knn import knn_vote
 from poisonscan.runs import INVOCATION_SETTINGS, RunDir, config_record, create_run, releases_run_locks
@@ -161,22 +161,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- k-NN monitor ---------------------------------------------------------------------------------------------
-@torch.no_grad()
 def embed(encoder: nn.Module, images_u8: torch.Tensor, runtime: rt.Runtime, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised float32 features of uint8 images, resized to the encoder's input size when needed."""
-    was_training = encoder.training
-    encoder.eval()
+    """L2-normalised float32 features of uint8 images on the runtime's device, resized to the encoder's input size
+    when needed: detect's encode path (``detect.features.encode``) in batches, the encoder in eval mode meanwhile."""
     size = int(getattr(encoder, "image_size", images_u8.shape[-1]))
-    mean, std = getattr(encoder, "mean"), getattr(encoder, "std")
-    out = []
-    for i in range(0, images_u8.shape[0], batch_size):
-        x = to_input(images_u8[i:i + batch_size].to(runtime.device), mean, std)
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        with runtime.autocast():
-            out.append(F.normalize(encoder(x).float(), dim=1))
-    encoder.train(was_training)
-    return torch.cat(out)
+    with eval_mode(encoder):
+        return torch.cat([encode(encoder, images_u8[i:i + batch_size], runtime, to_cpu=False, size=size)
+                          for i in range(0, images_u8.shape[0], batch_size)])
 
 
 @torch.no_grad()
