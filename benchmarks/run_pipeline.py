@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from poisonscan.attacks.poison import poison_dataset
 from poisonscan.attacks.presets import get_preset, preset_values, shared_data_root
-from poisonscan.data.cleaning import clean_dataset
-from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig, EvalProbeConfig,
-                               PoisonConfig, PretrainConfig)
-from poisonscan.detect.pipeline import run_detect
-from poisonscan.settings import configure
-from poisonscan.eval.runner import run_backdoor, run_detection, run_probe
+from poisonscan.chain import ChainSpec, run_chain
+from poisonscan.config import PoisonConfig
 from poisonscan.runs import atomic_write_json, environment_record
-from poisonscan.ssl.trainer import run_pretrain
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # like STL-10 in the paper: 10 classes, 96 px images, 50% of one class poisoned (5% of the data)
@@ -87,46 +83,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         val_patched = None          # clean control without --data-dir: the probe pastes the trigger in memory
     trigger = values["targets"][0].split("=", 1)[1]
     target = values["targets"][0].split("=", 1)[0]
-    patched = _patched_val(val_patched, trigger, conf)
 
-    pre = work / "pretrain"
-    model = args.model or pre / "encoder.safetensors"
-    if not args.model:
-        _pretrain("pretrain", train_spec, pre, work / "cache-train", conf, epochs, args.seed, work, timings)
-    strength = _step("backdoor", work, lambda: run_backdoor(EvalBackdoorConfig(
-        model=str(model), data=val_spec, trigger=trigger, target=target, train=train_spec, truth=truth,
-        trigger_size=conf["trigger_size_eval"], out=str(work / "backdoor"), seed=args.seed, quiet=True)), timings)
-
-    detect_overrides = {} if args.scale == "paper" else dict(conf.get("detect", {}))
+    recipe = {**_recipe(conf), "epochs": epochs, "store_cache": str(work / "cache-train")}
+    chain = run_chain(ChainSpec(
+        work=work, train=train_spec, val=val_spec, trigger=trigger, target=target,
+        trigger_size=conf["trigger_size_eval"], truth=truth, val_patched=val_patched, labelled_train=values["data"],
+        model=str(args.model) if args.model else None, recipe=recipe, methods=tuple(args.methods),
+        detect={} if args.scale == "paper" else dict(conf.get("detect", {})),
+        probe_fractions=() if args.no_probe else tuple(args.fractions),
+        retrain_epochs=epochs if args.retrain and not args.clean_control else 0, seed=args.seed, resume=True,
+        say=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)))
+    for name, took in chain["timings"].items():     # a resumed step keeps the time it first took
+        timings[name] = max(round(took, 1), timings.get(name, 0.0))
+    model, strength = chain["model"], chain["strength"]
     rows: dict[str, Any] = {}
-    for method in args.methods:
-        det_dir = work / f"detect-{method}"
-        det = _step(f"detect-{method}", work, lambda: run_detect(configure(
-            DetectConfig, data=train_spec, model=str(model), out=str(det_dir), method=method, seed=args.seed,
-            quiet=True, resume=str(det_dir) if det_dir.exists() else None, **detect_overrides), quiet=True), timings)
+    for method, scan in chain["detect"].items():
+        det, q = scan["summary"], scan["quality"]
         row: dict[str, Any] = {"removed": det["counts"]["removed"], "evidence": det.get("evidence"),
                                "verdict": det.get("verdict"), "top_k": det.get("top_k"),
                                "timings": det.get("timings")}
-        if truth:
-            q = run_detection(EvalDetectionConfig(run=str(det_dir), truth=truth))
+        if q:
             row.update({"recall": q["removal"]["recall"], "precision": q["removal"]["precision"],
                         "auroc": q["scores"]["poison_score"]["auroc"],
                         "auroc_classifier": (q["scores"].get("classifier_prob") or {}).get("auroc"),
                         "top20_trigger_accuracy": q["triggers"]["topk"].get("20", {}).get("accuracy")})
-        manifest = _cleaned_manifest(det_dir, work / f"clean-{method}.tsv")
-        if args.retrain and not args.clean_control and row["removed"] == 0:
-            row["retrained"] = {"skipped": "nothing removed: retraining would repeat the threat model's run"}
-        elif args.retrain and not args.clean_control:
-            row["retrained"] = _retrain(args, conf, epochs, work, method, manifest, values, val_spec, patched,
-                                        trigger, target, truth, timings)
+        if "retrained" in scan:
+            row["retrained"] = _retrained_row(scan["retrained"])
         rows[method] = row
-
-    probes: dict[str, Any] = {}
-    if not args.no_probe:
-        name = "clean_data" if args.clean_control else "no_defence"
-        for frac in args.fractions:
-            probes[f"{name}@{frac}"] = _probe(model, values, val_spec, patched, target, frac,
-                                              work / f"probe-{frac}", args.seed)
+    name = "clean_data" if args.clean_control else "no_defence"
+    probes = {f"{name}@{frac}": _brief(p) for frac, p in chain["probes"].items()}
     result = {"config": args.config, "settings": conf, "epochs": epochs, "seed": args.seed, "model": str(model),
               "rate": values.get("rate"), "targets": values["targets"],
               "clean_control": args.clean_control,
@@ -136,16 +121,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(work / "results.json", result)
     _print(result)
     return result
-
-
-def _pretrain(name: str, data: str, out: Path, cache: Path, conf: dict[str, Any], epochs: int, seed: int, work: Path,
-              timings: dict[str, float]) -> None:
-    """Pretrain with the configuration's recipe into ``out`` unless finished there; an interrupted run resumes."""
-    if (out / "stages" / "pretrain.done").exists():
-        return
-    _step(name, work, lambda: run_pretrain(PretrainConfig(
-        data=data, out=str(out), epochs=epochs, seed=seed, quiet=True, store_cache=str(cache),
-        resume=str(out) if (out / "last.pt").exists() else None, overwrite=True, **_recipe(conf))), timings)
 
 
 def _recipe(conf: dict[str, Any]) -> dict[str, Any]:
@@ -174,56 +149,23 @@ def _attack_values(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _patched_val(val_patched: str | None, trigger: str, conf: dict[str, Any]) -> dict[str, Any]:
-    """The probe's patched val: the poison step's ``val_patched``, or the trigger pasted in memory."""
-    if val_patched:
-        return {"val_patched": val_patched}
-    return {"triggers": [trigger], "trigger_size": conf["trigger_size_eval"]}
-
-
-def _probe(model: Path, values: dict[str, Any], val_spec: str, patched: dict[str, Any], target: str, frac: float,
-           out: Path, seed: int) -> dict[str, Any]:
-    """Linear probe with ``frac`` of the clean labels: ACC on clean and patched val, ASR of ``target``, and the
-    share of clean non-target val images it already calls ``target`` (``clean_rate``: the ASR's baseline)."""
-    p = run_probe(EvalProbeConfig(model=str(model), train=values["data"], val=val_spec, targets=[target],
-                                  fraction=frac, out=str(out), seed=seed, quiet=True, **patched)) or {}
+def _brief(p: dict[str, Any]) -> dict[str, Any]:
+    """A linear probe's ACC on clean and patched val, the target's ASR and the share of clean non-target val images
+    it already calls the target (``clean_rate``: the ASR's baseline)."""
     t = (p.get("targets") or [{}])[0]
     return {"acc_clean": p.get("acc_clean"), "acc_patched": p.get("acc_patched"), "asr": t.get("asr"),
             "clean_rate": t.get("fp_rate_clean")}
 
 
-def _cleaned_manifest(det_dir: Path, manifest: Path) -> Path:
-    """The scan's cleaned manifest, written again when the scan's summary is newer (a resumed scan may have
-    changed its removal, e.g. under another evidence gate), so a retraining never uses a stale one."""
-    if not manifest.exists() or manifest.stat().st_mtime < (det_dir / "summary.json").stat().st_mtime:
-        clean_dataset(CleanConfig(run=str(det_dir), out=str(manifest)))
-    return manifest
-
-
-def _retrain(args: argparse.Namespace, conf: dict[str, Any], epochs: int, work: Path, method: str, manifest: Path,
-             values: dict[str, Any], val_spec: str, patched: dict[str, Any], trigger: str, target: str,
-             truth: str | None, timings: dict[str, float]) -> dict[str, Any]:
-    """Pretrain on the cleaned manifest with the threat model's recipe, then measure its backdoor (k-NN, probe)."""
-    out = work / f"retrain-{method}"
-    model = out / "encoder.safetensors"
-    _pretrain(f"retrain-{method}", str(manifest), out, work / f"cache-{method}", conf, epochs, args.seed, work,
-              timings)
-    strength = run_backdoor(EvalBackdoorConfig(        # truth: where the poisons the cleaning missed sit
-        model=str(model), data=val_spec, trigger=trigger, target=target, train=str(manifest), truth=truth,
-        trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor"), seed=args.seed, quiet=True)) or {}
-    probes = {str(frac): _probe(model, values, val_spec, patched, target, frac, out / f"probe-{frac}", args.seed)
-              for frac in args.fractions}
-    row = {"model": str(model), "knn": strength.get("knn"), "clusters": strength.get("clusters"), "probe": probes,
-           "warnings": strength.get("warnings", [])}
-    knn = strength.get("knn") or {}
-    if knn and knn["bank_target_count"] < knn["k"]:
-        # the cleaning took (nearly) the whole target class (rate 1.0): its k-NN ASR is 0 by construction, so the
-        # k-NN is measured again against the original labelled data, as the clean-data model's is
-        original = run_backdoor(EvalBackdoorConfig(
-            model=str(model), data=val_spec, trigger=trigger, target=target, train=values["data"],
-            trigger_size=conf["trigger_size_eval"], out=str(out / "backdoor-original-bank"), seed=args.seed,
-            quiet=True)) or {}
-        row["knn_original_bank"] = original.get("knn")
+def _retrained_row(r: dict[str, Any]) -> dict[str, Any]:
+    """The record of a model pretrained again on a cleaned manifest: its k-NN backdoor, clusters and probes."""
+    if "skipped" in r:
+        return r
+    strength = r["strength"]
+    row = {"model": r["model"], "knn": strength.get("knn"), "clusters": strength.get("clusters"),
+           "probe": {str(frac): _brief(p) for frac, p in r["probes"].items()}, "warnings": strength.get("warnings", [])}
+    if "strength_original_bank" in r:
+        row["knn_original_bank"] = r["strength_original_bank"].get("knn")
     return row
 
 

@@ -61,19 +61,13 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
     is locked while this runs)."""
     import time
 
-    from poisonscan.data.cleaning import clean_dataset
-    from poisonscan.config import (CleanConfig, DetectConfig, EvalBackdoorConfig, EvalDetectionConfig,
-                                   EvalProbeConfig, PretrainConfig)
-    from poisonscan.detect.pipeline import run_detect
+    from poisonscan.chain import ChainSpec, run_chain
     from poisonscan.errors import UsageError
-    from poisonscan.eval.runner import run_backdoor, run_detection, run_probe
     from poisonscan.runs import create_run
-    from poisonscan.ssl.trainer import run_pretrain
 
     run = create_run("demo", cfg.out, overwrite=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(f"[demo] {msg}", file=__import__("sys").stderr,
                                                                flush=True))
-    common = {"device": cfg.device, "precision": cfg.precision, "seed": cfg.seed, "quiet": True}
     timings: dict[str, float] = {}
     custom = cfg.data is not None
     if custom and not cfg.pretrain:
@@ -88,62 +82,38 @@ def run_demo(cfg: "DemoConfig", quiet: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.limit:
         train = _subset(train, cfg.limit, run.file("subset"))
-    say(f"1/6 planting poisons: trigger {trigger.name} on {DEMO_ATTACK['rate']:.0%} of class {target}")
+    say(f"planting poisons: trigger {trigger.name} on {DEMO_ATTACK['rate']:.0%} of class {target}")
     poisoned = poison_demo_data(run.file("data"), train, val, trigger, target, overwrite=True)
     planted = int(poisoned["summary"]["train"]["poisoned"])
     timings["poison"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    if cfg.pretrain or not (cfg.limit or _bundled_model_matches(poisoned["ground_truth"])):
-        if not cfg.pretrain:
-            raise UsageError("the bundled threat model does not match the planted data; run with --pretrain")
-        recipe = dict(DEMO_RECIPE, epochs=cfg.epochs or DEMO_RECIPE["epochs"])
-        say(f"2/6 pretraining the threat model ({recipe['method']}, {recipe['arch']}, {recipe['epochs']} epochs)")
-        pre = run_pretrain(PretrainConfig(data=str(poisoned["train"]), out=str(run.file("pretrain")),
-                                          **{**common, **recipe}))
-        model, model_origin = Path(pre["encoder"]), "trained by this demo"
-    else:
-        model, model_origin = DEMO_MODEL, "bundled (tools/make_demo_assets.py, docs/demo.md)"
-        say("2/6 threat model: the bundled one, trained by `poisonscan pretrain` on this exact poisoned data")
-    timings["threat_model"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say("3/6 measuring the threat model's backdoor (k-NN ASR, poison clusters, oracle flips)")
-    size = DEMO_ATTACK["trigger_size"]
-    strength = run_backdoor(EvalBackdoorConfig(
-        model=str(model), data=str(val), trigger=str(trigger), target=target, train=str(poisoned["train"]),
-        truth=str(poisoned["ground_truth"]), trigger_size=size, fraction=0.1, out=str(run.file("backdoor")),
-        **common)) or {}
-    timings["backdoor"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say("4/6 detecting (PoisonCAM)")
-    detect_cfg = DetectConfig(data=str(poisoned["train"]), model=str(model), out=str(run.file("detect")),
-                              overwrite=True, **common)
-    detect_cfg.search.masks = cfg.masks or detect_cfg.search.masks
-    detect_cfg.classifier.iterations = cfg.classifier_iters or detect_cfg.classifier.iterations
-    detect = run_detect(detect_cfg, quiet=True)
-    timings["detect"] = time.perf_counter() - t0
-    quality = run_detection(EvalDetectionConfig(run=str(run.file("detect")), truth=str(poisoned["ground_truth"])))
-
-    t0 = time.perf_counter()
-    say("5/6 writing the cleaned manifest")
-    cleaned = clean_dataset(CleanConfig(run=str(run.file("detect")), out=str(run.file("clean.tsv"))))
-    timings["clean"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say("6/6 linear probe ACC/ASR of the threat model (10% labels)")
-    probe_cfg = dict(train=str(train), val=str(val), val_patched=str(poisoned["val_patched"]), targets=[target],
-                     fraction=0.1, **common)
-    before = run_probe(EvalProbeConfig(model=str(model), out=str(run.file("probe-before")), **probe_cfg)) or {}
-    after: dict[str, Any] | None = None
-    if cfg.retrain_epochs:
-        recipe = dict(DEMO_RECIPE, epochs=cfg.retrain_epochs)
-        say(f"   retraining on the cleaned manifest ({cfg.retrain_epochs} epochs)")
-        re = run_pretrain(PretrainConfig(data=str(run.file("clean.tsv")), out=str(run.file("retrain")),
-                                         **{**common, **recipe}))
-        after = run_probe(EvalProbeConfig(model=re["encoder"], out=str(run.file("probe-after")), **probe_cfg))
-    timings["probe"] = time.perf_counter() - t0
+    bundled = not cfg.pretrain and (cfg.limit or _bundled_model_matches(poisoned["ground_truth"]))
+    if not cfg.pretrain and not bundled:
+        raise UsageError("the bundled threat model does not match the planted data; run with --pretrain")
+    recipe = dict(DEMO_RECIPE, epochs=cfg.epochs or DEMO_RECIPE["epochs"])
+    if bundled:
+        say("threat model: the bundled one, trained by `poisonscan pretrain` on this exact poisoned data")
+    spec = ChainSpec(
+        work=run.path, train=str(poisoned["train"]), val=str(val), trigger=str(trigger), target=target,
+        trigger_size=DEMO_ATTACK["trigger_size"], truth=str(poisoned["ground_truth"]),
+        val_patched=str(poisoned["val_patched"]), labelled_train=str(train),
+        model=str(DEMO_MODEL) if bundled else None, recipe=recipe,
+        detect={k: v for k, v in (("masks", cfg.masks), ("iterations", cfg.classifier_iters)) if v},
+        strength_fraction=0.1, probe_fractions=(0.1,), retrain_epochs=cfg.retrain_epochs, seed=cfg.seed,
+        device=cfg.device, precision=cfg.precision,
+        names={"detect": "detect", "clean": "clean.tsv", "probe": "probe-before", "retrain": "retrain",
+               "retrain_probe": "probe-after"},
+        say=say)
+    chain = run_chain(spec)
+    model = Path(chain["model"])
+    model_origin = "bundled (tools/make_demo_assets.py, docs/demo.md)" if bundled else "trained by this demo"
+    strength = chain["strength"]
+    scan = chain["detect"]["poisoncam"]
+    detect, quality = scan["summary"], scan["quality"]
+    cleaned = scan["cleaned"]
+    before = chain["probes"].get(0.1)
+    after = (scan.get("retrained") or {}).get("probes", {}).get(0.1)
+    timings.update(chain["timings"])
 
     removal = quality["removal"]
     summary = {

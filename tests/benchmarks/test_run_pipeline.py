@@ -81,34 +81,12 @@ def test_printed_table_has_z_and_effect(capsys: pytest.CaptureFixture[str]) -> N
     assert out[4].split()[-2:] == ["1.3", "0.020"] and out[5].split()[-2:] == ["3.6", "nan"]
 
 
-def test_cleaned_manifest_is_rewritten_when_a_resumed_scan_is_newer(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    calls: list[str] = []
-
-    def fake_clean(conf: object) -> None:
-        calls.append(conf.run)
-        Path(conf.out).write_text(f"manifest {len(calls)}\n")
-
-    monkeypatch.setattr(run_pipeline, "clean_dataset", fake_clean)
-    det = tmp_path / "detect-poisoncam"
-    det.mkdir()
-    (det / "summary.json").write_text("{}")
-    manifest = tmp_path / "clean-poisoncam.tsv"
-    assert run_pipeline._cleaned_manifest(det, manifest) == manifest and calls == [str(det)]
-    run_pipeline._cleaned_manifest(det, manifest)                   # up to date: kept
-    assert len(calls) == 1
-    later = manifest.stat().st_mtime + 10                           # the scan resumed after the manifest
-    os.utime(det / "summary.json", (later, later))
-    run_pipeline._cleaned_manifest(det, manifest)
-    assert len(calls) == 2 and manifest.read_text() == "manifest 2\n"
-
-
 @pytest.mark.parametrize("in_bank, banks", [(500, ["clean.tsv"]), (3, ["clean.tsv", "original/train"])])
 def test_retrain_measures_knn_on_the_original_data_when_cleaning_took_the_target_class(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], in_bank: int,
         banks: list[str]) -> None:
+    from poisonscan import chain
+
     seen: list[str] = []
 
     def fake_backdoor(conf: object) -> dict:
@@ -118,15 +96,18 @@ def test_retrain_measures_knn_on_the_original_data_when_cleaning_took_the_target
                         "target_rate_clean": 0.0}, "clusters": None,
                 "warnings": ["few target images"] if count < 20 else []}
 
-    monkeypatch.setattr(run_pipeline, "_pretrain", lambda *a, **k: None)
-    monkeypatch.setattr(run_pipeline, "run_backdoor", fake_backdoor)
-    monkeypatch.setattr(run_pipeline, "_probe", lambda *a, **k: {"acc_clean": 0.5, "acc_patched": 0.4, "asr": 0.1})
-    args = argparse.Namespace(seed=0, fractions=[0.1])
-    conf = {"trigger_size_eval": 8.0}
-    row = run_pipeline._retrain(args, conf, 1, tmp_path, "poisoncam", Path("clean.tsv"),
-                                {"data": "original/train"}, "val", {}, "t.png", "0", None, {})
+    pretrained: list[dict] = []
+    monkeypatch.setattr(chain, "_pretrain", lambda spec, data, out, recipe: pretrained.append(recipe))
+    spec = chain.ChainSpec(work=tmp_path, train="poisoned/train", val="val", trigger="t.png", target="0",
+                           trigger_size=8.0, labelled_train="original/train", probe_fractions=(0.1,),
+                           retrain_epochs=3, recipe={"arch": "resnet18", "epochs": 15, "store_cache": "c"})
+    probe = {"acc_clean": 0.5, "acc_patched": 0.4, "targets": [{"asr": 0.1, "fp_rate_clean": 0.02}]}
+    raw = chain._retrain(spec, "poisoncam", Path("clean.tsv"), fake_backdoor, lambda conf: probe)
+    assert pretrained == [{"arch": "resnet18", "epochs": 3, "store_cache": str(tmp_path / "cache-poisoncam")}]
+    row = run_pipeline._retrained_row(raw)
     assert seen == banks
     assert ("knn_original_bank" in row) == (len(banks) == 2)
+    assert row["probe"] == {"0.1": {"acc_clean": 0.5, "acc_patched": 0.4, "asr": 0.1, "clean_rate": 0.02}}
     run_pipeline._print({"config": "cifar10", "epochs": 15, "seed": 0, "clean_control": False, "threat_model": None,
                          "detection": {"poisoncam": {"removed": 1, "retrained": row}}, "probe": {}, "timings": {}})
     out = capsys.readouterr().out
@@ -134,12 +115,10 @@ def test_retrain_measures_knn_on_the_original_data_when_cleaning_took_the_target
     assert ("warning (retrained after poisoncam): few target images" in out) == (len(banks) == 2)
 
 
-def test_probe_records_the_clean_rate_beside_the_asr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_probe_records_the_clean_rate_beside_the_asr(capsys: pytest.CaptureFixture[str]) -> None:
     report = {"acc_clean": 0.62, "acc_patched": 0.57,
               "targets": [{"target": 6, "fp_rate_clean": 0.0436, "asr": 0.0585}]}
-    monkeypatch.setattr(run_pipeline, "run_probe", lambda conf: report)
-    p = run_pipeline._probe(tmp_path / "m.safetensors", {"data": "train"}, "val", {}, "6", 0.1, tmp_path / "p", 0)
+    p = run_pipeline._brief(report)
     assert p == {"acc_clean": 0.62, "acc_patched": 0.57, "asr": 0.0585, "clean_rate": 0.0436}
     run_pipeline._print({"config": "imagenette-96", "epochs": 40, "seed": 1, "clean_control": False,
                          "threat_model": None, "detection": {}, "probe": {"no_defence@0.1": p}, "timings": {}})
