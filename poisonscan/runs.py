@@ -4,6 +4,9 @@ Only this module writes the files of a run, so a reader finds every output in on
 leaves a partial file that looks complete. Every output gets the mode the user's umask gives a new file
 (:func:`file_mode`), the paths in a saved config are absolute (:func:`config_record`), and a run folder is locked
 against a second process while a command writes it (:func:`lock_run`).
+
+Its length is one concern kept together: every file a run writes goes through here (atomic writes, modes,
+locks, the config and environment records), so what a run may write is reviewed in one file.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ each given table (a preset file, a config file, a saved ``config.json``), then f
 sub-tables (``[detect.search]`` in TOML); flags name a section's setting with a dot (``search.masks``). Every value
 is checked against its field's type and :class:`Range`, and a wrong one raises ``ConfigError`` naming the setting
 and where it came from. This module imports nothing from the rest of poisonscan but its errors.
+
+Its length is the whole settings machinery (types, ranges, choices, sections, files, flags, presets' tables),
+kept together so that one module decides what any setting may hold.
 """
 
 from __future__ import annotations

@@ -11,22 +11,22 @@ Output folder (built in ``<out>.partial`` and renamed when complete)::
     summary.json, config.json
 
 Everything written is a function of the inputs and the config: same seed, same bytes.
+
+Its length is the writing of one poisoned data set end to end (attack, train, val, ground truth, the atomic
+commit); the targets, the plan and the output writers are attacks/targets.py, plan.py and writers.py.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
-import hashlib
 import io
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,16 +38,18 @@ from PIL import Image
 from poisonscan import __version__
 from poisonscan.attacks.blend import blend_trigger
 from poisonscan.attacks.ctrl import ctrl_trigger
-from poisonscan.attacks.patch import corner_range, load_trigger, paste_trigger, resize_trigger, trigger_side
+from poisonscan.attacks.patch import paste_trigger
+from poisonscan.attacks.plan import Box, Plan, image_box, plan_poisons, poison_counts
 from poisonscan.attacks.presets import apply_preset
+from poisonscan.attacks.targets import Target, build_targets, class_aliases, class_display
+from poisonscan.attacks.writers import make_writer
 from poisonscan.config import PoisonConfig
-from poisonscan.settings import config_to_dict
-from poisonscan.data.sources import (IMAGE_EXTENSIONS, WDS_IMAGE_EXTS, FileListSource, FileSource, SampleError, Source,
-                                     decode_image, open_source)
-from poisonscan.data.writers import TarWriter, overlaps, unique_name
+from poisonscan.data.sources import SampleError, Source, decode_image, open_source
+from poisonscan.data.writers import overlaps
 from poisonscan.errors import DataError, UsageError
 from poisonscan.runs import absolute_settings, atomic_write_json, atomic_write_text
 from poisonscan.runtime import broadcast_object, is_distributed, progress
+from poisonscan.settings import config_to_dict
 
 ATTACKS = ("patch", "blend", "ctrl")
 POISON_SUFFIX = "__poison"
@@ -58,152 +60,10 @@ GROUND_TRUTH = "ground_truth.csv"
 GT_COLUMNS = ("sample_id", "source_id", "label", "poisoned", "target", "target_name", "trigger", "attack",
               "x", "y", "w", "h", "image_w", "image_h")
 PARTIAL_MARKER = ".poisonscan-partial"
-#: sha256 of the HTBA trigger patches (Saha et al., AAAI 2020; MIT), see data/triggers/PROVENANCE.md
-HTBA_SHA256 = {
-    "f23b61ac3ee82057b8b3396463e495e64a704982b259914e6b39c0b6b0d333ef": "trigger_10.png",
-    "9c76effad5bb62c608ca68cd3e92ee75f7b81e1e3d2f8787872a0dc7c5f544d5": "trigger_11.png",
-    "9d5459251570c195494c8dbd1a3d32765a0b51caf87c962b87f74e2fc9147a76": "trigger_12.png",
-    "bbc470049a2161b3be2dc0cfc3107ddf0e4971435091bc91f89a700577bfd1db": "trigger_13.png",
-    "c3837d1e2638a17ca45703dcccfd7c9cee6c18e06fcaa22e2243a8cc353fed0f": "trigger_14.png",
-}
-Box = tuple[int, int, int, int]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # targets
-
-
-@dataclass(eq=False)
-class Target:
-    """One (target class, trigger) pair of the attack."""
-
-    index: int
-    label: int
-    cls: str                        # the class as the data set names it (folder name or label index)
-    name: str                       # a readable name (classes.tsv) or ``cls``
-    trigger_path: Path | None = None
-    trigger: Image.Image | None = None
-    sha256: str | None = None
-    file_name: str | None = None    # name of the copy under triggers/
-    _patches: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
-
-    @property
-    def htba(self) -> bool:
-        return self.sha256 in HTBA_SHA256
-
-    def patch(self, size: int) -> np.ndarray:
-        """The trigger resized to ``size x size`` (cached)."""
-        if size not in self._patches:
-            assert self.trigger is not None
-            self._patches[size] = resize_trigger(self.trigger, size)
-        return self._patches[size]
-
-
-def split_target(spec: str, attack: str) -> tuple[str, str | None]:
-    """``CLASS=TRIGGER.png`` -> (class, trigger path); CTRL takes ``CLASS`` alone (its trigger is spectral)."""
-    cls, sep, trig = spec.partition("=")
-    cls, trig = cls.strip(), trig.strip()
-    if not cls:
-        raise UsageError(f"--target {spec!r}: give CLASS=TRIGGER.png (class name or index)")
-    if attack == "ctrl":
-        if trig:
-            raise UsageError(f"--target {spec!r}: the ctrl attack uses no trigger image; give the class alone")
-        return cls, None
-    if not sep or not trig:
-        raise UsageError(f"--target {spec!r}: give CLASS=TRIGGER.png (class name or index, then the trigger image)")
-    return cls, trig
-
-
-def class_aliases(source: Source) -> dict[str, int]:
-    """Readable class names from a ``classes.tsv`` (``index`` column plus name columns) next to the data set.
-
-    Used only when its rows agree with the data set's class folders; an unreadable file is ignored.
-    """
-    for folder in (Path(source.root), Path(source.root).parent):
-        path = folder / "classes.tsv"
-        if not path.is_file():
-            continue
-        try:
-            rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t"))
-            table = {int(r["index"]): [v.strip() for k, v in r.items() if k != "index" and v] for r in rows}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        names = source.class_names
-        if names is not None and not all(0 <= k < len(names) and names[k] in vals for k, vals in table.items()):
-            continue
-        return {v: k for k, vals in table.items() for v in vals}
-    return {}
-
-
-def resolve_class(cls: str, source: Source, aliases: dict[str, int]) -> int:
-    """The label of ``cls`` (class folder name, readable name or index); unknown -> ``UsageError`` with hints."""
-    names = source.class_names or []
-    labels = sorted({lab for lab in source.labels if lab is not None})
-    if cls in names:
-        return names.index(cls)
-    if cls in aliases:
-        return aliases[cls]
-    folded = {k.casefold(): v for k, v in {**aliases, **{n: i for i, n in enumerate(names)}}.items()}
-    if cls.casefold() in folded:
-        return folded[cls.casefold()]
-    if re.fullmatch(r"-?\d+", cls):
-        label = int(cls)
-        n_classes = len(names) if names else (max(labels) + 1 if labels else 0)
-        if 0 <= label < n_classes:
-            return label
-        raise UsageError(f"class index {label} is out of range: the data set has labels 0..{n_classes - 1}")
-    known = list(names) + list(aliases)
-    close = difflib.get_close_matches(cls, known, n=3, cutoff=0.5)
-    if not close:
-        close = [k for k in known if cls.casefold() in k.casefold()][:3]
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    if not known:
-        raise UsageError(f"class {cls!r}: this data set has no class names, give a label index "
-                         f"({labels[0]}..{labels[-1]})")
-    raise UsageError(f"class {cls!r} is not in the data set{hint}")
-
-
-def class_display(label: int | None, source: Source, aliases: dict[str, int]) -> tuple[str, str]:
-    """(the data set's name for ``label``, a readable name) of a label."""
-    if label is None:
-        return "unlabelled", "unlabelled"
-    names = source.class_names
-    cls = names[label] if names and 0 <= label < len(names) else str(label)
-    readable = [a for a, k in aliases.items() if k == label and a != cls and not re.fullmatch(r"\d+", a)]
-    return cls, (readable[-1] if readable else cls)
-
-
-def build_targets(cfg: PoisonConfig, source: Source) -> list[Target]:
-    """Parse, resolve and load every ``--target``; triggers are read and hashed here."""
-    aliases = class_aliases(source)
-    targets: list[Target] = []
-    for k, spec in enumerate(cfg.targets):
-        cls_text, trig = split_target(spec, cfg.attack)
-        label = resolve_class(cls_text, source, aliases)
-        cls, name = class_display(label, source, aliases)
-        t = Target(k, label, cls, name)
-        if trig is not None:
-            t.trigger_path = Path(trig)
-            t.trigger = load_trigger(t.trigger_path)
-            t.sha256 = hashlib.sha256(t.trigger_path.read_bytes()).hexdigest()
-        targets.append(t)
-    pairs = [(t.label, t.sha256) for t in targets]
-    if len(set(pairs)) != len(pairs):
-        raise UsageError("the same class and trigger are given twice in --target")
-    used: dict[str, str | None] = {}
-    for t in targets:
-        if t.trigger_path is None:
-            continue
-        fname = t.trigger_path.name
-        if fname in used and used[fname] != t.sha256:
-            fname = f"t{t.index}-{fname}"
-        used[fname] = t.sha256
-        t.file_name = fname
-    return targets
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# validation and selection
 
 
 def validate_config(cfg: PoisonConfig) -> PoisonConfig:
@@ -245,96 +105,6 @@ def validate_config(cfg: PoisonConfig) -> PoisonConfig:
     return cfg
 
 
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
-def poison_counts(cfg: PoisonConfig, source: Source, targets: list[Target]) -> list[int]:
-    """How many images of its class each target poisons."""
-    sizes = [sum(1 for lab in source.labels if lab == t.label) for t in targets]
-    if cfg.dataset_rate is not None:
-        total = max(len(targets), _round_half_up(cfg.dataset_rate * len(source)))
-        base, extra = divmod(total, len(targets))
-        counts = [base + (1 if k < extra else 0) for k in range(len(targets))]
-    else:
-        counts = [max(1, _round_half_up(float(cfg.rate) * n)) for n in sizes]
-    for t, size in zip(targets, sizes):
-        if size == 0:
-            raise UsageError(f"class {t.cls!r} has no images in {cfg.data}")
-    demand: dict[int, int] = {}
-    for t, n in zip(targets, counts):
-        demand[t.label] = demand.get(t.label, 0) + n
-    for t, size in zip(targets, sizes):
-        if demand[t.label] > size:
-            raise UsageError(f"{demand[t.label]} poisoned images are needed from class {t.cls!r}, which has only "
-                             f"{size}: lower --rate/--dataset-rate")
-    return counts
-
-
-@dataclass
-class Plan:
-    """The poisoned training samples: index -> (target, box) and the images left out because unreadable."""
-
-    poisoned: dict[int, tuple[Target, Box]]
-    unreadable: list[SampleError]
-
-
-def _image_box(cfg: PoisonConfig, rng: np.random.Generator, w: int, h: int, margin: float, sample_id: str) -> Box:
-    """The trigger box on a ``w x h`` image: a random corner for patch, the whole image for blend/ctrl."""
-    if cfg.attack != "patch":
-        return 0, 0, w, h
-    size = trigger_side(cfg.trigger_size, w, h)
-    if size > min(w, h):
-        raise UsageError(f"trigger of {size} px is larger than image {sample_id} ({w}x{h}): lower --trigger-size")
-    try:
-        x_lo, x_hi = corner_range(w, size, margin)
-        y_lo, y_hi = corner_range(h, size, margin)
-    except ValueError:
-        raise UsageError(f"trigger of {size} px does not fit between margins {margin:g} of image {sample_id} "
-                         f"({w}x{h}): lower --trigger-size or the margin") from None
-    x, y = rng.integers((x_lo, y_lo), (x_hi + 1, y_hi + 1))
-    return int(x), int(y), size, size
-
-
-def plan_poisons(cfg: PoisonConfig, source: Source, targets: list[Target], counts: list[int], quiet: bool) -> Plan:
-    """Pick the poisoned images of each target class (unreadable ones are replaced) and draw their boxes."""
-    select_rng = np.random.default_rng([cfg.seed, 0])
-    box_rng = np.random.default_rng([cfg.seed, 1])
-    by_class: dict[int, list[int]] = {}
-    for i, lab in enumerate(source.labels):
-        if lab is not None:
-            by_class.setdefault(lab, []).append(i)
-    taken: set[int] = set()
-    chosen: dict[int, Target] = {}
-    sizes: dict[int, tuple[int, int]] = {}
-    unreadable: list[SampleError] = []
-    with progress("poison: choose", total=sum(counts), quiet=quiet) as bar:
-        for t, n in zip(targets, counts):
-            pool = [i for i in by_class.get(t.label, []) if i not in taken]
-            order = [pool[j] for j in select_rng.permutation(len(pool))]
-            got = 0
-            while got < n and order:
-                batch, order = order[: n - got], order[n - got:]
-                for i, item in source.iter_indexed(sorted(batch)):
-                    taken.add(i)
-                    if isinstance(item, SampleError):
-                        unreadable.append(item)
-                        continue
-                    chosen[i] = t
-                    sizes[i] = item.image.size
-                    got += 1
-                    bar.advance()
-            if got < n:
-                raise UsageError(f"class {t.cls!r} has only {got} readable images left, {n} needed "
-                                 f"({len(unreadable)} unreadable): lower --rate/--dataset-rate")
-    poisoned = {i: (chosen[i], _image_box(cfg, box_rng, *sizes[i], cfg.margin, source.ids[i])) for i in sorted(chosen)}
-    return Plan(poisoned, unreadable)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# applying an attack
-
-
 def apply_attack(cfg: PoisonConfig, image: Image.Image, target: Target, box: Box, magnitude: float) -> np.ndarray:
     """The attacked pixels of ``image`` (``H x W x 3`` uint8); ``box`` comes from the plan."""
     if cfg.attack == "patch":
@@ -355,159 +125,6 @@ def encode_png(arr: np.ndarray) -> bytes:
 
 # --------------------------------------------------------------------------------------------------------------------
 # writers: one per output kind; each returns the id open_source(output) gives the written sample
-
-
-class FileSetWriter:
-    """Image folder (same relative paths) or file list (``images/...`` plus a new list with the same name)."""
-
-    needs_bytes = False
-
-    def __init__(self, source: Source, dest: Path, link: bool = False) -> None:
-        self.source, self.dest, self.link = source, dest, link
-        assert isinstance(source, FileSource)
-        self.paths: list[str] = list(source.paths)
-        self.is_list = isinstance(source, FileListSource)
-        if self.is_list:
-            common = os.path.commonpath([os.path.dirname(p) for p in self.paths])
-            self.rels = ["images/" + os.path.relpath(p, common).replace(os.sep, "/") for p in self.paths]
-            self.list_name = Path(str(source.spec())).name
-        else:
-            self.rels = list(source.ids)
-        self.used: set[str] = set()
-        self.taken: list[str] = [unique_name(r, self.used, fold_case=True) for r in self.rels]
-        self.lines: list[tuple[str, int | None]] = []
-        self.linked = self.copied = 0
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in source.class_names or []:
-            (dest / name).mkdir(parents=True, exist_ok=True)
-
-    def order(self, indices: list[int]) -> list[int]:
-        return indices
-
-    def _target(self, rel: str) -> Path:
-        path = self.dest.joinpath(*rel.split("/"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def add_clean(self, i: int, members: dict[str, bytes] | None) -> str:
-        rel = self.taken[i]
-        dst = self._target(rel)
-        if self.link:
-            try:
-                os.link(self.paths[i], dst)
-                self.linked += 1
-            except OSError:
-                shutil.copy2(self.paths[i], dst)
-                self.copied += 1
-        else:
-            shutil.copy2(self.paths[i], dst)
-            self.copied += 1
-        self.lines.append((rel, self.source.labels[i]))
-        return rel
-
-    def add_image(self, i: int, suffix: str, png: bytes, members: dict[str, bytes] | None) -> str:
-        parent, _, fname = self.rels[i].rpartition("/")
-        stem = os.path.splitext(fname)[0]
-        rel = unique_name(f"{parent + '/' if parent else ''}{stem}{suffix}.png", self.used, fold_case=True)
-        with open(self._target(rel), "wb") as fh:
-            fh.write(png)
-        self.lines.append((rel, self.source.labels[i]))
-        return rel
-
-    def finish(self) -> str:
-        """Write the file list (file lists only); returns the output spec relative to ``dest``."""
-        if not self.is_list:
-            return "."
-        text = "".join(f"{rel}\n" if lab is None else f"{rel} {lab}\n" for rel, lab in self.lines)
-        (self.dest / self.list_name).write_text(text, encoding="utf-8", errors="surrogateescape")
-        return self.list_name
-
-
-def _safe_rel(rel: str) -> bool:
-    parts = rel.split("/")
-    return bool(rel) and not rel.startswith("/") and ".." not in parts and "" not in parts
-
-
-class WdsWriter:
-    """WebDataset shards with the input's relative names; samples in input order, members sorted by extension."""
-
-    needs_bytes = True
-
-    def __init__(self, source: Source, dest: Path, link: bool = False) -> None:
-        self.source, self.dest = source, dest
-        self.sinks: dict[str, TarWriter] = {}
-        self.done: set[str] = set()
-        self.keys: dict[str, set[str]] = {}
-        for sid in source.ids:
-            rel, _, key = sid.partition("::")
-            self.keys.setdefault(rel, set()).add(key)
-        self.linked = self.copied = 0
-        dest.mkdir(parents=True, exist_ok=True)
-
-    def _split(self, i: int) -> tuple[str, str]:
-        rel, sep, key = self.source.ids[i].partition("::")
-        if not sep or not _safe_rel(rel):
-            raise DataError(f"{self.source.ids[i]}: not a '<shard>::<key>' WebDataset id")
-        return rel, key
-
-    def order(self, indices: list[int]) -> list[int]:
-        """``indices`` grouped by shard (first appearance), input order within a shard."""
-        first: dict[str, int] = {}
-        for k, i in enumerate(indices):
-            first.setdefault(self._split(i)[0], k)
-        return sorted(indices, key=lambda i: first[self._split(i)[0]])
-
-    def _sink(self, rel: str) -> TarWriter:
-        if rel not in self.sinks:
-            if rel in self.done:
-                raise RuntimeError(f"shard {rel} reopened: samples must come shard by shard")
-            for other in list(self.sinks):      # samples come shard by shard: close the finished shard
-                self.sinks.pop(other).close()
-                self.done.add(other)
-            path = self.dest.joinpath(*rel.split("/"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.sinks[rel] = TarWriter(path)
-        return self.sinks[rel]
-
-    def _write(self, rel: str, key: str, members: dict[str, bytes]) -> str:
-        self._sink(rel).add_sample(key, members)
-        return f"{rel}::{key}"
-
-    def add_clean(self, i: int, members: dict[str, bytes] | None) -> str:
-        assert members is not None
-        rel, key = self._split(i)
-        self.copied += 1
-        return self._write(rel, key, members)
-
-    def add_image(self, i: int, suffix: str, png: bytes, members: dict[str, bytes] | None) -> str:
-        rel, key = self._split(i)
-        new_key = unique_name(f"{key}{suffix}", self.keys[rel])
-        image_ext = self.source.image_ext(i)
-        extra = {e: d for e, d in (members or {}).items() if e != image_ext and e not in _IMAGE_EXTS}
-        label = self.source.labels[i]
-        if "cls" not in extra and label is not None:
-            extra["cls"] = str(label).encode()
-        return self._write(rel, new_key, {**extra, "png": png})
-
-    def finish(self) -> str:
-        for rel in list(self.sinks):
-            self.sinks.pop(rel).close()
-        return "."
-
-
-_IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS} | set(WDS_IMAGE_EXTS)
-
-
-def make_writer(source: Source, dest: Path, link: bool) -> FileSetWriter | WdsWriter:
-    if isinstance(source, FileSource):
-        return FileSetWriter(source, dest, link)
-    if source.is_sharded:
-        return WdsWriter(source, dest)
-    raise UsageError(f"cannot write a data set of kind {source.kind!r}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# writing the sets
 
 
 @dataclass
@@ -593,7 +210,7 @@ def write_val(cfg: PoisonConfig, source: Source, targets: list[Target], dest: Pa
                 dropped.append(SampleError(sid, str(exc)))
                 continue
             for t, suffix in zip(targets, suffixes):
-                box = _image_box(cfg, rng, *image.size, cfg.val_margin, sid)
+                box = image_box(cfg, rng, *image.size, cfg.val_margin, sid)
                 png = encode_png(apply_attack(cfg, image, t, box, cfg.ctrl_val_magnitude))
                 rows.append(Row(writer.add_image(i, suffix, png, None), sid, source.labels[i], t, box, image.size))
     spec = writer.finish()

@@ -3,6 +3,9 @@
 ``read_truth`` and ``read_run`` parse the two inputs, ``map_boxes_to_frame`` brings the true trigger boxes into the
 run's ``S x S`` frame (resize short side + centre crop), ``evaluate_detection`` computes every metric and
 ``detection_plots`` draws the curves. Definitions: docs/commands/eval.md.
+
+Its length is the evaluation's one pass over a run and its truth: the readers, the box mapping and the
+metrics share their arrays, and the command's output is defined in one place.
 """
 
 from __future__ import annotations

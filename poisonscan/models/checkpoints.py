@@ -11,6 +11,9 @@ A checkpoint that does not fit is refused with the first offending keys: never a
 A file's content only selects among untrained encoders poisonscan can build: :func:`encoder_spec` checks the
 metadata (a plain ``arch`` name, ``image_size``, ``mean``/``std`` and the :data:`BUILD_KWARGS` allow-list) before
 anything is built, so no metadata makes timm fetch weights, read another file or contact a hub.
+
+Its length is what loading trusts, kept in one file on purpose: every foreign layout it reads and every check
+made before anything is built, so a security review reads one module.
 """
 
 from __future__ import annotations

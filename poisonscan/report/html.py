@@ -3,6 +3,9 @@
 Every string that comes from the data set, the config or the file system goes through :func:`esc`
 (``html.escape(..., quote=True)``), so a sample named ``<script>alert(1)</script>.png`` shows as text. A Content
 Security Policy allows only the page's own inline script (by hash) and inline images, as a second line of defence.
+
+Its length is one self-contained page on purpose: the escaping, the Content Security Policy and every
+section that could carry text from the data set are reviewed in one file.
 """
 
 from __future__ import annotations

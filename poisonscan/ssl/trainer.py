@@ -4,6 +4,9 @@ The data set is decoded once into a uint8 :class:`ImageStore`; every step takes 
 views on the device (:class:`SSLAugment`) and makes one optimiser step on the method's loss. Each epoch ends with an
 atomic ``last.pt`` (full state, loadable with ``weights_only=True``), ``encoder.safetensors`` and the logs, so an
 interrupted run resumes from its last epoch and ends with the same weights as an uninterrupted one.
+
+Its length is one training loop kept readable top to bottom, nanoGPT-style: the same path for one process
+and for torchrun, with its checkpoint, resume and monitor beside it rather than spread over modules.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from poisonscan.attacks.patch import resize_trigger
-from poisonscan.attacks.poison import GT_COLUMNS, HTBA_SHA256, poison_dataset
+from poisonscan.attacks.poison import GT_COLUMNS, poison_dataset
+from poisonscan.attacks.targets import HTBA_SHA256
 from poisonscan.config import PoisonConfig
 from poisonscan.data.sources import decode_image, open_source
 from poisonscan.errors import UsageError

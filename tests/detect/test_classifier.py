@@ -8,6 +8,7 @@ import torch
 
 from tests.detect.detect_toys import trigger_batch, trigger_u8, one_torch_thread  # noqa: F401
 
+from poisonscan.detect import augment as A
 from poisonscan.detect import classifier as C
 from poisonscan.detect.masking import cut_windows
 from poisonscan.errors import CheckpointError, UsageError
@@ -77,7 +78,7 @@ def test_paste_resized_writes_the_patch_exactly_where_asked():
     patches = torch.ones(2, 3, 4, 4)
     patches[1] *= 0.5
     which = torch.tensor([0, -1, 1])
-    out = C.paste_resized(x, patches, which, torch.tensor([4.0, 4.0, 8.0]), torch.tensor([2.0, 0.0, 8.0]),
+    out = A.paste_resized(x, patches, which, torch.tensor([4.0, 4.0, 8.0]), torch.tensor([2.0, 0.0, 8.0]),
                           torch.tensor([3.0, 0.0, 0.0]))
     assert out[0, :, 3:7, 2:6].eq(1).all() and out[0].sum() == 3 * 16
     assert out[1].eq(0).all()                            # -1: left unchanged
@@ -87,7 +88,7 @@ def test_paste_resized_writes_the_patch_exactly_where_asked():
 def test_random_paste_respects_sizes_margins_and_labels():
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(64, 3, 64, 64)
-    y, labels = C.random_paste(x, torch.ones(1, 3, 10, 10), 0.5, 20 / 224, 80 / 224, 10 / 224, g)
+    y, labels = A.random_paste(x, torch.ones(1, 3, 10, 10), 0.5, 20 / 224, 80 / 224, 10 / 224, g)
     changed = y.flatten(1).abs().sum(1) > 0
     assert torch.equal(changed, labels.bool()) and 10 < int(labels.sum()) < 54
     margin = int(10 / 224 * 64)
@@ -103,11 +104,11 @@ def test_decoys_paste_a_window_of_another_image_and_stay_negative():
     g = torch.Generator().manual_seed(0)
     n = 32
     x = torch.arange(1, n + 1, dtype=torch.float32).div(n + 1)[:, None, None, None].expand(n, 3, 40, 40).clone()
-    windows = C.decoy_windows(x, 6, 20 / 224, 80 / 224, g)
+    windows = A.decoy_windows(x, 6, 20 / 224, 80 / 224, g)
     assert windows.shape == (n, 3, 6, 6)
     assert torch.allclose(windows, x.roll(1, 0)[:, :, :6, :6])          # image i gets a window of image i - 1
     trigger = torch.zeros(1, 3, 6, 6)
-    y, labels = C.random_paste(x, trigger, 0.5, 20 / 224, 80 / 224, 10 / 224, g, decoy_prob=1.0)
+    y, labels = A.random_paste(x, trigger, 0.5, 20 / 224, 80 / 224, 10 / 224, g, decoy_prob=1.0)
     pos, neg = labels.bool(), ~labels.bool()
     assert 5 < int(pos.sum()) < n - 5
     assert (y[pos].flatten(1) == 0).any(1).all()                         # the trigger (zeros) on positives
@@ -115,19 +116,19 @@ def test_decoys_paste_a_window_of_another_image_and_stay_negative():
     assert changed[neg].all() and not (y[neg] == 0).any()                # every negative got a decoy, no trigger
     for i in neg.nonzero().flatten().tolist():                           # ... whose pixels are image i - 1's
         assert torch.allclose(y[i][y[i] != x[i]], x[i - 1, 0, 0, 0].expand(int((y[i] != x[i]).sum())))
-    none = C.random_paste(x, trigger, 0.0, 20 / 224, 80 / 224, 10 / 224, torch.Generator().manual_seed(0))[0]
+    none = A.random_paste(x, trigger, 0.0, 20 / 224, 80 / 224, 10 / 224, torch.Generator().manual_seed(0))[0]
     assert torch.equal(none, x)                                          # decoy_prob 0: PatchSearch's recipe
 
 
 def test_colour_augment_keeps_range_shape_and_is_seeded():
     x = torch.rand(16, 3, 24, 24)
-    a = C.colour_augment(x, torch.Generator().manual_seed(3))
-    b = C.colour_augment(x, torch.Generator().manual_seed(3))
+    a = A.colour_augment(x, torch.Generator().manual_seed(3))
+    b = A.colour_augment(x, torch.Generator().manual_seed(3))
     assert a.shape == x.shape and torch.equal(a, b)
     assert a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
-    grey = C.colour_augment(x, torch.Generator().manual_seed(0), p_jitter=0, p_gray=1, p_flip=0)
+    grey = A.colour_augment(x, torch.Generator().manual_seed(0), p_jitter=0, p_gray=1, p_flip=0)
     assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-6) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-6)
-    flipped = C.colour_augment(x, torch.Generator().manual_seed(0), p_jitter=0, p_gray=0, p_flip=1)
+    flipped = A.colour_augment(x, torch.Generator().manual_seed(0), p_jitter=0, p_gray=0, p_flip=1)
     assert torch.allclose(flipped, x.flip(3), atol=1e-6)
 
 
