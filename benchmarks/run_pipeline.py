@@ -1,7 +1,7 @@
 r"""End-to-end benchmark: poison -> pretrain -> detect (PoisonCAM and PatchSearch) -> eval -> clean -> retrain -> probe.
 
 Prints a table and writes ``results.json`` (machine, versions, seeds, commit with every result). Settings per
-configuration are documented in docs/benchmarks.md. Each step is skipped when its output already exists, so an
+configuration are documented in benchmarks/results/notebook.md. Each step is skipped when its output already exists, so an
 interrupted benchmark resumes. ``--retrain`` pretrains again on each cleaned manifest (same recipe) and probes the
 result (k-NN ASR and linear probes); compare its ASR with ``--clean-control``'s (a model trained on data with no
 poison; give it the poisoned run's ``--data-dir`` so both are probed on the same patched val).

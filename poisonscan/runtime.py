@@ -79,7 +79,7 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX).
 
     Elsewhere (AVX2-only CPUs: most laptops, many cloud AMD cores) bf16 autocast is emulated, and a resnet18 trains
-    about 14 times and infers about 8 times slower than in fp32 (docs/benchmarks.md, section 6)."""
+    about 14 times and infers about 8 times slower than in fp32 (benchmarks/results/notebook.md, section 6)."""
     return _cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 

@@ -1,4 +1,4 @@
-"""The evidence test of every recorded detect run, and what today's gate decides for each (docs/benchmarks.md s. 2).
+"""The evidence test of every recorded detect run, and what today's gate decides for each (benchmarks/results/notebook.md s. 2).
 
     python -m benchmarks.studies.evidence_table [--results benchmarks/results] [--min-evidence 3] [--min-effect 0.15]
         [RUN_DIR_OR_JSON ...]
@@ -12,7 +12,7 @@ oracle test. ``null`` says where the null's windows came from (``all`` images, t
 top-k's clusters). ``z`` is today's (``scale`` ``min``: the gap over the smaller of the top-k's spread and the
 bootstrap's) wherever the record keeps its top-k scores and bootstrap std (raw ``evidence.json`` records); ``std``
 marks a summary that keeps the bootstrap-scaled ``z`` it recorded (``c68``, ``top``: two intermediate scales of
-docs/benchmarks.md s. 2b, in summaries written while they were tried). Nothing is rerun: this reads what the runs
+benchmarks/results/notebook.md s. 2b, in summaries written while they were tried). Nothing is rerun: this reads what the runs
 measured.
 """
 

@@ -1,4 +1,4 @@
-"""How much the backdoor-evidence decision depends on which random windows the null drew (docs/benchmarks.md s. 2c).
+"""How much the backdoor-evidence decision depends on which random windows the null drew (benchmarks/results/notebook.md s. 2c).
 
     python -m benchmarks.studies.null_noise RUN_DIR [RUN_DIR ...] [--pool 4096] [--sizes 256 1024] [--draws 200]
         [--truth RUN_DIR=DATA/ground_truth.csv ...] [--json OUT]

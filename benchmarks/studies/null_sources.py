@@ -1,4 +1,4 @@
-"""Where a detect run's null windows came from, against the ground truth (docs/benchmarks.md s. 2b).
+"""Where a detect run's null windows came from, against the ground truth (benchmarks/results/notebook.md s. 2b).
 
     python -m benchmarks.studies.null_sources RUN_DIR --truth DATA/ground_truth.csv [--top 8] [--json]
 

@@ -1,4 +1,4 @@
-"""Mean and spread over seeds of every recorded ``run_pipeline.py`` configuration (docs/benchmarks.md s. 3d).
+"""Mean and spread over seeds of every recorded ``run_pipeline.py`` configuration (benchmarks/results/notebook.md s. 3d).
 
     python -m benchmarks.studies.seed_spread [--results benchmarks/results] [--json] [RESULTS_JSON ...]
 

@@ -1,5 +1,5 @@
 """The opt-in verification of isolated flags (``detect --set decision.verify_min_prob=P``) on finished benchmark runs
-(docs/benchmarks.md section 5, "Verifying isolated flags").
+(benchmarks/results/notebook.md section 5, "Verifying isolated flags").
 
     python -m benchmarks.studies.verify_runs WORK [WORK ...] [--min-prob 0.9] [--json OUT]
 

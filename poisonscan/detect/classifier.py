@@ -10,7 +10,7 @@ logits. Its P(poisonous) of every image, averaged with the image's feature-space
 the removal score the pipeline thresholds.
 
 Two departures from the paper's recipe, both on by default and both off with ``decoys=0``, one round
-(docs/benchmarks.md section 5 measures them): *decoys*, a share of the negatives (and a copy of the validation
+(benchmarks/results/notebook.md section 5 measures them): *decoys*, a share of the negatives (and a copy of the validation
 negatives) get a pasted window of another image, so pasting alone is not evidence; *refinement*, a second training
 without the negatives the first classifier flags (the poisons the search never scored).
 
@@ -395,7 +395,7 @@ def train_with_refinement(images_u8: Tensor, patches: Tensor | Sequence[Tensor],
     paper drops the top share by poison score for that reason; a round of refinement also drops the unscored ones.
     With ``neighbours`` (N x k indices, :func:`~poisonscan.detect.neighbours.nearest_neighbours`) a negative is
     also dropped when its removal score (P with its neighbours' support) is above ``threshold``: the poisons the
-    classifier half-misses sit among flagged poisons, and this round reaches them too (docs/benchmarks.md 5).
+    classifier half-misses sit among flagged poisons, and this round reaches them too (benchmarks/results/notebook.md 5).
     """
     train = split.train
     dropped: list[int] = []

@@ -14,20 +14,20 @@ clusters, small images) a real trigger's effect stays small, and the recurring p
 ``z`` alone is not enough: the search spends its rounds on the clusters whose windows flip most, so on a model
 trained on clean data it still finds windows a few flips stronger than any random draw, and with a tight null those
 few flips give z > 3. The effect is measured against the headroom the null leaves, not the whole
-flip set: at 32 px random windows already move up to 80% of it, which caps any excess (docs/benchmarks.md s. 2).
+flip set: at 32 px random windows already move up to 80% of it, which caps any excess (benchmarks/results/notebook.md s. 2).
 
 ``z`` is the gap between the top-k median and the null's top-k median, in units of the smaller of two spreads
 (:func:`evidence_z`): the top-k scores' own spread, and the bootstrap's standard deviation of the null's top-k
 median. The first ``z`` used the bootstrap's alone, and a null contaminated by the attack broke it: random windows
 cut from poisons sometimes cover the trigger, the top-k of 2,028 draws from 256 null windows is decided by the best
 few, and two such windows made the resampled median jump between about 197 and 130 flips (std 15), which hid a
-CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; docs/benchmarks.md s. 2b). A trigger moves
+CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; benchmarks/results/notebook.md s. 2b). A trigger moves
 nearly the same flip images whichever poisoned image it is cut from, so its windows bunch together: a gap that is
 large against their own spread is evidence however lumpy the null. Over the recorded scans, learned backdoors give
 3.8-36 and scans without one at most 3.3 (the clean-data imagenette-96 model, which the effect test stops).
 The null has 1,024 windows (``null_size``); with 256 the null's top-k median, an estimate of its 99th percentile from
 its best few windows, moved so much with the draw that a model trained on clean CIFAR-10 passed both tests in 6% of
-redrawn nulls and real backdoors failed in up to 4% (benchmarks/studies/null_noise.py; docs/benchmarks.md s. 2c).
+redrawn nulls and real backdoors failed in up to 4% (benchmarks/studies/null_noise.py; benchmarks/results/notebook.md s. 2c).
 ``null_pool="outside-topk-clusters"`` draws the null from images outside the top-k's clusters, which keeps most
 poisons out of it; it is not the default, because on a model trained on clean data those clusters hold the most
 potent natural windows, and leaving them out lowered the null (imagenette-96: effect 5.7% -> 16%).

@@ -10,7 +10,7 @@ would show), the neighbours' *support* is ``s = clip((m - b) / (1 - b), 0, 1)``,
 above that flag rate, and the removal score is ``(p + s) / 2``; at the threshold 0.5 an image is removed when
 ``p + s > 1``. A clearly flagged image needs some support from its neighbours beyond chance, and a poison the
 classifier half-misses is removed when its neighbours are flagged. ``k = 0`` turns the step off (the paper's
-decision, ``p`` alone). Measured in docs/benchmarks.md section 5.
+decision, ``p`` alone). Measured in benchmarks/results/notebook.md section 5.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The removal score (``neighbours``) keeps an image the poison classifier flags when its feature-space neighbours are
 not flagged beyond chance. That keeps out clean images the classifier flags by accident, and also a few poisons the
-threat model did not put beside the others (docs/benchmarks.md 3b: two of imagenette-96's five missed poisons have
+threat model did not put beside the others (benchmarks/results/notebook.md 3b: two of imagenette-96's five missed poisons have
 P > 0.9 and no support). Such an image is verified the way PoisonCAM scores a search candidate:
 
 1. *localise*: the ``w x w`` window whose grey-out lowers the classifier's P(poisonous) the most (occlusion over a
@@ -14,7 +14,7 @@ P > 0.9 and no support). Such an image is verified the way PoisonCAM scores a se
 
 Only images with ``P > min_prob`` that the removal score keeps are verified (43-133 on 50k CIFAR-10 at 0.9), so
 the step costs one flip test per candidate. Off by default (``min_prob = 1``): on the CIFAR-10 runs measured
-(docs/benchmarks.md section 5) the windows of clean images the classifier flags can move nearly as many flip-set
+(benchmarks/results/notebook.md section 5) the windows of clean images the classifier flags can move nearly as many flip-set
 images as the trigger does, so the step gains a few poisons at a similar number of clean images.
 """
 
