@@ -67,25 +67,15 @@ class DetectRun:
                 raise DataError(f"cannot read {file}: {exc}") from None
         return self._cache[name]
 
-    @property
-    def summary(self) -> dict[str, Any] | None:
-        return self.record("summary")
+    def _record_property(name: str) -> property:  # type: ignore[misc]
+        return property(lambda self: self.record(name), doc=f"``{RECORDS[name]}`` (``None`` before it is written)")
 
-    @property
-    def search(self) -> dict[str, Any] | None:
-        return self.record("search")
-
-    @property
-    def evidence(self) -> dict[str, Any] | None:
-        return self.record("evidence")
-
-    @property
-    def classifier(self) -> dict[str, Any] | None:
-        return self.record("classifier")
-
-    @property
-    def verify(self) -> dict[str, Any] | None:
-        return self.record("verify")
+    summary = _record_property("summary")
+    search = _record_property("search")
+    evidence = _record_property("evidence")
+    classifier = _record_property("classifier")
+    verify = _record_property("verify")
+    del _record_property
 
     @property
     def verdict(self) -> str | None:
