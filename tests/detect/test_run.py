@@ -15,8 +15,8 @@ from poisonscan.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = dict(clusters=4, masks=64, flip_size=40, top_k=5, null_size=64, iterations=60, ensemble=1, batch_size=128,
-             device="cpu", precision="fp32")
+SMALL = dict(clusters=4, masks=64, flip_size=40, top_k=5, null_size=64, iterations=20, rounds=1, ensemble=1,
+             batch_size=128, device="cpu", precision="fp32")
 
 
 def test_scan_returns_the_run_and_load_reads_it_back(tmp_path: Path) -> None:
