@@ -21,6 +21,11 @@ from poisonscan.detect.scores import SCORE_COLUMNS
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
 
+#: the keys of ``summary.json``, in order (docs/outputs.md documents each; a test keeps the three equal)
+SUMMARY_KEYS = ("command", "method", "run_dir", "version", "source", "model", "counts", "clusters", "search", "top_k",
+                "top_clusters", "evidence", "verdict", "classifier", "picture_match", "timings", "files", "fail_on",
+                "fail_on_unreadable", "exit_code", "exit_reasons")
+
 
 def unreadable_limit(fail_on: float | None, fail_on_unreadable: int | None) -> int | None:
     """The most unscanned (unreadable) samples a run may have before it exits 1: ``--fail-on-unreadable`` when
@@ -103,7 +108,7 @@ def _summary(ctx: Context, removed: np.ndarray) -> dict[str, Any]:
     exit_code = 1 if exit_reasons else 0
     verdict = "backdoor signal found" if found else \
         "no backdoor signal (removal forced)" if clf["forced"] else "no backdoor signal"
-    return {
+    summary = {
         "command": "detect", "method": cfg.search.method, "run_dir": str(ctx.run.path), "version": __version__,
         "source": {"spec": cfg.data, "kind": store.source.get("kind"), "n_samples": n + len(store.errors),
                    "n_errors": len(store.errors)},
@@ -136,6 +141,7 @@ def _summary(ctx: Context, removed: np.ndarray) -> dict[str, Any]:
                   "summary": "summary.json"},
         "fail_on": cfg.fail_on, "fail_on_unreadable": limit, "exit_code": exit_code, "exit_reasons": exit_reasons,
     }
+    return {key: summary[key] for key in SUMMARY_KEYS}
 
 
 def stage_outputs(ctx: Context) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
 import poisonscan
+from poisonscan.detect.outputs import SUMMARY_KEYS
 from poisonscan.detect.run import DetectRun
 from poisonscan.errors import UsageError
 
@@ -26,6 +27,7 @@ def test_scan_returns_the_run_and_load_reads_it_back(tmp_path: Path) -> None:
     assert isinstance(run, poisonscan.DetectRun) and run.finished and run.done[-1] == "outputs"
     assert run.config.search.masks == 64 and run.config.classifier.ensemble == 1 and run.config.preset == "default"
     assert run.verdict == "backdoor signal found" and run.reason.startswith("backdoor signal")
+    assert list(run.summary) == list(SUMMARY_KEYS)
     assert sorted(run.removed) == sorted(poisoned)
     scores = run.scores
     assert len(scores) == 200 and scores.ids[:1] == [run.summary["top_k"][0]["id"]] or len(scores) == 200

@@ -42,3 +42,13 @@ def test_read_scores_parses_empty_cells_as_nan_and_refuses_text(tmp_path: Path) 
         read_scores(path)
     with pytest.raises(DataError, match="not found"):
         read_scores(tmp_path / "none.csv")
+
+
+def test_the_summary_keys_are_the_documented_ones() -> None:
+    from poisonscan.detect.outputs import SUMMARY_KEYS
+
+    text = OUTPUTS.read_text(encoding="utf-8")
+    section = text[text.index("### `summary.json`"):text.index("### `scores.csv`")]
+    documented = [name for row in re.findall(r"^\| (`[^|]+`) \|", section, re.M)
+                  for name in re.findall(r"`(\w+)`", row)]
+    assert documented == list(SUMMARY_KEYS)
