@@ -23,6 +23,7 @@ from typing import Any
 
 from poisonscan.config import EvalDetectionConfig
 from poisonscan.detect.evidence import evidence_gate
+from poisonscan.detect.run import DetectRun
 from poisonscan.eval.runner import run_detection
 from poisonscan.runs import atomic_write_json, environment_record
 
@@ -39,14 +40,14 @@ def _strength(path: str | None) -> dict[str, Any] | None:
 def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: str, role: str = "held-out",
         commands: list[str] | None = None) -> dict[str, Any]:
     """One run's record."""
-    summary = json.loads((run / "summary.json").read_text())
-    ev = json.loads((run / "evidence.json").read_text())
-    rec = ev.get("recurrence") or {}
+    detect = DetectRun.load(run)
+    summary, ev = detect.summary, detect.evidence
+    rec = ev.recurrence.to_json() if ev.recurrence is not None else {}
     by_effect, effect_reason = evidence_gate(ev, 3.0, EFFECT_BAR, max_recurrence_p=0.0)
     out: dict[str, Any] = {
         "name": name, "setting": setting, "role": role, "commands": list(commands or []), "run": str(run),
         "threat_model": _strength(backdoor),
-        "z": ev["z"], "effect": ev.get("effect"),
+        "z": ev.z, "effect": ev.effect,
         "recurrence": {k: rec.get(k) for k in ("signature", "size", "k", "p_value", "null_group_median",
                                                "null_group_p99", "bar", "n_reference")},
         "decision": {"backdoor_found": summary["evidence"]["backdoor_found"], "reason": summary["evidence"]["reason"],
@@ -57,11 +58,11 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
         q = run_detection(EvalDetectionConfig(run=str(run), truth=truth))
         out["decision"].update(recall=q["removal"]["recall"], precision=q["removal"]["precision"],
                                top20_trigger_accuracy=q["triggers"]["topk"].get("20", {}).get("accuracy"))
-        ids = json.loads((run / "ids.json").read_text())
+        ids = detect.scores.ids
         with open(truth, newline="") as fh:
             poisoned = {r["sample_id"] for r in csv.DictReader(fh) if r.get("poisoned") == "1"}
         out["recurrence"].update(poisons_in_group=sum(ids[int(i)] in poisoned for i in rec.get("members", [])),
-                                 poisons_in_top_k=sum(ids[int(i)] in poisoned for i in ev["top_k"]))
+                                 poisons_in_top_k=sum(ids[int(i)] in poisoned for i in ev.top_k))
     return out
 
 

@@ -4,10 +4,14 @@ __version__ = "0.2.0"
 
 
 def __getattr__(name: str):
-    """``poisonscan.scan`` and ``poisonscan.DetectRun`` (poisonscan/detect/run.py), imported on first use so that
-    ``import poisonscan`` stays light."""
-    if name in ("scan", "DetectRun"):
-        from poisonscan.detect import run
+    """``poisonscan.scan`` (poisonscan/detect/pipeline.py) and ``poisonscan.DetectRun`` (poisonscan/detect/run.py),
+    imported on first use so that ``import poisonscan`` stays light."""
+    if name == "scan":
+        from poisonscan.detect.pipeline import scan
 
-        return getattr(run, name)
+        return scan
+    if name == "DetectRun":
+        from poisonscan.detect.run import DetectRun
+
+        return DetectRun
     raise AttributeError(f"module 'poisonscan' has no attribute {name!r}")

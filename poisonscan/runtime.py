@@ -10,6 +10,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Iterator
 
 import numpy as np
@@ -176,6 +177,12 @@ def shard_indices(n: int, rank: int, world: int) -> range:
     per, extra = divmod(n, world)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (1 if rank < extra else 0))
+
+
+def split_gather(runtime: Runtime, n: int, work: Callable[[range], Any]) -> list[Any]:
+    """Run ``work`` on this rank's contiguous share of ``range(n)``; the shares of all ranks, in rank order."""
+    part = work(shard_indices(n, runtime.rank, runtime.world_size))
+    return all_gather_object(part) if runtime.world_size > 1 else [part]
 
 
 class _Bar:

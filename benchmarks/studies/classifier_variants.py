@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from poisonscan.data.store import open_store
+from poisonscan.detect.run import DetectRun
 from poisonscan.detect.classifier import ClassifierConfig, ClassifierSettings, classifier_split, train_with_refinement
 from poisonscan.detect.decision import DecisionSettings
 from poisonscan.detect.masking import cut_windows
@@ -44,12 +45,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     variant = json.loads(args.variant)
     store = open_store(args.run / "store")
-    search = json.loads((args.run / "search.json").read_text())
-    evidence = json.loads((args.run / "evidence.json").read_text())
-    scores, boxes = np.full(len(store), np.nan), {}
-    for e in search["scored"]:
-        scores[e["index"]], boxes[e["index"]] = e["poison_score"], e["box"]
-    top = [int(i) for i in evidence["top_k"]]
+    run = DetectRun.load(args.run)
+    scores, boxes = np.full(len(store), np.nan), run.search.boxes
+    for i, score in run.search.scores.items():
+        scores[i] = score
+    top = [int(i) for i in run.evidence.top_k]
     if args.truth:
         with open(args.truth, newline="") as fh:
             truth = {r["sample_id"] for r in csv.DictReader(fh) if r["poisoned"] == "1"}

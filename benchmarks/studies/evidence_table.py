@@ -27,6 +27,7 @@ from poisonscan.detect.decision import DecisionSettings
 from benchmarks.studies.record_compat import upgrade_record
 
 from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_gate
+from poisonscan.detect.records import Evidence
 
 
 def _flip_size(ev: dict[str, Any], record: dict[str, Any]) -> tuple[int | None, str]:
@@ -88,12 +89,12 @@ def table(paths: list[Path], min_evidence: float, min_effect: float,
                    round(float(ev.get("p_value", -1.0)), 6))
             full = {**ev, "n_flip": n_flip}             # effect_of recomputes the effect from these fields
             if ev.get("recurrence"):
-                found, reason = evidence_gate(full, min_evidence, min_effect, max_recurrence_p)
+                found, reason = evidence_gate(Evidence.from_json(full), min_evidence, min_effect, max_recurrence_p)
             else:
-                found, reason = evidence_gate(full, min_evidence, max(min_effect, recorded_min_effect))
+                found, reason = evidence_gate(Evidence.from_json(full), min_evidence, max(min_effect, recorded_min_effect))
             row = {"run": name + mark, "z": float(ev["z"]), "topk_median": float(ev["topk_median"]),
                    "null_median": float(ev["null_median"]), "n_flip": n_flip,
-                   "effect": effect_of(full), "null_pool": ev.get("null_pool", "all"),
+                   "effect": effect_of(Evidence.from_json(full)), "null_pool": ev.get("null_pool", "all"),
                    "z_scale": ev.get("z_scale", "std"),
                    "found_then": ev.get("backdoor_found"), "found_now": found, "reason": reason}
             if key in rows and rows[key]["z_scale"] == row["z_scale"] and abs(rows[key]["z"] - row["z"]) > 1e-6:

@@ -31,6 +31,7 @@ from poisonscan.config import DetectConfig
 from benchmarks.studies.record_compat import upgrade_record
 
 from poisonscan.detect.evidence import backdoor_evidence, evidence_gate
+from poisonscan.detect.records import Evidence
 from poisonscan.detect.decision import DecisionSettings
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.detect.resume import read_run_config
@@ -78,7 +79,7 @@ def redraws(ev: dict[str, Any], sizes: list[int], draws: int, min_evidence: floa
         for d in range(draws):
             sub = null[rng.choice(null.size, size, replace=False)]
             e = backdoor_evidence(topk, sub, int(ev["n_scored"]), int(ev["n_flip"]), seed=d)
-            rows.append((e["null_median"], e["z"], e["effect"], evidence_gate(e, min_evidence, min_effect)[0]))
+            rows.append((e["null_median"], e["z"], e["effect"], evidence_gate(Evidence.from_json(e), min_evidence, min_effect)[0]))
         med, z, eff, found = (np.array(c, dtype=np.float64) for c in zip(*rows))
         out[str(size)] = {"null_median": _spread(med), "z": _spread(z), "effect": _spread(eff),
                           "found_share": float(found.mean()), "draws": draws}
@@ -106,9 +107,9 @@ def study(run: Path, pool: int, sizes: list[int], draws: int, scratch: Path, tru
         "min_evidence": min_ev, "min_effect": min_eff,
         "recorded": {"null_size": recorded.get("null_size"), "null_median": recorded.get("null_median"),
                      "z": recorded.get("z"), "effect": recorded.get("effect"),
-                     "found": evidence_gate(recorded, min_ev, min_eff)[0]},
+                     "found": evidence_gate(Evidence.from_json(recorded), min_ev, min_eff)[0]},
         "pooled": {k: pooled[k] for k in ("null_median", "z", "effect", "boot_std", "topk_spread")}
-        | {"found": evidence_gate(pooled, min_ev, min_eff)[0]},
+        | {"found": evidence_gate(Evidence.from_json(pooled), min_ev, min_eff)[0]},
         "sizes": redraws(pooled, sizes, draws, min_ev, min_eff),
     }
     if truth is not None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.studies.record_compat import replay_null_sources
 
-from poisonscan.detect.context import derive_seed
+from poisonscan.detect.seeds import derive_seed
 
 
 def poisoned_ids(truth: Path) -> set[str]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_z, null_pool, null_sources, topk_spread
+from poisonscan.detect.records import Evidence
 from poisonscan.detect.search import torch_generator
 
 
@@ -35,5 +36,5 @@ def upgrade_record(ev: dict[str, Any]) -> dict[str, Any]:
         scores = ev["topk_scores"]
         ev.update(z=evidence_z(scores, ev["null_median"], ev["boot_std"]), z_scale=Z_SCALE,
                   topk_spread=topk_spread(scores))
-    ev["effect"] = effect_of(ev)
+    ev["effect"] = effect_of(Evidence.from_json(ev))
     return ev

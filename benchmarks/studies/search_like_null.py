@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from poisonscan.detect.clustering import Clustering
-from poisonscan.detect.context import derive_seed
+from poisonscan.detect.seeds import derive_seed
 from poisonscan.detect.features import prepare_encoder
 from poisonscan.detect.masking import MaskingConfig, cluster_activation_masking, cut_windows, make_masks, window_pixels
 from poisonscan.detect.recurrence import REFERENCE_SIZE, recurrence_test

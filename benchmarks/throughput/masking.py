@@ -14,7 +14,6 @@ best repetition of each is reported and the masking/bare ratio is checked agains
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -14,18 +14,17 @@ Two departures from the paper's recipe, both on by default and both off with ``d
 negatives) get a pasted window of another image, so pasting alone is not evidence; *refinement*, a second training
 without the negatives the first classifier flags (the poisons the search never scored).
 
-Its length is the classifier's model, split, training loop, refinement and safe loading, which share its
-settings and tensors; the batched augmentation is detect/augment.py.
+The network and its safe persistence are detect/poison_net.py, the batched augmentation detect/augment.py; the
+classifier stage (:func:`run_classifier`) asks the evidence gate first and trains only with a backdoor signal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,8 +34,14 @@ from torch import Tensor, nn
 
 from poisonscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from poisonscan.detect.augment import colour_augment, random_paste, random_resized_crop
+from poisonscan.detect.decision import DecisionSettings, refinement_neighbours
+from poisonscan.detect.evidence import evidence_gate
+from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
-from poisonscan.errors import CheckpointError, PoisonscanError, UsageError
+from poisonscan.detect.poison_net import build_classifier
+from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult
+from poisonscan.detect.recurrence import recurring_group
+from poisonscan.errors import PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
 from poisonscan.settings import PAPER, at_least, between, one_of
 
@@ -106,72 +111,12 @@ class ClassifierSplit:
 
 
 @dataclass
-class ClassifierResult:
+class TrainedClassifier:
     models: list[nn.Module]
     val_f1: float                            # ensemble F1 on the validation set (best weights)
     iterations: list[int]                    # iterations run per member (early stopping)
     best_iteration: list[int]
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------------------- model
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm and a (projected) identity shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x), inplace=True)
-
-
-def stem_stride_for(image_size: int) -> int:
-    """Stem downsampling: ImageNet-style /4 from 64 px up, /2 for CIFAR-sized images, none below 24 px."""
-    return 4 if image_size >= 64 else 2 if image_size >= 24 else 1
-
-
-class PoisonResNet(nn.Module):
-    """ResNet with one BasicBlock per stage and two outputs (clean, poisonous)."""
-
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), stem_stride: int = 4, num_classes: int = 2) -> None:
-        super().__init__()
-        if stem_stride not in (1, 2, 4):
-            raise ValueError("stem_stride must be 1, 2 or 4")
-        self.widths = tuple(int(w) for w in widths)
-        self.stem_stride = stem_stride
-        stem: list[nn.Module] = [nn.Conv2d(3, self.widths[0], 3, min(stem_stride, 2), 1, bias=False),
-                                 nn.BatchNorm2d(self.widths[0]), nn.ReLU(inplace=True)]
-        if stem_stride == 4:
-            stem.append(nn.MaxPool2d(3, 2, 1))
-        self.stem = nn.Sequential(*stem)
-        blocks, c_in = [], self.widths[0]
-        for i, w in enumerate(self.widths):
-            blocks.append(BasicBlock(c_in, w, stride=1 if i == 0 else 2))
-            c_in = w
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.layers(self.stem(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def build_classifier(image_size: int, widths: Sequence[int] = (32, 64, 128, 256)) -> PoisonResNet:
-    return PoisonResNet(widths, stem_stride_for(image_size))
 
 
 # ----------------------------------------------------------------------------------------------------- data split
@@ -337,7 +282,7 @@ def decoy_validation(images_u8: Tensor, patches: Tensor, cfg: ClassifierConfig) 
 
 
 def train_poison_classifier(images_u8: Tensor, patches: Tensor | Sequence[Tensor], split: ClassifierSplit,
-                            cfg: ClassifierConfig, runtime: Runtime, quiet: bool = False) -> ClassifierResult:
+                            cfg: ClassifierConfig, runtime: Runtime, quiet: bool = False) -> TrainedClassifier:
     """Train ``cfg.ensemble`` classifiers on ``images_u8`` (uint8 N x 3 x S x S) with the top-k ``patches``
     (uint8 3 x h x w each, resized at paste time) and the given ``split``; keep each one's best weights."""
     if isinstance(patches, (list, tuple)):
@@ -363,12 +308,12 @@ def train_poison_classifier(images_u8: Tensor, patches: Tensor | Sequence[Tensor
             best_its.append(info["best_iteration"])
             history.extend(info["history"])
     logits = _logits(models, val_x, runtime, cfg.predict_batch_size)
-    return ClassifierResult(models, f1_score(logits.argmax(1).numpy(), val_y), iters, best_its, history)
+    return TrainedClassifier(models, f1_score(logits.argmax(1).numpy(), val_y), iters, best_its, history)
 
 
 @dataclass
 class RefinedClassifier:
-    result: ClassifierResult                 # the last round's classifier
+    result: TrainedClassifier                # the last round's classifier
     probs: np.ndarray                        # its P(poisonous) of every image
     dropped: list[int]                       # training negatives dropped before each further round
     train: np.ndarray                        # the last round's training pool
@@ -425,48 +370,60 @@ def predict_poison(models: Sequence[nn.Module], images_u8: Tensor, runtime: Runt
     return torch.cat(probs).numpy().astype(np.float32) if probs else np.zeros(0, np.float32)
 
 
-# ---------------------------------------------------------------------------------------------------- persistence
+# ---------------------------------------------------------------------------------------------------------- stage
 
 
-def classifier_bytes(models: Sequence[PoisonResNet], **metadata: Any) -> bytes:
-    """Safetensors bytes of an ensemble (``m<i>.<param>``), architecture in the metadata."""
-    from safetensors.torch import save
+def classifier_positives(settings: ClassifierSettings, evidence: Evidence, max_recurrence_p: float) -> list[int]:
+    """The images whose windows the classifier learns as the trigger: the recurring group of the top-k when the
+    recurrence test found one at ``p <= max_recurrence_p`` (``positives="recurring"``), else every top-k image
+    (the paper)."""
+    top = [int(i) for i in evidence.top_k]
+    rec = recurring_group(evidence, max_recurrence_p)
+    if settings.positives != "recurring" or rec is None:
+        return top
+    members = {int(i) for i in rec.members}
+    return [i for i in top if i in members]
 
-    tensors = {f"m{i}.{k}": v.detach().cpu().contiguous() for i, m in enumerate(models)
-               for k, v in m.state_dict().items()}
-    meta = {"format": "poisonscan-poison-classifier", "ensemble": str(len(models)),
-            "widths": json.dumps(list(models[0].widths)), "stem_stride": str(models[0].stem_stride)}
-    meta.update({k: json.dumps(v) for k, v in metadata.items()})
-    return save(tensors, metadata=meta)
 
-
-def load_classifier(path: Path | str) -> tuple[list[PoisonResNet], dict[str, Any]]:
-    """Load an ensemble written by :func:`classifier_bytes` (safetensors only, no pickle)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"classifier {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"classifier {path} is not a valid safetensors file: {exc}") from None
-    if meta.get("format") != "poisonscan-poison-classifier":
-        raise CheckpointError(f"{path} is not a poisonscan poison classifier")
-    try:                    # the metadata only chooses among the shapes classifier_bytes writes, then must match
-        widths, stride, n = json.loads(meta["widths"]), int(meta["stem_stride"]), int(meta["ensemble"])
-        if (not isinstance(widths, list) or len(widths) != 4 or stride not in (1, 2, 4) or not 1 <= n <= 16
-                or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 1024 for w in widths)):
-            raise ValueError("widths, stem_stride or ensemble out of range")
-        models = []
-        for i in range(n):
-            model = PoisonResNet(widths, stride)
-            state = {k[len(f"m{i}."):]: v for k, v in tensors.items() if k.startswith(f"m{i}.")}
-            model.load_state_dict(state)
-            models.append(model.eval())
-        extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "ensemble", "widths", "stem_stride")}
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"classifier {path}: {str(exc).splitlines()[0][:200]}") from None
-    return models, extra
+def run_classifier(settings: ClassifierSettings, decision: DecisionSettings, images: Tensor, search: SearchResult,
+                   evidence: Evidence, runtime: Runtime, neighbours: Callable[[int], np.ndarray],
+                   batch_size: int = 256, seed: int = 0,
+                   quiet: bool = False) -> tuple[ClassifierResult, list[nn.Module]]:
+    """The classifier stage: the evidence gate (:func:`~poisonscan.detect.evidence.evidence_gate` with the
+    decision's thresholds), then, with a backdoor signal or ``decision.force``, the poison classifier trained on the
+    positives' windows (:func:`classifier_positives`) with refinement, and its P of every image. Returns the record
+    and the ensemble (empty when it did not train). ``neighbours(k)``: each image's ``k`` nearest neighbours (for a
+    refinement round that drops by the removal score)."""
+    found, reason = evidence_gate(evidence, decision.min_evidence, decision.min_effect, decision.max_recurrence_p)
+    record = ClassifierResult(trained=False, ensemble=settings.ensemble, iterations=0, val_f1=None,
+                              threshold=decision.threshold, backdoor_found=bool(found),
+                              forced=bool(decision.force and not found), reason=reason)
+    if not (found or decision.force):
+        return record, []
+    scores = search.scores
+    score_arr = np.full(len(images), np.nan)
+    score_arr[list(scores)] = list(scores.values())
+    top = classifier_positives(settings, evidence, decision.max_recurrence_p)
+    split = classifier_split(score_arr, top, settings.drop_top, seed=seed, holdout=settings.holdout,
+                             exclude=[int(i) for i in evidence.top_k if int(i) not in set(top)])
+    boxes = search.boxes
+    patches = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
+    cfg = ClassifierConfig(iterations=settings.iterations, ensemble=settings.ensemble, predict_batch_size=batch_size,
+                           decoys=settings.decoys, seed=seed)
+    refine_k = refinement_neighbours(settings, decision)
+    refined = train_with_refinement(images, patches, split, cfg, runtime, settings.rounds, decision.threshold,
+                                    batch_size, quiet, neighbours=neighbours(refine_k) if refine_k else None)
+    res = refined.result
+    record.trained = True
+    record.iterations = max(res.iterations)
+    record.val_f1 = res.val_f1
+    record.iterations_per_model = res.iterations
+    record.best_iteration = res.best_iteration
+    record.split = {"train": len(split.train), "val_pos": len(split.val_pos), "val_neg": len(split.val_neg)}
+    record.positives = top
+    record.rounds = 1 + len(refined.dropped)
+    record.refinement_dropped = refined.dropped
+    record.refine_by = settings.refine_by if settings.rounds > 1 else None
+    record.history = res.history
+    record.probs = refined.probs
+    return record, res.models

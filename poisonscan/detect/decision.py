@@ -11,12 +11,16 @@ probabilities into the removal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from poisonscan.detect.evidence import effect_of
+from poisonscan.detect.matching import match_verdict
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
+from poisonscan.detect.records import ClassifierResult, Decision, Evidence, Verification
 from poisonscan.settings import at_least, between, stage
 
 
@@ -63,3 +67,34 @@ def removal_scores(probs: np.ndarray, neighbour_index: np.ndarray | None) -> tup
     image's nearest neighbours (``None``: the probability alone)."""
     nbr = neighbour_mean(probs, neighbour_index) if neighbour_index is not None else None
     return nbr, removal_score(probs, nbr)
+
+
+def removal_flags(settings: DecisionSettings, probs: np.ndarray | None, n: int,
+                  neighbours: Callable[[int], np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """``(neighbour mean P, removal score, removal score > threshold)`` of every image (``None, None`` and nothing
+    flagged without a classifier); ``neighbours(k)`` gives each image's ``k`` nearest neighbours."""
+    if probs is None:
+        return None, None, np.zeros(n, dtype=bool)
+    k = int(settings.neighbours)
+    nbr, score = removal_scores(probs, neighbours(k) if k > 0 else None)
+    return nbr, score, score > settings.threshold
+
+
+def decide(settings: DecisionSettings, evidence: Evidence, classifier: ClassifierResult,
+           verification: Verification, n: int, neighbours: Callable[[int], np.ndarray]) -> Decision:
+    """The run's answer: the verdict (the evidence gate's, withdrawn when a signal that rests on the recurring
+    picture alone finds no image that holds it, :func:`~poisonscan.detect.matching.match_verdict`) and the removal:
+    the images that contain the recurring picture when it was searched for, else the removal score's flags and the
+    verified ones."""
+    nbr, score, flagged = removal_flags(settings, classifier.probs, n, neighbours)
+    pm = verification.picture_match
+    if pm is not None and verification.match is not None:
+        removed = verification.match >= pm.threshold - 1e-9
+    else:
+        removed = flagged | verification.verified(n)
+    found, reason = match_verdict(classifier.backdoor_found, classifier.reason, pm, effect_of(evidence),
+                                  settings.min_effect)
+    verdict = ("backdoor signal found" if found else
+               "no backdoor signal (removal forced)" if classifier.forced else "no backdoor signal")
+    return Decision(backdoor_found=found, forced=classifier.forced, verdict=verdict, reason=reason,
+                    n_removed=int(removed.sum()), removed=removed, removal_score=score, neighbour_probs=nbr)

@@ -43,8 +43,10 @@ import torch
 from torch import Tensor
 
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.recurrence import SIGNIFICANCE, is_pixel_record, recurring_group
-from poisonscan.detect.search import torch_generator
+from poisonscan.detect.records import Evidence, SearchResult
+from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test, recurring_group
+from poisonscan.detect.search import FlipTest, top_k, torch_generator
+from poisonscan.detect.seeds import torch_gen
 from poisonscan.settings import PAPER, at_least, one_of
 
 _BOOT_CHUNK_ELEMS = 4_000_000
@@ -181,24 +183,24 @@ def effect_size(topk_median: float, null_median: float, n_flip: int) -> float:
     return float((float(topk_median) - float(null_median)) / headroom) if headroom > 0 else 0.0
 
 
-def effect_of(ev: dict[str, Any]) -> float:
-    """The effect of an evidence record, computed from its fields (records written before ``effect`` have them)."""
-    if not ev.get("n_flip"):
-        return float(ev.get("effect", 0.0))
-    return effect_size(ev["topk_median"], ev["null_median"], int(ev["n_flip"]))
+def effect_of(ev: Evidence) -> float:
+    """The effect of an evidence record, computed from its fields (``effect`` itself when it has no flip set)."""
+    if not ev.n_flip:
+        return float(ev.effect)
+    return effect_size(ev.topk_median, ev.null_median, int(ev.n_flip))
 
 
-def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
+def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float,
                   max_recurrence_p: float = SIGNIFICANCE) -> tuple[bool, str]:
     """Is there a backdoor signal, and a one-line reason? ``z >= min_evidence``, and either ``effect >= min_effect``
     or one picture recurring among the top-k windows (the recurrence test of detect/recurrence.py with
     ``p <= max_recurrence_p``; 0: the effect alone decides; a record without the test has no recurring picture)."""
-    z, effect = float(ev["z"]), effect_of(ev)
-    rec = ev.get("recurrence") if is_pixel_record(ev.get("recurrence")) else None
+    z, effect = float(ev.z), effect_of(ev)
+    rec = ev.recurrence
     recurring = recurring_group(ev, max_recurrence_p) is not None
     moved = f"the top-k move {100 * effect:.1f}% of the flip-set images random windows leave in place"
-    group = (f"{rec['size']} of the top {rec['k']} windows show one picture (random windows: groups of up to "
-             f"{rec['null_group_p99']:g}, p = {rec['p_value']:.3f})" if rec else "")
+    group = (f"{rec.size} of the top {rec.k} windows show one picture (random windows: groups of up to "
+             f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})" if rec else "")
     if z < min_evidence:
         return False, f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}"
     if effect >= min_effect:
@@ -211,6 +213,40 @@ def evidence_gate(ev: dict[str, Any], min_evidence: float, min_effect: float,
     elif max_recurrence_p <= 0:
         why = "and a recurring picture is not asked for (decision.max_recurrence_p = 0)"
     else:
-        why = (f"and no picture recurs among the top-k (largest group {rec['size']} of {rec['k']}; random windows: "
-               f"up to {rec['null_group_p99']:g}, p = {rec['p_value']:.3f})")
+        why = (f"and no picture recurs among the top-k (largest group {rec.size} of {rec.k}; random windows: "
+               f"up to {rec.null_group_p99:g}, p = {rec.p_value:.3f})")
     return False, f"no backdoor signal: {moved}, below the minimum effect {100 * min_effect:g}%, {why}"
+
+
+# -- the evidence stage -------------------------------------------------------------------------------------------
+
+def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tensor, flip: FlipTest,
+                 window: int) -> Evidence:
+    """The evidence stage: score ``settings.null_size`` random windows on the flip test like candidates, compare the
+    search's top-k with them (:func:`backdoor_evidence`), and test whether one picture recurs among the top-k
+    windows against the same random windows (detect/recurrence.py; no forward pass)."""
+    scores = search.scores
+    top = top_k(scores, settings.top_k)
+    gen = torch_gen(flip.seed, "null")
+    labels = flip.clustering.labels
+    pool = null_pool(labels, top, settings.null_pool)   # None: all images
+    src = null_sources(len(images), settings.null_size, gen, pool)       # the images the null windows are cut from
+    if flip.rule == "to_source":  # the null windows need their source image's cluster
+        patches = torch.cat([null_windows(images[int(i):int(i) + 1], 1, window, gen) for i in src])
+        sources = labels[src.numpy()]
+    else:
+        patches, sources = null_windows(images, settings.null_size, window, gen, sources=src), None
+    null = flip.scores(patches, sources, "null")
+    n_flip = len(flip.index)
+    ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=flip.seed)
+    boxes = search.boxes
+    top_windows = cut_windows(images[torch.as_tensor(top, dtype=torch.int64)],
+                              torch.as_tensor([boxes[i] for i in top], dtype=torch.int64).reshape(-1, 4))
+    rec = recurrence_test(top_windows, patches, seed=flip.seed)
+    rec["members"] = [int(top[j]) for j in rec["members"]]      # image indices
+    excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
+    return Evidence.from_json({
+        **ev, "recurrence": rec, "top_k": top, "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
+        "n_flip": n_flip, "null_sources": src.tolist(),
+        "null_pool": settings.null_pool if pool is not None else "all",
+        "null_pool_size": len(pool) if pool is not None else len(images), "null_excluded_clusters": excluded})

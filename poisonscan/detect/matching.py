@@ -12,14 +12,13 @@ convolutions over whole batches of images, so the scan costs about as much as on
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from poisonscan import runtime as rt
+from poisonscan.detect.records import PictureMatch
 from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD, as_compared, normalised
 
 
@@ -85,15 +84,29 @@ def best_match(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, bat
     return out
 
 
-def match_verdict(found: bool, reason: str, picture_match: dict[str, Any] | None, effect: float,
+def find_picture(images_u8: Tensor, templates_u8: Tensor, bar: float, flagged: np.ndarray, runtime: rt.Runtime,
+                 batch_size: int = 256, quiet: bool = True) -> tuple[PictureMatch, np.ndarray]:
+    """Search every image for the recurring picture (``templates_u8``: the recurring group's windows; ``bar``: the
+    recurrence test's): the record (threshold, how many images contain it, how many of the ``flagged`` lack it and
+    how many unflagged hold it) and every image's best match."""
+    match = best_match(images_u8, templates_u8, runtime, batch_size, quiet)
+    threshold, outlier = match_threshold(match, bar)
+    contains = match >= threshold - 1e-9
+    flagged = np.asarray(flagged, dtype=bool)
+    return PictureMatch(threshold=threshold, bar=float(bar), outlier_bar=outlier, templates=int(len(templates_u8)),
+                        contain=int(contains.sum()), flagged_without=int((flagged & ~contains).sum()),
+                        added=int((contains & ~flagged).sum())), match
+
+
+def match_verdict(found: bool, reason: str, picture_match: PictureMatch | None, effect: float,
                   min_effect: float) -> tuple[bool, str]:
     """The run's verdict once the picture was searched for: a signal that rests on the recurring picture alone (the
     effect below ``min_effect``) is withdrawn when no image holds the picture apart from the data (``contain`` 0:
     the outlier bar over all images' best matches is above every image's match). Such a group is a pattern common
     to the data that the search's windows share, not a pasted trigger."""
-    if not found or picture_match is None or picture_match["contain"] > 0 or effect >= min_effect:
+    if not found or picture_match is None or picture_match.contain > 0 or effect >= min_effect:
         return found, reason
     return False, (f"no backdoor signal: {reason.removeprefix('backdoor signal: ')}; but no image holds that "
-                   f"picture apart from the data (best matches must reach {picture_match['threshold']:.2f}, the "
+                   f"picture apart from the data (best matches must reach {picture_match.threshold:.2f}, the "
                    f"median of all images' plus {OUTLIER_SIGMAS:g} robust sd): a common pattern, not a pasted "
                    f"trigger")

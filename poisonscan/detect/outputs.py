@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,11 +14,12 @@ import numpy as np
 from poisonscan import __version__
 from poisonscan.data.store import write_errors_csv
 from poisonscan.data.writers import write_removal_list
-from poisonscan.detect.context import Context, boxes_of, removed_of, scores_of
-from poisonscan.detect.evidence import effect_of, evidence_gate
-from poisonscan.detect.matching import match_verdict
-from poisonscan.detect.recurrence import is_pixel_record
+from poisonscan.config import DetectConfig
+from poisonscan.data.store import ImageStore
+from poisonscan.detect.clustering import Clustering
+from poisonscan.detect.records import ClassifierResult, Decision, Evidence, SearchResult, Verification
 from poisonscan.detect.scores import SCORE_COLUMNS
+from poisonscan.runs import RunDir
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
 
@@ -49,55 +51,70 @@ def _fmt(values: np.ndarray | None, i: int) -> str:
     return "" if values is None else f"{float(values[i]):.6f}"
 
 
-def _scores_csv(ctx: Context, removed: np.ndarray, ranks: dict[int, int]) -> str:
-    by_index = {int(e["index"]): e for e in ctx.search["scored"]}
-    verify = {int(e["index"]): e["poison_score"] for e in (ctx.verify or {}).get("candidates", [])}
-    cl = ctx.clustering
+@dataclass
+class ScanResult:
+    """What the outputs are written from: the store and clustering, the model's description, and every stage's
+    record."""
+
+    store: ImageStore
+    clustering: Clustering
+    model: dict[str, Any]           # checkpoint, arch, image_size, metadata
+    search: SearchResult
+    evidence: Evidence
+    classifier: ClassifierResult
+    verification: Verification
+    decision: Decision
+
+
+def _scores_csv(r: ScanResult, ranks: dict[int, int]) -> str:
+    by_index = {e.index: e for e in r.search.scored}
+    verify = {e.index: e.poison_score for e in r.verification.candidates}
+    cl, dec, probs = r.clustering, r.decision, r.classifier.probs
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SCORE_COLUMNS)
-    for i, sid in enumerate(ctx.store.ids):
+    for i, sid in enumerate(r.store.ids):
         e = by_index.get(i)
-        label = ctx.store.labels[i]
-        box = e["box"] if e else ["", "", "", ""]
+        label = r.store.labels[i]
+        box = e.box if e else ["", "", "", ""]
         w.writerow([i, sid, "" if label is None else label, int(cl.labels[i]), f"{float(cl.distances[i]):.6f}",
-                    e["poison_score"] if e else "", *box, _fmt(ctx.probs, i), _fmt(ctx.neighbour_probs, i),
-                    _fmt(ctx.removal, i), verify.get(i, ""), _fmt(ctx.match, i), int(removed[i]), ranks.get(i, "")])
+                    e.poison_score if e else "", *box, _fmt(probs, i), _fmt(dec.neighbour_probs, i),
+                    _fmt(dec.removal_score, i), verify.get(i, ""), _fmt(r.verification.match, i),
+                    int(dec.removed[i]), ranks.get(i, "")])
     return buf.getvalue()
 
 
-def _top_clusters(ctx: Context, removed: np.ndarray, limit: int = 10) -> list[dict[str, Any]]:
-    cl = ctx.clustering
+def _top_clusters(r: ScanResult, limit: int = 10) -> list[dict[str, Any]]:
+    cl = r.clustering
     sizes = cl.sizes()
-    rem = np.bincount(cl.labels, weights=removed.astype(np.float64), minlength=cl.n_clusters).astype(np.int64)
+    rem = np.bincount(cl.labels, weights=r.decision.removed.astype(np.float64),
+                      minlength=cl.n_clusters).astype(np.int64)
     best: dict[int, int] = {}
-    for e in ctx.search["scored"]:
-        c = int(cl.labels[int(e["index"])])
-        best[c] = max(best.get(c, -1), int(e["poison_score"]))
+    for e in r.search.scored:
+        c = int(cl.labels[e.index])
+        best[c] = max(best.get(c, -1), e.poison_score)
     order = sorted(range(cl.n_clusters), key=lambda c: (-rem[c], -best.get(c, -1), c))
     return [{"cluster": c, "size": int(sizes[c]), "removed": int(rem[c]), "max_score": best.get(c)}
             for c in order[:limit]]
 
 
-def _summary(ctx: Context, removed: np.ndarray) -> dict[str, Any]:
-    cfg, store, ev, clf = ctx.cfg, ctx.store, ctx.evidence, ctx.classifier
-    scores, boxes = scores_of(ctx), boxes_of(ctx)
-    top = [int(i) for i in ev["top_k"]]
-    n, n_removed = len(store), int(removed.sum())
-    dec = cfg.decision
-    gate_reason = clf.get("reason") or evidence_gate(ev, dec.min_evidence, dec.min_effect, dec.max_recurrence_p)[1]
-    found, reason = match_verdict(bool(clf["backdoor_found"]), gate_reason, (ctx.verify or {}).get("picture_match"),
-                                  effect_of(ev), dec.min_effect)
-    evidence = {k: ev[k] for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
-                                   "null_size", "null_pool", "null_pool_size", "null_excluded_clusters", "z_scale",
-                                   "topk_spread")}
-    evidence.update(min_evidence=dec.min_evidence, min_effect=dec.min_effect, backdoor_found=found,
-                    max_recurrence_p=dec.max_recurrence_p, forced=bool(clf["forced"]),
-                    recurrence=({k: ev["recurrence"][k] for k in ("size", "k", "p_value", "null_group_median",
-                                                                  "null_group_p99")}
-                                if is_pixel_record(ev.get("recurrence")) else None),
-                    reason=reason)
-    meta = {k: v for k, v in ctx.enc_meta.items() if k not in ("missing_keys", "unexpected_keys")}
+def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str, float]) -> dict[str, Any]:
+    """``summary.json`` of a run (keys in :data:`SUMMARY_KEYS`)."""
+    store, ev, clf, ver, dec = r.store, r.evidence, r.classifier, r.verification, r.decision
+    scores, boxes = r.search.scores, r.search.boxes
+    top = [int(i) for i in ev.top_k]
+    n, n_removed = len(store), dec.n_removed
+    settings = cfg.decision
+    rec = ev.recurrence
+    evidence = {k: getattr(ev, k) for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
+                                            "null_size", "null_pool", "null_pool_size", "null_excluded_clusters",
+                                            "z_scale", "topk_spread")}
+    evidence.update(min_evidence=settings.min_evidence, min_effect=settings.min_effect,
+                    backdoor_found=dec.backdoor_found, max_recurrence_p=settings.max_recurrence_p, forced=clf.forced,
+                    recurrence=({k: getattr(rec, k) for k in ("size", "k", "p_value", "null_group_median",
+                                                              "null_group_p99")} if rec is not None else None),
+                    reason=dec.reason)
+    meta = {k: v for k, v in r.model["metadata"].items() if k not in ("missing_keys", "unexpected_keys")}
     n_unreadable = len(store.errors)
     limit = unreadable_limit(cfg.fail_on, cfg.fail_on_unreadable)
     exit_reasons = ([f"{n_removed} removed, over --fail-on {cfg.fail_on:g}"]
@@ -105,59 +122,62 @@ def _summary(ctx: Context, removed: np.ndarray) -> dict[str, Any]:
     if limit is not None and n_unreadable > limit:
         exit_reasons.append(f"{n_unreadable} sample(s) could not be read and were not scanned, over "
                             f"--fail-on-unreadable {limit}")
-    exit_code = 1 if exit_reasons else 0
-    verdict = "backdoor signal found" if found else \
-        "no backdoor signal (removal forced)" if clf["forced"] else "no backdoor signal"
+    probs = clf.probs
     summary = {
-        "command": "detect", "method": cfg.search.method, "run_dir": str(ctx.run.path), "version": __version__,
+        "command": "detect", "method": cfg.search.method, "run_dir": run_dir, "version": __version__,
         "source": {"spec": cfg.data, "kind": store.source.get("kind"), "n_samples": n + len(store.errors),
                    "n_errors": len(store.errors)},
-        "model": {"checkpoint": cfg.model, "arch": getattr(ctx.encoder, "arch", None), "image_size": ctx.size,
+        "model": {"checkpoint": cfg.model, "arch": r.model["arch"], "image_size": r.model["image_size"],
                   "metadata": meta},
         "counts": {"scanned": n, "scored": len(scores), "removed": n_removed,
                    "removed_fraction": n_removed / n if n else 0.0, "errors": n_unreadable,
                    "unreadable": n_unreadable},
-        "clusters": {"requested": cfg.clusters, "n_clusters": ctx.clustering.n_clusters,
-                     "flip_set": len(ctx.search["flip_set"])},
-        "search": {"rounds": [{k: r[k] for k in ("round", "live_clusters", "scored")} for r in ctx.search["rounds"]],
+        "clusters": {"requested": cfg.clusters, "n_clusters": r.clustering.n_clusters,
+                     "flip_set": len(r.search.flip_set)},
+        "search": {"rounds": [{k: x[k] for k in ("round", "live_clusters", "scored")} for x in r.search.rounds],
                    "n_scored": len(scores)},
-        "top_k": [{"rank": r + 1, "index": i, "id": store.ids[i], "cluster": int(ctx.clustering.labels[i]),
-                   "poison_score": scores[i], "box": boxes[i]} for r, i in enumerate(top)],
-        "top_clusters": _top_clusters(ctx, removed),
+        "top_k": [{"rank": k + 1, "index": i, "id": store.ids[i], "cluster": int(r.clustering.labels[i]),
+                   "poison_score": scores[i], "box": boxes[i]} for k, i in enumerate(top)],
+        "top_clusters": _top_clusters(r),
         "evidence": evidence,
-        "verdict": verdict,
-        "classifier": {"trained": bool(clf["trained"]), "ensemble": int(clf["ensemble"]),
-                       "iterations": int(clf["iterations"]), "val_f1": clf.get("val_f1"),
-                       "rounds": clf.get("rounds"), "refine_by": clf.get("refine_by"),
-                       "threshold": float(clf["threshold"]), "neighbours": int(cfg.decision.neighbours),
-                       "flag_rate": None if ctx.probs is None else float(np.mean(ctx.probs)),
-                       "removed_by_classifier_alone": None if ctx.probs is None else
-                       int((ctx.probs > cfg.decision.threshold).sum()),
-                       "verification": {k: (ctx.verify or {}).get(k) for k in ("min_prob", "bar", "n_candidates",
-                                                                                 "n_verified")}},
-        "picture_match": (ctx.verify or {}).get("picture_match"),
-        "timings": dict(ctx.timings),
+        "verdict": dec.verdict,
+        "classifier": {"trained": bool(clf.trained), "ensemble": int(clf.ensemble),
+                       "iterations": int(clf.iterations), "val_f1": clf.val_f1,
+                       "rounds": clf.rounds, "refine_by": clf.refine_by,
+                       "threshold": float(clf.threshold), "neighbours": int(settings.neighbours),
+                       "flag_rate": None if probs is None else float(np.mean(probs)),
+                       "removed_by_classifier_alone": None if probs is None else
+                       int((probs > settings.threshold).sum()),
+                       "verification": {"min_prob": ver.min_prob, "bar": ver.bar, "n_candidates": ver.n_candidates,
+                                        "n_verified": ver.n_verified}},
+        "picture_match": ver.picture_match.to_json() if ver.picture_match is not None else None,
+        "timings": dict(timings),
         "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",
                   "summary": "summary.json"},
-        "fail_on": cfg.fail_on, "fail_on_unreadable": limit, "exit_code": exit_code, "exit_reasons": exit_reasons,
+        "fail_on": cfg.fail_on, "fail_on_unreadable": limit, "exit_code": 1 if exit_reasons else 0,
+        "exit_reasons": exit_reasons,
     }
     return {key: summary[key] for key in SUMMARY_KEYS}
 
 
-def stage_outputs(ctx: Context) -> dict[str, Any]:
-    run, store = ctx.run, ctx.store
-    removed = removed_of(ctx)
-    top = [int(i) for i in ctx.evidence["top_k"]]
-    ranks = {i: r + 1 for r, i in enumerate(top)}
-    run.write_text("scores.csv", _scores_csv(ctx, removed, ranks))
+def write_outputs(run: RunDir, cfg: DetectConfig, r: ScanResult, timings: dict[str, float],
+                  started: float) -> dict[str, Any]:
+    """The outputs stage (rank 0): ``scores.csv``, ``removed.txt``, ``errors.csv``, the gallery, ``summary.json``
+    and ``report.html``; returns the summary. ``timings`` gains ``outputs`` (from ``started``, a
+    ``time.perf_counter()``), the files before the gallery and report."""
+    store, removed = r.store, r.decision.removed
+    top = [int(i) for i in r.evidence.top_k]
+    ranks = {i: k + 1 for k, i in enumerate(top)}
+    run.write_text("scores.csv", _scores_csv(r, ranks))
     write_removal_list([store.ids[i] for i in np.flatnonzero(removed)], run.file("removed.txt"))
     write_errors_csv(store.errors, run.file("errors.csv"))
-    ctx.timings["outputs"] = time.perf_counter() - ctx.stage_start   # the gallery and report come on top
-    summary = _summary(ctx, removed)
+    timings["outputs"] = time.perf_counter() - started     # the gallery and report come on top
+    summary = summary_of(cfg, str(run.path), r, timings)
     attention = np.load(run.file("attention.npy"), mmap_mode="r")
-    row = {int(e["index"]): j for j, e in enumerate(ctx.search["scored"])}
+    row = {e.index: j for j, e in enumerate(r.search.scored)}
     top_att = {i: np.asarray(attention[row[i]], dtype=np.float32) for i in top}
-    write_gallery(run, store.images, summary, top_att, boxes_of(ctx), removed, ctx.clustering.labels, scores_of(ctx))
+    write_gallery(run, store.images, summary, top_att, r.search.boxes, removed, r.clustering.labels,
+                  r.search.scores)
     run.write_json("summary.json", summary)
     write_report(run, summary)
-    return {"removed": int(removed.sum())}
+    return summary

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from poisonscan.detect.records import Evidence, Recurrence
+
 #: the quantile of the similarities between random windows above which two windows count as alike
 ALIKE_QUANTILE = 0.99
 #: the p-value at which a group counts as recurring (the default of ``decision.max_recurrence_p``)
@@ -139,13 +141,8 @@ def recurrence_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.nda
     }
 
 
-def is_pixel_record(rec: dict[str, Any] | None) -> bool:
-    """Is ``rec`` (an evidence record's ``recurrence``) this module's test?"""
-    return bool(rec) and rec.get("signature") == "pixels"
-
-
-def recurring_group(ev: dict[str, Any], max_p: float) -> dict[str, Any] | None:
+def recurring_group(ev: Evidence, max_p: float) -> Recurrence | None:
     """The evidence record ``ev``'s recurrence test when it found a recurring picture (``p <= max_p``), else None:
     what the evidence gate, the classifier's positives and the picture match all ask."""
-    rec = ev.get("recurrence")
-    return rec if is_pixel_record(rec) and rec["p_value"] <= max_p else None
+    rec = ev.recurrence
+    return rec if rec is not None and rec.p_value <= max_p else None

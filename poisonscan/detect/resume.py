@@ -15,12 +15,13 @@ from typing import Any
 from poisonscan import __version__
 from poisonscan import runtime as rt
 from poisonscan.config import DetectConfig
-from poisonscan.detect.context import STAGES
 from poisonscan.errors import UsageError
 from poisonscan.runs import RunDir, absolute_settings, config_record, create_run, lock_run
 from poisonscan.settings import sections
 
 
+#: the detect stages in order (each leaves ``stages/<stage>.done`` in the run folder)
+STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "verify", "outputs")
 SECTIONS = sections(DetectConfig)
 
 

@@ -1,11 +1,12 @@
-"""A detect run from Python: :func:`scan` runs one, :class:`DetectRun` reads a finished or partial one.
+"""A detect run folder read from Python: :class:`DetectRun` (``poisonscan.scan`` runs one and returns it).
 
-    from poisonscan.detect.run import DetectRun, scan
-    run = scan("data/train", "encoder.safetensors", out="runs/detect/scan1", masks=64, min_effect=0.1)
-    run.verdict, run.removed[:5], run.scores["poison_score"], run.evidence["z"]
-    run = DetectRun.load("runs/detect/scan1")        # the same object from the folder
+    import poisonscan
+    run = poisonscan.scan("data/train", "encoder.safetensors", out="runs/detect/scan1", masks=64)
+    run.verdict, run.removed[:5], run.scores["poison_score"], run.evidence.z, run.search.scored[0].box
+    run = poisonscan.DetectRun.load("runs/detect/scan1")        # the same object from the folder
 
-Settings are named as in :func:`poisonscan.settings.configure` (a section's setting by its own name or dotted).
+The stage records are the typed records of detect/records.py; ``eval``, ``clean`` and ``report`` read runs through
+this class.
 """
 
 from __future__ import annotations
@@ -15,17 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from poisonscan.config import DetectConfig, detect_config
-from poisonscan.detect.context import STAGES
-from poisonscan.detect.pipeline import run_detect
-from poisonscan.detect.resume import read_run_config
+import numpy as np
+
+from poisonscan.config import DetectConfig
+from poisonscan.detect.records import ClassifierResult, Evidence, Record, SearchResult, Verification
+from poisonscan.detect.resume import STAGES, read_run_config
 from poisonscan.detect.scores import ScoreTable, read_scores
 from poisonscan.errors import DataError, UsageError
-from poisonscan.settings import dotted_names, resolve_config
+from poisonscan.settings import resolve_config
 
-#: the stage records of a run folder, by name
-RECORDS = {"search": "search.json", "evidence": "evidence.json", "classifier": "classifier.json",
-           "verify": "verify.json", "summary": "summary.json"}
+#: the stage records of a run folder, by name: file, record type (``None``: a plain JSON object) and the arrays
+#: kept beside it
+RECORDS: dict[str, tuple[str, type[Record] | None, dict[str, str]]] = {
+    "search": ("search.json", SearchResult, {}),
+    "evidence": ("evidence.json", Evidence, {}),
+    "classifier": ("classifier.json", ClassifierResult, {"probs": "classifier_probs.npy"}),
+    "verify": ("verify.json", Verification, {"match": "picture_match.npy"}),
+    "summary": ("summary.json", None, {}),
+}
 
 
 @dataclass
@@ -52,29 +60,35 @@ class DetectRun:
     def finished(self) -> bool:
         return "outputs" in self.done
 
-    def record(self, name: str) -> dict[str, Any] | None:
-        """The JSON record ``name`` (one of :data:`RECORDS`) of a finished stage; ``None`` before it ran."""
+    def record(self, name: str) -> Any:
+        """The record ``name`` (one of :data:`RECORDS`) of a finished stage, typed (``summary``: the JSON object);
+        ``None`` before it ran."""
         if name not in RECORDS:
             raise KeyError(f"no record {name!r}: one of {', '.join(RECORDS)}")
         if name not in self._cache:
-            file = self.path / RECORDS[name]
+            file_name, kind, arrays = RECORDS[name]
+            file = self.path / file_name
             stage = "outputs" if name == "summary" else name
             if stage not in self.done or not file.is_file():
                 return None
             try:
-                self._cache[name] = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
+                doc = json.loads(file.read_text(encoding="utf-8"))
+                loaded = {k: np.load(self.path / f, allow_pickle=False) if (self.path / f).is_file() else None
+                          for k, f in arrays.items()}
+                self._cache[name] = doc if kind is None else kind.from_json(doc, **loaded)
+            except (OSError, ValueError, TypeError) as exc:
                 raise DataError(f"cannot read {file}: {exc}") from None
         return self._cache[name]
 
     def _record_property(name: str) -> property:  # type: ignore[misc]
-        return property(lambda self: self.record(name), doc=f"``{RECORDS[name]}`` (``None`` before it is written)")
+        return property(lambda self: self.record(name),
+                        doc=f"``{RECORDS[name][0]}`` (``None`` before it is written)")
 
     summary = _record_property("summary")
-    search = _record_property("search")
-    evidence = _record_property("evidence")
-    classifier = _record_property("classifier")
-    verify = _record_property("verify")
+    search = _record_property("search")             # SearchResult
+    evidence = _record_property("evidence")         # Evidence
+    classifier = _record_property("classifier")     # ClassifierResult (with ``probs``)
+    verify = _record_property("verify")             # Verification (with ``match``)
     del _record_property
 
     @property
@@ -86,6 +100,11 @@ class DetectRun:
     def reason(self) -> str | None:
         """The one line that says why the run decided as it did."""
         return ((self.summary or {}).get("evidence") or {}).get("reason")
+
+    @property
+    def config_record(self) -> dict[str, Any]:
+        """The run's ``config.json`` as written (its settings and the version)."""
+        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
 
     @property
     def scores(self) -> ScoreTable:
@@ -106,24 +125,3 @@ class DetectRun:
         if not self.finished:
             raise UsageError(f"detect run {self.path} has no {what} yet (stages done: {', '.join(self.done) or 'none'}"
                              "; resume it with --resume)")
-
-
-def scan(data: str | Path | None, model: str | Path | None, out: str | Path | None = None,
-         preset: str | None = None, config: str | Path | None = None, **settings: Any) -> DetectRun | None:
-    """Run detect on ``data`` with the threat model ``model`` and return the run (``None`` on ranks > 0 under
-    torchrun): the ``preset``'s settings (the defaults when none), then the ``config`` file, then ``settings``
-    (``masks=64``, ``min_effect=0.1``, ``device="cpu"``; see :func:`poisonscan.settings.configure`). With
-    ``resume=RUN`` the run's own settings replace the preset and the file, and ``settings`` change them."""
-    given = {"data": data, "model": model, "out": out, **settings}
-    flags = dotted_names(DetectConfig, {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()})
-    quiet = bool(settings.pop("quiet", True))
-    if settings.get("resume") is not None:
-        if preset is not None or config is not None:
-            raise UsageError("resume continues with the run's own settings: give changes as settings, not a preset "
-                             "or a config file")
-        saved = read_run_config(Path(settings["resume"]))
-        cfg = resolve_config(DetectConfig, None, flags, tables=[("config.json", saved)])
-    else:
-        cfg = detect_config(preset, config, flags)
-    summary = run_detect(cfg, quiet=quiet)
-    return DetectRun.load(summary["run_dir"]) if summary else None

@@ -1,4 +1,6 @@
-"""Poisonous image search (PoisonCAM IV-C): flip test set, poison scores and the iterative cluster search."""
+"""Poisonous image search (PoisonCAM IV-C): flip test set, poison scores, the iterative cluster search, and the
+search stage (:func:`run_search`) that puts them together with the candidate windows of detect/masking.py (or
+detect/gradcam.py for PatchSearch)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from poisonscan import runtime as rt
-from poisonscan.settings import PAPER, above, at_least, between, one_of
 from poisonscan.detect.clustering import ASSIGN_CHUNK, Clustering
 from poisonscan.detect.features import encode, eval_mode, prepare_encoder
-from poisonscan.detect.masking import STRATEGIES
+from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
+from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
+                                       make_masks)
+from poisonscan.detect.records import ScoredImage, SearchResult
+from poisonscan.detect.seeds import derive_seed, torch_gen
+from poisonscan.settings import PAPER, above, at_least, between, one_of
 
 METHODS = ("poisoncam", "patchsearch")
 RULES = ("changed", "to_source")
@@ -187,7 +193,7 @@ def poison_scores(encoder: nn.Module, clustering: Clustering, flip_images_u8: Te
 # -- iterative search ---------------------------------------------------------------------------------------------
 
 @dataclass
-class SearchResult:
+class SearchRounds:
     """Every poison score computed by the search (``scores``: image index -> score), the ``order`` in which images
     were scored, one entry per round in ``rounds`` and the final aggregated ``cluster_scores``."""
 
@@ -216,8 +222,8 @@ def iterative_search(cluster_labels: np.ndarray, score_fn: Callable[[np.ndarray]
                      samples_per_cluster: int = PAPER.samples_per_cluster,
                      drop_fraction: float = PAPER.drop_fraction, generator: np.random.Generator | int = 0,
                      already_scored: dict[int, int] | None = None,
-                     on_round: Callable[[SearchResult], None] | None = None, aggregate: str = "sum",
-                     stop_below: int = 1) -> SearchResult:
+                     on_round: Callable[[SearchRounds], None] | None = None, aggregate: str = "sum",
+                     stop_below: int = 1) -> SearchRounds:
     """Heuristic search of IV-C: score a few images per live cluster each round, drop the least poisonous clusters.
 
     The visiting order inside every cluster is one random permutation drawn up front from ``generator``. Each round
@@ -243,7 +249,7 @@ def iterative_search(cluster_labels: np.ndarray, score_fn: Callable[[np.ndarray]
         queues[int(c)] = members[rng.permutation(members.shape[0])]
     pointer = {c: 0 for c in queues}
     live = sorted(queues)
-    result = SearchResult()
+    result = SearchRounds()
     per_cluster: dict[int, list[int]] = {c: [] for c in queues}
     rnd = 0
     while live and len(live) >= stop_below:
@@ -282,3 +288,122 @@ def iterative_search(cluster_labels: np.ndarray, score_fn: Callable[[np.ndarray]
 def top_k(scores: dict[int, int], k: int = PAPER.top_k) -> list[int]:
     """The ``k`` highest-scoring image indices, ties broken by the smaller index (deterministic)."""
     return [i for i, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:max(0, int(k))]]
+
+
+# -- the flip test and the search stage ---------------------------------------------------------------------------
+
+@dataclass
+class FlipTest:
+    """The flip test set (``index``: its image indices; ``images`` uint8, ``labels`` their clusters) and what
+    scores a window on it: the threat model, the clustering and the score ``rule``. Shared by the search, the
+    evidence and the verify stages."""
+
+    encoder: nn.Module
+    clustering: Clustering
+    index: np.ndarray
+    images: Tensor
+    labels: Tensor
+    runtime: rt.Runtime
+    seed: int
+    rule: str = "changed"
+    batch_size: int = 256
+
+    @classmethod
+    def of(cls, encoder: nn.Module, clustering: Clustering, store_images: Tensor, index: np.ndarray,
+           runtime: rt.Runtime, seed: int, rule: str, batch_size: int) -> FlipTest:
+        """The flip test on the images ``index`` of ``store_images`` (:func:`flip_test_set` chooses them)."""
+        index = np.asarray(index, dtype=np.int64)
+        return cls(encoder, clustering, index, store_images[torch.as_tensor(index)],
+                   torch.as_tensor(clustering.labels[index]), runtime, seed, rule, batch_size)
+
+    def scores(self, patches: Tensor, sources: np.ndarray | None, *tags: Any, split: bool = True) -> np.ndarray:
+        """Poison scores of ``patches`` (n x 3 x w x w; ``sources``: their images' clusters, for "to_source");
+        positions drawn from ``(seed, "paste", *tags)`` before the candidates are split across ranks
+        (``split=False``: all on this rank, for the stages rank 0 runs alone)."""
+        positions = draw_positions(len(patches), len(self.images), torch_gen(self.seed, "paste", *tags))
+
+        def work(shard: range) -> np.ndarray:
+            sl = slice(shard.start, shard.stop)
+            return poison_scores(self.encoder, self.clustering, self.images, self.labels, patches[sl], self.runtime,
+                                 None, batch_size=self.batch_size, rule=self.rule,
+                                 source_clusters=sources[sl] if self.rule == "to_source" else None,
+                                 positions=positions[sl], quiet=True)
+
+        parts = (rt.split_gather(self.runtime, len(patches), work) if split
+                 else [work(range(len(patches)))])
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def candidate_windows(method: str, encoder: nn.Module, clustering: Clustering, images: Tensor, indices: np.ndarray,
+                      masks: Tensor, window: int, runtime: rt.Runtime,
+                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate windows of the images ``indices`` (cluster activation masking, or Grad-CAM for
+    ``method="patchsearch"``), split across ranks: (attention float16 n x S x S, boxes n x 4, eta n)."""
+    def work(shard: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        imgs = images[torch.as_tensor(indices[shard.start:shard.stop])]
+        if method == "patchsearch":
+            att, boxes, eta = gradcam_candidates(encoder, clustering, imgs, window, runtime,
+                                                 batch_size=gradcam_batch_size(batch_size))
+        else:
+            att, boxes, eta = cluster_activation_masking(encoder, clustering, imgs, masks, runtime,
+                                                         batch_size=batch_size, window=window)
+        return att.numpy().astype(np.float16), boxes.numpy().astype(np.int64), eta.numpy().astype(np.int64)
+
+    parts = rt.split_gather(runtime, len(indices), work)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]))
+
+
+SearchHook = Callable[[SearchResult, "np.ndarray | None"], None]
+
+
+def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window: int, image_size: int,
+               quiet: bool = True, saved: SearchResult | None = None,
+               on_round: SearchHook | None = None) -> SearchResult:
+    """The search stage: the iterative search (:func:`iterative_search`) over ``flip.clustering``'s clusters, each
+    image scored by its candidate window's poison score on ``flip``. ``saved`` (a killed search's record) keeps the
+    scores it holds, so the search repeats its rounds without recomputing them; ``on_round(record, attention)``
+    gets the record so far and the attention maps of the images the round scored (``None`` when none were)."""
+    masks = make_masks(MaskingConfig(settings.masks, window, settings.mask_strategy, batch_size=flip.batch_size),
+                       image_size, torch_gen(flip.seed, "masks"))
+    entries: dict[int, ScoredImage] = {e.index: e for e in (saved.scored if saved else [])}
+    labels = flip.clustering.labels
+    state: dict[str, Any] = {"rounds_done": 0, "pending": None}
+
+    def score_fn(indices: np.ndarray) -> np.ndarray:
+        rnd = state["rounds_done"] + 1
+        att, boxes, eta = candidate_windows(settings.method, flip.encoder, flip.clustering, images, indices, masks,
+                                            window, flip.runtime, flip.batch_size)
+        patches = cut_windows(images[torch.as_tensor(indices)], torch.as_tensor(boxes))
+        scores = flip.scores(patches, labels[indices], "round", rnd)
+        for j, i in enumerate(indices):
+            entries[int(i)] = ScoredImage(int(i), int(scores[j]), [int(v) for v in boxes[j]], int(eta[j]),
+                                          int(labels[i]), rnd)
+        state["pending"] = att
+        return scores
+
+    def record(rounds: SearchRounds, completed: bool) -> SearchResult:
+        return SearchResult(
+            completed=completed, method=settings.method, window=int(window), n_masks=settings.masks,
+            mask_strategy=settings.mask_strategy, rule=settings.score_rule, aggregate=settings.aggregate,
+            flip_set=[int(i) for i in flip.index],
+            rounds=[{k: r[k] for k in ("round", "live_clusters", "scored", "retired", "dropped") if k in r}
+                    for r in rounds.rounds],
+            scored=[entries[i] for i in rounds.order],
+            cluster_scores=[[int(c), float(s)] for c, s in sorted(rounds.cluster_scores.items())])
+
+    def round_done(rounds: SearchRounds) -> None:
+        state["rounds_done"] = rnd = len(rounds.rounds)
+        pending, state["pending"] = state["pending"], None
+        bar.update(info=f"round {rnd}: {rounds.rounds[-1]['live_clusters']} live clusters, "
+                        f"{len(rounds.order)} scored")
+        bar.advance(rounds.rounds[-1]["scored"])
+        if on_round is not None:
+            on_round(record(rounds, completed=False), pending)
+
+    with rt.progress("search", total=None, quiet=quiet) as bar:
+        rounds = iterative_search(labels, score_fn, settings.samples_per_cluster, settings.drop_fraction,
+                                  np.random.default_rng(derive_seed(flip.seed, "search")),
+                                  already_scored={i: e.poison_score for i, e in entries.items()},
+                                  on_round=round_done, aggregate=settings.aggregate)
+    return record(rounds, completed=True)

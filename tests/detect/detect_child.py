@@ -19,11 +19,11 @@ import tests.detect.detect_toys  # noqa: F401  (registers the toy encoder)
 
 import torch
 
-from poisonscan.detect import context
+from poisonscan.detect import search
 
 
 def _stall_in_round(n: int, ready: Path) -> None:
-    original = context.cluster_activation_masking
+    original = search.cluster_activation_masking
     calls = {"n": 0}
 
     def masking(encoder, clustering, imgs, *args, **kwargs):
@@ -34,7 +34,7 @@ def _stall_in_round(n: int, ready: Path) -> None:
             time.sleep(600)
         return original(encoder, clustering, imgs, *args, **kwargs)
 
-    context.cluster_activation_masking = masking
+    search.cluster_activation_masking = masking
 
 
 def main(argv: list[str]) -> None:

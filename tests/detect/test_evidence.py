@@ -8,6 +8,12 @@ import torch
 
 from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_topk_medians, effect_of, effect_size,
                                         evidence_gate, evidence_z, null_pool, null_windows, topk_spread)
+from poisonscan.detect.records import Evidence
+
+
+def gate(ev: dict, *args: float, **kwargs: float) -> tuple[bool, str]:
+    """The gate on the evidence record of the JSON object ``ev``."""
+    return evidence_gate(Evidence.from_json(ev), *args, **kwargs)
 
 
 def test_null_windows_are_cut_from_the_images() -> None:
@@ -133,7 +139,7 @@ def test_a_spread_out_top_k_over_a_tight_null_needs_the_effect_test() -> None:
     null = np.r_[np.full(250, 30.0), np.full(6, 75.0)]
     ev = backdoor_evidence(CLEAN_TOPK, null, n_scored=1548, n_flip=189, n_boot=300)
     assert ev["null_median"] == 75.0 and ev["z"] > 3 and ev["effect"] == pytest.approx(6.5 / 114)
-    assert not evidence_gate(ev, 3.0, 0.15)[0]
+    assert not gate(ev, 3.0, 0.15)[0]
 
 
 def test_evidence_rejects_empty_inputs() -> None:
@@ -148,11 +154,11 @@ def test_significant_but_small_effect_fails_the_gate() -> None:
     null = np.r_[np.full(250, 30.0), np.full(6, 75.0)]
     ev = backdoor_evidence(np.full(20, 81.0), null, n_scored=1500, n_flip=189, n_boot=300)
     assert ev["z"] > 3 and ev["effect"] == pytest.approx((81 - 75) / (189 - 75))
-    found, reason = evidence_gate(ev, min_evidence=3.0, min_effect=0.15)
+    found, reason = gate(ev, min_evidence=3.0, min_effect=0.15)
     assert not found and "minimum effect 15%" in reason and "5.3%" in reason
-    assert evidence_gate(ev, min_evidence=3.0, min_effect=0.0)[0]
+    assert gate(ev, min_evidence=3.0, min_effect=0.0)[0]
     strong = backdoor_evidence(np.full(20, 110.0), null, n_scored=1500, n_flip=189, n_boot=300)
-    found, reason = evidence_gate(strong, 3.0, 0.15)
+    found, reason = gate(strong, 3.0, 0.15)
     assert found and reason.startswith("backdoor signal: z = ") and "30.7%" in reason
 
 
@@ -163,14 +169,14 @@ def test_effect_is_measured_against_the_headroom_the_null_leaves() -> None:
     assert effect_size(100, 100, 100) == 0.0 and effect_size(90, 95, 100) == pytest.approx(-1.0)
 
 
-def test_gate_reports_low_z_first_and_reads_old_evidence_files() -> None:
-    found, reason = evidence_gate({"z": 1.2, "effect": 0.5}, 3.0, 0.15)
+def test_gate_reports_low_z_first_and_computes_the_effect_from_the_record() -> None:
+    found, reason = gate({"z": 1.2, "effect": 0.5}, 3.0, 0.15)
     assert not found and reason == "no backdoor signal: z = 1.20 is below the minimum evidence 3"
-    old = {"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189}    # written before ``effect``
-    assert effect_of(old) == pytest.approx(0.3) and evidence_gate(old, 3.0, 0.15)[0]
-    # a record with the first (whole-flip-set) effect is recomputed from its fields
-    assert effect_of({**old, "effect": 36 / 189}) == pytest.approx(0.3)
-    assert effect_of({"z": 5.0, "topk_median": 1.0, "null_median": 0.0, "n_flip": 0, "effect": 0.25}) == 0.25
+    rec = {"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189}
+    assert effect_of(Evidence.from_json(rec)) == pytest.approx(0.3) and gate(rec, 3.0, 0.15)[0]
+    assert effect_of(Evidence.from_json({**rec, "effect": 36 / 189})) == pytest.approx(0.3)     # from the fields
+    no_flip = {"z": 5.0, "topk_median": 1.0, "null_median": 0.0, "n_flip": 0, "effect": 0.25}
+    assert effect_of(Evidence.from_json(no_flip)) == 0.25
 
 
 def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
@@ -180,19 +186,19 @@ def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
                            n_boot=300)
     assert ev["z"] > 3 and ev["effect"] < 0.15
-    found, reason = evidence_gate(ev, 3.0, 0.15)
+    found, reason = gate(ev, 3.0, 0.15)
     assert not found and reason.endswith("and the record has no recurrence test")
     weak = {**ev, "recurrence": {"signature": "pixels", "size": 3, "k": 20, "null_group_p99": 5.0, "p_value": 0.4}}
-    found, reason = evidence_gate(weak, 3.0, 0.15)
+    found, reason = gate(weak, 3.0, 0.15)
     assert not found and "no picture recurs among the top-k (largest group 3 of 20" in reason
     strong = {**ev, "recurrence": {**weak["recurrence"], "size": 13, "p_value": 0.001}}
-    found, reason = evidence_gate(strong, 3.0, 0.15)
+    found, reason = gate(strong, 3.0, 0.15)
     assert found and "13 of the top 20 windows show one picture" in reason and "below the minimum effect" in reason
-    found, reason = evidence_gate(strong, 3.0, 0.15, max_recurrence_p=0.0)          # 0: the effect alone decides
+    found, reason = gate(strong, 3.0, 0.15, max_recurrence_p=0.0)          # 0: the effect alone decides
     assert not found and reason.endswith("a recurring picture is not asked for (decision.max_recurrence_p = 0)")
-    assert not evidence_gate({**strong, "z": 2.0}, 3.0, 0.15)[0]                      # z still needed
+    assert not gate({**strong, "z": 2.0}, 3.0, 0.15)[0]                      # z still needed
     other = {**strong, "recurrence": {**strong["recurrence"], "signature": "destinations"}}
-    assert not evidence_gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one
+    assert not gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one
     big = {**strong, "effect": 0.5, "topk_median": 200.0}
-    found, reason = evidence_gate(big, 3.0, 0.15)
+    found, reason = gate(big, 3.0, 0.15)
     assert found and "13 of the top 20 windows show one picture" in reason

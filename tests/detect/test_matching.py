@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from poisonscan import runtime as rt
+from poisonscan.detect.records import PictureMatch
 from poisonscan.detect.matching import best_match, match_threshold, match_verdict
 from poisonscan.detect.recurrence import window_similarity
 
@@ -73,11 +76,12 @@ def test_a_picture_no_image_holds_apart_withdraws_a_recurrence_only_signal() -> 
     reason = ("backdoor signal: z = 5.00, 7 of the top 20 windows show one picture (random windows: groups of up to "
               "5, p = 0.002); the top-k move 1.0% of the flip-set images random windows leave in place, below the "
               "minimum effect 15%")
-    common = {"threshold": 1.36, "bar": 0.875, "outlier_bar": 1.36, "templates": 7, "contain": 0}
+    common = PictureMatch(threshold=1.36, bar=0.875, outlier_bar=1.36, templates=7, contain=0, flagged_without=0,
+                          added=0)
     found, why = match_verdict(True, reason, common, effect=0.01, min_effect=0.15)
     assert not found and why.startswith("no backdoor signal: z = 5.00, 7 of the top 20") and "common pattern" in why
     # a picture some images hold, a signal the effect carries, or no search at all: the gate's verdict stands
-    assert match_verdict(True, reason, {**common, "contain": 250}, 0.01, 0.15) == (True, reason)
+    assert match_verdict(True, reason, dataclasses.replace(common, contain=250), 0.01, 0.15) == (True, reason)
     assert match_verdict(True, reason, common, 0.2, 0.15) == (True, reason)
     assert match_verdict(True, reason, None, 0.01, 0.15) == (True, reason)
     assert match_verdict(False, "no backdoor signal: z", common, 0.01, 0.15) == (False, "no backdoor signal: z")

@@ -16,7 +16,7 @@ from tests.detect.detect_toys import iou, make_poisoned_folder, save_toy_checkpo
 from poisonscan.config import DetectConfig
 from poisonscan import __version__
 from poisonscan.config import validate_config
-from poisonscan.detect import context as C
+from poisonscan.detect import seeds as S
 from poisonscan.detect import outputs as O
 from poisonscan.detect import pipeline as P
 from poisonscan.detect import resume as R
@@ -106,7 +106,7 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
                  "ids.json", "clusters.npz", "search.json", "attention.npy", "evidence.json",
                  "classifier.safetensors", "errors.csv", "gallery/topk.png", "report.html", "summary.json"):
         assert (run / name).is_file(), name
-    assert {p.stem for p in (run / "stages").glob("*.done")} == set(C.STAGES)
+    assert {p.stem for p in (run / "stages").glob("*.done")} == set(R.STAGES)
     assert not (run / "search").exists()              # per-round chunks folded into attention.npy
     search = json.loads((run / "search.json").read_text())
     attention = np.load(run / "attention.npy")
@@ -116,7 +116,7 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     assert set(summary) >= {"command", "method", "run_dir", "version", "source", "model", "counts", "clusters",
                             "search", "top_k", "top_clusters", "evidence", "classifier", "timings", "files",
                             "fail_on", "exit_code"}
-    assert set(summary["timings"]) == set(C.STAGES)
+    assert set(summary["timings"]) == set(R.STAGES)
     assert summary["top_clusters"][0]["removed"] >= 18 and summary["exit_code"] == 0
 
 
@@ -231,7 +231,7 @@ def test_resume_reruns_from_the_first_stage_a_changed_setting_shapes():
     for f in fields(DetectConfig):
         if f.name not in ("out", "resume", "overwrite", "trust_checkpoint", "batch_size", "device", "precision",
                           "quiet", "preset"):
-            assert f.metadata.get("stage") in C.STAGES, f.name
+            assert f.metadata.get("stage") in R.STAGES, f.name
 
 
 def test_resume_refuses_a_run_of_another_version(toy, tmp_path, runtime):
@@ -395,7 +395,7 @@ def test_config_validation_and_fail_on():
     assert O.fail_on_exceeded(0, 1, 100) and not O.fail_on_exceeded(0, 0, 100)
     assert O.fail_on_exceeded(0.05, 6, 100) and not O.fail_on_exceeded(0.05, 5, 100)
     assert O.fail_on_exceeded(10, 11, 1000) and not O.fail_on_exceeded(10, 10, 1000)
-    assert C.derive_seed(0, "masks") == C.derive_seed(0, "masks") != C.derive_seed(1, "masks")
+    assert S.derive_seed(0, "masks") == S.derive_seed(0, "masks") != S.derive_seed(1, "masks")
 
 
 def _free_port() -> int:

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poisonscan.detect.recurrence import (COMPARE_SIZE, is_pixel_record, largest_group, recurrence_test,
+from poisonscan.detect.records import Evidence
+from poisonscan.detect.recurrence import (COMPARE_SIZE, largest_group, recurrence_test,
                                           window_similarity)
 
 W = 9
@@ -64,12 +65,12 @@ def test_copies_of_a_trigger_recur_and_random_windows_do_not():
     null = _natural(rng, 1024)
     top = torch.cat([_copies(rng, trigger, 12), _natural(rng, 8)])          # an impure top-20: 12 copies
     rec = recurrence_test(top, null, n_boot=300, seed=0)
-    assert rec["signature"] == "pixels" and is_pixel_record(rec)
+    assert rec["signature"] == "pixels" and Evidence.from_json({"recurrence": rec}).recurrence.size == rec["size"]
     assert rec["size"] >= 12 and set(rec["members"]) >= set(range(12)) and rec["members"][0] < 12
     assert rec["p_value"] < 0.01 and rec["null_group_p99"] < 5 and rec["n_reference"] == 256 and rec["k"] == 20
     clean = recurrence_test(_natural(rng, 20), null, n_boot=300, seed=0)
     assert clean["size"] < 5 and clean["p_value"] > 0.05
-    assert not is_pixel_record(None) and not is_pixel_record({"signature": "destinations"})
+    assert Evidence.from_json({"recurrence": {**rec, "signature": "destinations"}}).recurrence is None  # another test
 
 
 def test_too_few_random_windows_give_no_evidence():

@@ -33,8 +33,9 @@ def test_scan_returns_the_run_and_load_reads_it_back(tmp_path: Path) -> None:
     assert len(scores) == 200 and scores.ids[:1] == [run.summary["top_k"][0]["id"]] or len(scores) == 200
     assert set(np.asarray(scores.ids)[scores.removed]) == set(run.removed)
     assert np.isfinite(scores["poison_score"]).sum() == run.summary["counts"]["scored"]
-    assert scores.boxes.shape == (200, 4) and run.evidence["z"] == run.summary["evidence"]["z"]
-    assert run.classifier["trained"] and run.search["completed"] and run.verify is not None
+    assert scores.boxes.shape == (200, 4) and run.evidence.z == run.summary["evidence"]["z"]
+    assert run.classifier.trained and run.search.completed and run.verify is not None
+    assert run.classifier.probs.shape == (200,) and run.search.scored[0].poison_score == run.search.scores[run.search.scored[0].index]
     again = DetectRun.load(tmp_path / "run")
     assert again.config == run.config and again.removed == run.removed
     # a changed setting on resume reruns what it shapes
