@@ -240,11 +240,22 @@ DETECT_FLAGS = {"search.method": "--method", "search.masks": "--masks", "search.
                 "search.flip_size": "--flip-size", "decision.force": "--force"}
 
 
+def _file_preset(file: Path | str | None) -> str | None:
+    """The ``preset`` a detect config file names (a preset's name, checked by :func:`preset_table`)."""
+    if file is None:
+        return None
+    name = read_table(file, "detect").get("preset")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{file}: preset must be a preset's name, one of {', '.join(presets())}")
+    return name
+
+
 def detect_config(preset: str | None = None, file: Path | str | None = None,
                   flags: dict[str, Any] | None = None) -> DetectConfig:
-    """``detect``'s settings: the dataclass defaults, then the preset (``default`` when none is named), then the
-    config file, then the flags (``section.key`` names a section's setting)."""
-    name = preset or "default"
+    """``detect``'s settings: the dataclass defaults, then the preset, then the config file, then the flags
+    (``section.key`` names a section's setting). The preset is ``preset`` (``--preset``), else the config file's
+    ``preset`` key, else ``default``."""
+    name = preset or _file_preset(file) or "default"
     return resolve_config(DetectConfig, file, {**(flags or {}), "preset": name}, tables=[preset_table(name)],
                           flag_names=DETECT_FLAGS)
 

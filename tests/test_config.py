@@ -110,6 +110,13 @@ def test_layers_flags_and_assignments(tmp_path: Path) -> None:
     cfg = detect_config("paper", path, {"search.masks": 16, "clusters": None})
     assert (cfg.clusters, cfg.search.masks, cfg.decision.min_effect) == (50, 16, 0.1)   # flags win, None is unset
     assert cfg.search.score_rule == "changed" and cfg.preset == "paper"                   # the rest from the preset
+    path.write_text('[detect]\npreset = "paper"\nclusters = 50\n')                  # a file may name its preset
+    named = detect_config(None, path)
+    assert named.preset == "paper" and named.classifier.ensemble == 1 and named.clusters == 50
+    assert detect_config("default", path).classifier.ensemble == 3                       # --preset wins
+    path.write_text('[detect]\npreset = "../../etc/passwd"\n')
+    with pytest.raises(ConfigError, match="choose one of default, paper, patchsearch"):
+        detect_config(None, path)
     assert parse_assignment("decision.min_effect=0.1") == ("decision.min_effect", 0.1)
     assert parse_assignment("classifier.refine_by=p") == ("classifier.refine_by", "p")
     assert parse_assignment("decision.match_picture = false") == ("decision.match_picture", False)
