@@ -12,7 +12,7 @@ import torch
 
 from poisonscan.detect.evidence import Z_SCALE, effect_of, evidence_z, null_pool, null_sources, topk_spread
 from poisonscan.detect.records import Evidence
-from poisonscan.detect.search import torch_generator
+from poisonscan.detect.fliptest import torch_generator
 
 
 def replay_null_sources(generator: torch.Generator | int, n_images: int, n: int, labels: np.ndarray,

@@ -26,7 +26,7 @@ from torch import nn
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.features import eval_mode, normalise_u8, prepare_encoder
 from poisonscan.detect.masking import MaskingConfig, cluster_activation_masking, make_masks, window_pixels
-from poisonscan.detect.search import poison_scores
+from poisonscan.detect.fliptest import poison_scores
 from poisonscan.runtime import Runtime, setup_runtime, synchronize
 
 

@@ -15,7 +15,9 @@ negatives) get a pasted window of another image, so pasting alone is not evidenc
 without the negatives the first classifier flags (the poisons the search never scored).
 
 The network and its safe persistence are detect/poison_net.py, the batched augmentation detect/augment.py; the
-classifier stage (:func:`run_classifier`) asks the evidence gate first and trains only with a backdoor signal.
+classifier stage (:func:`run_classifier`) asks the evidence gate first and trains only with a backdoor signal. Its
+length is the split, the training loop, the refinement rounds and the stage that runs them, which share the
+settings and the tensors of one training.
 """
 
 from __future__ import annotations

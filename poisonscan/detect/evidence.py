@@ -45,7 +45,8 @@ from torch import Tensor
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.records import Evidence, SearchResult
 from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test, recurring_group
-from poisonscan.detect.search import FlipTest, top_k, torch_generator
+from poisonscan.detect.fliptest import FlipTest, torch_generator
+from poisonscan.detect.search import top_k
 from poisonscan.detect.seeds import torch_gen
 from poisonscan.settings import PAPER, at_least, one_of
 

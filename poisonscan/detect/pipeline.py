@@ -45,6 +45,7 @@ from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmea
 from poisonscan.detect.decision import decide, removal_flags
 from poisonscan.detect.evidence import run_evidence
 from poisonscan.detect.features import extract_features, prepare_encoder
+from poisonscan.detect.fliptest import FlipTest, flip_test_set
 from poisonscan.detect.masking import window_pixels
 from poisonscan.detect.neighbours import nearest_neighbours
 from poisonscan.detect.outputs import ScanResult, write_outputs
@@ -52,7 +53,7 @@ from poisonscan.detect.poison_net import classifier_bytes, load_classifier
 from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult, Verification
 from poisonscan.detect.resume import STAGES, open_run, read_run_config
 from poisonscan.detect.run import DetectRun
-from poisonscan.detect.search import FlipTest, flip_test_set, run_search
+from poisonscan.detect.search import run_search
 from poisonscan.detect.verification import run_verify
 from poisonscan.errors import DataError, UsageError
 from poisonscan.models.checkpoints import load_encoder

@@ -34,7 +34,7 @@ from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.matching import find_picture
 from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult, VerifiedFlag, Verification
 from poisonscan.detect.recurrence import recurring_group
-from poisonscan.detect.search import FlipTest
+from poisonscan.detect.fliptest import FlipTest
 from poisonscan.runtime import Runtime
 
 #: occlusion positions per side (the stride is the free range divided by this, at least one pixel)
