@@ -203,7 +203,9 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float,
     group = (f"{rec.size} of the top {rec.k} windows show one picture (random windows: groups of up to "
              f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})" if rec else "")
     if z < min_evidence:
-        return False, f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}"
+        return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g} (the best "
+                       "windows the search found move the flip set hardly more than random windows do: the threat "
+                       "model responds to no trigger, or learned it too weakly to find)")
     if effect >= min_effect:
         return True, f"backdoor signal: z = {z:.2f}, {moved}" + (f"; {group}" if recurring else "")
     if recurring:
@@ -216,7 +218,9 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float,
     else:
         why = (f"and no picture recurs among the top-k (largest group {rec.size} of {rec.k}; random windows: "
                f"up to {rec.null_group_p99:g}, p = {rec.p_value:.3f})")
-    return False, f"no backdoor signal: {moved}, below the minimum effect {100 * min_effect:g}%, {why}"
+    return False, (f"no backdoor signal: {moved}, below the minimum effect {100 * min_effect:g}%, {why}: a "
+                   "response this small without a recurring picture is what clean data, or a weakly learned trigger, "
+                   "gives")
 
 
 # -- the evidence stage -------------------------------------------------------------------------------------------
