@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,3 +123,24 @@ def _feature_dim(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime) -> 
         images_u8 = torch.zeros(1, 3, size, size, dtype=torch.uint8)
     with eval_mode(encoder):
         return int(encode(encoder, images_u8[:1], runtime).shape[1])
+
+
+class ForwardCounter:
+    """Counts the images the threat model encodes (a forward pre-hook on ``encoder``): the cost of a stage in
+    backbone forwards, a number that does not depend on the machine. :meth:`take` returns the count since the last
+    call."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self._n = 0
+        self._handle = encoder.register_forward_pre_hook(self._count)
+
+    def _count(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor):
+            self._n += int(args[0].shape[0])
+
+    def take(self) -> int:
+        n, self._n = self._n, 0
+        return n
+
+    def close(self) -> None:
+        self._handle.remove()

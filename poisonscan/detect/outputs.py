@@ -25,7 +25,7 @@ from poisonscan.report.html import write_report
 
 #: the keys of ``summary.json``, in order (docs/outputs.md documents each; a test keeps the three equal)
 SUMMARY_KEYS = ("command", "method", "run_dir", "version", "source", "model", "counts", "clusters", "search", "top_k",
-                "top_clusters", "evidence", "verdict", "classifier", "picture_match", "timings", "files", "fail_on",
+                "top_clusters", "evidence", "verdict", "classifier", "picture_match", "timings", "cost", "files", "fail_on",
                 "fail_on_unreadable", "exit_code", "exit_reasons")
 
 
@@ -98,8 +98,10 @@ def _top_clusters(r: ScanResult, limit: int = 10) -> list[dict[str, Any]]:
             for c in order[:limit]]
 
 
-def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str, float]) -> dict[str, Any]:
-    """``summary.json`` of a run (keys in :data:`SUMMARY_KEYS`)."""
+def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str, float],
+               forwards: dict[str, int]) -> dict[str, Any]:
+    """``summary.json`` of a run (keys in :data:`SUMMARY_KEYS`); ``forwards``: the threat model's forwards (images
+    encoded) per stage and their ``total``."""
     store, ev, clf, ver, dec = r.store, r.evidence, r.classifier, r.verification, r.decision
     scores, boxes = r.search.scores, r.search.boxes
     top = [int(i) for i in ev.top_k]
@@ -152,6 +154,7 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
                                         "n_verified": ver.n_verified}},
         "picture_match": ver.picture_match.to_json() if ver.picture_match is not None else None,
         "timings": dict(timings),
+        "cost": {"forwards": dict(forwards)},
         "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",
                   "summary": "summary.json"},
         "fail_on": cfg.fail_on, "fail_on_unreadable": limit, "exit_code": 1 if exit_reasons else 0,
@@ -161,7 +164,7 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
 
 
 def write_outputs(run: RunDir, cfg: DetectConfig, r: ScanResult, timings: dict[str, float],
-                  started: float) -> dict[str, Any]:
+                  forwards: dict[str, int], started: float) -> dict[str, Any]:
     """The outputs stage (rank 0): ``scores.csv``, ``removed.txt``, ``errors.csv``, the gallery, ``summary.json``
     and ``report.html``; returns the summary. ``timings`` gains ``outputs`` (from ``started``, a
     ``time.perf_counter()``), the files before the gallery and report."""
@@ -172,7 +175,7 @@ def write_outputs(run: RunDir, cfg: DetectConfig, r: ScanResult, timings: dict[s
     write_removal_list([store.ids[i] for i in np.flatnonzero(removed)], run.file("removed.txt"))
     write_errors_csv(store.errors, run.file("errors.csv"))
     timings["outputs"] = time.perf_counter() - started     # the gallery and report come on top
-    summary = summary_of(cfg, str(run.path), r, timings)
+    summary = summary_of(cfg, str(run.path), r, timings, forwards)
     attention = np.load(run.file("attention.npy"), mmap_mode="r")
     row = {e.index: j for j, e in enumerate(r.search.scored)}
     top_att = {i: np.asarray(attention[row[i]], dtype=np.float32) for i in top}

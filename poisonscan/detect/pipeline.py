@@ -44,7 +44,7 @@ from poisonscan.detect.classifier import run_classifier
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.decision import decide, removal_flags
 from poisonscan.detect.evidence import run_evidence
-from poisonscan.detect.features import extract_features, prepare_encoder
+from poisonscan.detect.features import ForwardCounter, extract_features, prepare_encoder
 from poisonscan.detect.fliptest import FlipTest, flip_test_set
 from poisonscan.detect.masking import window_pixels
 from poisonscan.detect.neighbours import nearest_neighbours
@@ -82,6 +82,7 @@ class _Driver:
         self.classifier: ClassifierResult | None = None
         self.verification: Verification | None = None
         self.timings: dict[str, float] = {}
+        self.forwards: dict[str, int] = {}      # threat-model forwards (images encoded) per stage, all ranks
         self.started = 0.0
         self._flip: FlipTest | None = None
         self._neighbours: np.ndarray | None = None
@@ -237,7 +238,7 @@ class _Driver:
                  "metadata": self.meta}
         result = ScanResult(self.store, self.clustering, model, self.search, self.evidence, self.classifier,
                             self.verification, decision)
-        write_outputs(self.run, self.cfg, result, self.timings, self.started)
+        write_outputs(self.run, self.cfg, result, self.timings, self.forwards, self.started)
         return {"removed": decision.n_removed}
 
 
@@ -278,26 +279,45 @@ def run_detect(cfg: DetectConfig, runtime: rt.Runtime | None = None, quiet: bool
     if done["outputs"]:                     # a finished run: its summary
         return run.read_json("summary.json") if main else {}
     driver = _Driver(cfg, runtime, run, quiet, on_round, prepare_encoder(encoder.eval(), runtime), meta, source)
+    counter = ForwardCounter(driver.encoder)
+    try:
+        _run_stages(driver, done, counter)
+    finally:
+        counter.close()
+    return run.read_json("summary.json") if main else {}
+
+
+def _run_stages(driver: _Driver, done: dict[str, bool], counter: ForwardCounter) -> None:
+    run, main = driver.run, driver.runtime.is_main
     for stage in STAGES:
         if stage in MAIN_ONLY and not main:
-            return {}                       # ranks > 0 have nothing left to share
+            return                          # ranks > 0 have nothing left to share
         compute, load = STAGE_FUNCS[stage]
         if done[stage] and load is not None:
             load(driver)
             if main:
-                driver.timings[stage] = float(run.read_json(f"stages/{stage}.done").get("seconds", 0.0))
+                marker = run.read_json(f"stages/{stage}.done")
+                driver.timings[stage] = float(marker.get("seconds", 0.0))
+                driver.forwards[stage] = int(marker.get("forwards", 0))
             continue
         driver.started = time.perf_counter()
+        counter.take()
+        if stage == "outputs":
+            driver.forwards["total"] = sum(driver.forwards.values())
         info = compute(driver)
         seconds = time.perf_counter() - driver.started
+        forwards = counter.take()
+        if stage not in MAIN_ONLY:          # the work was split across ranks: count every rank's share
+            forwards = sum(rt.all_gather_object(forwards))
+        if stage != "outputs":
+            driver.forwards[stage] = forwards
         driver.timings.setdefault(stage, seconds)
         if main:
-            run.mark_done(stage, {"seconds": seconds, **info})
+            run.mark_done(stage, {"seconds": seconds, "forwards": forwards, **info})
             if stage == "search":
                 shutil.rmtree(run.file("search"), ignore_errors=True)   # per-round maps, now in attention.npy
         if stage not in MAIN_ONLY:
             rt.barrier()
-    return run.read_json("summary.json")
 
 
 def scan(data: str | Path | None, model: str | Path | None, out: str | Path | None = None,

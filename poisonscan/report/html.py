@@ -320,9 +320,14 @@ def _evidence(ev: Mapping[str, Any]) -> str:
     return _kv_table(rows)
 
 
-def _timings(timings: Mapping[str, Any]) -> str:
+def _count(value: Any) -> str:
+    return f"{int(value):,}" if isinstance(value, int) and not isinstance(value, bool) else ""
+
+
+def _timings(timings: Mapping[str, Any], forwards: Mapping[str, Any] | None = None) -> str:
     vals = {k: float(v) for k, v in timings.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    forwards = forwards if isinstance(forwards, Mapping) else {}
     total = sum(vals.values())
     peak = max(vals.values(), default=0.0)
     rows = []
@@ -330,10 +335,12 @@ def _timings(timings: Mapping[str, Any]) -> str:
         width = 100.0 * s / peak if peak > 0 else 0.0
         share = f"{100 * s / total:.0f}%" if total > 0 else "-"
         rows.append(f'<tr><td>{esc(stage)}</td><td class="num">{esc(format_seconds(s))}</td>'
-                    f'<td class="num">{esc(share)}</td><td><div class="bartrack"><div class="bar" '
-                    f'style="width:{width:.1f}%"></div></div></td></tr>')
-    rows.append(f'<tr><th>total</th><th class="num">{esc(format_seconds(total))}</th><th></th><th></th></tr>')
-    return ('<table><thead><tr><th>stage</th><th class="num">time</th><th class="num">share</th><th></th></tr>'
+                    f'<td class="num">{esc(share)}</td><td class="num">{esc(_count(forwards.get(stage)))}</td>'
+                    f'<td><div class="bartrack"><div class="bar" style="width:{width:.1f}%"></div></div></td></tr>')
+    rows.append(f'<tr><th>total</th><th class="num">{esc(format_seconds(total))}</th><th></th>'
+                f'<th class="num">{esc(_count(forwards.get("total")))}</th><th></th></tr>')
+    return ('<table><thead><tr><th>stage</th><th class="num">time</th><th class="num">share</th>'
+            '<th class="num">model forwards</th><th></th></tr>'
             f'</thead><tbody>{"".join(rows)}</tbody></table>')
 
 
@@ -497,7 +504,8 @@ def render_report(run: RunDir, summary: Mapping[str, Any], *, embed_images: bool
         ("summary", "Summary", _overview(summary)),
         ("evidence", "Evidence", _evidence(summary.get("evidence") or {}) if summary.get("evidence")
          else '<p class="note">no evidence recorded</p>'),
-        ("timings", "Timings per stage", _timings(summary.get("timings") or {})),
+        ("timings", "Timings per stage", _timings(summary.get("timings") or {},
+                                                  (summary.get("cost") or {}).get("forwards"))),
         ("search", "Search", _search(summary)),
         ("topk", "Top-k candidate triggers", _topk(summary, images)),
         ("clusters", "Removed images by cluster",

@@ -278,19 +278,27 @@ def _top_clusters(clusters: Sequence[Mapping[str, Any]], max_rows: int) -> Table
     return table
 
 
-def _timings(timings: Mapping[str, Any]) -> Table:
+def _count(value: Any) -> str:
+    return f"{int(value):,}" if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else ""
+
+
+def _timings(timings: Mapping[str, Any], forwards: Mapping[str, Any] | None = None) -> Table:
+    forwards = forwards if isinstance(forwards, Mapping) else {}
     table = Table(title=Text("Timings", style="bold"), title_justify="left")
     table.add_column("stage")
     table.add_column("time", justify="right")
     table.add_column("share", justify="right")
+    table.add_column("model forwards", justify="right")
     values = {k: float(v) for k, v in timings.items() if isinstance(v, (int, float, np.number)) and
               math.isfinite(float(v))}
     total = sum(values.values())
     for stage, seconds in values.items():
         share = f"{100 * seconds / total:.0f}%" if total > 0 else "-"
-        table.add_row(Text(printable(stage)), Text(format_seconds(seconds)), Text(share))
+        table.add_row(Text(printable(stage)), Text(format_seconds(seconds)), Text(share),
+                      Text(_count(forwards.get(stage))))
     table.add_section()
-    table.add_row(Text("total", style="bold"), Text(format_seconds(total), style="bold"), Text(""))
+    table.add_row(Text("total", style="bold"), Text(format_seconds(total), style="bold"), Text(""),
+                  Text(_count(forwards.get("total")), style="bold"))
     return table
 
 
@@ -334,7 +342,7 @@ def print_detect_summary(summary: Mapping[str, Any], console: Console, max_top: 
     if summary.get("top_k"):
         console.print(_top_k(summary["top_k"], max_top))
     if summary.get("timings"):
-        console.print(_timings(summary["timings"]))
+        console.print(_timings(summary["timings"], (summary.get("cost") or {}).get("forwards")))
     if summary.get("files"):
         console.print(_files(summary))
     line = _exit_line(summary)

@@ -119,6 +119,13 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     assert set(summary["timings"]) == set(R.STAGES)
     assert summary["top_clusters"][0]["removed"] >= 18 and summary["exit_code"] == 0
 
+    # the cost in threat-model forwards: every image once, each scored image's masks (its own cluster comes from the
+    # features) and its window on every flip-set image, each null window on every flip-set image; nothing else
+    fw, n_flip = summary["cost"]["forwards"], summary["clusters"]["flip_set"]
+    assert fw["features"] == 200 and fw["search"] == len(scored) * (64 + n_flip)
+    assert fw["evidence"] == 64 * n_flip and fw["store"] == fw["clusters"] == fw["classifier"] == fw["verify"] == 0
+    assert fw["total"] == sum(v for k, v in fw.items() if k != "total") and list(fw)[-1] == "total"
+
 
 def test_kill_mid_search_then_resume_gives_identical_results(toy, tmp_path, runtime):
     ref = tmp_path / "ref"
