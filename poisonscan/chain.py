@@ -64,7 +64,7 @@ def run_chain(spec: ChainSpec) -> dict[str, Any]:
     """Run the chain; return ``model``, ``strength``, per method ``detect`` (the summary, ``quality`` against the
     truth, ``manifest``, ``cleaned``: the clean step's summary, and ``retrained``: model, strength, probes),
     ``probes`` by fraction and ``timings``."""
-    from poisonscan.data.cleaning import clean_dataset
+    from poisonscan.cleaning import clean_dataset
     from poisonscan.detect.pipeline import run_detect
     from poisonscan.eval.runner import run_backdoor, run_detection, run_probe
 

@@ -11,7 +11,7 @@ from poisonscan.cli.common import emit_json, err_console, handle_errors, overrid
 from poisonscan.cli.helptext import default, described, required
 from poisonscan.config import CleanConfig
 from poisonscan.settings import resolve_config
-from poisonscan.data.cleaning import clean_dataset
+from poisonscan.cleaning import clean_dataset
 from poisonscan.errors import EXIT_USAGE
 
 

@@ -59,12 +59,12 @@ def read_run_config(path: Path) -> dict[str, Any]:
     """The settings of the detect run folder ``path`` (its ``config.json`` without the version line); a run of
     another poisonscan version, or no run at all, is refused with one line."""
     if not (path / "config.json").is_file():
-        raise UsageError(f"--resume {path}: not a detect run folder (no config.json)")
+        raise UsageError(f"{path}: not a detect run folder (no config.json)")
     saved = RunDir(path).read_json("config.json")
     version = saved.pop("version", None) if isinstance(saved, dict) else None
     if version != __version__:
-        raise UsageError(f"--resume {path}: written by poisonscan {version or 'of another version'}, this is "
-                         f"{__version__}; start a new run")
+        raise UsageError(f"{path}: a detect run written by poisonscan {version or 'of another version'}, this is "
+                         f"{__version__}; run detect again")
     return saved
 
 

@@ -11,6 +11,7 @@ this class.
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from poisonscan.config import DetectConfig
 from poisonscan.detect.records import ClassifierResult, Evidence, Record, SearchResult, Verification
 from poisonscan.detect.resume import STAGES, read_run_config
-from poisonscan.detect.scores import ScoreTable, read_scores
+from poisonscan.detect.scores import SCORE_COLUMNS, ScoreTable, read_scores
 from poisonscan.errors import DataError, UsageError
 from poisonscan.settings import resolve_config
 
@@ -109,10 +110,19 @@ class DetectRun:
     @property
     def scores(self) -> ScoreTable:
         """``scores.csv`` as arrays (a finished run)."""
+        return self.read_scores()
+
+    def read_scores(self, required: tuple[str, ...] = SCORE_COLUMNS) -> ScoreTable:
+        """``scores.csv`` as arrays (a finished run); ``DataError`` when it lacks one of the ``required`` columns
+        (the rest read as empty)."""
         if "scores" not in self._cache:
             self._need_finished("scores.csv")
-            self._cache["scores"] = read_scores(self.path / "scores.csv")
-        return self._cache["scores"]
+            self._cache["scores"] = read_scores(self.path / "scores.csv", ())
+        table = self._cache["scores"]
+        missing = [c for c in required if c not in table.columns]
+        if missing:
+            raise DataError(f"scores table {self.path / 'scores.csv'} lacks column(s) {', '.join(missing)}")
+        return table
 
     @property
     def removed(self) -> list[str]:
@@ -121,7 +131,22 @@ class DetectRun:
         text = (self.path / "removed.txt").read_text(encoding="utf-8")
         return [line for line in text.splitlines() if line]
 
+    @property
+    def unreadable(self) -> list[str]:
+        """The ids of the samples the run could not read (``errors.csv``; none when it has no such file)."""
+        file = self.path / "errors.csv"
+        if not file.is_file():
+            return []
+        try:
+            with file.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames is None or "id" not in reader.fieldnames:
+                    raise DataError(f"{file}: not an error list (no 'id' column)")
+                return [row["id"] for row in reader]
+        except (OSError, csv.Error) as exc:
+            raise DataError(f"cannot read {file}: {exc}") from None
+
     def _need_finished(self, what: str) -> None:
-        if not self.finished:
+        if not self.finished or not (self.path / what).is_file():
             raise UsageError(f"detect run {self.path} has no {what} yet (stages done: {', '.join(self.done) or 'none'}"
                              "; resume it with --resume)")

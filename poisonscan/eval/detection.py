@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from poisonscan.detect.scores import read_scores
+from poisonscan.detect.run import DetectRun
 from poisonscan.errors import DataError, UsageError
 from poisonscan.eval import metrics as M
 from poisonscan.eval.plots import histogram_chart, line_chart
@@ -181,28 +181,23 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def read_run(run_dir: Path | str) -> DetectRunScores:
-    """Read ``scores.csv`` (required), ``summary.json``, ``store/store.json`` and ``errors.csv`` of a detect run."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UsageError(f"detect run {run} not found")
-    scores_path = run / "scores.csv"
-    if not scores_path.is_file():
+    """Read a finished detect run (:class:`~poisonscan.detect.run.DetectRun`: its ``scores.csv`` and
+    ``summary.json``), with ``store/store.json`` and ``errors.csv``."""
+    detect = DetectRun.load(run_dir)
+    run = detect.path
+    if not detect.finished or not (run / "scores.csv").is_file():
         raise UsageError(f"detect run {run} has no scores.csv (did detect finish? resume it with --resume)")
-    table = read_scores(scores_path, REQUIRED_COLUMNS)
+    table = detect.read_scores(REQUIRED_COLUMNS)
     if not len(table):
         raise UsageError(f"detect run {run}: scores.csv has no rows")
     poison, prob = table["poison_score"], table["classifier_prob"]
     if np.isnan(poison).all() and np.isnan(prob).all():
         raise UsageError(f"detect run {run} has no scores: every poison_score and classifier_prob is empty")
-    summary = _read_json(run / "summary.json")
+    summary = detect.summary or {}
     store_meta = _read_json(run / "store" / "store.json")
     size = store_meta.get("size") or summary.get("model", {}).get("image_size")
-    unreadable: list[str] = []
-    if (run / "errors.csv").is_file():
-        _, err_rows = _read_csv(run / "errors.csv", ("id",), "error list")
-        unreadable = [r["id"] for r in err_rows]
     return DetectRunScores(run, table.ids, poison, table.boxes, prob, table.removed, table["top_k_rank"],
-                           int(size) if size else None, summary, store_meta, unreadable,
+                           int(size) if size else None, summary, store_meta, detect.unreadable,
                            table["removal_score"] if "removal_score" in table.columns else None)
 
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from poisonscan import __version__
 from poisonscan.cli import app
+from poisonscan.config import DetectConfig
+from poisonscan.runs import config_record
+from poisonscan.settings import configure
 from poisonscan.data.sources import open_source
 
 runner = CliRunner()
@@ -19,7 +23,8 @@ def _run_dir(tmp_path: Path, data: str, removed: list[str], scanned: list[str] |
     and errors."""
     run = tmp_path / "runs" / "detect" / "run1"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"data": data, "method": "poisoncam"}))
+    config = config_record(configure(DetectConfig, data=data, model="encoder.safetensors"))
+    (run / "config.json").write_text(json.dumps({"version": __version__, **config}))
     (run / "removed.txt").write_text("".join(f"{i}\n" for i in removed))
     ids = open_source(data).ids if scanned is None else scanned
     (run / "scores.csv").write_text("index,id,removed\n" + "".join(f"{k},{i},{int(i in removed)}\n"

@@ -45,7 +45,7 @@ def test_detection_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     truth = synthetic.write_truth(tmp_path / "truth.csv", IDS)
     res = runner.invoke(app, ["eval", "detection", "--run", str(tmp_path / "empty"), "--truth", str(truth)])
-    assert res.exit_code == 2 and "no scores.csv" in res.output
+    assert res.exit_code == 2 and "not a detect run folder" in res.output
     res = runner.invoke(app, ["eval", "detection", "--run", str(run)])
     assert res.exit_code == 2 and "--truth" in res.output
 

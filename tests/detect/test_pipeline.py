@@ -247,7 +247,7 @@ def test_resume_refuses_a_run_of_another_version(toy, tmp_path, runtime):
     saved = json.loads((run / "config.json").read_text())
     assert saved["version"] == __version__
     (run / "config.json").write_text(json.dumps({**saved, "version": "0.0.1"}))
-    with pytest.raises(UsageError, match="written by poisonscan 0.0.1"):
+    with pytest.raises(UsageError, match="written by poisonscan 0.0.1, this is"):
         P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True)
 
 

@@ -8,6 +8,11 @@ import csv
 import json
 from pathlib import Path
 
+from poisonscan import __version__
+from poisonscan.config import DetectConfig
+from poisonscan.runs import config_record
+from poisonscan.settings import configure
+
 SCORE_HEADER = ["index", "id", "label", "cluster", "cluster_distance", "poison_score", "box_x", "box_y", "box_w",
                 "box_h", "classifier_prob", "removed", "top_k_rank"]
 TRUTH_HEADER = ["sample_id", "source_id", "poisoned", "target", "trigger", "attack", "box_x", "box_y", "box_w",
@@ -44,6 +49,10 @@ def write_run(root: Path, rows: list[tuple] = RUN_ROWS, size: int = 32, spec: st
     summary = {"command": "detect", "method": "poisoncam", "model": {"image_size": size},
                "source": {"spec": spec or "", "kind": "folder"}}
     (root / "summary.json").write_text(json.dumps(summary))
+    config = config_record(configure(DetectConfig, data=spec or "data", model="encoder.safetensors"))
+    (root / "config.json").write_text(json.dumps({"version": __version__, **config}))
+    (root / "stages").mkdir(exist_ok=True)
+    (root / "stages" / "outputs.done").write_text("{}")
     return root
 
 

@@ -115,7 +115,10 @@ def test_errors(tmp_path: Path) -> None:
     empty = write_run(tmp_path / "empty", [(sid, None, None, None, 0, None) for sid in IDS])
     with pytest.raises(UsageError, match="no scores"):
         read_run(empty)
-    (tmp_path / "noscores").mkdir()
+    (tmp_path / "norun").mkdir()
+    with pytest.raises(UsageError, match="not a detect run folder"):
+        read_run(tmp_path / "norun")
+    (write_run(tmp_path / "noscores") / "scores.csv").unlink()
     with pytest.raises(UsageError, match="no scores.csv"):
         read_run(tmp_path / "noscores")
     bad = tmp_path / "bad.csv"

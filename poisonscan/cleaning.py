@@ -1,45 +1,29 @@
-"""Cleaning: the data set minus a detect run's removal list, as a manifest in the input's own format (and shards)."""
+"""Cleaning: the data set minus a detect run's removal list, as a manifest in the input's own format (and shards).
+
+A detect run is read through :class:`~poisonscan.detect.run.DetectRun` (its data source, removal list, the samples
+it scanned and those it could not read); the manifest and shards are written by data/writers.py.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from poisonscan.config import CleanConfig
-from poisonscan.data.writers import read_removal_list, removal_indices, reshard, write_manifest
 from poisonscan.data.sources import Source, open_source
+from poisonscan.data.writers import read_removal_list, removal_indices, reshard, write_manifest
+from poisonscan.detect.run import DetectRun
 from poisonscan.errors import UsageError
 
 
-def _run_config(run: Path) -> dict[str, Any]:
+def _open_run(run: Path) -> DetectRun:
     if not run.is_dir():
         raise UsageError(f"run folder {run} does not exist")
-    cfg = run / "config.json"
-    if not cfg.is_file():
-        raise UsageError(f"{cfg} not found (is {run} a detect run?); give --source")
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {cfg}: {exc}") from None
-    return data if isinstance(data, dict) else {}
+    return DetectRun.load(run)
 
 
-def _id_column(path: Path, what: str) -> set[str]:
-    """The ``id`` column of a run's CSV table (``scores.csv``, ``errors.csv``)."""
-    try:
-        with path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "id" not in reader.fieldnames:
-                raise UsageError(f"{path}: not a {what} (no 'id' column)")
-            return {row["id"] for row in reader}
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def unscanned_indices(source: Source, run: Path) -> tuple[list[int], list[int]]:
+def unscanned_indices(source: Source, run: DetectRun) -> tuple[list[int], list[int]]:
     """Samples of ``source`` a detect run did not scan: ``(unreadable, never scanned)`` index lists.
 
     A sample counts as scanned when the finished run's ``scores.csv`` has its id and ``errors.csv`` does not (a
@@ -47,12 +31,11 @@ def unscanned_indices(source: Source, run: Path) -> tuple[list[int], list[int]]:
     known); of the rest, those listed in ``errors.csv`` were unreadable, the others were not in the data the run read
     (the source changed since).
     """
-    scores = run / "scores.csv"
-    if not (run / "stages" / "outputs.done").is_file() or not scores.is_file():
-        raise UsageError(f"{run}: the run did not finish (resume it with detect --resume), so which samples it "
+    if not run.finished:
+        raise UsageError(f"{run.path}: the run did not finish (resume it with detect --resume), so which samples it "
                          "scanned is not known")
-    scanned = _id_column(scores, "scores table")
-    errors = _id_column(run / "errors.csv", "error list") if (run / "errors.csv").is_file() else set()
+    scanned = set(run.read_scores(("id",)).ids)
+    errors = set(run.unreadable)
     unreadable, unseen = [], []
     for i, sid in enumerate(source.ids):
         if sid in errors:
@@ -66,12 +49,11 @@ def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
     """Resolve inputs, write the manifest (and shards); returns the summary. Raises ``UsageError``."""
     if not cfg.out:
         raise UsageError("--out is required (the cleaned manifest: .txt for folders/file lists, .tsv for shards)")
-    run = Path(cfg.run) if cfg.run else None
-    run_cfg = _run_config(run) if run is not None and (cfg.source is None or cfg.removed is None) else {}
-    spec = cfg.source if cfg.source is not None else run_cfg.get("data")
+    run = _open_run(Path(cfg.run)) if cfg.run else None
+    spec = cfg.source if cfg.source is not None else (run.config.data if run is not None else None)
     if not spec:
         raise UsageError("no data source: give --source, or --run with a detect run whose config.json has 'data'")
-    removed_path = Path(cfg.removed) if cfg.removed else (run / "removed.txt" if run is not None else None)
+    removed_path = Path(cfg.removed) if cfg.removed else (run.path / "removed.txt" if run is not None else None)
     if removed_path is None:
         raise UsageError("no removal list: give --removed, or --run with a detect run folder")
     if not removed_path.is_file():
