@@ -18,10 +18,10 @@ flip set: at 32 px random windows already move up to 80% of it, which caps any e
 
 ``z`` is the gap between the top-k median and the null's top-k median, in units of the smaller of two spreads
 (:func:`evidence_z`): the top-k scores' own spread, and the bootstrap's standard deviation of the null's top-k
-median. The first ``z`` used the bootstrap's alone, and a null contaminated by the attack broke it: random windows
-cut from poisons sometimes cover the trigger, the top-k of 2,028 draws from 256 null windows is decided by the best
-few, and two such windows made the resampled median jump between about 197 and 130 flips (std 15), which hid a
-CIFAR-10 backdoor whose top-20 windows were all the trigger (z = 1.2; benchmarks/results/notebook.md s. 2b). A trigger moves
+median. The bootstrap's spread alone is not enough: random windows cut from poisons sometimes cover the trigger, and
+with the top-k of 2,028 draws from 256 null windows decided by the best few, two such windows made the resampled
+median jump between about 197 and 130 flips (std 15), which hid a CIFAR-10 backdoor whose top-20 windows were all
+the trigger (z = 1.2 on the bootstrap's spread; benchmarks/results/notebook.md s. 2b). A trigger moves
 nearly the same flip images whichever poisoned image it is cut from, so its windows bunch together: a gap that is
 large against their own spread is evidence however lumpy the null. Over the recorded scans, learned backdoors give
 3.8-36 and scans without one at most 3.3 (the clean-data imagenette-96 model, which the effect test stops).
