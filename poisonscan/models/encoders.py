@@ -285,3 +285,18 @@ def _mocov3_vit_small(image_size: int, **kw: Any) -> nn.Module:
     """MoCo v3's ViT-S/16: timm's ViT-S with 12 heads instead of 6 (same weight shapes, different attention)."""
     kw = {"num_heads": 12, **kw}
     return timm.create_model("vit_small_patch16_224", img_size=image_size, **_untrained(kw))
+
+
+def _small_image_vit(timm_name: str, patch: int) -> BackboneBuilder:
+    def build(image_size: int, **kw: Any) -> nn.Module:
+        return timm.create_model(timm_name, img_size=image_size, **_untrained({"patch_size": patch, **kw}))
+    return build
+
+
+# ViTs for small images: an 8 x 8 token grid at their default size (patch 4 at 32 px, patch 8 at 64 px), so masking
+# and Grad-CAM see 64 tokens where a /16 ViT sees 4 or 16; timm's ViT-Tiny (192-d, 3 heads) and ViT-S (384-d, 6 heads)
+for _name, _timm, _patch, _size in (("vit_tiny_p4", "vit_tiny_patch16_224", 4, 32),
+                                    ("vit_small_p4", "vit_small_patch16_224", 4, 32),
+                                    ("vit_tiny_p8", "vit_tiny_patch16_224", 8, 64),
+                                    ("vit_small_p8", "vit_small_patch16_224", 8, 64)):
+    register_encoder(_name, default_image_size=_size)(_small_image_vit(_timm, _patch))

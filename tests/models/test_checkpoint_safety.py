@@ -163,7 +163,7 @@ def test_timm_is_always_called_without_weights(monkeypatch) -> None:
         return real(name, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", spy)
-    for arch in ("resnet18", "cifar_resnet18", "mocov3_vit_small", "vit_tiny_patch16_224"):
+    for arch in ("resnet18", "cifar_resnet18", "mocov3_vit_small", "vit_tiny_patch16_224", "vit_tiny_p4"):
         create_encoder(arch, 32, depth=1) if "vit" in arch else create_encoder(arch, 32)
     _timm_backbone("resnet18", 32, pretrained=True, num_classes=10)   # the forced values come last
     assert calls and all(c["pretrained"] is False and c["num_classes"] == 0 for c in calls)

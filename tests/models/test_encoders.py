@@ -17,6 +17,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
     ("cifar_resnet18", 32, 512, 4),
     ("vit_tiny_patch16_224", 32, 192, 2),
     ("vit_tiny_patch16_224", 64, 192, 4),
+    ("vit_tiny_p4", 32, 192, 8),
+    ("vit_tiny_p8", 64, 192, 8),
 ])
 def test_factory_features_and_gradcam(arch: str, size: int, dim: int, grid: int) -> None:
     torch.manual_seed(0)
@@ -61,7 +63,7 @@ def test_cifar_stem_has_3x3_stride1_conv_and_no_maxpool() -> None:
     assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
     assert isinstance(enc.backbone.maxpool, nn.Identity)
     assert default_image_size("cifar_resnet18") == 32 and default_image_size("resnet18") == 224
-    assert {"cifar_resnet18", "cifar_resnet50", "mocov3_vit_small"} <= set(list_encoders())
+    assert {"cifar_resnet18", "cifar_resnet50", "mocov3_vit_small", "vit_tiny_p4", "vit_small_p8"} <= set(list_encoders())
 
 
 def test_channels_last_and_autocast_give_float_features() -> None:
@@ -131,3 +133,24 @@ def test_build_kwargs_and_custom_stats_are_kept() -> None:
     enc = create_encoder("mocov3_vit_small", 32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), depth=1)
     assert enc.backbone.blocks[0].attn.num_heads == 12 and len(enc.backbone.blocks) == 1
     assert enc.build_kwargs == {"depth": 1} and enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.25, 0.25, 0.25)
+
+
+def test_small_image_vits_see_an_8x8_token_grid_at_their_default_size() -> None:
+    for arch, size, dim in (("vit_tiny_p4", 32, 192), ("vit_small_p4", 32, 384), ("vit_tiny_p8", 64, 192),
+                            ("vit_small_p8", 64, 384)):
+        enc = create_encoder(arch, depth=1)
+        assert (default_image_size(arch), enc.image_size, enc.patch_size * 8, enc.feature_dim) == (size, size, size,
+                                                                                                   dim)
+    with pytest.raises(UsageError, match="not a multiple of the patch size"):
+        create_encoder("vit_tiny_p8", 36, depth=1)
+
+
+def test_a_small_image_vit_round_trips_through_safetensors(tmp_path) -> None:
+    from poisonscan.models.checkpoints import load_encoder, save_encoder
+
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny_p4", depth=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    loaded, _ = load_encoder(save_encoder(enc, tmp_path / "vit.safetensors"))
+    assert (loaded.arch, loaded.image_size, loaded.patch_size) == ("vit_tiny_p4", 32, 4)
+    assert torch.equal(loaded.eval()(x), enc(x))
