@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from poisonscan.detect.fliptest import FlipTest, torch_generator
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.records import Evidence, SearchResult
 from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test, recurring_group
-from poisonscan.detect.fliptest import FlipTest, torch_generator
 from poisonscan.detect.search import top_k
 from poisonscan.detect.seeds import torch_gen
 from poisonscan.settings import PAPER, at_least, one_of

@@ -12,16 +12,15 @@ from typing import Any
 import numpy as np
 
 from poisonscan import __version__
-from poisonscan.data.store import write_errors_csv
-from poisonscan.data.writers import write_removal_list
 from poisonscan.config import DetectConfig
-from poisonscan.data.store import ImageStore
+from poisonscan.data.store import ImageStore, write_errors_csv
+from poisonscan.data.writers import write_removal_list
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.records import ClassifierResult, Decision, Evidence, SearchResult, Verification
 from poisonscan.detect.scores import SCORE_COLUMNS
-from poisonscan.runs import RunDir
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
+from poisonscan.runs import RunDir
 
 #: the keys of ``summary.json``, in order (docs/outputs.md documents each; a test keeps the three equal)
 SUMMARY_KEYS = ("command", "method", "run_dir", "version", "source", "model", "counts", "clusters", "search", "top_k",

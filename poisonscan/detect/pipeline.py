@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np

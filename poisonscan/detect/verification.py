@@ -30,11 +30,11 @@ from torch import Tensor, nn
 
 from poisonscan.detect.classifier import predict_poison
 from poisonscan.detect.decision import DecisionSettings
+from poisonscan.detect.fliptest import FlipTest
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.matching import find_picture
-from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult, VerifiedFlag, Verification
+from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult, Verification, VerifiedFlag
 from poisonscan.detect.recurrence import recurring_group
-from poisonscan.detect.fliptest import FlipTest
 from poisonscan.runtime import Runtime
 
 #: occlusion positions per side (the stride is the free range divided by this, at least one pixel)
