@@ -202,6 +202,9 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float,
     moved = f"the top-k move {100 * effect:.1f}% of the flip-set images random windows leave in place"
     group = (f"{rec.size} of the top {rec.k} windows show one picture (random windows: groups of up to "
              f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})" if rec else "")
+    if z < min_evidence and recurring:
+        return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}, though "
+                       f"{group}: a picture the threat model may have learned too weakly to move the flip set")
     if z < min_evidence:
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g} (the best "
                        "windows the search found move the flip set hardly more than random windows do: the threat "

@@ -197,7 +197,8 @@ def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     assert found and "13 of the top 20 windows show one picture" in reason and "below the minimum effect" in reason
     found, reason = gate(strong, 3.0, 0.15, max_recurrence_p=0.0)          # 0: the effect alone decides
     assert not found and "a recurring picture is not asked for (decision.max_recurrence_p = 0): " in reason
-    assert not gate({**strong, "z": 2.0}, 3.0, 0.15)[0]                      # z still needed
+    found, reason = gate({**strong, "z": 2.0}, 3.0, 0.15)                      # z still needed, and the reason
+    assert not found and "is below the minimum evidence 3, though 13 of the top 20 windows show one picture" in reason
     other = {**strong, "recurrence": {**strong["recurrence"], "signature": "destinations"}}
     assert not gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one
     big = {**strong, "effect": 0.5, "topk_median": 200.0}
