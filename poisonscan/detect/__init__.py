@@ -4,8 +4,8 @@
 2. ``clustering``   - the fixed clustering model C(.) (faiss k-means, eq. 1) and fast nearest-centroid assignment.
 3. ``masking``      - Cluster Activation Masking: cyclic masks, attention maps (eq. 2-3), best candidate window;
    ``gradcam``      - the PatchSearch baseline's candidate windows.
-4. ``search``       - ``SearchSettings``; flip test set (``FlipTest``), poison scores, iterative cluster search, the
-   top-k; the stage ``run_search``.
+4. ``fliptest``     - the flip test set, pasting and poison scores (``FlipTest``);
+   ``search``       - ``SearchSettings``; the iterative cluster search, the top-k; the stage ``run_search``.
 5. ``evidence``     - ``EvidenceSettings``; null test: do the top-k windows move the flip set more than random ones?
    ``recurrence``   - does one picture recur among the top-k windows? The stage ``run_evidence``.
 6. ``classifier``   - ``ClassifierSettings``; the poison classifier (network in ``poison_net``); ``run_classifier``.
