@@ -1,12 +1,15 @@
-r"""Write docs/results.md from the decision records in benchmarks/results/decisions/*.json.
+r"""Write docs/results.md from the decision records in benchmarks/results/decisions/*.json and the exact-vs-fast
+records in benchmarks/results/speed/*.json.
 
-    python benchmarks/results_page.py [--records benchmarks/results/decisions] [--out docs/results.md] [--check]
+    python benchmarks/results_page.py [--records benchmarks/results/decisions] [--speed benchmarks/results/speed]
+        [--out docs/results.md] [--check]
 
 Each record is one finished detect run as ``benchmarks/decision_records.py`` writes it: the setting, whether a
 default was chosen on it (``role``: ``tuned``) or not (``held-out``), the threat model's strength (k-NN ASR against
 the rate at which clean images are already put with the target), the evidence (``z``, the effect, the recurrence
 test), the decision with its one-line reason, recall and precision against the ground truth, what the effect bar
-alone would have decided, and the commands that reproduce it. ``--check`` exits 1 when the page differs from what
+alone would have decided, and the commands that reproduce it. Each speed record (``benchmarks/fast_vs_exact.py``)
+is one run folder detected by the exact and the fast path. ``--check`` exits 1 when the page differs from what
 the records give (the test suite runs it), so the page cannot drift from the records.
 """
 
@@ -20,6 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "results" / "decisions"
+SPEED = ROOT / "benchmarks" / "results" / "speed"
 PAGE = ROOT / "docs" / "results.md"
 ROLES = {"tuned": 0, "held-out": 1}
 
@@ -95,6 +99,39 @@ def render(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SPEED_HEADER = """## The exact and the fast path
+
+Each row is one run folder detected twice from its clusters by `benchmarks/fast_vs_exact.py`: the paper's procedure
+(`detect --exact`) and the defaults (coarse-to-fine masking, adaptive flip testing, an adaptive null; [design](design.md),
+"Fewer forwards"). Forwards are the threat model's (a count that does not depend on the machine); seconds are the
+whole detect from the clusters on 2 CPU cores.
+
+| run | threat model | forwards: exact -> fast | seconds: exact -> fast | z: exact / fast | removed: exact / fast (only exact, only fast) | recall / precision: exact / fast |
+|---|---|---|---|---|---|---|"""
+
+
+def speed_row(r: dict[str, Any]) -> str:
+    """One row of the exact-vs-fast table."""
+    ex, fa, diff = r["exact"], r["fast"], r.get("removed_difference") or {}
+    quality = "-"
+    if ex.get("recall") is not None:
+        quality = (f"{_pct(ex['recall'])} / {_pct(ex['precision'])}; {_pct(fa['recall'])} / "
+                   f"{_pct(fa['precision'])}")
+    cells = [f"**{r['name']}**: {r.get('setting', '')}", _strength(r.get("threat_model")),
+             f"{ex['forwards']['total']:,} -> {fa['forwards']['total']:,} ({r['forwards_ratio']:.2f}x)",
+             f"{ex['seconds']:.0f} -> {fa['seconds']:.0f}", f"{_num(ex['z'])} / {_num(fa['z'])}",
+             f"{ex['removed']:,} / {fa['removed']:,} ({len(diff.get('only_exact', []))}, "
+             f"{len(diff.get('only_fast', []))})", quality]
+    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+
+def render_speed(records: list[dict[str, Any]]) -> str:
+    """The exact-vs-fast section ('' without records)."""
+    if not records:
+        return ""
+    return "\n".join(["", SPEED_HEADER] + [speed_row(r) for r in sorted(records, key=lambda r: r["name"])]) + "\n"
+
+
 def load(folder: Path) -> list[dict[str, Any]]:
     """Every record (``*.json``) in ``folder``."""
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
@@ -103,10 +140,11 @@ def load(folder: Path) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=Path, default=RECORDS)
+    ap.add_argument("--speed", type=Path, default=SPEED)
     ap.add_argument("--out", type=Path, default=PAGE)
     ap.add_argument("--check", action="store_true", help="exit 1 when the page is not what the records give")
     args = ap.parse_args(argv)
-    page = render(load(args.records))
+    page = render(load(args.records)) + render_speed(load(args.speed) if args.speed.is_dir() else [])
     if args.check:
         same = args.out.exists() and args.out.read_text() == page
         if not same:

@@ -135,12 +135,28 @@ def test_layers_flags_and_assignments(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["poisoncam", "patchsearch"])
 def test_the_sectioned_settings_scan_as_the_flat_ones_did(toy: dict, tmp_path: Path, method: str) -> None:
-    # the top-k and the picture match's removal do not depend on the classifier's training: one short round
-    summary = run_detect(small(toy, tmp_path / method, method=method, ensemble=1, rounds=1, iterations=20),
+    # the top-k and the picture match's removal do not depend on the classifier's training: one short round;
+    # the exact procedure (all B masks, the whole flip set for every window), which the flat settings ran
+    summary = run_detect(small(toy, tmp_path / method, method=method, ensemble=1, rounds=1, iterations=20,
+                               masking="exact", flip_testing="exact", null_testing="exact"),
                          setup_runtime("cpu", "fp32"), quiet=True)
     assert topk_rows(tmp_path / method) == GOLDEN_TOPK[method]
     assert sorted((tmp_path / method / "removed.txt").read_text().split()) == sorted(toy["poisoned"])
     assert summary["counts"]["removed"] == 20
+
+
+def test_the_fast_path_finds_the_same_top_k_and_removal(toy: dict, tmp_path: Path) -> None:
+    # coarse-to-fine masking and adaptive flip testing (the defaults): the same images in the top-k, windows on
+    # the same triggers (within a few pixels), the same removal
+    run_detect(small(toy, tmp_path, ensemble=1, rounds=1, iterations=20, masks=256), setup_runtime("cpu", "fp32"),
+               quiet=True)
+    rows, golden = topk_rows(tmp_path), GOLDEN_TOPK["poisoncam"]
+    assert sorted(r[0] for r in rows) == sorted(g[0] for g in golden)
+    boxes = {g[0]: g[2] for g in golden}
+    assert all(abs(r[2][0] - boxes[r[0]][0]) <= 3 and abs(r[2][1] - boxes[r[0]][1]) <= 3 for r in rows)
+    assert sorted((tmp_path / "removed.txt").read_text().split()) == sorted(toy["poisoned"])
+    search = json.loads((tmp_path / "search.json").read_text())
+    assert search["masking"] == "coarse-to-fine" and search["flip_testing"] == "adaptive"
 
 
 def test_the_paper_preset_trains_one_classifier_once_and_decides_on_p(toy: dict, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from poisonscan.cli.common import emit_json, handle_errors, overrides
 from poisonscan.cli.helptext import default, described, required
-from poisonscan.config import DETECT_FLAGS, DetectConfig, detect_config, presets
+from poisonscan.config import DETECT_FLAGS, EXACT, DetectConfig, detect_config, presets
 from poisonscan.errors import ConfigError
 from poisonscan.settings import parse_assignment, resolve_config
 
@@ -77,6 +77,9 @@ def detect(
                                              help="Feature storage: float32 or float16 (half the memory) "
                                                   f"{default(DetectConfig, 'feature_dtype')}."),
     force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
+    exact: bool = typer.Option(False, "--exact", help="The paper's cost: all B masks on every image, every window "
+                                                      "and null window on the whole flip set (no coarse-to-fine "
+                                                      "masking, no adaptive flip testing)."),
     fail_on: float | None = typer.Option(None, "--fail-on", min=0.0, help="Exit 1 when more images are removed: "
                                                                           "a count (>= 1) or a fraction (< 1)."),
     fail_on_unreadable: int | None = typer.Option(
@@ -113,6 +116,8 @@ def detect(
     given = {"--method": method, "--masks": masks, "--window": parse_window(window), "--flip-size": flip_size,
              "--force": _flag(force)}
     flags.update({key: given[flag] for key, flag in DETECT_FLAGS.items()})
+    if exact:
+        flags.update(EXACT)
     for text in settings or []:
         key, value = parse_assignment(text)
         if "." not in key:

@@ -35,6 +35,8 @@ potent natural windows, and leaving them out lowered the null (imagenette-96: ef
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,16 +44,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from poisonscan.detect.fliptest import FlipTest, torch_generator
+from poisonscan.detect.bounds import hypergeom_upper, kth_largest
+from poisonscan.detect.fliptest import FlipTest, StagedScores, torch_generator
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.records import Evidence, SearchResult
 from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test, recurring_group
 from poisonscan.detect.search import top_k
 from poisonscan.detect.seeds import torch_gen
-from poisonscan.settings import PAPER, at_least, one_of
+from poisonscan.settings import PAPER, at_least, between, one_of
 
 _BOOT_CHUNK_ELEMS = 4_000_000
 NULL_POOLS = ("all", "outside-topk-clusters")
+NULL_TESTINGS = ("adaptive", "exact")
 
 
 @dataclass
@@ -66,6 +70,13 @@ class EvidenceSettings:
     #: where null windows are cut: "all" images, or "outside-topk-clusters" (fewer poisons in the null, but a lower
     #: null on clean data: imagenette-96's clean-data model went from effect 5.7% to 16%)
     null_pool: str = field(default="all", metadata=one_of(NULL_POOLS))
+    #: "adaptive": null windows are tested on growing slices of the flip set and stop once they cannot reach the
+    #: null's upper tail, which alone sets the bootstrap's top-k medians; the bootstrap then checks that every
+    #: resample's top-k come from windows tested in full (else the whole null is tested), so ``z``, the effect and
+    #: the p-value are those of the exact null but for a chance of at most ``null_error`` per window of that tail.
+    #: "exact": every null window on the whole flip set
+    null_testing: str = field(default="adaptive", metadata=one_of(NULL_TESTINGS))
+    null_error: float = field(default=1e-4, metadata=between(0.0, 0.5, lo_open=True))
 Z_SCALE = "min-spread"  # how ``z`` is scaled (recorded as ``z_scale``)
 
 
@@ -106,19 +117,61 @@ def null_windows(images_u8: Tensor, n: int, window: int, generator: torch.Genera
     return cut_windows(images_u8[idx], boxes)
 
 
+def _bootstrap_draws(n_null: int, n_scored: int, n_boot: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The bootstrap's resamples, in chunks: ``(first row, indices rows x n_scored)`` into the null."""
+    rng = np.random.default_rng(seed)
+    rows = max(1, _BOOT_CHUNK_ELEMS // max(1, n_scored))
+    for start in range(0, n_boot, rows):
+        stop = min(start + rows, n_boot)
+        yield start, rng.integers(0, n_null, size=(stop - start, n_scored))
+
+
 def bootstrap_topk_medians(null_scores: np.ndarray, n_scored: int, k: int, n_boot: int, seed: int) -> np.ndarray:
     """``n_boot`` medians of the top ``k`` of ``n_scored`` draws (with replacement) from ``null_scores``."""
     null = np.asarray(null_scores, dtype=np.float64).reshape(-1)
-    rng = np.random.default_rng(seed)
     k = max(1, min(int(k), int(n_scored)))
-    rows = max(1, _BOOT_CHUNK_ELEMS // max(1, n_scored))
     out = np.empty(n_boot, dtype=np.float64)
-    for start in range(0, n_boot, rows):
-        stop = min(start + rows, n_boot)
-        draws = null[rng.integers(0, null.shape[0], size=(stop - start, n_scored))]
-        top = np.partition(draws, n_scored - k, axis=1)[:, n_scored - k:]
-        out[start:stop] = np.median(top, axis=1)
+    for start, idx in _bootstrap_draws(null.shape[0], n_scored, n_boot, seed):
+        top = np.partition(null[idx], n_scored - k, axis=1)[:, n_scored - k:]
+        out[start:start + len(idx)] = np.median(top, axis=1)
     return out
+
+
+def bootstrap_is_exact(scores: np.ndarray, resolved: np.ndarray, ceiling: float, n_scored: int, k: int,
+                       n_boot: int, seed: int) -> bool:
+    """Do the bootstrap's top-k medians (:func:`bootstrap_topk_medians`, same draws) read only windows tested in
+    full? True when every resample holds at least ``k // 2 + 1`` draws of ``resolved`` windows scoring above
+    ``ceiling`` (the highest any other window can reach): the median of its top ``k`` is then the same whatever
+    the other windows' exact scores are."""
+    k = max(1, min(int(k), int(n_scored)))
+    need = k // 2 + 1
+    above = (np.asarray(resolved, bool) & (np.asarray(scores, np.float64) > ceiling)).astype(np.int32)
+    for _, idx in _bootstrap_draws(above.shape[0], n_scored, n_boot, seed):
+        if int(above[idx].sum(axis=1).min()) < need:
+            return False
+    return True
+
+
+def adaptive_null(flip: FlipTest, patches: Tensor, sources: np.ndarray | None, n_scored: int, k: int,
+                  delta: float, n_boot: int = 2000) -> StagedScores:
+    """Score the null windows adaptively (:meth:`FlipTest.staged_scores`): a window goes on while its upper bound
+    can reach the ``m``-th highest hits of all null windows, ``m`` chosen so that about ``k // 2 + 1`` + 6
+    standard deviations of the ``n_scored`` resampled draws land among the top ``m``. If some resample still reads
+    a window that stopped early (:func:`bootstrap_is_exact`), every null window is tested in full."""
+    n = len(patches)
+    need = max(1, min(k, n_scored)) // 2 + 1
+    m = min(n, math.ceil(n * (need + 6 * math.sqrt(need) + 6) / max(1, n_scored)))
+    staged = flip.staged_scores(patches, sources, lambda hits, tested: kth_largest(hits, m), delta, "null")
+    n_flip = len(flip.index)
+    resolved = staged.tested >= n_flip
+    stopped = ~resolved
+    ceiling = -math.inf         # the highest score a stopped window can have: its bound where it stopped
+    for t in np.unique(staged.tested[stopped]):
+        at = stopped & (staged.tested == t)
+        ceiling = max(ceiling, float(hypergeom_upper(staged.hits[at], int(t), n_flip, delta).max()))
+    if bootstrap_is_exact(staged.scores, resolved, ceiling, max(n_scored, k), k, n_boot, flip.seed):
+        return staged
+    return flip.staged_scores(patches, sources, lambda hits, tested: -math.inf, delta, "null")
 
 
 def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored: int, n_flip: int,
@@ -244,8 +297,12 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
         sources = labels[src.numpy()]
     else:
         patches, sources = null_windows(images, settings.null_size, window, gen, sources=src), None
-    null = flip.scores(patches, sources, "null")
     n_flip = len(flip.index)
+    if settings.null_testing == "adaptive":
+        staged = adaptive_null(flip, patches, sources, len(scores), len(top), settings.null_error)
+        null, null_tested = staged.scores, staged.tested.tolist()
+    else:
+        null, null_tested = flip.scores(patches, sources, "null"), []
     ev = backdoor_evidence(np.array([scores[i] for i in top]), null, len(scores), n_flip, seed=flip.seed)
     boxes = search.boxes
     top_windows = cut_windows(images[torch.as_tensor(top, dtype=torch.int64)],
@@ -255,6 +312,6 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     return Evidence.from_json({
         **ev, "recurrence": rec, "top_k": top, "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
-        "n_flip": n_flip, "null_sources": src.tolist(),
+        "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip, "null_sources": src.tolist(),
         "null_pool": settings.null_pool if pool is not None else "all",
         "null_pool_size": len(pool) if pool is not None else len(images), "null_excluded_clusters": excluded})

@@ -5,6 +5,7 @@ search, evidence and verify stages alike, split across ranks)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from poisonscan import runtime as rt
+from poisonscan.detect.bounds import estimate, hypergeom_upper, stage_sizes
 from poisonscan.detect.clustering import ASSIGN_CHUNK, Clustering
 from poisonscan.detect.features import encode, eval_mode, prepare_encoder
 from poisonscan.detect.seeds import torch_gen
@@ -207,3 +209,69 @@ class FlipTest:
         parts = (rt.split_gather(self.runtime, len(patches), work) if split
                  else [work(range(len(patches)))])
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def order(self) -> Tensor:
+        """The fixed random order in which the adaptive stages test the flip set (drawn from ``(seed, "flip order")``),
+        so the first ``n`` images are a sample without replacement of the whole set."""
+        return torch.randperm(len(self.images), generator=torch_gen(self.seed, "flip order"))
+
+    def staged_scores(self, patches: Tensor, sources: np.ndarray | None, threshold: Threshold, delta: float,
+                      *tags: Any, split: bool = True) -> StagedScores:
+        """Adaptive poison scores: every window is tested on a first slice of the flip set (:meth:`order`), and
+        after each stage (detect/bounds.py, ``STAGES``) only the windows whose upper bound on the full score
+        (:func:`~poisonscan.detect.bounds.hypergeom_upper` at ``delta``) still reaches ``threshold(hits, tested)``
+        go on. ``threshold`` gets every window's hits so far (hard lower bounds of their full scores) and how many
+        flip-set images each was tested on. A window tested on the whole set has exactly the score :meth:`scores`
+        gives it (same positions, same pairs); the others are reported scaled (:func:`~poisonscan.detect.bounds.
+        estimate`). ``resume``-safe: the same inputs give the same result."""
+        n, f = len(patches), len(self.images)
+        positions = draw_positions(n, f, torch_gen(self.seed, "paste", *tags))
+        order = self.order()
+        hits = np.zeros(n, np.int64)
+        tested = np.zeros(n, np.int64)
+        active = np.arange(n)
+        done = 0
+        for size in stage_sizes(f):
+            cols = order[done:size]
+            if active.size:
+                hits[active] += self._score_on(patches, sources, positions, active, cols, split)
+                tested[active] = size
+            done = size
+            if size >= f:
+                break
+            bound = hypergeom_upper(hits[active], size, f, delta)
+            active = active[bound >= threshold(hits, tested)]
+        return StagedScores(estimate(hits, tested, f), hits, tested)
+
+    def _score_on(self, patches: Tensor, sources: np.ndarray | None, positions: Tensor, active: np.ndarray,
+                  cols: Tensor, split: bool) -> np.ndarray:
+        """Hits of the windows ``active`` on the flip-set images ``cols`` (their positions fixed up front)."""
+        idx = torch.as_tensor(active)
+        sub_pos = positions[idx][:, cols]
+        sub_patches = patches[idx]
+        sub_sources = sources[active] if self.rule == "to_source" else None
+
+        def work(shard: range) -> np.ndarray:
+            sl = slice(shard.start, shard.stop)
+            return poison_scores(self.encoder, self.clustering, self.images[cols], self.labels[cols],
+                                 sub_patches[sl], self.runtime, None, batch_size=self.batch_size, rule=self.rule,
+                                 source_clusters=sub_sources[sl] if sub_sources is not None else None,
+                                 positions=sub_pos[sl], quiet=True)
+
+        parts = rt.split_gather(self.runtime, len(active), work) if split else [work(range(len(active)))]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+#: ``threshold(hits, tested)``: the full score a window must still be able to reach to go on being tested
+Threshold = Callable[[np.ndarray, np.ndarray], float]
+
+
+@dataclass
+class StagedScores:
+    """Adaptive flip-test results, one entry per window: the reported ``scores`` (exact where ``tested`` is the
+    whole flip set, scaled estimates elsewhere), the ``hits`` seen and how many flip-set images each was ``tested``
+    on."""
+
+    scores: np.ndarray
+    hits: np.ndarray
+    tested: np.ndarray

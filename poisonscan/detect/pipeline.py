@@ -164,7 +164,8 @@ class _Driver:
                 self.on_round(rnd)
 
         self.search = run_search(self.cfg.search, self.store.images, self.flip, self.window, self.size, self.quiet,
-                                 saved=SearchResult.from_json(saved) if saved else None, on_round=on_round)
+                                 saved=SearchResult.from_json(saved) if saved else None, on_round=on_round,
+                                 top_k=self.cfg.evidence.top_k)
         if main:
             chunks = [np.load(run.file(f"search/attention_{r:04d}.npy"))
                       for r in range(1, len(self.search.rounds) + 1) if run.exists(f"search/attention_{r:04d}.npy")]

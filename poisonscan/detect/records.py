@@ -87,7 +87,10 @@ class Record:
 @dataclass
 class ScoredImage(Record):
     """One image the search scored: its candidate window ``box`` (x0, y0, x1, y1), the window's ``poison_score``
-    on the flip test set, the masks that covered the winning window (``eta``), its cluster and the round."""
+    on the flip test set, the masks that covered the winning window (``eta``), its cluster and the round.
+    ``flips_tested``: the flip-set images the window was tested on (adaptive flip testing stops a window that can no
+    longer reach the top-k: its score is then its hits scaled to the whole set); 0 or the flip set's size: all,
+    and the score is exact."""
 
     index: int
     poison_score: int
@@ -95,6 +98,7 @@ class ScoredImage(Record):
     eta: int
     cluster: int
     round: int
+    flips_tested: int = 0
 
 
 @dataclass
@@ -112,6 +116,10 @@ class SearchResult(Record):
     mask_strategy: str = ""
     rule: str = ""
     aggregate: str = ""
+    masking: str = "exact"
+    masks_per_image: int = 0
+    flip_testing: str = "exact"
+    flip_error: float = 0.0
     flip_set: list[int] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     scored: list[ScoredImage] = nested(ScoredImage, many=True)
@@ -126,6 +134,10 @@ class SearchResult(Record):
     def boxes(self) -> dict[int, list[int]]:
         """Image index -> candidate window."""
         return {e.index: list(e.box) for e in self.scored}
+
+    def is_exact(self, entry: ScoredImage) -> bool:
+        """Was ``entry``'s window tested on the whole flip set (its score exact, not an estimate)?"""
+        return entry.flips_tested == 0 or entry.flips_tested >= len(self.flip_set)
 
 
 # -- evidence -------------------------------------------------------------------------------------------------------
@@ -171,6 +183,8 @@ class Evidence(Record):
     top_k: list[int] = field(default_factory=list)
     topk_scores: list[int] = field(default_factory=list)
     null_scores: list[int] = field(default_factory=list)
+    null_testing: str = "exact"
+    null_tested: list[int] = field(default_factory=list)
     n_flip: int = 0
     null_sources: list[int] = field(default_factory=list)
     null_pool: str = "all"

@@ -16,14 +16,17 @@ from poisonscan import runtime as rt
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.fliptest import RULES, FlipTest
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
-from poisonscan.detect.masking import (STRATEGIES, MaskingConfig, cluster_activation_masking, cut_windows,
-                                       make_masks)
+from poisonscan.detect.bounds import kth_largest
+from poisonscan.detect.masking import (STRATEGIES, CoarseToFine, MaskingConfig, cluster_activation_masking,
+                                       coarse_to_fine_masking, cut_windows, make_masks)
 from poisonscan.detect.records import ScoredImage, SearchResult
 from poisonscan.detect.seeds import derive_seed, torch_gen
 from poisonscan.settings import PAPER, above, at_least, between, one_of
 
 METHODS = ("poisoncam", "patchsearch")
 AGGREGATES = ("sum", "max")
+MASKINGS = ("coarse-to-fine", "exact")
+FLIP_TESTINGS = ("adaptive", "exact")
 
 
 @dataclass
@@ -49,6 +52,16 @@ class SearchSettings:
     score_rule: str = field(default="to_source", metadata=one_of(RULES))
     #: a cluster's score in the search: "sum" (paper) or "max" (PatchSearch)
     aggregate: str = field(default="sum", metadata=one_of(AGGREGATES))
+    #: "coarse-to-fine": a cyclic grid of masks at half the window's stride finds the region, 3 x 3 more masks
+    #: refine it (73 masks at w = 60/224 instead of B = 256; full-coverage masks only); "exact": the paper's B
+    #: masks on every image. Chosen on the demo's poisons (IoU with the trigger 0.517 against 0.535, catch rate
+    #: 0.80 against 0.82) and checked on CIFAR-10 50k at 1% (0.356 / 0.58 against 0.374 / 0.61)
+    masking: str = field(default="coarse-to-fine", metadata=one_of(MASKINGS))
+    #: "adaptive": each window is tested on growing slices of the flip set and stops once it can no longer reach
+    #: the top-k (its score is then an estimate); the top-k and their scores stay exact but for a chance of at most
+    #: ``flip_error`` per top-k window. "exact": every window on the whole flip set (paper)
+    flip_testing: str = field(default="adaptive", metadata=one_of(FLIP_TESTINGS))
+    flip_error: float = field(default=1e-4, metadata=between(0.0, 0.5, lo_open=True))
 
 
 # -- iterative search ---------------------------------------------------------------------------------------------
@@ -148,15 +161,21 @@ def top_k(scores: dict[int, int], k: int = PAPER.top_k) -> list[int]:
 # -- the search stage --------------------------------------------------------------------------------------------
 
 def candidate_windows(method: str, encoder: nn.Module, clustering: Clustering, images: Tensor, indices: np.ndarray,
-                      masks: Tensor, window: int, runtime: rt.Runtime,
-                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate windows of the images ``indices`` (cluster activation masking, or Grad-CAM for
-    ``method="patchsearch"``), split across ranks: (attention float16 n x S x S, boxes n x 4, eta n)."""
+                      masks: Tensor, window: int, runtime: rt.Runtime, batch_size: int = 256,
+                      coarse_to_fine: tuple[CoarseToFine, int] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate windows of the images ``indices`` (cluster activation masking with the shared ``masks``, or
+    coarse-to-fine masking with ``coarse_to_fine = (plan, seed)``, or Grad-CAM for ``method="patchsearch"``), split
+    across ranks: (attention float16 n x S x S, boxes n x 4, eta n)."""
     def work(shard: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         imgs = images[torch.as_tensor(indices[shard.start:shard.stop])]
         if method == "patchsearch":
             att, boxes, eta = gradcam_candidates(encoder, clustering, imgs, window, runtime,
                                                  batch_size=gradcam_batch_size(batch_size))
+        elif coarse_to_fine is not None:
+            plan, seed = coarse_to_fine
+            att, boxes, eta = coarse_to_fine_masking(encoder, clustering, imgs, window, runtime,
+                                                     torch.Generator().manual_seed(seed), batch_size, plan)
         else:
             att, boxes, eta = cluster_activation_masking(encoder, clustering, imgs, masks, runtime,
                                                          batch_size=batch_size, window=window)
@@ -170,28 +189,60 @@ def candidate_windows(method: str, encoder: nn.Module, clustering: Clustering, i
 SearchHook = Callable[[SearchResult, "np.ndarray | None"], None]
 
 
+def uses_coarse_to_fine(settings: SearchSettings, window: int, image_size: int) -> bool:
+    """Coarse-to-fine masking applies to PoisonCAM's full-coverage masks when it needs fewer than the B masks;
+    other strategies use all B masks."""
+    return (settings.method == "poisoncam" and settings.masking == "coarse-to-fine"
+            and settings.mask_strategy == "full"
+            and CoarseToFine().masks_per_image(window, image_size) < settings.masks)
+
+
+def masks_per_image(settings: SearchSettings, window: int, image_size: int) -> int:
+    """Masked forwards per searched image (1 Grad-CAM pass for PatchSearch)."""
+    if settings.method == "patchsearch":
+        return 1
+    if uses_coarse_to_fine(settings, window, image_size):
+        return CoarseToFine().masks_per_image(window, image_size)
+    return settings.masks
+
+
 def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window: int, image_size: int,
                quiet: bool = True, saved: SearchResult | None = None,
-               on_round: SearchHook | None = None) -> SearchResult:
+               on_round: SearchHook | None = None, top_k: int = PAPER.top_k) -> SearchResult:
     """The search stage: the iterative search (:func:`iterative_search`) over ``flip.clustering``'s clusters, each
     image scored by its candidate window's poison score on ``flip``. ``saved`` (a killed search's record) keeps the
     scores it holds, so the search repeats its rounds without recomputing them; ``on_round(record, attention)``
-    gets the record so far and the attention maps of the images the round scored (``None`` when none were)."""
+    gets the record so far and the attention maps of the images the round scored (``None`` when none were).
+    ``top_k``: the poison set the evidence stage takes, which adaptive flip testing keeps exact."""
     masks = make_masks(MaskingConfig(settings.masks, window, settings.mask_strategy, batch_size=flip.batch_size),
                        image_size, torch_gen(flip.seed, "masks"))
     entries: dict[int, ScoredImage] = {e.index: e for e in (saved.scored if saved else [])}
     labels = flip.clustering.labels
+    n_flip = len(flip.index)
     state: dict[str, Any] = {"rounds_done": 0, "pending": None}
 
     def score_fn(indices: np.ndarray) -> np.ndarray:
         rnd = state["rounds_done"] + 1
+        c2f = ((CoarseToFine(), derive_seed(flip.seed, "coarse grid", rnd))
+               if uses_coarse_to_fine(settings, window, image_size) else None)
         att, boxes, eta = candidate_windows(settings.method, flip.encoder, flip.clustering, images, indices, masks,
-                                            window, flip.runtime, flip.batch_size)
+                                            window, flip.runtime, flip.batch_size, c2f)
         patches = cut_windows(images[torch.as_tensor(indices)], torch.as_tensor(boxes))
-        scores = flip.scores(patches, labels[indices], "round", rnd)
+        if settings.flip_testing == "adaptive":
+            known = np.array([e.poison_score for e in entries.values()
+                              if e.flips_tested in (0, n_flip)], dtype=np.int64)
+
+            def reach(hits: np.ndarray, tested: np.ndarray) -> float:   # the top-k's lowest score, from below
+                return kth_largest(np.concatenate([known, hits]), top_k)
+
+            staged = flip.staged_scores(patches, labels[indices], reach, settings.flip_error, "round", rnd)
+            scores, tested = staged.scores, staged.tested
+        else:
+            scores = flip.scores(patches, labels[indices], "round", rnd)
+            tested = np.full(len(indices), n_flip, np.int64)
         for j, i in enumerate(indices):
             entries[int(i)] = ScoredImage(int(i), int(scores[j]), [int(v) for v in boxes[j]], int(eta[j]),
-                                          int(labels[i]), rnd)
+                                          int(labels[i]), rnd, int(tested[j]))
         state["pending"] = att
         return scores
 
@@ -199,6 +250,9 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
         return SearchResult(
             completed=completed, method=settings.method, window=int(window), n_masks=settings.masks,
             mask_strategy=settings.mask_strategy, rule=settings.score_rule, aggregate=settings.aggregate,
+            masking="coarse-to-fine" if uses_coarse_to_fine(settings, window, image_size) else "exact",
+            masks_per_image=masks_per_image(settings, window, image_size), flip_testing=settings.flip_testing,
+            flip_error=settings.flip_error if settings.flip_testing == "adaptive" else 0.0,
             flip_set=[int(i) for i in flip.index],
             rounds=[{k: r[k] for k in ("round", "live_clusters", "scored", "retired", "dropped") if k in r}
                     for r in rounds.rounds],

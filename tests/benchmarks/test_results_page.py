@@ -32,13 +32,28 @@ def test_rows_give_strength_evidence_decision_and_commands(tmp_path) -> None:
     assert "| tuned | - |" in tuned and "no signal, 505 removed" in tuned
     assert "- **b-held**: backdoor signal: z = 5.71." in page and "  `poisonscan detect --out b-held`" in page
 
-    folder = tmp_path / "records"
+    folder, speed = tmp_path / "records", tmp_path / "speed"
     folder.mkdir()
+    speed.mkdir()
     (folder / "x.json").write_text(json.dumps(_record("x", "held-out", True)))
     out = tmp_path / "results.md"
-    assert results_page.main(["--records", str(folder), "--out", str(out), "--check"]) == 1
-    assert results_page.main(["--records", str(folder), "--out", str(out)]) == 0
-    assert results_page.main(["--records", str(folder), "--out", str(out), "--check"]) == 0
+    args = ["--records", str(folder), "--speed", str(speed), "--out", str(out)]
+    assert results_page.main(args + ["--check"]) == 1
+    assert results_page.main(args) == 0
+    assert results_page.main(args + ["--check"]) == 0
+    assert "The exact and the fast path" not in out.read_text()                 # no speed records, no section
+
+
+def test_the_speed_rows_give_both_paths() -> None:
+    side = {"forwards": {"total": 398592}, "seconds": 253.5, "z": 25.0, "removed": 250, "recall": 1.0,
+            "precision": 1.0}
+    rec = {"name": "demo", "setting": "5,000 images", "threat_model": None, "exact": side,
+           "fast": {**side, "forwards": {"total": 246336}, "seconds": 182.5, "z": 18.0},
+           "forwards_ratio": 398592 / 246336, "removed_difference": {"only_exact": [], "only_fast": []}}
+    page = results_page.render_speed([rec])
+    line = next(line for line in page.splitlines() if line.startswith("| **demo**"))
+    assert "398,592 -> 246,336 (1.62x)" in line and "254 -> 182" in line and "25.00 / 18.00" in line
+    assert "250 / 250 (0, 0)" in line and "100.0% / 100.0%; 100.0% / 100.0%" in line
 
 
 def test_the_results_page_is_what_the_records_give() -> None:

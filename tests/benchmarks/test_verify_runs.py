@@ -25,7 +25,8 @@ def test_a_toy_run_verified_in_a_copy(tmp_path: Path, one_torch_thread) -> None:
     cfg = configure(DetectConfig, data=str(work / "data" / "train"), model=str(model),
                     out=str(work / "detect-poisoncam"), clusters=4, masks=64, flip_size=40, top_k=5, null_size=64,
                     iterations=100, batch_size=128, device="cpu", precision="fp32", ensemble=1, neighbours=199,
-                    refine_by="p", match_picture=False)      # the classifier's decision, verified
+                    refine_by="p", match_picture=False,      # the classifier's decision, verified
+                    masking="exact", flip_testing="exact", null_testing="exact")   # the study's windows
     run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
     original = (work / "detect-poisoncam" / "scores.csv").read_text()
     after = verify_runs.verified_run(work, 0.9)

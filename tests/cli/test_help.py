@@ -39,7 +39,7 @@ ALIASES = {"reshard_dir": "reshard", "csv_out": "csv", "trigger": "triggers", "t
            "flip_size": "search.flip_size", "force": "decision.force"}
 #: parameters that set no config field: the command's own switches, and flags a command accepts like every
 #: command's without using them (``poison --device``)
-CLI_ONLY = {"config", "json_out", "as_json", "quiet", "device", "settings"}
+CLI_ONLY = {"config", "json_out", "as_json", "quiet", "device", "settings", "exact"}
 
 runner = CliRunner()
 

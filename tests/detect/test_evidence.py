@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_topk_medians, effect_of, effect_size,
+from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_is_exact, bootstrap_topk_medians, effect_of, effect_size,
                                         evidence_gate, evidence_z, null_pool, null_windows, topk_spread)
 from poisonscan.detect.records import Evidence
 
@@ -204,3 +204,39 @@ def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     big = {**strong, "effect": 0.5, "topk_median": 200.0}
     found, reason = gate(big, 3.0, 0.15)
     assert found and "13 of the top 20 windows show one picture" in reason
+
+
+def test_the_bootstrap_is_exact_when_every_resample_reads_windows_tested_in_full() -> None:
+    scores = np.array([30, 25, 20] + [1] * 97, dtype=np.float64)
+    resolved = np.zeros(100, bool)
+    resolved[:3] = True
+    # top-3 median of 300 draws: the 2nd largest; about 9 draws per resample land on the three resolved windows
+    assert bootstrap_is_exact(scores, resolved, ceiling=5.0, n_scored=300, k=3, n_boot=200, seed=0)
+    # a ceiling above them: a stopped window could outrank them, not exact
+    assert not bootstrap_is_exact(scores, resolved, ceiling=30.0, n_scored=300, k=3, n_boot=200, seed=0)
+    # 30 draws: many resamples miss the resolved windows and read the stopped ones
+    assert not bootstrap_is_exact(scores, resolved, ceiling=5.0, n_scored=30, k=3, n_boot=200, seed=0)
+
+
+def test_the_adaptive_null_gives_the_exact_nulls_evidence_with_fewer_forwards() -> None:
+    import torch
+
+    from poisonscan.detect.evidence import adaptive_null
+    from tests.detect.test_fliptest import _flip_test, patch
+
+    flip = _flip_test()                                       # 64 flip images; bright windows flip them all
+    values = [250] * 6 + [120] * 10 + [5] * 112               # a bright tail, then windows that flip nothing
+    patches = torch.stack([patch(v) for v in values])
+    exact = flip.scores(patches, None, "null")
+    staged = adaptive_null(flip, patches, None, n_scored=300, k=6, delta=1e-4, n_boot=500)
+    assert (staged.tested < 64).sum() > 100                   # the dim windows stopped after a slice
+    resolved = staged.tested == 64
+    assert (staged.scores[resolved] == exact[resolved]).all()
+    top = np.array([64, 64, 63, 60, 64, 62])
+    a = backdoor_evidence(top, exact, 300, 64, n_boot=500, seed=flip.seed)
+    b = backdoor_evidence(top, staged.scores, 300, 64, n_boot=500, seed=flip.seed)
+    assert (a["z"], a["null_median"], a["boot_std"], a["p_value"]) == (b["z"], b["null_median"], b["boot_std"],
+                                                                       b["p_value"])
+    # too few draws for the resolved tail to fill every resample: the whole null is tested
+    full = adaptive_null(flip, patches, None, n_scored=10, k=6, delta=1e-4, n_boot=500)
+    assert (full.tested == 64).all() and (full.scores == exact).all()

@@ -10,7 +10,7 @@ from torch import nn
 
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.features import encode
-from poisonscan.detect.fliptest import draw_positions, flip_test_set, paste_patches, poison_scores
+from poisonscan.detect.fliptest import FlipTest, draw_positions, flip_test_set, paste_patches, poison_scores
 from poisonscan.runtime import Runtime
 
 S = 16
@@ -138,3 +138,41 @@ def test_poison_scores_empty() -> None:
     out = poison_scores(BrightSpotEncoder(), toy_clustering(), flip_images(3), torch.ones(3, dtype=torch.long), [],
                         fp32(), generator=0)
     assert out.shape == (0,)
+
+
+# -- adaptive (staged) flip testing --------------------------------------------------------------------------------
+
+def _flip_test(n: int = 64, rule: str = "changed") -> FlipTest:
+    images = flip_images(n)
+    labels = torch.ones(n, dtype=torch.int64)                       # every flip image starts in the clean cluster
+    return FlipTest(BrightSpotEncoder(), toy_clustering(), np.arange(n), images, labels, fp32(), seed=3, rule=rule,
+                    batch_size=40)
+
+
+def _windows() -> torch.Tensor:
+    return torch.stack([patch(250), patch(200), patch(5), patch(10), patch(150, side=5)])
+
+
+def test_staged_scores_with_every_window_going_on_equal_the_exact_scores() -> None:
+    flip = _flip_test()
+    exact = flip.scores(_windows(), None, "t")
+    staged = flip.staged_scores(_windows(), None, lambda hits, tested: -np.inf, 1e-4, "t")
+    assert staged.scores.tolist() == exact.tolist() == staged.hits.tolist()
+    assert (staged.tested == 64).all()
+
+
+def test_windows_that_cannot_reach_the_bar_stop_early_and_the_rest_are_exact() -> None:
+    flip = _flip_test()
+    exact = flip.scores(_windows(), None, "t")
+    assert exact[0] == 64 and exact[2] == 0                          # bright windows flip all, dim ones none
+    staged = flip.staged_scores(_windows(), None, lambda hits, tested: 40.0, 1e-4, "t")
+    assert staged.tested[0] == 64 and staged.scores[0] == exact[0]   # a window that reaches the bar: exact
+    assert staged.tested[2] < 64 and staged.scores[2] == 0           # a dim one stopped after the first stage
+    assert (staged.hits <= exact).all()
+    assert (staged.tested.min(), staged.tested.max()) == (16, 64)
+
+
+def test_the_flip_order_is_a_seeded_permutation() -> None:
+    flip = _flip_test()
+    order = flip.order()
+    assert sorted(order.tolist()) == list(range(64)) and torch.equal(order, _flip_test().order())

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonscan.detect.clustering import Clustering
-from poisonscan.detect.masking import (MaskingConfig, attention_map, attention_maps, best_window,
+from poisonscan.detect.masking import (CoarseToFine, MaskingConfig, attention_map, attention_maps, best_window,
                                        cluster_activation_masking, cut_windows, detect_candidates, make_masks,
-                                       window_pixels)
+                                       window_pixels, coarse_to_fine_masking, grid_corners, window_masks)
 from poisonscan.runtime import Runtime
 
 S = 32
@@ -253,3 +253,32 @@ def test_detect_candidates_uses_config() -> None:
     att2, boxes2, _ = cluster_activation_masking(RegionEncoder(), toy_clustering(), poisoned_image(), masks, fp32())
     torch.testing.assert_close(att, att2)
     assert torch.equal(boxes, boxes2) and (boxes[:, 2:] == 8).all()
+
+
+# -- coarse-to-fine masking ----------------------------------------------------------------------------------------
+
+def test_grid_corners_and_window_masks_cover_every_pixel() -> None:
+    corners = grid_corners(S, stride=4, offset=torch.tensor([0.5, 0.25]))
+    assert corners.shape == (64, 2) and len({tuple(c) for c in corners.tolist()}) == 64
+    masks = window_masks(corners, 8, S)
+    assert masks.shape == (64, S, S) and (masks.sum((1, 2)) == 64).all()         # whole 8 x 8 windows, wrapped
+    assert (masks.sum(0) >= 1).all()                                             # stride <= window: no gaps
+    one = window_masks(torch.tensor([[30, 0]]), 4, S)[0]                         # cyclic: wraps at the border
+    assert one[0:4, 30:32].all() and one[0:4, 0:2].all() and int(one.sum()) == 16
+
+
+def test_coarse_to_fine_localises_the_toy_trigger_with_fewer_masks() -> None:
+    window = 8
+    clean = torch.full((1, 3, S, S), 20, dtype=torch.uint8)
+    imgs = torch.cat([poisoned_image(), clean])
+    plan = CoarseToFine()
+    att, boxes, eta = coarse_to_fine_masking(RegionEncoder(), toy_clustering(), imgs, window, fp32(),
+                                             torch.Generator().manual_seed(0), batch_size=30, plan=plan)
+    assert plan.masks_per_image(window, S) == 64 + 9 < 128
+    assert att.shape == (2, S, S) and eta.tolist() == [0, 1]
+    tx, ty, side = TRIGGER
+    assert iou(boxes[0], (tx, ty, side, side)) >= 0.5 and (boxes[:, 2:] == window).all()
+    att2, boxes2, _ = coarse_to_fine_masking(RegionEncoder(), toy_clustering(), imgs, window, fp32(),
+                                             torch.Generator().manual_seed(0), batch_size=256, plan=plan)
+    torch.testing.assert_close(att, att2)                                        # batches do not change it
+    assert torch.equal(boxes, boxes2)

@@ -120,10 +120,15 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     assert summary["top_clusters"][0]["removed"] >= 18 and summary["exit_code"] == 0
 
     # the cost in threat-model forwards: every image once, each scored image's masks (its own cluster comes from the
-    # features) and its window on every flip-set image, each null window on every flip-set image; nothing else
+    # features) and its window on the flip-set images it was tested on, each null window on the ones it was tested
+    # on; nothing else
     fw, n_flip = summary["cost"]["forwards"], summary["clusters"]["flip_set"]
-    assert fw["features"] == 200 and fw["search"] == len(scored) * (64 + n_flip)
-    assert fw["evidence"] == 64 * n_flip and fw["store"] == fw["clusters"] == fw["classifier"] == fw["verify"] == 0
+    search, evidence = json.loads((run / "search.json").read_text()), json.loads((run / "evidence.json").read_text())
+    assert search["masking"] == "exact" and search["masks_per_image"] == 64    # B = 64: fewer than coarse-to-fine
+    assert fw["features"] == 200
+    assert fw["search"] == sum(search["masks_per_image"] + e["flips_tested"] for e in search["scored"])
+    assert fw["evidence"] == sum(evidence["null_tested"]) and len(evidence["null_tested"]) == 64
+    assert fw["store"] == fw["clusters"] == fw["classifier"] == fw["verify"] == 0
     assert fw["total"] == sum(v for k, v in fw.items() if k != "total") and list(fw)[-1] == "total"
 
 

@@ -42,5 +42,6 @@ def test_a_small_image_vit_runs_through_detect(vit_toy: dict[str, Path], tmp_pat
     window = run.search.window
     assert all(e.box[2] == e.box[3] == window for e in run.search.scored)
     fw = summary["cost"]["forwards"]
-    per_image = 16 + len(run.search.flip_set) if method == "poisoncam" else 1 + len(run.search.flip_set)
-    assert fw["features"] == 200 and fw["search"] == len(run.search.scored) * per_image
+    masks = run.search.masks_per_image
+    assert masks == (16 if method == "poisoncam" else 1)          # B = 16 (fewer than coarse-to-fine); one Grad-CAM
+    assert fw["features"] == 200 and fw["search"] == sum(masks + e.flips_tested for e in run.search.scored)
