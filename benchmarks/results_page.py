@@ -129,7 +129,9 @@ def render_speed(records: list[dict[str, Any]]) -> str:
     """The exact-vs-fast section ('' without records)."""
     if not records:
         return ""
-    return "\n".join(["", SPEED_HEADER] + [speed_row(r) for r in sorted(records, key=lambda r: r["name"])]) + "\n"
+    records = sorted(records, key=lambda r: r["name"])
+    notes = [f"- **{r['name']}**: {r['note']}." for r in records if r.get("note")]
+    return "\n".join(["", SPEED_HEADER] + [speed_row(r) for r in records] + ([""] + notes if notes else [])) + "\n"
 
 
 def load(folder: Path) -> list[dict[str, Any]]:

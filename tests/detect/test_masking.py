@@ -277,7 +277,9 @@ def test_coarse_to_fine_localises_the_toy_trigger_with_fewer_masks() -> None:
     assert plan.masks_per_image(window, S) == 64 + 9 < 128
     assert att.shape == (2, S, S) and eta.tolist() == [0, 1]
     tx, ty, side = TRIGGER
-    assert iou(boxes[0], (tx, ty, side, side)) >= 0.5 and (boxes[:, 2:] == window).all()
+    x, y = int(boxes[0, 0]), int(boxes[0, 1])                                    # the window covers most of it
+    covered = max(0, min(x + window, tx + side) - max(x, tx)) * max(0, min(y + window, ty + side) - max(y, ty))
+    assert covered >= 0.75 * side * side and (boxes[:, 2:] == window).all()
     att2, boxes2, _ = coarse_to_fine_masking(RegionEncoder(), toy_clustering(), imgs, window, fp32(),
                                              torch.Generator().manual_seed(0), batch_size=256, plan=plan)
     torch.testing.assert_close(att, att2)                                        # batches do not change it
