@@ -72,8 +72,9 @@ class EvidenceSettings:
     null_pool: str = field(default="all", metadata=one_of(NULL_POOLS))
     #: "adaptive": null windows are tested on growing slices of the flip set and stop once they cannot reach the
     #: null's upper tail, which alone sets the bootstrap's top-k medians; the bootstrap then checks that every
-    #: resample's top-k come from windows tested in full (else the whole null is tested), so ``z``, the effect and
-    #: the p-value are those of the exact null but for a chance of at most ``null_error`` per window of that tail.
+    #: resample's top-k come from windows tested in full (else the stopped windows are completed), so ``z``, the
+    #: effect and the p-value are those of the exact null but for a chance of at most ``null_error`` per window of
+    #: that tail.
     #: "exact": every null window on the whole flip set
     null_testing: str = field(default="adaptive", metadata=one_of(NULL_TESTINGS))
     null_error: float = field(default=1e-4, metadata=between(0.0, 0.5, lo_open=True))
@@ -157,7 +158,8 @@ def adaptive_null(flip: FlipTest, patches: Tensor, sources: np.ndarray | None, n
     """Score the null windows adaptively (:meth:`FlipTest.staged_scores`): a window goes on while its upper bound
     can reach the ``m``-th highest hits of all null windows, ``m`` chosen so that about ``k // 2 + 1`` + 6
     standard deviations of the ``n_scored`` resampled draws land among the top ``m``. If some resample still reads
-    a window that stopped early (:func:`bootstrap_is_exact`), every null window is tested in full."""
+    a window that stopped early (:func:`bootstrap_is_exact`), the stopped windows are tested on the rest of the flip
+    set (:meth:`FlipTest.complete`)."""
     n = len(patches)
     need = max(1, min(k, n_scored)) // 2 + 1
     m = min(n, math.ceil(n * (need + 6 * math.sqrt(need) + 6) / max(1, n_scored)))
@@ -171,7 +173,7 @@ def adaptive_null(flip: FlipTest, patches: Tensor, sources: np.ndarray | None, n
         ceiling = max(ceiling, float(hypergeom_upper(staged.hits[at], int(t), n_flip, delta).max()))
     if bootstrap_is_exact(staged.scores, resolved, ceiling, max(n_scored, k), k, n_boot, flip.seed):
         return staged
-    return flip.staged_scores(patches, sources, lambda hits, tested: -math.inf, delta, "null")
+    return flip.complete(staged, patches, sources, "null")
 
 
 def backdoor_evidence(topk_scores: np.ndarray, null_scores: np.ndarray, n_scored: int, n_flip: int,
@@ -312,6 +314,7 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     return Evidence.from_json({
         **ev, "recurrence": rec, "top_k": top, "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
-        "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip, "null_sources": src.tolist(),
+        "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip,
+        "null_sources": src.tolist(),
         "null_pool": settings.null_pool if pool is not None else "all",
         "null_pool_size": len(pool) if pool is not None else len(images), "null_excluded_clusters": excluded})

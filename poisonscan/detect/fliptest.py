@@ -243,6 +243,20 @@ class FlipTest:
             active = active[bound >= threshold(hits, tested)]
         return StagedScores(estimate(hits, tested, f), hits, tested)
 
+    def complete(self, staged: StagedScores, patches: Tensor, sources: np.ndarray | None, *tags: Any,
+                 split: bool = True) -> StagedScores:
+        """Test the windows ``staged`` stopped early (same ``tags``) on the rest of the flip set: every score
+        exact, with no flip-set image tested twice."""
+        f = len(self.images)
+        positions = draw_positions(len(patches), f, torch_gen(self.seed, "paste", *tags))
+        order = self.order()
+        hits, tested = staged.hits.copy(), staged.tested.copy()
+        for t in np.unique(tested[tested < f]):
+            idx = np.flatnonzero(tested == t)
+            hits[idx] += self._score_on(patches, sources, positions, idx, order[int(t):], split)
+            tested[idx] = f
+        return StagedScores(hits.copy(), hits, tested)
+
     def _score_on(self, patches: Tensor, sources: np.ndarray | None, positions: Tensor, active: np.ndarray,
                   cols: Tensor, split: bool) -> np.ndarray:
         """Hits of the windows ``active`` on the flip-set images ``cols`` (their positions fixed up front)."""

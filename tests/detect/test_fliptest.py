@@ -170,6 +170,8 @@ def test_windows_that_cannot_reach_the_bar_stop_early_and_the_rest_are_exact() -
     assert staged.tested[2] < 64 and staged.scores[2] == 0           # a dim one stopped after the first stage
     assert (staged.hits <= exact).all()
     assert (staged.tested.min(), staged.tested.max()) == (16, 64)
+    done = flip.complete(staged, _windows(), None, "t")             # the stopped ones on the rest of the set
+    assert done.scores.tolist() == exact.tolist() and (done.tested == 64).all()
 
 
 def test_the_flip_order_is_a_seeded_permutation() -> None:
