@@ -146,7 +146,7 @@ def test_the_sectioned_settings_scan_as_the_flat_ones_did(toy: dict, tmp_path: P
 
 
 def test_the_fast_path_finds_the_same_top_k_and_removal(toy: dict, tmp_path: Path) -> None:
-    # coarse-to-fine masking and adaptive flip testing (the defaults): the same images in the top-k, windows on
+    # coarse-to-fine masking and the adaptive null (the defaults): the same images in the top-k, windows on
     # the same triggers (within a few pixels), the same removal
     run_detect(small(toy, tmp_path, ensemble=1, rounds=1, iterations=20, masks=256), setup_runtime("cpu", "fp32"),
                quiet=True)
@@ -156,7 +156,7 @@ def test_the_fast_path_finds_the_same_top_k_and_removal(toy: dict, tmp_path: Pat
     assert all(abs(r[2][0] - boxes[r[0]][0]) <= 3 and abs(r[2][1] - boxes[r[0]][1]) <= 3 for r in rows)
     assert sorted((tmp_path / "removed.txt").read_text().split()) == sorted(toy["poisoned"])
     search = json.loads((tmp_path / "search.json").read_text())
-    assert search["masking"] == "coarse-to-fine" and search["flip_testing"] == "adaptive"
+    assert search["masking"] == "coarse-to-fine" and search["flip_testing"] == "exact"
 
 
 def test_the_paper_preset_trains_one_classifier_once_and_decides_on_p(toy: dict, tmp_path: Path) -> None:
