@@ -217,8 +217,10 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
     scores it holds, so the search repeats its rounds without recomputing them; ``on_round(record, attention)``
     gets the record so far and the attention maps of the images the round scored (``None`` when none were).
     ``top_k``: the poison set the evidence stage takes, which adaptive flip testing tests in full."""
-    masks = make_masks(MaskingConfig(settings.masks, window, settings.mask_strategy, batch_size=flip.batch_size),
-                       image_size, torch_gen(flip.seed, "masks"))
+    coarse = uses_coarse_to_fine(settings, window, image_size)
+    masks = (torch.zeros(0, image_size, image_size, dtype=torch.bool) if coarse or settings.method == "patchsearch"
+             else make_masks(MaskingConfig(settings.masks, window, settings.mask_strategy,
+                                           batch_size=flip.batch_size), image_size, torch_gen(flip.seed, "masks")))
     entries: dict[int, ScoredImage] = {e.index: e for e in (saved.scored if saved else [])}
     labels = flip.clustering.labels
     n_flip = len(flip.index)
@@ -226,8 +228,7 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
 
     def score_fn(indices: np.ndarray) -> np.ndarray:
         rnd = state["rounds_done"] + 1
-        c2f = ((CoarseToFine(), derive_seed(flip.seed, "coarse grid", rnd))
-               if uses_coarse_to_fine(settings, window, image_size) else None)
+        c2f = (CoarseToFine(), derive_seed(flip.seed, "coarse grid", rnd)) if coarse else None
         att, boxes, eta = candidate_windows(settings.method, flip.encoder, flip.clustering, images, indices, masks,
                                             window, flip.runtime, flip.batch_size, c2f)
         patches = cut_windows(images[torch.as_tensor(indices)], torch.as_tensor(boxes))
@@ -253,7 +254,7 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
         return SearchResult(
             completed=completed, method=settings.method, window=int(window), n_masks=settings.masks,
             mask_strategy=settings.mask_strategy, rule=settings.score_rule, aggregate=settings.aggregate,
-            masking="coarse-to-fine" if uses_coarse_to_fine(settings, window, image_size) else "exact",
+            masking="coarse-to-fine" if coarse else "exact",
             masks_per_image=masks_per_image(settings, window, image_size), flip_testing=settings.flip_testing,
             flip_error=settings.flip_error if settings.flip_testing == "adaptive" else 0.0,
             flip_set=[int(i) for i in flip.index],
