@@ -236,9 +236,10 @@ def preset_table(name: str) -> tuple[str, dict[str, Any]]:
 
 
 #: the flags of ``detect`` that set a section's setting
-#: what ``detect --exact`` sets: the paper's procedure for every step a faster one replaces (all B masks, every
-#: window and every null window on the whole flip set); ``--set`` still wins
-EXACT = {"search.masking": "exact", "search.flip_testing": "exact", "evidence.null_testing": "exact"}
+#: what ``detect --exact`` sets: the paper's procedure for every step a faster one replaces (all B masks zeroing
+#: pixels, ViTs included, every window and every null window on the whole flip set); ``--set`` still wins
+EXACT = {"search.masking": "exact", "search.flip_testing": "exact", "search.vit_masking": "zero",
+         "evidence.null_testing": "exact"}
 
 DETECT_FLAGS = {"search.method": "--method", "search.masks": "--masks", "search.window": "--window",
                 "search.flip_size": "--flip-size", "decision.force": "--force"}

@@ -48,7 +48,7 @@ def normalise_u8(u8: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) ->
 
 
 def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask: Tensor | None = None,
-           to_cpu: bool = True, size: int | None = None) -> Tensor:
+           to_cpu: bool = True, size: int | None = None, keep_tokens: Tensor | None = None) -> Tensor:
     """L2-normalised float32 features of a uint8 batch ``N x 3 x S x S``: the one encode path of detect, eval and
     the pretraining monitor (``ssl.trainer.embed``).
 
@@ -56,8 +56,9 @@ def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask
     statistics when absent); where
     ``zero_mask`` (bool ``N x S x S`` or ``1 x S x S`` / ``S x S``, True = masked) is set the *normalised* input is
     zero, as the reference implementations zero the model input. With ``size`` the normalised batch is resized
-    (bilinear, antialiased) to ``size x size`` when its side differs. Runs under ``runtime.autocast()`` and
-    ``torch.inference_mode()`` in channels_last layout. The caller keeps the encoder in eval mode
+    (bilinear, antialiased) to ``size x size`` when its side differs. With ``keep_tokens`` (int64 ``N x K``) a
+    ViT encoder sees only those patch tokens (``Encoder.forward(x, keep)``): how the search can mask a ViT. Runs under
+    ``runtime.autocast()`` and ``torch.inference_mode()`` in channels_last layout. The caller keeps the encoder in eval mode
     (:func:`eval_mode`). With ``to_cpu=False`` the features stay on the device (hot loops).
     """
     if images_u8.ndim != 4 or images_u8.shape[1] != 3:
@@ -74,7 +75,7 @@ def encode(encoder: nn.Module, images_u8: Tensor, runtime: rt.Runtime, zero_mask
         if size is not None and x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         with runtime.autocast():
-            feats = encoder(x)
+            feats = encoder(x) if keep_tokens is None else encoder(x, keep_tokens.to(x.device))
         feats = F.normalize(feats.float().flatten(1), dim=1)
     return feats.cpu() if to_cpu else feats
 

@@ -198,30 +198,52 @@ def cut_windows(images_u8: Tensor, boxes: Tensor) -> Tensor:
     return images_u8[n[:, None, None, None], c[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def token_window(window: int, patch: int, grid: int) -> int:
+    """The masking window in tokens: ``window`` pixels rounded to whole ``patch``-pixel tokens, in ``[1, grid]``."""
+    return int(min(max(round(window / patch), 1), grid))
+
+
+def kept_tokens(masks: Tensor) -> Tensor:
+    """Row-major indices (int64 ``N x K``) of the tokens each mask (bool ``N x G x G``, the same count masked in
+    every row) leaves visible."""
+    visible = ~masks.flatten(1)
+    counts = visible.sum(1)
+    if counts.numel() and not bool((counts == counts[0]).all()):
+        raise ValueError("token masks must each cover the same number of tokens")
+    return visible.nonzero()[:, 1].view(masks.shape[0], -1)
+
+
 def cluster_activation_masking(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, masks: Tensor,
                                runtime: rt.Runtime, batch_size: int = 256, window: int | None = None,
-                               scale_over: str = "all", quiet: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                               scale_over: str = "all", quiet: bool = True,
+                               patch: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Candidate trigger detection for n images with the B ``masks`` (bool B x S x S, shared by all images).
 
     The n*B (image, mask) pairs are encoded in batches of ``batch_size`` built on the fly (never n*B images at
     once) and assigned to clusters with a matmul on the device; then eq. 2-3 give the attention maps and the
     best w x w window (``window``: pass it; by default the window side is inferred from the first mask, exact
-    for full-coverage masks). ``scale_over``: see :func:`outlier_scores`.
+    for full-coverage masks). ``scale_over``: see :func:`outlier_scores`. ``patch > 0``: the masks (and
+    ``window``) are on the token grid of a ViT with that patch side and drop the tokens they cover; the attention
+    maps and boxes come back in pixels.
     Returns ``(attention float32 n x S x S, boxes int64 n x 4, eta_star int64 n)`` on the CPU.
     """
     n, b = int(images_u8.shape[0]), int(masks.shape[0])
-    size = int(images_u8.shape[-1])
-    if masks.shape[-2:] != images_u8.shape[-2:]:
-        raise ValueError(f"masks are {tuple(masks.shape[-2:])}, images {tuple(images_u8.shape[-2:])}")
+    pixels = int(images_u8.shape[-1])
+    size = pixels // patch if patch else pixels
+    if tuple(masks.shape[-2:]) != (size, size) or images_u8.shape[-1] != images_u8.shape[-2]:
+        raise ValueError(f"masks are {tuple(masks.shape[-2:])}, images {tuple(images_u8.shape[-2:])}"
+                         + (f" with patch {patch}" if patch else ""))
     win = int(window) if window is not None else _mask_window(masks)
     if n == 0:
-        return (torch.zeros(0, size, size), torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        return (torch.zeros(0, pixels, pixels), torch.zeros(0, 4, dtype=torch.int64),
+                torch.zeros(0, dtype=torch.int64))
     device = runtime.device
     prepare_encoder(encoder, runtime)
     total = n * b
     per_load = max(1, math.ceil(batch_size / b)) * 8  # images moved to the device at once
     with eval_mode(encoder), torch.inference_mode(), rt.progress("masking", total=total, quiet=quiet) as bar:
         masks_dev = masks.to(device=device, dtype=torch.bool)
+        kept = kept_tokens(masks_dev) if patch else None
         labels = torch.empty(total, dtype=torch.int64, device=device)
         dists = torch.empty(total, dtype=torch.float32, device=device)
         loaded, lo = images_u8[:0].to(device), 0
@@ -232,14 +254,25 @@ def cluster_activation_masking(encoder: nn.Module, clustering: Clustering, image
                 lo = first
                 loaded = images_u8[first:max(last, first + per_load)].to(device, non_blocking=True)
             pair = torch.arange(start, stop, device=device)
-            feats = encode(encoder, loaded[pair // b - lo], runtime, zero_mask=masks_dev[pair % b], to_cpu=False)
+            if patch:
+                feats = encode(encoder, loaded[pair // b - lo], runtime, keep_tokens=kept[pair % b], to_cpu=False)
+            else:
+                feats = encode(encoder, loaded[pair // b - lo], runtime, zero_mask=masks_dev[pair % b], to_cpu=False)
             labels[start:stop], dists[start:stop] = clustering.assign_torch(feats)
             bar.advance(stop - start)
         labels, dists = labels.view(n, b), dists.view(n, b)
         eta = majority_labels(labels)
         att = attention_maps(masks_dev, labels, dists, eta, scale_over)
         boxes = best_window(att, win)
-    return att.cpu(), boxes.cpu(), eta.cpu()
+    return _in_pixels(att, boxes, patch) + (eta.cpu(),)
+
+
+def _in_pixels(att: Tensor, boxes: Tensor, patch: int) -> tuple[Tensor, Tensor]:
+    """Attention maps and boxes on the CPU, from token units to pixels when ``patch > 0``."""
+    if patch:
+        att = att.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
+        boxes = boxes * patch
+    return att.cpu(), boxes.cpu()
 
 
 def detect_candidates(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, cfg: MaskingConfig,
@@ -301,10 +334,12 @@ def window_masks(corners: Tensor, window: int, size: int) -> Tensor:
 
 
 def _masked_outcomes(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, corners: Tensor, window: int,
-                     runtime: rt.Runtime, batch_size: int, bar: Any) -> tuple[Tensor, Tensor]:
-    """Cluster and distance of every image's masked copies, one per corner (``corners`` n x B x 2): n x B each."""
+                     runtime: rt.Runtime, batch_size: int, bar: Any, patch: int = 0) -> tuple[Tensor, Tensor]:
+    """Cluster and distance of every image's masked copies, one per corner (``corners`` n x B x 2): n x B each.
+    ``patch = 0``: the masks zero ``window x window`` pixels; ``patch > 0``: corners and window are in tokens of
+    a ViT with that patch side and the masked tokens are dropped (:func:`kept_tokens`)."""
     n, b = int(corners.shape[0]), int(corners.shape[1])
-    size = int(images_u8.shape[-1])
+    size = int(images_u8.shape[-1]) // patch if patch else int(images_u8.shape[-1])
     device = runtime.device
     total = n * b
     labels = torch.empty(total, dtype=torch.int64, device=device)
@@ -314,7 +349,9 @@ def _masked_outcomes(encoder: nn.Module, clustering: Clustering, images_u8: Tens
         stop = min(start + batch_size, total)
         pair = torch.arange(start, stop, device=device)
         masks = window_masks(flat[start:stop], window, size)
-        feats = encode(encoder, images_u8[(pair // b).cpu()].to(device), runtime, zero_mask=masks, to_cpu=False)
+        imgs = images_u8[(pair // b).cpu()].to(device)
+        feats = (encode(encoder, imgs, runtime, keep_tokens=kept_tokens(masks), to_cpu=False) if patch else
+                 encode(encoder, imgs, runtime, zero_mask=masks, to_cpu=False))
         labels[start:stop], dists[start:stop] = clustering.assign_torch(feats)
         if bar is not None:
             bar.advance(stop - start)
@@ -346,15 +383,24 @@ class CoarseToFine:
     fine: int = 3
     levels: int = 1
 
+    def grid(self, window: int, size: int) -> int:
+        """Coarse corners per side; ``size`` (every position) when the stride is one pixel or token."""
+        return max(1, math.ceil(size / max(1.0, self.coarse_stride * window)))
+
     def masks_per_image(self, window: int, size: int) -> int:
-        g = max(1, math.ceil(size / max(1.0, self.coarse_stride * window)))
-        return g * g + self.levels * self.fine * self.fine
+        """Masks per image: the coarse grid, then the refinements unless the coarse grid holds every position."""
+        g = self.grid(window, size)
+        return g * g if g >= size else g * g + self.levels * self.fine * self.fine
+
+
+#: every position of the grid: masking by tokens without the coarse-to-fine plan
+EVERY_POSITION = CoarseToFine(coarse_stride=0.0, levels=0)
 
 
 def coarse_to_fine_masking(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, window: int,
                            runtime: rt.Runtime, generator: torch.Generator, batch_size: int = 256,
                            plan: CoarseToFine | None = None, scale_over: str = "all",
-                           quiet: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                           quiet: bool = True, patch: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Candidate windows like :func:`cluster_activation_masking` (full-coverage masks) from far fewer masks.
 
     Stage 1 masks every image with the same cyclic grid of w x w windows (stride ``plan.coarse_stride * w``, one
@@ -363,20 +409,27 @@ def coarse_to_fine_masking(encoder: nn.Module, clustering: Clustering, images_u8
     side of the best window so far. Eq. 2-3 run over all of the image's masks so far (the min-max scaling, the
     majority cluster and the weighted sum see every stage alike), and the best window of the last map is the
     candidate. At the paper's w = 60/224 of the side: 64 + 9 = 73 masks per image instead of 256.
+
+    ``patch > 0`` masks a ViT by dropping tokens: the plan runs on its ``S / patch`` token grid with the window in
+    tokens (:func:`token_window`), and the attention map and boxes come back in pixels (each token's value on its
+    ``patch x patch`` pixels). A stride of one token visits every position and needs no refinement.
     Returns ``(attention float32 n x S x S, boxes int64 n x 4, eta_star int64 n)`` on the CPU.
     """
     plan = plan or CoarseToFine()
-    n, size = int(images_u8.shape[0]), int(images_u8.shape[-1])
-    win = min(int(window), size)
+    n, pixels = int(images_u8.shape[0]), int(images_u8.shape[-1])
+    size = pixels // patch if patch else pixels
+    win = token_window(window, patch, size) if patch else min(int(window), size)
     if n == 0:
-        return (torch.zeros(0, size, size), torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        return (torch.zeros(0, pixels, pixels), torch.zeros(0, 4, dtype=torch.int64),
+                torch.zeros(0, dtype=torch.int64))
     device = runtime.device
     coarse = grid_corners(size, max(1.0, plan.coarse_stride * win), torch.rand(2, generator=generator))
     prepare_encoder(encoder, runtime)
     total = n * plan.masks_per_image(win, size)
     with eval_mode(encoder), torch.inference_mode(), rt.progress("masking", total=total, quiet=quiet) as bar:
         corners = coarse.to(device).expand(n, -1, -1)
-        labels, dists = _masked_outcomes(encoder, clustering, images_u8, corners, win, runtime, batch_size, bar)
+        labels, dists = _masked_outcomes(encoder, clustering, images_u8, corners, win, runtime, batch_size, bar,
+                                         patch)
         span = win / 2
         for _ in range(plan.levels + 1):
             eta = majority_labels(labels)
@@ -387,8 +440,9 @@ def coarse_to_fine_masking(encoder: nn.Module, clustering: Clustering, images_u8
             ticks = torch.linspace(-span, span, plan.fine, dtype=torch.float64).round().long()
             offsets = torch.stack(torch.meshgrid(ticks, ticks, indexing="xy"), dim=-1).reshape(-1, 2).to(device)
             fine = (boxes[:, None, :2].to(device) + offsets[None]) % size          # n x fine^2 x 2, cyclic
-            f_lab, f_dist = _masked_outcomes(encoder, clustering, images_u8, fine, win, runtime, batch_size, bar)
+            f_lab, f_dist = _masked_outcomes(encoder, clustering, images_u8, fine, win, runtime, batch_size, bar,
+                                             patch)
             corners = torch.cat([corners, fine], dim=1)
             labels, dists = torch.cat([labels, f_lab], dim=1), torch.cat([dists, f_dist], dim=1)
             span /= 2
-    return att.cpu(), boxes.cpu(), eta.cpu()
+    return _in_pixels(att, boxes, patch) + (eta.cpu(),)

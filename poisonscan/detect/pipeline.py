@@ -53,7 +53,7 @@ from poisonscan.detect.poison_net import classifier_bytes, load_classifier
 from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult, Verification
 from poisonscan.detect.resume import STAGES, open_run, read_run_config
 from poisonscan.detect.run import DetectRun
-from poisonscan.detect.search import run_search
+from poisonscan.detect.search import masking_window, run_search
 from poisonscan.detect.verification import run_verify
 from poisonscan.errors import DataError, UsageError
 from poisonscan.models.checkpoints import load_encoder
@@ -73,7 +73,7 @@ class _Driver:
         self.cfg, self.runtime, self.run, self.quiet, self.on_round = cfg, runtime, run, quiet, on_round
         self.encoder, self.meta, self.source = encoder, meta, source
         self.size = int(encoder.image_size)
-        self.window = window_pixels(cfg.search.window, self.size)
+        self.window = masking_window(cfg.search, encoder, window_pixels(cfg.search.window, self.size), self.size)
         self.store: ImageStore | None = None
         self.features: np.ndarray | None = None
         self.clustering: Clustering | None = None

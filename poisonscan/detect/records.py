@@ -117,6 +117,7 @@ class SearchResult(Record):
     rule: str = ""
     aggregate: str = ""
     masking: str = "exact"
+    masked_by: str = "pixels"
     masks_per_image: int = 0
     flip_testing: str = "exact"
     flip_error: float = 0.0

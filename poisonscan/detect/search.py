@@ -17,8 +17,9 @@ from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.fliptest import RULES, FlipTest
 from poisonscan.detect.gradcam import gradcam_batch_size, gradcam_candidates
 from poisonscan.detect.bounds import kth_largest
-from poisonscan.detect.masking import (STRATEGIES, CoarseToFine, MaskingConfig, cluster_activation_masking,
-                                       coarse_to_fine_masking, cut_windows, make_masks)
+from poisonscan.detect.masking import (EVERY_POSITION, STRATEGIES, CoarseToFine, MaskingConfig,
+                                       cluster_activation_masking, coarse_to_fine_masking, cut_windows, make_masks,
+                                       token_window)
 from poisonscan.detect.records import ScoredImage, SearchResult
 from poisonscan.detect.seeds import derive_seed, torch_gen
 from poisonscan.settings import PAPER, above, at_least, between, one_of
@@ -27,6 +28,7 @@ METHODS = ("poisoncam", "patchsearch")
 AGGREGATES = ("sum", "max")
 MASKINGS = ("coarse-to-fine", "exact")
 FLIP_TESTINGS = ("adaptive", "exact")
+VIT_MASKINGS = ("drop-tokens", "zero")
 
 
 @dataclass
@@ -65,6 +67,10 @@ class SearchSettings:
     #: above the rest and adaptive testing stopped no window on five measured settings
     flip_testing: str = field(default="exact", metadata=one_of(FLIP_TESTINGS))
     flip_error: float = field(default=1e-4, metadata=between(0.0, 0.5, lo_open=True))
+    #: how a ViT threat model is masked: "drop-tokens" removes the tokens a window covers (the window rounded to
+    #: whole tokens, every token position of the grid, or the coarse-to-fine plan on it where that needs fewer
+    #: masks); "zero" sets the window's pixels to zero like a CNN's (paper). CNNs are always masked by "zero".
+    vit_masking: str = field(default="drop-tokens", metadata=one_of(VIT_MASKINGS))
 
 
 # -- iterative search ---------------------------------------------------------------------------------------------
@@ -165,11 +171,12 @@ def top_k(scores: dict[int, int], k: int = PAPER.top_k) -> list[int]:
 
 def candidate_windows(method: str, encoder: nn.Module, clustering: Clustering, images: Tensor, indices: np.ndarray,
                       masks: Tensor, window: int, runtime: rt.Runtime, batch_size: int = 256,
-                      coarse_to_fine: tuple[CoarseToFine, int] | None = None
+                      coarse_to_fine: tuple[CoarseToFine, int] | None = None, patch: int = 0
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidate windows of the images ``indices`` (cluster activation masking with the shared ``masks``, or
-    coarse-to-fine masking with ``coarse_to_fine = (plan, seed)``, or Grad-CAM for ``method="patchsearch"``), split
-    across ranks: (attention float16 n x S x S, boxes n x 4, eta n)."""
+    coarse-to-fine masking with ``coarse_to_fine = (plan, seed)``, by dropping the tokens of a ViT with patch side
+    ``patch`` when it is > 0, or Grad-CAM for ``method="patchsearch"``), split across ranks: (attention float16
+    n x S x S, boxes n x 4, eta n)."""
     def work(shard: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         imgs = images[torch.as_tensor(indices[shard.start:shard.stop])]
         if method == "patchsearch":
@@ -178,10 +185,12 @@ def candidate_windows(method: str, encoder: nn.Module, clustering: Clustering, i
         elif coarse_to_fine is not None:
             plan, seed = coarse_to_fine
             att, boxes, eta = coarse_to_fine_masking(encoder, clustering, imgs, window, runtime,
-                                                     torch.Generator().manual_seed(seed), batch_size, plan)
+                                                     torch.Generator().manual_seed(seed), batch_size, plan,
+                                                     patch=patch)
         else:
-            att, boxes, eta = cluster_activation_masking(encoder, clustering, imgs, masks, runtime,
-                                                         batch_size=batch_size, window=window)
+            att, boxes, eta = cluster_activation_masking(
+                encoder, clustering, imgs, masks, runtime, batch_size=batch_size,
+                window=token_window(window, patch, int(masks.shape[-1])) if patch else window, patch=patch)
         return att.numpy().astype(np.float16), boxes.numpy().astype(np.int64), eta.numpy().astype(np.int64)
 
     parts = rt.split_gather(runtime, len(indices), work)
@@ -192,6 +201,32 @@ def candidate_windows(method: str, encoder: nn.Module, clustering: Clustering, i
 SearchHook = Callable[[SearchResult, "np.ndarray | None"], None]
 
 
+def token_patch(settings: SearchSettings, encoder: nn.Module) -> int:
+    """The ViT patch side when PoisonCAM masks ``encoder`` by dropping tokens, else 0 (pixels are zeroed)."""
+    if settings.method != "poisoncam" or settings.vit_masking != "drop-tokens":
+        return 0
+    return int(encoder.patch_size) if getattr(encoder, "drops_tokens", False) else 0
+
+
+def masking_window(settings: SearchSettings, encoder: nn.Module, window: int, image_size: int) -> int:
+    """The candidate window's side in pixels: ``window``, or rounded to whole tokens when the search drops a ViT's
+    tokens (9 px -> 2 tokens = 8 px with patch 4), so the null, the classifier and the outputs use that side."""
+    patch = token_patch(settings, encoder)
+    return patch * token_window(window, patch, image_size // patch) if patch else window
+
+
+def token_plan(settings: SearchSettings, window: int, image_size: int, patch: int) -> CoarseToFine | None:
+    """The masks of a search that drops tokens: the coarse-to-fine plan on the token grid where it needs fewer masks
+    than the grid has positions (and ``settings.masking`` asks for it), else every position; ``None`` (the B shared
+    masks, drawn on the token grid) when that is more than B or the mask strategy is not full coverage."""
+    grid = image_size // patch
+    win = token_window(window, patch, grid)
+    coarse = CoarseToFine()
+    plan = (coarse if settings.masking == "coarse-to-fine" and coarse.masks_per_image(win, grid) < grid * grid
+            else EVERY_POSITION)
+    return plan if settings.mask_strategy == "full" and plan.masks_per_image(win, grid) <= settings.masks else None
+
+
 def uses_coarse_to_fine(settings: SearchSettings, window: int, image_size: int) -> bool:
     """Coarse-to-fine masking applies to PoisonCAM's full-coverage masks when it needs fewer than the B masks;
     other strategies use all B masks."""
@@ -200,10 +235,14 @@ def uses_coarse_to_fine(settings: SearchSettings, window: int, image_size: int) 
             and CoarseToFine().masks_per_image(window, image_size) < settings.masks)
 
 
-def masks_per_image(settings: SearchSettings, window: int, image_size: int) -> int:
-    """Masked forwards per searched image (1 Grad-CAM pass for PatchSearch)."""
+def masks_per_image(settings: SearchSettings, window: int, image_size: int, patch: int = 0) -> int:
+    """Masked forwards per searched image (1 Grad-CAM pass for PatchSearch; ``patch``: see :func:`token_patch`)."""
     if settings.method == "patchsearch":
         return 1
+    if patch:
+        grid = image_size // patch
+        plan = token_plan(settings, window, image_size, patch)
+        return settings.masks if plan is None else plan.masks_per_image(token_window(window, patch, grid), grid)
     if uses_coarse_to_fine(settings, window, image_size):
         return CoarseToFine().masks_per_image(window, image_size)
     return settings.masks
@@ -217,10 +256,14 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
     scores it holds, so the search repeats its rounds without recomputing them; ``on_round(record, attention)``
     gets the record so far and the attention maps of the images the round scored (``None`` when none were).
     ``top_k``: the poison set the evidence stage takes, which adaptive flip testing tests in full."""
-    coarse = uses_coarse_to_fine(settings, window, image_size)
-    masks = (torch.zeros(0, image_size, image_size, dtype=torch.bool) if coarse or settings.method == "patchsearch"
-             else make_masks(MaskingConfig(settings.masks, window, settings.mask_strategy,
-                                           batch_size=flip.batch_size), image_size, torch_gen(flip.seed, "masks")))
+    patch = token_patch(settings, flip.encoder)
+    grid = image_size // patch if patch else image_size                 # where masks live: tokens or pixels
+    mask_window = token_window(window, patch, grid) if patch else window
+    plan = (token_plan(settings, window, image_size, patch) if patch
+            else CoarseToFine() if uses_coarse_to_fine(settings, window, image_size) else None)
+    masks = (torch.zeros(0, grid, grid, dtype=torch.bool) if plan is not None or settings.method == "patchsearch"
+             else make_masks(MaskingConfig(settings.masks, mask_window, settings.mask_strategy,
+                                           batch_size=flip.batch_size), grid, torch_gen(flip.seed, "masks")))
     entries: dict[int, ScoredImage] = {e.index: e for e in (saved.scored if saved else [])}
     labels = flip.clustering.labels
     n_flip = len(flip.index)
@@ -228,9 +271,9 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
 
     def score_fn(indices: np.ndarray) -> np.ndarray:
         rnd = state["rounds_done"] + 1
-        c2f = (CoarseToFine(), derive_seed(flip.seed, "coarse grid", rnd)) if coarse else None
+        c2f = (plan, derive_seed(flip.seed, "coarse grid", rnd)) if plan is not None else None
         att, boxes, eta = candidate_windows(settings.method, flip.encoder, flip.clustering, images, indices, masks,
-                                            window, flip.runtime, flip.batch_size, c2f)
+                                            window, flip.runtime, flip.batch_size, c2f, patch)
         patches = cut_windows(images[torch.as_tensor(indices)], torch.as_tensor(boxes))
         if settings.flip_testing == "adaptive":
             known = np.array([e.poison_score for e in entries.values()
@@ -254,8 +297,9 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
         return SearchResult(
             completed=completed, method=settings.method, window=int(window), n_masks=settings.masks,
             mask_strategy=settings.mask_strategy, rule=settings.score_rule, aggregate=settings.aggregate,
-            masking="coarse-to-fine" if coarse else "exact",
-            masks_per_image=masks_per_image(settings, window, image_size), flip_testing=settings.flip_testing,
+            masking="coarse-to-fine" if plan is not None and plan is not EVERY_POSITION else "exact",
+            masked_by="tokens" if patch else "pixels",
+            masks_per_image=masks_per_image(settings, window, image_size, patch), flip_testing=settings.flip_testing,
             flip_error=settings.flip_error if settings.flip_testing == "adaptive" else 0.0,
             flip_set=[int(i) for i in flip.index],
             rounds=[{k: r[k] for k in ("round", "live_clusters", "scored", "retired", "dropped") if k in r}

@@ -152,9 +152,43 @@ class Encoder(nn.Module):
         ps = self.backbone.patch_embed.patch_size
         return int(ps[0] if isinstance(ps, tuple | list) else ps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features of a normalised float batch, returned as float32 even under autocast."""
-        return self.backbone(x).float()
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features of a normalised float batch, returned as float32 even under autocast; with ``keep`` a
+        ViT sees only those patch tokens (:meth:`forward_kept`)."""
+        return self.backbone(x).float() if keep is None else self.forward_kept(x, keep)
+
+    @property
+    def token_grid(self) -> int | None:
+        """Side of the ViT's square patch-token grid at ``image_size`` (None for CNNs and non-square grids)."""
+        if self.kind != "vit":
+            return None
+        grid = tuple(getattr(self.backbone.patch_embed, "grid_size", ()) or ())
+        if len(grid) != 2 or grid[0] != grid[1] or int(grid[0]) * (self.patch_size or 0) != self.image_size:
+            return None
+        return int(grid[0])
+
+    @property
+    def drops_tokens(self) -> bool:
+        """Can :meth:`forward` with ``keep`` run this backbone on a subset of its patch tokens? True for timm's
+        VisionTransformer layout (patch embedding, position embedding, blocks, norm, pooled head) at a fixed size."""
+        bb = self.backbone
+        return (self.token_grid is not None and not getattr(bb, "dynamic_img_size", False)
+                and getattr(bb.patch_embed, "flatten", False) is True
+                and all(callable(getattr(bb, name, None)) for name in ("_pos_embed", "norm_pre", "norm", "forward_head")))
+
+    def forward_kept(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Pooled float32 features of a normalised batch seen through the patch tokens ``keep`` only (int64
+        ``N x K`` row-major indices into the token grid, the same ``K`` for every image): the covered tokens are
+        dropped after the patch and position embeddings, as a ViT sees a masked region (MAE-style), and the
+        class/register tokens stay. Keeping every token gives :meth:`forward`'s features."""
+        if not self.drops_tokens:
+            raise ValueError(f"{self.arch}: this backbone cannot drop tokens")
+        bb = self.backbone
+        tokens = bb._pos_embed(bb.patch_embed(x))
+        prefix = self.num_prefix_tokens
+        kept = tokens[:, prefix:].gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        tokens = bb.norm_pre(torch.cat([tokens[:, :prefix], kept], dim=1))
+        return bb.forward_head(bb.norm(bb.blocks(tokens)), pre_logits=True).float()
 
     def gradcam_layer(self) -> nn.Module:
         """The module whose output Grad-CAM uses: last block's ``norm1`` for ViTs, the last conv stage for CNNs."""

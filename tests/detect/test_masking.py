@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonscan.detect.clustering import Clustering
-from poisonscan.detect.masking import (CoarseToFine, MaskingConfig, attention_map, attention_maps, best_window,
-                                       cluster_activation_masking, cut_windows, detect_candidates, make_masks,
-                                       window_pixels, coarse_to_fine_masking, grid_corners, window_masks)
+from poisonscan.detect.masking import (EVERY_POSITION, CoarseToFine, MaskingConfig, attention_map, attention_maps,
+                                       best_window, cluster_activation_masking, cut_windows, detect_candidates,
+                                       kept_tokens, make_masks, token_window, window_pixels, coarse_to_fine_masking,
+                                       grid_corners, window_masks)
 from poisonscan.runtime import Runtime
 
 S = 32
@@ -284,3 +285,60 @@ def test_coarse_to_fine_localises_the_toy_trigger_with_fewer_masks() -> None:
                                              torch.Generator().manual_seed(0), batch_size=256, plan=plan)
     torch.testing.assert_close(att, att2)                                        # batches do not change it
     assert torch.equal(boxes, boxes2)
+
+
+# -- masking a ViT by dropping tokens --------------------------------------------------------------------------------
+
+PATCH = 4
+TRIGGER_TOKENS = (13, 14, 21, 22)      # the 2 x 2 tokens (rows 1-2, columns 5-6 of the 8 x 8 grid) TRIGGER touches
+
+
+class TokenRegionEncoder(nn.Module):
+    """Toy ViT: feature = (mean over the trigger's four tokens of channel 0, counting dropped ones as 0, 0.5)."""
+
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    patch_size, drops_tokens = PATCH, True
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        keep = torch.arange((S // PATCH) ** 2).expand(x.shape[0], -1) if keep is None else keep
+        tokens = F.avg_pool2d(x[:, :1], PATCH).flatten(1)                       # N x 64
+        seen = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, keep, True)
+        trig = torch.zeros(tokens.shape[1], dtype=torch.bool)
+        trig[list(TRIGGER_TOKENS)] = True
+        a = (tokens * (seen & trig)).sum(1) / len(TRIGGER_TOKENS)
+        return torch.stack([a, torch.full_like(a, 0.5)], dim=1)
+
+
+def test_kept_tokens_lists_the_visible_tokens_row_major() -> None:
+    masks = window_masks(torch.tensor([[1, 0], [7, 7]]), 2, 8)                   # the second wraps at both edges
+    kept = kept_tokens(masks)
+    assert kept.shape == (2, 60) and kept[0].tolist() == [t for t in range(64) if t not in (1, 2, 9, 10)]
+    assert set(range(64)) - set(kept[1].tolist()) == {0, 7, 56, 63}
+    ragged = torch.zeros(2, 8, 8, dtype=torch.bool)
+    ragged[0, 0, 0] = True
+    with pytest.raises(ValueError, match="same number"):
+        kept_tokens(ragged)
+    assert token_window(9, 4, 8) == 2 and token_window(1, 4, 8) == 1 and token_window(60, 4, 8) == 8
+
+
+@pytest.mark.parametrize("plan", [EVERY_POSITION, CoarseToFine()])
+def test_dropping_tokens_finds_the_trigger_tokens(plan: CoarseToFine) -> None:
+    clean = torch.full((1, 3, S, S), 20, dtype=torch.uint8)
+    imgs = torch.cat([poisoned_image(), clean])
+    att, boxes, eta = coarse_to_fine_masking(TokenRegionEncoder(), toy_clustering(), imgs, 8, fp32(),
+                                             torch.Generator().manual_seed(0), batch_size=50, plan=plan, patch=PATCH)
+    assert plan.masks_per_image(2, S // PATCH) == 64                             # stride 1 token: every position
+    assert att.shape == (2, S, S) and eta.tolist() == [0, 1]
+    assert boxes[0].tolist() == [20, 4, 8, 8]                                     # the one 2 x 2 window over all four
+    blocks = att.view(2, 8, PATCH, 8, PATCH)                                     # one value per token
+    assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
+
+
+def test_shared_token_masks_give_pixels_back() -> None:
+    masks = window_masks(grid_corners(8, 1), 2, 8)                              # all 64 token windows
+    att, boxes, eta = cluster_activation_masking(TokenRegionEncoder(), toy_clustering(), poisoned_image(), masks,
+                                                 fp32(), batch_size=20, window=2, patch=PATCH)
+    assert att.shape == (1, S, S) and boxes[0].tolist() == [20, 4, 8, 8] and eta.tolist() == [0]
+    with pytest.raises(ValueError, match="with patch 4"):
+        cluster_activation_masking(TokenRegionEncoder(), toy_clustering(), poisoned_image(),
+                                   torch.ones(1, S, S, dtype=torch.bool), fp32(), window=2, patch=PATCH)

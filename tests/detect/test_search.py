@@ -1,11 +1,14 @@
-"""Poisonous image search: the iterative cluster search and the top-k."""
+"""Poisonous image search: the iterative cluster search, the top-k, and the masks a ViT search uses."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from poisonscan.detect.search import iterative_search, top_k
+from poisonscan.detect.masking import EVERY_POSITION, CoarseToFine
+from poisonscan.detect.search import (SearchSettings, iterative_search, masking_window, masks_per_image, token_patch,
+                                      token_plan, top_k)
+from poisonscan.models import create_encoder
 
 # -- iterative search -----------------------------------------------------------------------------------------------
 
@@ -110,3 +113,19 @@ def test_top_k_ties_by_index() -> None:
     assert top_k(scores, 3) == [9, 2, 4]
     assert top_k(scores, 10) == [9, 2, 4, 5, 1]
     assert top_k({}, 5) == []
+
+
+def test_token_plans_by_grid_and_budget() -> None:
+    s = SearchSettings()
+    assert token_plan(s, 9, 32, 4) is EVERY_POSITION and masks_per_image(s, 8, 32, 4) == 64     # 8 x 8 grid
+    assert isinstance(token_plan(s, 60, 224, 16), CoarseToFine) and masks_per_image(s, 64, 224, 16) == 49 + 9
+    exact = SearchSettings(masking="exact")
+    assert token_plan(exact, 60, 224, 16) is EVERY_POSITION and masks_per_image(exact, 64, 224, 16) == 196
+    few = SearchSettings(masks=40)
+    assert token_plan(few, 9, 32, 4) is None and masks_per_image(few, 8, 32, 4) == 40          # the B shared masks
+    vit, cnn = create_encoder("vit_tiny_p4", depth=1), create_encoder("resnet18", 32)
+    assert (token_patch(s, vit), token_patch(s, cnn)) == (4, 0)
+    assert token_patch(SearchSettings(vit_masking="zero"), vit) == token_patch(SearchSettings(method="patchsearch"),
+                                                                               vit) == 0
+    assert (masking_window(s, vit, 9, 32), masking_window(s, cnn, 9, 32)) == (8, 9)
+    assert masking_window(s, vit, 11, 32) == 12 and masking_window(s, vit, 1, 32) == 4          # whole tokens

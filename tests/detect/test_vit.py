@@ -29,19 +29,25 @@ def vit_toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": root / "poisoned", "model": model}
 
 
-@pytest.mark.parametrize("method", ["poisoncam", "patchsearch"])
-def test_a_small_image_vit_runs_through_detect(vit_toy: dict[str, Path], tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "masks", "vit_masking", "per_image", "masked_by", "window"), [
+    ("poisoncam", 16, "drop-tokens", 16, "tokens", 8),      # B = 16 token windows: fewer than the grid's 64
+    ("poisoncam", 256, "drop-tokens", 64, "tokens", 8),     # every 2 x 2 token window of the 8 x 8 grid
+    ("poisoncam", 16, "zero", 16, "pixels", 9),             # the paper's: 9 x 9 pixels zeroed
+    ("patchsearch", 16, "drop-tokens", 1, "pixels", 9)])    # Grad-CAM: one pass, no masks
+def test_a_small_image_vit_runs_through_detect(vit_toy: dict[str, Path], tmp_path: Path, method: str, masks: int,
+                                               vit_masking: str, per_image: int, masked_by: str, window: int) -> None:
     cfg = configure(DetectConfig, data=str(vit_toy["data"]), model=str(vit_toy["model"]), out=str(tmp_path / "run"),
-                    clusters=4, masks=16, flip_size=40, top_k=5, null_size=64, iterations=20, ensemble=1,
+                    clusters=4, masks=masks, flip_size=40, top_k=5, null_size=64, iterations=20, ensemble=1,
                     rounds=1, batch_size=128, device="cpu", precision="fp32", force=True, method=method)
+    cfg.search.vit_masking = vit_masking
     summary = run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
     run = DetectRun.load(tmp_path / "run")
     assert summary["model"]["arch"] == "vit_tiny_p4" and summary["model"]["image_size"] == 32
     assert run.finished and run.classifier.trained and len(run.scores) == 200
     assert all(0 <= e.box[0] and e.box[0] + e.box[2] <= 32 for e in run.search.scored)   # windows inside the image
-    window = run.search.window
-    assert all(e.box[2] == e.box[3] == window for e in run.search.scored)
+    assert run.search.window == window and all(e.box[2] == e.box[3] == window for e in run.search.scored)
+    if masked_by == "tokens":                                     # windows on the token grid
+        assert all(e.box[0] % 4 == 0 and e.box[1] % 4 == 0 for e in run.search.scored)
     fw = summary["cost"]["forwards"]
-    masks = run.search.masks_per_image
-    assert masks == (16 if method == "poisoncam" else 1)          # B = 16 (fewer than coarse-to-fine); one Grad-CAM
-    assert fw["features"] == 200 and fw["search"] == sum(masks + e.flips_tested for e in run.search.scored)
+    assert (run.search.masks_per_image, run.search.masked_by) == (per_image, masked_by)
+    assert fw["features"] == 200 and fw["search"] == sum(per_image + e.flips_tested for e in run.search.scored)

@@ -154,3 +154,28 @@ def test_a_small_image_vit_round_trips_through_safetensors(tmp_path) -> None:
     loaded, _ = load_encoder(save_encoder(enc, tmp_path / "vit.safetensors"))
     assert (loaded.arch, loaded.image_size, loaded.patch_size) == ("vit_tiny_p4", 32, 4)
     assert torch.equal(loaded.eval()(x), enc(x))
+
+
+@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg"}, {"reg_tokens": 2, "no_embed_class": True}])
+def test_a_vit_drops_tokens_and_keeping_all_changes_nothing(kw: dict) -> None:
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny_p4", depth=1, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert enc.token_grid == 8 and enc.drops_tokens
+    with torch.no_grad():
+        full = enc(x)
+        torch.testing.assert_close(enc(x, torch.arange(64).expand(2, -1)), full)
+        keep = torch.tensor([t for t in range(64) if t not in (9, 10, 17, 18)]).expand(2, -1)
+        dropped = enc(x, keep)
+        x2 = x.clone()
+        x2[:, :, 4:12, 4:12] = 5.0                                   # what the dropped tokens showed is gone
+        torch.testing.assert_close(enc(x2, keep), dropped)
+    assert dropped.shape == full.shape and not torch.allclose(dropped, full)
+
+
+def test_cnns_and_dynamic_size_vits_do_not_drop_tokens() -> None:
+    cnn = create_encoder("resnet18", 32)
+    assert cnn.token_grid is None and not cnn.drops_tokens
+    with pytest.raises(ValueError, match="cannot drop tokens"):
+        cnn(torch.zeros(1, 3, 32, 32), torch.zeros(1, 1, dtype=torch.int64))
+    assert not create_encoder("vit_tiny_p4", depth=1, dynamic_img_size=True).drops_tokens
