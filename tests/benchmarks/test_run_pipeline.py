@@ -27,6 +27,9 @@ def test_recipe_of_the_cpu_configs_and_of_paper_scale() -> None:
     paper = {**run_pipeline.CONFIGS["imagenette-96"], **run_pipeline.PAPER_SCALE["pretrain"]}
     assert run_pipeline._recipe(paper) == {"arch": "vit_base_patch16_224", "image_size": 224, "method": "mocov3",
                                            "batch_size": 1024}
+    vit = run_pipeline._recipe(run_pipeline.CONFIGS["cifar10-vit"])      # every PretrainConfig value it sets
+    assert vit == {"arch": "vit_tiny_p4", "image_size": 32, "method": "mocov3", "batch_size": 128, "lr": 1e-3,
+                   "weight_decay": 0.05, "warmup_epochs": 3, "proj_hidden": 1024}
 
 
 def test_cifar10_cpu_budget_lowers_only_the_search_size() -> None:
