@@ -1,0 +1,97 @@
+"""How should PoisonCAM mask a ViT? Localisation of the trigger on a finished scan's poisons, by masking mode.
+
+    python -m benchmarks.studies.vit_masking RUN_DIR --model M.safetensors --truth DATA/ground_truth.csv \
+        --out benchmarks/results/vit/masking-localisation.json
+
+For each poison of the run's store (its ``store``, ``ids.json`` and ``clusters.npz``), with the run's threat model:
+the candidate window of coarse-to-fine pixel zeroing (the CNN default: ``w`` px windows, 73 masks), of dropping the
+covered tokens at every token position (``search.vit_masking = "drop-tokens"``) and of zeroing the pixels of the same
+token-aligned windows. Prints and records each mode's mean IoU with the trigger box, its catch rate (the window covers
+at least half of the trigger) and its seconds on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poisonscan import runtime as rt
+from poisonscan.data.store import open_store
+from poisonscan.detect.clustering import Clustering
+from poisonscan.detect.masking import (EVERY_POSITION, CoarseToFine, cluster_activation_masking,
+                                       coarse_to_fine_masking, grid_corners, token_window, window_masks,
+                                       window_pixels)
+from poisonscan.models.checkpoints import load_encoder
+from poisonscan.runs import atomic_write_json, environment_record
+
+
+def localisation(boxes: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Mean IoU of ``boxes`` with the ``truth`` boxes (n x 4, x y w h), and the share covering half the trigger."""
+    x0, y0 = np.maximum(boxes[:, 0], truth[:, 0]), np.maximum(boxes[:, 1], truth[:, 1])
+    x1 = np.minimum(boxes[:, 0] + boxes[:, 2], truth[:, 0] + truth[:, 2])
+    y1 = np.minimum(boxes[:, 1] + boxes[:, 3], truth[:, 1] + truth[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = truth[:, 2] * truth[:, 3]
+    iou = inter / (boxes[:, 2] * boxes[:, 3] + area - inter)
+    cover = inter / area
+    return {"iou": round(float(iou.mean()), 3), "catch": round(float((cover >= 0.5).mean()), 3),
+            "any_overlap": round(float((cover > 0).mean()), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--truth", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    store = open_store(args.run / "store")
+    ids = json.loads((args.run / "ids.json").read_text())
+    enc, _ = load_encoder(args.model)
+    if not enc.drops_tokens:
+        raise SystemExit(f"{args.model}: not a ViT that can drop tokens")
+    runtime = rt.Runtime(torch.device("cpu"), torch.bfloat16)
+    clustering = Clustering.load(args.run / "clusters.npz")
+    size, patch = int(store.images.shape[-1]), int(enc.patch_size)
+    w = window_pixels(None, size)
+    wt = token_window(w, patch, size // patch)
+    with open(args.truth, newline="") as fh:
+        gt = {r["sample_id"]: r for r in csv.DictReader(fh)}
+    poisons = [i for i, s in enumerate(ids) if gt.get(s, {}).get("poisoned") == "1" and gt[s].get("x")]
+    images = store.images[torch.as_tensor(poisons)]
+    truth = np.array([[int(gt[ids[i]][k]) for k in "xywh"] for i in poisons])
+    gen = torch.Generator
+    modes: list[tuple[str, int, Any]] = [
+        (f"zero pixels, coarse-to-fine ({w} px)", CoarseToFine().masks_per_image(w, size),
+         lambda: coarse_to_fine_masking(enc, clustering, images, w, runtime, gen().manual_seed(0))),
+        (f"drop tokens, every position ({wt} x {wt} tokens = {wt * patch} px)", (size // patch) ** 2,
+         lambda: coarse_to_fine_masking(enc, clustering, images, wt * patch, runtime, gen().manual_seed(0),
+                                        plan=EVERY_POSITION, patch=patch)),
+        (f"zero pixels, every token-aligned position ({wt * patch} px)", (size // patch) ** 2,
+         lambda: cluster_activation_masking(enc, clustering, images,
+                                            window_masks(grid_corners(size, patch), wt * patch, size), runtime,
+                                            window=wt * patch)),
+    ]
+    rows = []
+    for name, masks, run in modes:
+        t0 = time.perf_counter()
+        _, boxes, _ = run()
+        row = {"masking": name, "masks_per_image": masks, **localisation(boxes.numpy(), truth),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        print(f"{name:<60} {masks:>3} masks  IoU {row['iou']:.3f}  catch {row['catch']:.3f}  "
+              f"any {row['any_overlap']:.3f}  {row['seconds']:.1f} s", flush=True)
+    atomic_write_json(args.out, {"run": str(args.run), "model": args.model, "image_size": size, "patch": patch,
+                                 "window_px": w, "poisons": len(poisons), "trigger_side": int(truth[0, 2]),
+                                 "rows": rows, "environment": environment_record()})
+
+
+if __name__ == "__main__":
+    main()
