@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -149,17 +148,6 @@ def test_arch_is_read_from_the_checkpoint(tmp_path: Path, cifar18: Encoder) -> N
     torch.save(cifar18.backbone.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="--arch"):
         load_encoder(tmp_path / "plain.pth")
-
-
-def test_torchvision_resnet18_state_dict_loads(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    tv = torchvision.models.resnet18(weights=None).eval()
-    path = tmp_path / "tv.pth"
-    torch.save(tv.state_dict(), path)
-    loaded, meta = load_encoder(path, arch="resnet18", image_size=64)
-    assert meta["prefix"] == "" and meta["missing_keys"] == [] and meta["dropped_keys"] == 2  # fc.weight, fc.bias
-    tv.fc = nn.Identity()
-    torch.testing.assert_close(_features(loaded, 64), _features(tv, 64), rtol=1e-5, atol=1e-5)
 
 
 def test_timm_safetensors_state_dict_and_vit_size_inference(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -56,9 +57,10 @@ def test_a_mocov3_vit_small_checkpoint_loads_its_base_encoder(tmp_path: Path) ->
     assert loaded.drops_tokens and loaded.token_grid == 14
 
 
-def _resnet50_state(seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _torchvision_state(seed: int, arch: str = "resnet50") -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A torchvision ResNet with non-default BN statistics, and its state dict without the classifier."""
     torch.manual_seed(seed)
-    tv = torchvision.models.resnet50(weights=None).eval()
+    tv = getattr(torchvision.models, arch)(weights=None).eval()
     with torch.no_grad():
         for mod in tv.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -68,7 +70,7 @@ def _resnet50_state(seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
 
 def test_a_mocov3_resnet50_checkpoint_loads_its_base_encoder(tmp_path: Path) -> None:
-    tv, sd = _resnet50_state(0)
+    tv, sd = _torchvision_state(0)
     state = {"module.base_encoder." + k: v for k, v in sd.items()}
     state.update(_projector("module.base_encoder.fc.", 2048))      # MoCo v3's ResNet projector replaces fc
     state.update({"module.momentum_encoder." + k: v for k, v in _shifted(sd).items()})
@@ -84,7 +86,7 @@ def test_a_mocov3_resnet50_checkpoint_loads_its_base_encoder(tmp_path: Path) -> 
 
 
 def test_a_solo_learn_lightning_checkpoint_loads_its_backbone(tmp_path: Path) -> None:
-    tv, sd = _resnet50_state(1)                                    # solo-learn: torchvision resnet50, fc = Identity
+    tv, sd = _torchvision_state(1)                                    # solo-learn: torchvision resnet50, fc = Identity
     state = {"backbone." + k: v for k, v in sd.items()}
     state.update(_projector("projector.", 2048))
     state.update({"momentum_backbone." + k: v for k, v in _shifted(sd).items()})
@@ -100,11 +102,12 @@ def test_a_solo_learn_lightning_checkpoint_loads_its_backbone(tmp_path: Path) ->
     torch.testing.assert_close(_features(loaded, 64), _features(tv, 64), rtol=1e-4, atol=1e-4)
 
 
-def test_a_torchvision_resnet50_state_dict_loads_without_its_classifier(tmp_path: Path) -> None:
-    tv, _ = _resnet50_state(2)
-    path = tmp_path / "resnet50.pth"
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_a_torchvision_resnet_state_dict_loads_without_its_classifier(tmp_path: Path, arch: str) -> None:
+    tv, _ = _torchvision_state(2, arch)
+    path = tmp_path / f"{arch}.pth"
     torch.save(tv.state_dict(), path)
-    loaded, meta = load_encoder(path, arch="resnet50", image_size=64)
+    loaded, meta = load_encoder(path, arch=arch, image_size=64)
     assert meta["prefix"] == "" and meta["missing_keys"] == [] and meta["dropped_keys"] == 2   # fc.weight, fc.bias
     tv.fc = nn.Identity()
     torch.testing.assert_close(_features(loaded, 64), _features(tv, 64), rtol=1e-4, atol=1e-4)
