@@ -3,6 +3,9 @@
 For each image, B masked copies go through the threat model; the cluster each copy lands in and its distance to
 that cluster's centre weight the masks into an attention map A, and the w x w window with the largest attention sum
 is the image's candidate trigger.
+
+Its length is the one masking step in its three forms, which share eq. 2-3, the best window and the encode path:
+the paper's B random masks, the coarse-to-fine grid, and both on a ViT's token grid with the covered tokens dropped.
 """
 
 from __future__ import annotations
