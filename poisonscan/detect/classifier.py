@@ -411,7 +411,8 @@ def run_classifier(settings: ClassifierSettings, decision: DecisionSettings, ima
     positives' windows (:func:`classifier_positives`) with refinement, and its P of every image. Returns the record
     and the ensemble (empty when it did not train). ``neighbours(k)``: each image's ``k`` nearest neighbours (for a
     refinement round that drops by the removal score)."""
-    found, reason = evidence_gate(evidence, decision.min_evidence, decision.min_effect, decision.max_recurrence_p)
+    found, reason = evidence_gate(evidence, decision.min_evidence, decision.min_effect, decision.max_recurrence_p,
+                                  decision.weak_signal_p)
     record = ClassifierResult(trained=False, ensemble=settings.ensemble, iterations=0, val_f1=None,
                               threshold=decision.threshold, backdoor_found=bool(found),
                               forced=bool(decision.force and not found), reason=reason)

@@ -246,20 +246,36 @@ def effect_of(ev: Evidence) -> float:
     return effect_size(ev.topk_median, ev.null_median, int(ev.n_flip))
 
 
-def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float,
-                  max_recurrence_p: float = SIGNIFICANCE) -> tuple[bool, str]:
-    """Is there a backdoor signal, and a one-line reason? ``z >= min_evidence``, and either ``effect >= min_effect``
-    or one picture recurring among the top-k windows (the recurrence test of detect/recurrence.py with
-    ``p <= max_recurrence_p``; 0: the effect alone decides; a record without the test has no recurring picture)."""
-    z, effect = float(ev.z), effect_of(ev)
+def by_effect(ev: Evidence, min_evidence: float, min_effect: float) -> bool:
+    """Does the record pass the gate on the flip test alone (``z >= min_evidence`` and ``effect >= min_effect``)?
+    A signal that does not rests on the recurring picture, which the picture match must then find in some image
+    (:func:`~poisonscan.detect.matching.match_verdict`)."""
+    return float(ev.z) >= min_evidence and effect_of(ev) >= min_effect
+
+
+def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recurrence_p: float = SIGNIFICANCE,
+                  weak_signal_p: float = SIGNIFICANCE) -> tuple[bool, str]:
+    """Is there a backdoor signal, and a one-line reason? Either the flip test alone (:func:`by_effect`), or one
+    picture recurring among the top-k windows (the recurrence test of detect/recurrence.py with ``p <=
+    max_recurrence_p``; 0: the flip test alone decides; a record without the test has no recurring picture) whose
+    windows also stand above random ones on the flip test: ``z >= min_evidence``, or, for a trigger learned too
+    weakly to reach that ``z``, the bootstrap's ``p <= weak_signal_p`` (the top-k median above the top-k medians of
+    random windows picked the same way; 0: ``z`` is needed). A signal that rests on the picture stands only if the
+    picture match finds images that hold it (detect/matching.py)."""
+    z, effect, p = float(ev.z), effect_of(ev), float(ev.p_value)
     rec = ev.recurrence
     recurring = recurring_group(ev, max_recurrence_p) is not None
     moved = f"the top-k move {100 * effect:.1f}% of the flip-set images random windows leave in place"
     group = (f"{rec.size} of the top {rec.k} windows show one picture (random windows: groups of up to "
              f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})" if rec else "")
+    if z < min_evidence and recurring and p <= weak_signal_p:
+        return True, (f"backdoor signal: {group}, and their poison scores stand above random windows' (p = "
+                      f"{p:.4f}), though z = {z:.2f} is below the minimum evidence {min_evidence:g} and {moved}: a "
+                      "trigger the threat model learned weakly")
     if z < min_evidence and recurring:
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}, though "
-                       f"{group}: a picture the threat model may have learned too weakly to move the flip set")
+                       f"{group}: their poison scores do not stand above random windows' (p = {p:.3f}, "
+                       f"asked: {weak_signal_p:g}), a picture the threat model has not learned to respond to")
     if z < min_evidence:
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g} (the best "
                        "windows the search found move the flip set hardly more than random windows do: the threat "

@@ -98,13 +98,12 @@ def find_picture(images_u8: Tensor, templates_u8: Tensor, bar: float, flagged: n
                         added=int((contains & ~flagged).sum())), match
 
 
-def match_verdict(found: bool, reason: str, picture_match: PictureMatch | None, effect: float,
-                  min_effect: float) -> tuple[bool, str]:
-    """The run's verdict once the picture was searched for: a signal that rests on the recurring picture alone (the
-    effect below ``min_effect``) is withdrawn when no image holds the picture apart from the data (``contain`` 0:
-    the outlier bar over all images' best matches is above every image's match). Such a group is a pattern common
-    to the data that the search's windows share, not a pasted trigger."""
-    if not found or picture_match is None or picture_match.contain > 0 or effect >= min_effect:
+def match_verdict(found: bool, reason: str, picture_match: PictureMatch | None, by_effect: bool) -> tuple[bool, str]:
+    """The run's verdict once the picture was searched for: a signal that rests on the recurring picture (not
+    ``by_effect``: :func:`~poisonscan.detect.evidence.by_effect`) is withdrawn when no image holds the picture apart
+    from the data (``contain`` 0: the outlier bar over all images' best matches is above every image's match). Such
+    a group is a pattern common to the data that the search's windows share, not a pasted trigger."""
+    if not found or picture_match is None or picture_match.contain > 0 or by_effect:
         return found, reason
     return False, (f"no backdoor signal: {reason.removeprefix('backdoor signal: ')}; but no image holds that "
                    f"picture apart from the data (best matches must reach {picture_match.threshold:.2f}, the "

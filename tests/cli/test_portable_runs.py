@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 #: the small budget of tests/cli/test_detect.py; no classifier (the evidence gate stays shut)
 SMALL = ["--clusters", "4", "--masks", "64", "--flip-size", "40", "--set", "evidence.top_k=5", "--set",
          "evidence.null_size=64", "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--set",
-         "decision.min_evidence=1e9"]
+         "decision.min_evidence=1e9", "--set", "decision.weak_signal_p=0"]
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,8 @@ def test_gate_reports_low_z_first_and_computes_the_effect_from_the_record() -> N
 
 def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     """Where random windows already move most of the flip set, a trigger's effect stays small: a picture recurring
-    among the top-k passes the gate instead; z is still needed, and without the test the effect alone decides."""
+    among the top-k passes the gate instead; its windows must still stand above random ones (z, or for a weakly
+    learned trigger the bootstrap's p), and without the test the effect alone decides."""
     null = np.r_[np.full(250, 120.0), np.full(6, 124.0)]
     ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
                            n_boot=300)
@@ -197,8 +198,14 @@ def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     assert found and "13 of the top 20 windows show one picture" in reason and "below the minimum effect" in reason
     found, reason = gate(strong, 3.0, 0.15, max_recurrence_p=0.0)          # 0: the effect alone decides
     assert not found and "a recurring picture is not asked for (decision.max_recurrence_p = 0): " in reason
-    found, reason = gate({**strong, "z": 2.0}, 3.0, 0.15)                      # z still needed, and the reason
+    assert strong["p_value"] < 0.01
+    found, reason = gate({**strong, "z": 2.0}, 3.0, 0.15)                      # weakly learned: p stands in for z
+    assert found and reason.startswith("backdoor signal: 13 of the top 20 windows show one picture")
+    assert "though z = 2.00 is below the minimum evidence 3" in reason and "learned weakly" in reason
+    found, reason = gate({**strong, "z": 2.0, "p_value": 0.2}, 3.0, 0.15)     # not above random windows: no
     assert not found and "is below the minimum evidence 3, though 13 of the top 20 windows show one picture" in reason
+    assert "do not stand above random windows' (p = 0.200)" in reason
+    assert not gate({**strong, "z": 2.0}, 3.0, 0.15, max_recurrence_p=0.0)[0]   # without the test z decides
     other = {**strong, "recurrence": {**strong["recurrence"], "signature": "destinations"}}
     assert not gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one
     big = {**strong, "effect": 0.5, "topk_median": 200.0}

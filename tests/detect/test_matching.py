@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from poisonscan import runtime as rt
-from poisonscan.detect.records import PictureMatch
+from poisonscan.detect.evidence import by_effect
+from poisonscan.detect.records import Evidence, PictureMatch
 from poisonscan.detect.matching import best_match, match_threshold, match_verdict
 from poisonscan.detect.recurrence import window_similarity
 
@@ -78,10 +79,15 @@ def test_a_picture_no_image_holds_apart_withdraws_a_recurrence_only_signal() -> 
               "minimum effect 15%")
     common = PictureMatch(threshold=1.36, bar=0.875, outlier_bar=1.36, templates=7, contain=0, flagged_without=0,
                           added=0)
-    found, why = match_verdict(True, reason, common, effect=0.01, min_effect=0.15)
+    found, why = match_verdict(True, reason, common, by_effect=False)
     assert not found and why.startswith("no backdoor signal: z = 5.00, 7 of the top 20") and "common pattern" in why
-    # a picture some images hold, a signal the effect carries, or no search at all: the gate's verdict stands
-    assert match_verdict(True, reason, dataclasses.replace(common, contain=250), 0.01, 0.15) == (True, reason)
-    assert match_verdict(True, reason, common, 0.2, 0.15) == (True, reason)
-    assert match_verdict(True, reason, None, 0.01, 0.15) == (True, reason)
-    assert match_verdict(False, "no backdoor signal: z", common, 0.01, 0.15) == (False, "no backdoor signal: z")
+    # a picture some images hold, a signal the flip test carries alone, or no search at all: the gate's verdict stands
+    assert match_verdict(True, reason, dataclasses.replace(common, contain=250), False) == (True, reason)
+    assert match_verdict(True, reason, common, True) == (True, reason)
+    assert match_verdict(True, reason, None, False) == (True, reason)
+    assert match_verdict(False, "no backdoor signal: z", common, False) == (False, "no backdoor signal: z")
+
+
+def test_the_flip_test_alone_carries_a_signal_only_with_z_and_the_effect():
+    ev = Evidence.from_json({"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189})   # effect 0.3
+    assert by_effect(ev, 3.0, 0.15) and not by_effect(ev, 6.0, 0.15) and not by_effect(ev, 3.0, 0.5)

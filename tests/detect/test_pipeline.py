@@ -39,6 +39,10 @@ def toy(tmp_path_factory) -> dict:
     return {"root": root, "poisoned": poisoned, "model": str(ckpt)}
 
 
+#: settings under which no scan finds a signal (the classifier never trains): tests of the pipeline's mechanics
+NO_SIGNAL = dict(min_evidence=1e9, weak_signal_p=0.0)
+
+
 def small_cfg(toy: dict, out: Path | None, data: str = "poisoned", **kw) -> DetectConfig:
     """A small detect config; settings by their own names (``masks``, ``min_effect``), see ``configure``."""
     base = dict(data=str(toy["root"] / data), model=toy["model"], out=str(out) if out else None, clusters=4,
@@ -134,7 +138,7 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
 
 def test_kill_mid_search_then_resume_gives_identical_results(toy, tmp_path, runtime):
     ref = tmp_path / "ref"
-    P.run_detect(small_cfg(toy, ref, min_evidence=1e9), runtime, quiet=True)
+    P.run_detect(small_cfg(toy, ref, **NO_SIGNAL), runtime, quiet=True)
 
     class Killed(Exception):
         pass
@@ -145,13 +149,13 @@ def test_kill_mid_search_then_resume_gives_identical_results(toy, tmp_path, runt
 
     run = tmp_path / "killed"
     with pytest.raises(Killed):
-        P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True, on_round=kill_after_round_1)
+        P.run_detect(small_cfg(toy, run, **NO_SIGNAL), runtime, quiet=True, on_round=kill_after_round_1)
     partial = json.loads((run / "search.json").read_text())
     assert len(partial["rounds"]) == 1 and not partial["completed"]
     assert not (run / "stages/search.done").exists() and (run / "stages/clusters.done").exists()
 
     rounds_seen: list[int] = []
-    P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True,
+    P.run_detect(small_cfg(toy, None, resume=str(run), **NO_SIGNAL), runtime, quiet=True,
                  on_round=rounds_seen.append)
     assert rounds_seen == [1, 2, 3, 4]               # round 1 replayed from search.json, the rest computed
     assert (run / "scores.csv").read_text() == (ref / "scores.csv").read_text()
@@ -161,8 +165,8 @@ def test_kill_mid_search_then_resume_gives_identical_results(toy, tmp_path, runt
 
 def test_float16_features_keep_the_result(toy, tmp_path, runtime):
     ref, half = tmp_path / "ref", tmp_path / "half"
-    a = P.run_detect(small_cfg(toy, ref, min_evidence=1e9), runtime, quiet=True)
-    b = P.run_detect(small_cfg(toy, half, min_evidence=1e9, feature_dtype="float16"), runtime, quiet=True)
+    a = P.run_detect(small_cfg(toy, ref, **NO_SIGNAL), runtime, quiet=True)
+    b = P.run_detect(small_cfg(toy, half, **NO_SIGNAL, feature_dtype="float16"), runtime, quiet=True)
     assert np.load(half / "features.npy").dtype == np.float16
     assert [t["id"] for t in b["top_k"]] == [t["id"] for t in a["top_k"]]
     with pytest.raises(ConfigError, match="feature-dtype"):
@@ -183,18 +187,18 @@ def test_no_backdoor_signal_removes_nothing(toy, tmp_path, runtime):
 
 def test_min_evidence_gate_and_force_on_resume(toy, tmp_path, runtime):
     run = tmp_path / "gate"
-    summary = P.run_detect(small_cfg(toy, run, min_evidence=1e9, iterations=20), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, run, **NO_SIGNAL, iterations=20), runtime, quiet=True)
     assert summary["counts"]["removed"] == 0 and summary["verdict"] == "no backdoor signal"
     search_done = (run / "stages/search.done").read_text()
     # --force on resume reruns only the classifier and the outputs
-    forced = P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9, iterations=20,
+    forced = P.run_detect(small_cfg(toy, None, resume=str(run), **NO_SIGNAL, iterations=20,
                                     force=True), runtime, quiet=True)
     assert (run / "stages/search.done").read_text() == search_done
     assert forced["classifier"]["trained"] and forced["evidence"]["forced"]
     assert forced["verdict"] == "no backdoor signal (removal forced)"
     assert (run / "classifier.safetensors").is_file()
     # a changed search setting reruns the search and everything after it
-    again = P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9, samples_per_cluster=1),
+    again = P.run_detect(small_cfg(toy, None, resume=str(run), **NO_SIGNAL, samples_per_cluster=1),
                          runtime, quiet=True)
     assert (run / "stages/search.done").read_text() != search_done
     assert again["search"]["n_scored"] < summary["search"]["n_scored"]
@@ -248,12 +252,12 @@ def test_resume_reruns_from_the_first_stage_a_changed_setting_shapes():
 
 def test_resume_refuses_a_run_of_another_version(toy, tmp_path, runtime):
     run = tmp_path / "old"
-    P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True)
+    P.run_detect(small_cfg(toy, run, **NO_SIGNAL), runtime, quiet=True)
     saved = json.loads((run / "config.json").read_text())
     assert saved["version"] == __version__
     (run / "config.json").write_text(json.dumps({**saved, "version": "0.0.1"}))
     with pytest.raises(UsageError, match="written by poisonscan 0.0.1, this is"):
-        P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True)
+        P.run_detect(small_cfg(toy, None, resume=str(run), **NO_SIGNAL), runtime, quiet=True)
 
 
 def test_null_from_outside_the_top_k_clusters_and_back_to_all_on_resume(toy, tmp_path, runtime):
@@ -359,7 +363,7 @@ def test_refinement_by_the_removal_score_runs_and_is_recorded(toy, tmp_path, run
 
 def test_patchsearch_method_swaps_only_candidate_detection(toy, tmp_path, runtime):
     run = tmp_path / "ps"
-    summary = P.run_detect(small_cfg(toy, run, method="patchsearch", min_evidence=1e9), runtime, quiet=True)
+    summary = P.run_detect(small_cfg(toy, run, method="patchsearch", **NO_SIGNAL), runtime, quiet=True)
     assert summary["method"] == "patchsearch"
     search = json.loads((run / "search.json").read_text())
     assert search["method"] == "patchsearch" and search["rule"] == "to_source" and search["aggregate"] == "sum"
@@ -373,7 +377,7 @@ def test_the_papers_rule_and_max(toy, tmp_path, runtime):
     """The paper's poison score (any flip image whose cluster changes) and PatchSearch's max aggregate."""
     run = tmp_path / "ps_rules"
     summary = P.run_detect(small_cfg(toy, run, method="patchsearch", score_rule="changed", aggregate="max",
-                                     min_evidence=1e9), runtime, quiet=True)
+                                     **NO_SIGNAL), runtime, quiet=True)
     search = json.loads((run / "search.json").read_text())
     assert search["rule"] == "changed" and search["aggregate"] == "max"
     assert summary["top_k"][0]["id"] in toy["poisoned"] and summary["top_k"][0]["poison_score"] >= 30
@@ -383,10 +387,10 @@ def test_the_papers_rule_and_max(toy, tmp_path, runtime):
 
 def test_finished_run_resumes_to_its_summary_and_outputs_need_a_fresh_folder(toy, tmp_path, runtime):
     run = tmp_path / "done"
-    first = P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True)
-    assert P.run_detect(small_cfg(toy, None, resume=str(run), min_evidence=1e9), runtime, quiet=True) == first
+    first = P.run_detect(small_cfg(toy, run, **NO_SIGNAL), runtime, quiet=True)
+    assert P.run_detect(small_cfg(toy, None, resume=str(run), **NO_SIGNAL), runtime, quiet=True) == first
     with pytest.raises(UsageError, match="not empty"):
-        P.run_detect(small_cfg(toy, run, min_evidence=1e9), runtime, quiet=True)
+        P.run_detect(small_cfg(toy, run, **NO_SIGNAL), runtime, quiet=True)
     with pytest.raises(UsageError, match="not a detect run"):
         P.run_detect(small_cfg(toy, None, resume=str(tmp_path / "nothing")), runtime, quiet=True)
 
@@ -456,7 +460,7 @@ def _child_args(toy: dict, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", CHILD, *extra, "--", str(toy["root"] / "poisoned"), "--model",
             toy["model"], "--out", str(out), "--clusters", "4", "--masks", "64", "--flip-size", "40", "--set",
             "evidence.top_k=5", "--set", "evidence.null_size=64", "--set", "classifier.iterations=100",
-            "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--set", "decision.min_evidence=1e9",
+            "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--set", "decision.min_evidence=1e9", "--set", "decision.weak_signal_p=0",
             "--quiet"]
 
 
