@@ -1,0 +1,65 @@
+"""The decision: the gate's verdict read with the picture match, and the removal it makes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from poisonscan.detect.decision import DecisionSettings, decide
+from poisonscan.detect.evidence import evidence_gate
+from poisonscan.detect.records import ClassifierResult, Evidence, PictureMatch, Verification
+
+N = 12
+POISONS = [2, 5, 7]
+GROUP = {"signature": "pixels", "size": 3, "k": 5, "null_group_p99": 2.0, "p_value": 0.001, "members": POISONS,
+         "bar": 0.8}
+
+
+def _neighbours(k: int) -> np.ndarray:
+    """Each image's ``k`` nearest neighbours: the next images in order (the classifier's P is flat, so any do)."""
+    return (np.arange(N)[:, None] + np.arange(1, k + 1)[None, :]) % N
+
+
+def _evidence(**kw: float) -> Evidence:
+    """A weakly learned trigger: the top-k move one flip-set image more than random windows (z 2, effect 0.4%),
+    significantly (p 0.0005), and three of the top five windows show one picture."""
+    return Evidence.from_json({"z": 2.0, "p_value": 0.0005, "topk_median": 3.0, "null_median": 2.0, "n_flip": 250,
+                               "recurrence": GROUP, **kw})
+
+
+def _run(ev: Evidence, contain: int, settings: DecisionSettings | None = None):
+    settings = settings or DecisionSettings()
+    found, reason = evidence_gate(ev, settings.min_evidence, settings.min_effect, settings.max_recurrence_p,
+                                  settings.weak_signal_p)
+    probs = np.full(N, 0.1, dtype=np.float32)
+    clf = ClassifierResult(trained=found, backdoor_found=found, reason=reason, probs=probs if found else None)
+    match = np.full(N, 0.3, dtype=np.float32)
+    match[POISONS[:contain]] = 0.95
+    pm = PictureMatch(threshold=0.9 if contain else 1.3, bar=0.8, outlier_bar=0.9 if contain else 1.3, templates=3,
+                      contain=contain, flagged_without=0, added=contain)
+    ver = Verification(picture_match=pm, match=match) if found else Verification()
+    return decide(settings, ev, clf, ver, N, _neighbours)
+
+
+def test_a_weakly_learned_recurring_trigger_is_removed_by_the_picture_match() -> None:
+    d = _run(_evidence(), contain=3)
+    assert d.backdoor_found and d.verdict == "backdoor signal found"
+    assert np.flatnonzero(d.removed).tolist() == POISONS and d.n_removed == 3
+    assert "though z = 2.00 is below the minimum evidence 3" in d.reason and "learned weakly" in d.reason
+
+
+def test_a_weak_signal_no_image_holds_apart_is_withdrawn() -> None:
+    d = _run(_evidence(), contain=0)
+    assert not d.backdoor_found and d.n_removed == 0 and "a common pattern, not a pasted trigger" in d.reason
+
+
+def test_without_the_weak_path_or_significance_nothing_is_found() -> None:
+    assert not _run(_evidence(), 3, DecisionSettings(weak_signal_p=0.0)).backdoor_found
+    assert not _run(_evidence(p_value=0.3), contain=3).backdoor_found
+    assert not _run(_evidence(recurrence={**GROUP, "p_value": 0.2}), contain=3).backdoor_found
+
+
+def test_a_signal_the_flip_test_carries_alone_stands_without_the_picture() -> None:
+    """z and the effect over their bars: the verdict does not rest on the picture, so an empty match keeps it."""
+    strong = _evidence(z=12.0, topk_median=120.0, null_median=20.0)
+    d = _run(strong, contain=0)
+    assert d.backdoor_found and d.reason.startswith("backdoor signal: z = 12.00")
