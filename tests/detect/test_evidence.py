@@ -204,7 +204,7 @@ def test_a_recurring_picture_stands_in_for_a_small_effect() -> None:
     assert "though z = 2.00 is below the minimum evidence 3" in reason and "learned weakly" in reason
     found, reason = gate({**strong, "z": 2.0, "p_value": 0.2}, 3.0, 0.15)     # not above random windows: no
     assert not found and "is below the minimum evidence 3, though 13 of the top 20 windows show one picture" in reason
-    assert "do not stand above random windows' (p = 0.200)" in reason
+    assert "do not stand above random windows' (p = 0.200, asked: 0.01)" in reason
     assert not gate({**strong, "z": 2.0}, 3.0, 0.15, max_recurrence_p=0.0)[0]   # without the test z decides
     other = {**strong, "recurrence": {**strong["recurrence"], "signature": "destinations"}}
     assert not gate(other, 3.0, 0.15)[0]             # a record of another test is not read as this one
