@@ -6,8 +6,8 @@ stand above random ones (``z >= min_evidence``, or the bootstrap's p <= ``weak_s
 trigger) and that the picture match finds in some image; without it nothing is removed unless ``force``. With a
 signal, the removal is the images that contain the recurring picture (``match_picture``, detect/matching.py) or, for
 a trigger that does not recur, the classifier's probability averaged with its neighbours' support
-(detect/neighbours.py) above ``threshold``, plus the flags the threat model verifies (detect/verification.py). This module owns those settings and the arithmetic that turns the classifier's
-probabilities into the removal.
+(detect/neighbours.py) above ``threshold``, plus the flags the threat model verifies (detect/verification.py). This
+module owns those settings and the arithmetic that turns the classifier's probabilities into the removal.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DecisionSettings:
     #: the gate's z: the top-k median's gap over random windows, in units of the smaller of the top-k's and the
     #: bootstrap's spread (at least 0.5 flips). Without a recurring picture it is needed with the effect; with one,
     #: the bootstrap's p <= 0.01 stands in for it: at the "to_source" score's small counts z moves in steps of 2
-    #: (one flip over the floor), so a learned trigger recurring in 10 of the top 20 windows reached only z = 2
+    #: (one flip over the floor), so a learned trigger recurring in 6 of the top 20 windows reached only z = 2
     #: (p = 0.0005; imagenette-96 at 2%, 30 epochs), while clean-data models reached 4 and 5 (docs/design.md)
     min_evidence: float = 3.0
     #: the share of the flip-set images random windows leave in place that the top-k move; set between the recorded
@@ -49,8 +49,8 @@ class DecisionSettings:
     max_recurrence_p: float = field(default=0.01, metadata=between(0.0, 1.0))
     #: with a recurring picture and ``z`` below ``min_evidence``, the bootstrap's p at which the group's windows
     #: still count as standing above random ones (a weakly learned trigger; the picture match must then find it in
-    #: some image). Set on imagenette-96 at 2% with a 30-epoch model; 0.01 is a convention, not fitted. 0: ``z`` is
-    #: needed
+    #: some image). Set on imagenette-96 at 2% with a 30-epoch model; 0.01 is a convention, not fitted; not yet
+    #: checked on a second run (no other recorded run has a recurring picture with z < 3). 0: ``z`` is needed
     weak_signal_p: float = field(default=0.01, metadata=between(0.0, 1.0))
     force: bool = False             # train the classifier and remove even without a backdoor signal
     threshold: float = field(default=0.5, metadata=between(0.0, 1.0))     # removed: removal score > threshold

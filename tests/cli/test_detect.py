@@ -56,7 +56,8 @@ def test_fail_on_exit_codes_and_json(toy, tmp_path):
 
 
 def test_min_evidence_removes_nothing_and_passes_fail_on(toy, tmp_path):
-    res = detect(toy, tmp_path / "b", "--set", "decision.min_evidence=1e9", "--set", "decision.weak_signal_p=0", "--fail-on", "0")
+    res = detect(toy, tmp_path / "b", "--set", "decision.min_evidence=1e9", "--set", "decision.weak_signal_p=0",
+                 "--fail-on", "0")
     assert res.exit_code == 0, res.output
     assert "Overview" in res.stdout and "Evidence" in res.stdout
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
@@ -71,7 +72,8 @@ def test_unreadable_samples_fail_closed(toy, tmp_path):
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, format="JPEG")
     (data / "c0" / "trunc.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
-    res = detect({**toy, "data": data}, tmp_path / "u", "--set", "decision.min_evidence=1e9", "--set", "decision.weak_signal_p=0", "--fail-on", "0",
+    res = detect({**toy, "data": data}, tmp_path / "u", "--set", "decision.min_evidence=1e9", "--set",
+                 "decision.weak_signal_p=0", "--fail-on", "0",
                  "--json")
     assert res.exit_code == 1, res.output                     # nothing removed, but one sample went unscanned
     summary = json.loads(res.stdout)

@@ -460,7 +460,8 @@ def _child_args(toy: dict, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", CHILD, *extra, "--", str(toy["root"] / "poisoned"), "--model",
             toy["model"], "--out", str(out), "--clusters", "4", "--masks", "64", "--flip-size", "40", "--set",
             "evidence.top_k=5", "--set", "evidence.null_size=64", "--set", "classifier.iterations=100",
-            "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--set", "decision.min_evidence=1e9", "--set", "decision.weak_signal_p=0",
+            "--batch-size", "128", "--device", "cpu", "--precision", "fp32", "--set", "decision.min_evidence=1e9",
+            "--set", "decision.weak_signal_p=0",
             "--quiet"]
 
 
