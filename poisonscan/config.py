@@ -109,7 +109,7 @@ class DetectConfig(CommonConfig):
     search: SearchSettings = _section(SearchSettings, "search")
     evidence: EvidenceSettings = _section(EvidenceSettings, "evidence")
     classifier: ClassifierSettings = _section(ClassifierSettings, "classifier")
-    decision: DecisionSettings = _section(DecisionSettings, "classifier")   # the gate decides whether to train
+    decision: DecisionSettings = _section(DecisionSettings, "match")   # the gate decides whether to match and train
     fail_on: float | None = field(default=None, metadata=stage("outputs", **at_least(0.0)))
     # exit 1 above this many unscanned samples (0 when only --fail-on)
     fail_on_unreadable: int | None = field(default=None, metadata=stage("outputs", **at_least(0)))
@@ -237,9 +237,10 @@ def preset_table(name: str) -> tuple[str, dict[str, Any]]:
 
 #: the flags of ``detect`` that set a section's setting
 #: what ``detect --exact`` sets: the paper's procedure for every step a faster one replaces (all B masks zeroing
-#: pixels, ViTs included, every window and every null window on the whole flip set); ``--set`` still wins
+#: pixels, ViTs included, every window and every null window on the whole flip set, the classifier trained on
+#: every signal); ``--set`` still wins
 EXACT = {"search.masking": "exact", "search.flip_testing": "exact", "search.vit_masking": "zero",
-         "evidence.null_testing": "exact"}
+         "evidence.null_testing": "exact", "classifier.train": "always"}
 
 DETECT_FLAGS = {"search.method": "--method", "search.masks": "--masks", "search.window": "--window",
                 "search.flip_size": "--flip-size", "decision.force": "--force"}

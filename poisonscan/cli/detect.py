@@ -79,7 +79,9 @@ def detect(
     force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
     exact: bool = typer.Option(False, "--exact", help="The paper's cost: all B masks on every image, zeroing "
                                                       "pixels (ViTs too), every window and null window on the whole "
-                                                      "flip set (no coarse-to-fine masking, no adaptive testing)."),
+                                                      "flip set (no coarse-to-fine masking, no adaptive testing), "
+                                                      "the classifier trained even where the picture match "
+                                                      "removes."),
     fail_on: float | None = typer.Option(None, "--fail-on", min=0.0, help="Exit 1 when more images are removed: "
                                                                           "a count (>= 1) or a fraction (< 1)."),
     fail_on_unreadable: int | None = typer.Option(

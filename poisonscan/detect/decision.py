@@ -5,31 +5,33 @@ least ``min_effect``, or one picture recurring among the top-k windows at ``p <=
 stand above random ones (``z >= min_evidence``, or the bootstrap's p <= ``weak_signal_p`` for a weakly learned
 trigger) and that the picture match finds in some image; without it nothing is removed unless ``force``. With a
 signal, the removal is the images that contain the recurring picture (``match_picture``, detect/matching.py) or, for
-a trigger that does not recur, the classifier's probability averaged with its neighbours' support
-(detect/neighbours.py) above ``threshold``, plus the flags the threat model verifies (detect/verification.py). This
-module owns those settings and the arithmetic that turns the classifier's probabilities into the removal.
+a trigger that does not recur (or a signal the effect carries whose picture no image holds), the classifier's
+probability averaged with its neighbours' support (detect/neighbours.py) above ``threshold``, plus the flags the
+threat model verifies (detect/verification.py). This module owns those settings and the arithmetic that turns the
+classifier's probabilities into the removal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from poisonscan.detect.evidence import by_effect
-from poisonscan.detect.matching import match_verdict
+from poisonscan.detect.matching import holds_picture, match_decides, match_verdict
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
-from poisonscan.detect.records import ClassifierResult, Decision, Evidence, Verification
+from poisonscan.detect.records import ClassifierResult, Decision, Evidence, Matching, PictureMatch, Verification
 from poisonscan.settings import at_least, between, stage
 
 
 @dataclass
 class DecisionSettings:
-    """The decision's settings (``[detect.decision]``; ``--set decision.KEY=VALUE``). The classifier stage reads
-    them first (the gate decides whether it trains; the threshold and neighbours what a refinement round drops);
-    ``verify_min_prob`` and ``match_picture`` only the verify stage (their ``stage`` metadata). Where each default
+    """The decision's settings (``[detect.decision]``; ``--set decision.KEY=VALUE``). The match stage reads the
+    gate's first (the gate decides whether the picture is searched for and the classifier trains), the classifier
+    stage the threshold and neighbours (what a refinement round drops), the verify stage ``verify_min_prob`` (their
+    ``stage`` metadata). Where each default
     was chosen and where it was checked on settings it was not chosen on: the comments below, docs/design.md ("The
     evidence gate", "Finding the recurring picture", "The removal score") and docs/results.md."""
 
@@ -53,16 +55,17 @@ class DecisionSettings:
     #: checked on a second run (no other recorded run has a recurring picture with z < 3). 0: ``z`` is needed
     weak_signal_p: float = field(default=0.01, metadata=between(0.0, 1.0))
     force: bool = False             # train the classifier and remove even without a backdoor signal
-    threshold: float = field(default=0.5, metadata=between(0.0, 1.0))     # removed: removal score > threshold
+    #: removed: removal score > threshold
+    threshold: float = field(default=0.5, metadata=stage("classifier", **between(0.0, 1.0)))
     #: removal score = (P + the support of this many feature-space neighbours) / 2; 0: P alone (the paper)
-    neighbours: int = field(default=10, metadata=at_least(0))
+    neighbours: int = field(default=10, metadata=stage("classifier", **at_least(0)))
     #: flip-test the window the classifier looks at in images it flags above this P that the neighbours keep
     #: (detect/verification.py); 1: off
     verify_min_prob: float = field(default=1.0, metadata=stage("verify", **between(0.0, 1.0)))
     #: with a recurring picture, the removal is exactly the images that contain it (detect/matching.py). Chosen on
     #: tinyimagenet100 at 1% (classifier: recall 93.2%, precision 43.9%; every poison's match >= 0.88, every clean
     #: image's <= 0.64); checked on CIFAR-10 50k at 2% and tinyimagenet100 at 0.5%: exactly the poisons both times
-    match_picture: bool = field(default=True, metadata=stage("verify"))
+    match_picture: bool = field(default=True, metadata=stage("match"))
 
 
 def refinement_neighbours(classifier: Any, decision: DecisionSettings) -> int:
@@ -89,21 +92,32 @@ def removal_flags(settings: DecisionSettings, probs: np.ndarray | None, n: int,
     return nbr, score, score > settings.threshold
 
 
+def _with_flags(pm: PictureMatch, holds: np.ndarray, flagged: np.ndarray | None) -> PictureMatch:
+    """The picture match's record with the classifier's flags compared (none without a classifier)."""
+    if flagged is None:
+        return pm
+    return replace(pm, flagged_without=int((flagged & ~holds).sum()), added=int((holds & ~flagged).sum()))
+
+
 def decide(settings: DecisionSettings, evidence: Evidence, classifier: ClassifierResult,
-           verification: Verification, n: int, neighbours: Callable[[int], np.ndarray]) -> Decision:
+           verification: Verification, matching: Matching, n: int,
+           neighbours: Callable[[int], np.ndarray]) -> Decision:
     """The run's answer: the verdict (the evidence gate's, withdrawn when a signal that rests on the recurring
     picture alone finds no image that holds it, :func:`~poisonscan.detect.matching.match_verdict`) and the removal:
-    the images that contain the recurring picture when it was searched for, else the removal score's flags and the
-    verified ones."""
+    the images that hold the recurring picture where the match makes the removal
+    (:func:`~poisonscan.detect.matching.match_decides`), else the removal score's flags and the verified ones.
+    The decision carries the picture match's record with the classifier's flags compared (``None``: not searched
+    for)."""
     nbr, score, flagged = removal_flags(settings, classifier.probs, n, neighbours)
-    pm = verification.picture_match
-    if pm is not None and verification.match is not None:
-        removed = verification.match >= pm.threshold - 1e-9
-    else:
-        removed = flagged | verification.verified(n)
-    found, reason = match_verdict(classifier.backdoor_found, classifier.reason, pm,
-                                  by_effect(evidence, settings.min_evidence, settings.min_effect))
+    flagged = flagged | verification.verified(n)
+    effect = by_effect(evidence, settings.min_evidence, settings.min_effect)
+    pm, holds = matching.picture_match, holds_picture(matching)
+    removed = holds if holds is not None and match_decides(pm, effect, classifier.forced) else flagged
+    found, reason = match_verdict(classifier.backdoor_found, classifier.reason, pm, effect)
     verdict = ("backdoor signal found" if found else
                "no backdoor signal (removal forced)" if classifier.forced else "no backdoor signal")
+    record = None if pm is None or holds is None else _with_flags(
+        pm, holds, flagged if classifier.probs is not None else None)
     return Decision(backdoor_found=found, forced=classifier.forced, verdict=verdict, reason=reason,
-                    n_removed=int(removed.sum()), removed=removed, removal_score=score, neighbour_probs=nbr)
+                    n_removed=int(removed.sum()), removed=removed, removal_score=score, neighbour_probs=nbr,
+                    picture_match=record)

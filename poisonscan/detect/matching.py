@@ -8,6 +8,9 @@ similarities between random windows of the run) and an outlier bar over all imag
 (:func:`match_threshold`): an image's best match is a maximum over hundreds of windows, so where random windows are
 little alike (noise-like images) a clean image's best window can pass the pair-level bar by chance. Computed as
 convolutions over whole batches of images, so the scan costs about as much as one small forward pass per image.
+
+The match stage (:func:`run_match`) runs after the evidence and before the classifier: where the picture match
+makes the removal (:func:`match_decides`) the classifier is not trained.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poisonscan import runtime as rt
-from poisonscan.detect.records import PictureMatch
-from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD, as_compared, normalised
+from poisonscan.detect.masking import cut_windows
+from poisonscan.detect.records import Evidence, Matching, PictureMatch, SearchResult
+from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD, as_compared, normalised, recurring_group
 
 
 #: an image's best match must stand this many robust standard deviations (1.4826 x MAD) above the median of all
@@ -87,18 +91,56 @@ def best_match(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, bat
     return out
 
 
-def find_picture(images_u8: Tensor, templates_u8: Tensor, bar: float, flagged: np.ndarray, runtime: rt.Runtime,
-                 batch_size: int = 256, quiet: bool = True) -> tuple[PictureMatch, np.ndarray]:
+def find_picture(images_u8: Tensor, templates_u8: Tensor, bar: float, runtime: rt.Runtime, batch_size: int = 256,
+                 quiet: bool = True) -> tuple[PictureMatch, np.ndarray]:
     """Search every image for the recurring picture (``templates_u8``: the recurring group's windows; ``bar``: the
-    recurrence test's): the record (threshold, how many images contain it, how many of the ``flagged`` lack it and
-    how many unflagged hold it) and every image's best match."""
+    recurrence test's): the record (threshold, how many images contain it) and every image's best match."""
     match = best_match(images_u8, templates_u8, runtime, batch_size, quiet)
     threshold, outlier = match_threshold(match, bar)
     contains = match >= threshold - 1e-9
-    flagged = np.asarray(flagged, dtype=bool)
     return PictureMatch(threshold=threshold, bar=float(bar), outlier_bar=outlier, templates=int(len(templates_u8)),
-                        contain=int(contains.sum()), flagged_without=int((flagged & ~contains).sum()),
-                        added=int((contains & ~flagged).sum())), match
+                        contain=int(contains.sum())), match
+
+
+def holds_picture(matching: Matching) -> np.ndarray | None:
+    """Bool per image: its best match reaches the threshold (``None`` when the picture was not searched for)."""
+    pm = matching.picture_match
+    if pm is None or matching.match is None:
+        return None
+    return np.asarray(matching.match) >= pm.threshold - 1e-9
+
+
+def match_decides(picture_match: PictureMatch | None, by_effect: bool, forced: bool = False) -> bool:
+    """Does the picture match make the removal (and the classifier need not train)? Where the picture was searched
+    for: when some image holds it, and when none does and the signal rests on the picture alone (the verdict is
+    then withdrawn, :func:`match_verdict`, and nothing is removed). A signal the flip test carries by its effect
+    (``by_effect``), or a forced removal, whose picture no image holds apart from the data goes to the classifier."""
+    if picture_match is None:
+        return False
+    return picture_match.contain > 0 or not (by_effect or forced)
+
+
+def run_match(images_u8: Tensor, search: SearchResult, evidence: Evidence, runtime: rt.Runtime, signal: bool,
+              max_recurrence_p: float, enabled: bool = True, batch_size: int = 256,
+              quiet: bool = True) -> Matching:
+    """The match stage (rank 0): with a backdoor signal (``signal``: the evidence gate passed, or the removal is
+    forced) and one picture recurring among the top-k windows at ``p <= max_recurrence_p``, search every image for
+    it (:func:`find_picture`, the group's windows as templates); ``enabled`` is ``decision.match_picture``. The
+    record says why the picture was not searched for when it was not."""
+    if not enabled:
+        return Matching(reason="not asked for (decision.match_picture = false)")
+    if not signal:
+        return Matching(reason="no backdoor signal")
+    rec = recurring_group(evidence, max_recurrence_p)
+    if rec is None:
+        return Matching(reason="no picture recurs among the top-k windows")
+    members = [int(i) for i in rec.members]
+    boxes = search.boxes
+    templates = cut_windows(images_u8[torch.as_tensor(members)],
+                            torch.as_tensor([boxes[i] for i in members], dtype=torch.int64))
+    pm, match = find_picture(images_u8, templates, rec.bar, runtime, batch_size, quiet)
+    return Matching(searched=True, reason=f"{rec.size} of the top {rec.k} windows show one picture",
+                    picture_match=pm, match=match)
 
 
 def match_verdict(found: bool, reason: str, picture_match: PictureMatch | None, by_effect: bool) -> tuple[bool, str]:

@@ -16,7 +16,7 @@ from poisonscan.config import DetectConfig
 from poisonscan.data.store import ImageStore, write_errors_csv
 from poisonscan.data.writers import write_removal_list
 from poisonscan.detect.clustering import Clustering
-from poisonscan.detect.records import ClassifierResult, Decision, Evidence, SearchResult, Verification
+from poisonscan.detect.records import ClassifierResult, Decision, Evidence, Matching, SearchResult, Verification
 from poisonscan.detect.scores import SCORE_COLUMNS
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
@@ -60,6 +60,7 @@ class ScanResult:
     model: dict[str, Any]           # checkpoint, arch, image_size, metadata
     search: SearchResult
     evidence: Evidence
+    matching: Matching
     classifier: ClassifierResult
     verification: Verification
     decision: Decision
@@ -78,7 +79,7 @@ def _scores_csv(r: ScanResult, ranks: dict[int, int]) -> str:
         box = e.box if e else ["", "", "", ""]
         w.writerow([i, sid, "" if label is None else label, int(cl.labels[i]), f"{float(cl.distances[i]):.6f}",
                     e.poison_score if e else "", *box, _fmt(probs, i), _fmt(dec.neighbour_probs, i),
-                    _fmt(dec.removal_score, i), verify.get(i, ""), _fmt(r.verification.match, i),
+                    _fmt(dec.removal_score, i), verify.get(i, ""), _fmt(r.matching.match, i),
                     int(dec.removed[i]), ranks.get(i, "")])
     return buf.getvalue()
 
@@ -142,7 +143,7 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
         "top_clusters": _top_clusters(r),
         "evidence": evidence,
         "verdict": dec.verdict,
-        "classifier": {"trained": bool(clf.trained), "ensemble": int(clf.ensemble),
+        "classifier": {"trained": bool(clf.trained), "skipped": clf.skipped or None, "ensemble": int(clf.ensemble),
                        "iterations": int(clf.iterations), "val_f1": clf.val_f1,
                        "rounds": clf.rounds, "refine_by": clf.refine_by,
                        "threshold": float(clf.threshold), "neighbours": int(settings.neighbours),
@@ -151,7 +152,7 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
                        int((probs > settings.threshold).sum()),
                        "verification": {"min_prob": ver.min_prob, "bar": ver.bar, "n_candidates": ver.n_candidates,
                                         "n_verified": ver.n_verified}},
-        "picture_match": ver.picture_match.to_json() if ver.picture_match is not None else None,
+        "picture_match": dec.picture_match.to_json() if dec.picture_match is not None else None,
         "timings": dict(timings),
         "cost": {"forwards": dict(forwards)},
         "files": {"scores": "scores.csv", "removed": "removed.txt", "gallery": "gallery", "report": "report.html",

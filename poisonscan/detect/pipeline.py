@@ -10,11 +10,12 @@ Stages (each writes its files, then ``stages/<stage>.done``):
                   every round so a killed search resumes from its last finished round with the same result;
                   ``attention.npy``)
 5. ``evidence``   :func:`~poisonscan.detect.evidence.run_evidence` -> ``Evidence`` (``evidence.json``)
-6. ``classifier`` :func:`~poisonscan.detect.classifier.run_classifier` -> ``ClassifierResult`` (``classifier.json``,
-                  ``classifier.safetensors``, ``classifier_probs.npy``)
-7. ``verify``     :func:`~poisonscan.detect.verification.run_verify` -> ``Verification`` (``verify.json``,
+6. ``match``      :func:`~poisonscan.detect.matching.run_match` -> ``Matching`` (``match.json``,
                   ``picture_match.npy``)
-8. ``outputs``    :func:`~poisonscan.detect.decision.decide` -> ``Decision``, then
+7. ``classifier`` :func:`~poisonscan.detect.classifier.run_classifier` -> ``ClassifierResult`` (``classifier.json``,
+                  ``classifier.safetensors``, ``classifier_probs.npy``)
+8. ``verify``     :func:`~poisonscan.detect.verification.run_verify` -> ``Verification`` (``verify.json``)
+9. ``outputs``    :func:`~poisonscan.detect.decision.decide` -> ``Decision``, then
                   :func:`~poisonscan.detect.outputs.write_outputs`: ``scores.csv``, ``removed.txt``, ``summary.json``,
                   gallery, report
 
@@ -22,7 +23,7 @@ Each stage is a public function of explicit inputs that returns a typed record (
 below holds what finished stages left (:class:`_Driver`) and is the only code that reads or writes the run folder's
 records. Under torchrun the features, candidate windows and poison scores are split across ranks by index and
 gathered; every random draw is made from a generator seeded before the split (detect/seeds.py), so the result does
-not depend on the world size. Classifier, verify and outputs run on rank 0 only.
+not depend on the world size. Match, classifier, verify and outputs run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ from poisonscan.data.store import ImageStore, build_store, open_store, write_err
 from poisonscan.detect.classifier import run_classifier
 from poisonscan.detect.clustering import Clustering, choose_n_clusters, fit_kmeans
 from poisonscan.detect.decision import decide, removal_flags
-from poisonscan.detect.evidence import run_evidence
+from poisonscan.detect.evidence import evidence_gate, run_evidence
 from poisonscan.detect.features import ForwardCounter, extract_features, prepare_encoder
 from poisonscan.detect.fliptest import FlipTest, flip_test_set
 from poisonscan.detect.masking import window_pixels
+from poisonscan.detect.matching import run_match
 from poisonscan.detect.neighbours import nearest_neighbours
 from poisonscan.detect.outputs import ScanResult, write_outputs
 from poisonscan.detect.poison_net import classifier_bytes, load_classifier
-from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult, Verification
+from poisonscan.detect.records import ClassifierResult, Evidence, Matching, SearchResult, Verification
 from poisonscan.detect.resume import STAGES, open_run, read_run_config
 from poisonscan.detect.run import DetectRun
 from poisonscan.detect.search import masking_window, run_search
@@ -61,7 +63,7 @@ from poisonscan.runs import RunDir, releases_run_locks
 from poisonscan.settings import dotted_names, resolve_config
 
 RoundHook = Callable[[int], None]
-MAIN_ONLY = ("classifier", "verify", "outputs")
+MAIN_ONLY = ("match", "classifier", "verify", "outputs")
 
 
 class _Driver:
@@ -79,6 +81,7 @@ class _Driver:
         self.clustering: Clustering | None = None
         self.search: SearchResult | None = None
         self.evidence: Evidence | None = None
+        self.matching: Matching | None = None
         self.classifier: ClassifierResult | None = None
         self.verification: Verification | None = None
         self.timings: dict[str, float] = {}
@@ -191,10 +194,30 @@ class _Driver:
     def load_evidence(self) -> None:
         self.evidence = Evidence.from_json(self.run.read_json("evidence.json"))
 
+    def match_(self) -> dict[str, Any]:
+        d = self.cfg.decision
+        found, _ = evidence_gate(self.evidence, d.min_evidence, d.min_effect, d.max_recurrence_p, d.weak_signal_p)
+        record = run_match(self.store.images, self.search, self.evidence, self.runtime, found or d.force,
+                           d.max_recurrence_p, d.match_picture, self.cfg.batch_size, self.quiet)
+        self.run.file("picture_match.npy").unlink(missing_ok=True)
+        if record.match is not None:
+            self.run.save_npy("picture_match.npy", record.match)
+        self.run.write_json("match.json", record.to_json())
+        self.matching = record
+        return {"searched": record.searched,
+                "contain": record.picture_match.contain if record.picture_match is not None else None}
+
+    def load_match(self) -> None:
+        doc = self.run.read_json("match.json")
+        match = (np.load(self.run.file("picture_match.npy"), allow_pickle=False) if doc.get("picture_match")
+                 else None)
+        self.matching = Matching.from_json(doc, match=match)
+
     def classifier_(self) -> dict[str, Any]:
         cfg, run = self.cfg, self.run
         record, models = run_classifier(cfg.classifier, cfg.decision, self.store.images, self.search, self.evidence,
-                                        self.runtime, self.neighbours, cfg.batch_size, cfg.seed, self.quiet)
+                                        self.runtime, self.neighbours, cfg.batch_size, cfg.seed, self.quiet,
+                                        self.matching)
         if record.trained:
             run.write_bytes("classifier.safetensors", classifier_bytes(models, image_size=self.size,
                                                                        threshold=cfg.decision.threshold,
@@ -216,29 +239,22 @@ class _Driver:
     def verify_(self) -> dict[str, Any]:
         run = self.run
         _, _, flagged = removal_flags(self.cfg.decision, self.classifier.probs, len(self.store), self.neighbours)
-        record = run_verify(self.cfg.decision, self.store.images, self.search, self.evidence, self.classifier,
-                            flagged, self.flip, lambda: load_classifier(run.file("classifier.safetensors"))[0],
-                            self.window, self.quiet)
-        run.file("picture_match.npy").unlink(missing_ok=True)
-        if record.match is not None:
-            run.save_npy("picture_match.npy", record.match)
+        record = run_verify(self.cfg.decision, self.store.images, self.evidence, self.classifier, flagged, self.flip,
+                            lambda: load_classifier(run.file("classifier.safetensors"))[0], self.window)
         run.write_json("verify.json", record.to_json())
         self.verification = record
         return {"candidates": record.n_candidates, "verified": record.n_verified}
 
     def load_verify(self) -> None:
-        doc = self.run.read_json("verify.json")
-        match = (np.load(self.run.file("picture_match.npy"), allow_pickle=False) if doc.get("picture_match")
-                 else None)
-        self.verification = Verification.from_json(doc, match=match)
+        self.verification = Verification.from_json(self.run.read_json("verify.json"))
 
     def outputs_(self) -> dict[str, Any]:
-        decision = decide(self.cfg.decision, self.evidence, self.classifier, self.verification, len(self.store),
-                          self.neighbours)
+        decision = decide(self.cfg.decision, self.evidence, self.classifier, self.verification, self.matching,
+                          len(self.store), self.neighbours)
         model = {"checkpoint": self.cfg.model, "arch": getattr(self.encoder, "arch", None), "image_size": self.size,
                  "metadata": self.meta}
-        result = ScanResult(self.store, self.clustering, model, self.search, self.evidence, self.classifier,
-                            self.verification, decision)
+        result = ScanResult(self.store, self.clustering, model, self.search, self.evidence, self.matching,
+                            self.classifier, self.verification, decision)
         write_outputs(self.run, self.cfg, result, self.timings, self.forwards, self.started)
         return {"removed": decision.n_removed}
 
@@ -250,6 +266,7 @@ STAGE_FUNCS: dict[str, tuple[Callable[[_Driver], dict[str, Any]], Callable[[_Dri
     "clusters": (_Driver.clusters_, _Driver.load_clusters),
     "search": (_Driver.search_, _Driver.load_search),
     "evidence": (_Driver.evidence_, _Driver.load_evidence),
+    "match": (_Driver.match_, _Driver.load_match),
     "classifier": (_Driver.classifier_, _Driver.load_classifier),
     "verify": (_Driver.verify_, _Driver.load_verify),
     "outputs": (_Driver.outputs_, None),

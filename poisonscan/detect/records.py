@@ -1,5 +1,5 @@
 """The typed records the detect stages return, and their JSON form (the run folder's ``search.json``,
-``evidence.json``, ``classifier.json`` and ``verify.json``).
+``evidence.json``, ``match.json``, ``classifier.json`` and ``verify.json``).
 
 Each record is a dataclass whose fields, in order, are its JSON keys: :meth:`Record.to_json` writes them (nested
 records and lists of records converted), :meth:`Record.from_json` reads them back. A field marked
@@ -8,8 +8,9 @@ records and lists of records converted), :meth:`Record.from_json` reads them bac
 
     SearchResult   the scored images (window, poison score, cluster, round) and the flip test set
     Evidence       the top-k against random windows: z, effect, and the recurring picture (``Recurrence``)
+    Matching       the recurring picture searched for in every image (``PictureMatch``)
     ClassifierResult  the gate's answer and, when it trained, the classifier's figures and P of every image
-    Verification   the isolated flags flip-tested (``VerifiedFlag``) and the picture match (``PictureMatch``)
+    Verification   the isolated flags flip-tested (``VerifiedFlag``)
     Decision       the verdict, its reason in one line, and the removal
 """
 
@@ -200,14 +201,44 @@ class Evidence(Record):
         return super().from_json(doc, **arrays)
 
 
+# -- the picture match ----------------------------------------------------------------------------------------------
+
+@dataclass
+class PictureMatch(Record):
+    """The search for the recurring picture (detect/matching.py): the match ``threshold``, the recurrence bar and
+    the outlier bar it comes from, the number of templates and how many images contain the picture. With a
+    classifier as well (the decision fills them): how many of its flags lack the picture (``flagged_without``) and
+    how many images with it it kept (``added``); ``None`` when no classifier ran."""
+
+    threshold: float
+    bar: float
+    outlier_bar: float
+    templates: int
+    contain: int
+    flagged_without: int | None = None
+    added: int | None = None
+
+
+@dataclass
+class Matching(Record):
+    """The match stage's record (``match.json``): why the picture was or was not searched for (``reason``), the
+    search's figures (``picture_match``), and every image's best similarity to the picture (``match``,
+    ``picture_match.npy``; ``None`` when it was not searched for)."""
+
+    searched: bool = False
+    reason: str = ""
+    picture_match: PictureMatch | None = nested(PictureMatch)
+    match: np.ndarray | None = array()
+
+
 # -- classifier -----------------------------------------------------------------------------------------------------
 
 @dataclass
 class ClassifierResult(Record):
     """The classifier stage's record (``classifier.json``): the evidence gate's answer (``backdoor_found``,
-    ``reason``), whether the classifier was trained anyway (``forced``), and when it was: its figures, the top-k
-    images it learned as positives, the refinement rounds; ``probs`` is its P(poisonous) of every image
-    (``classifier_probs.npy``)."""
+    ``reason``), whether the classifier was trained anyway (``forced``), why it was not trained with a signal
+    (``skipped``: the picture match decides the removal), and when it was: its figures, the top-k images it learned
+    as positives, the refinement rounds; ``probs`` is its P(poisonous) of every image (``classifier_probs.npy``)."""
 
     trained: bool = False
     ensemble: int = 1
@@ -217,6 +248,7 @@ class ClassifierResult(Record):
     backdoor_found: bool = False
     forced: bool = False
     reason: str = ""
+    skipped: str = ""
     iterations_per_model: list[int] | None = when_trained()
     best_iteration: list[int] | None = when_trained()
     split: dict[str, int] | None = when_trained()
@@ -247,32 +279,14 @@ class VerifiedFlag(Record):
 
 
 @dataclass
-class PictureMatch(Record):
-    """The search for the recurring picture (detect/matching.py): the match ``threshold``, the recurrence bar and
-    the outlier bar it comes from, the number of templates, and how many images contain the picture, how many
-    flags lack it and how many images with it the classifier kept."""
-
-    threshold: float
-    bar: float
-    outlier_bar: float
-    templates: int
-    contain: int
-    flagged_without: int
-    added: int
-
-
-@dataclass
 class Verification(Record):
-    """The verify stage's record (``verify.json``); ``match`` is every image's best similarity to the recurring
-    picture (``picture_match.npy``; ``None`` when it was not searched for)."""
+    """The verify stage's record (``verify.json``)."""
 
     min_prob: float = 1.0
     bar: float = -1
     n_candidates: int = 0
     n_verified: int = 0
     candidates: list[VerifiedFlag] = nested(VerifiedFlag, many=True)
-    picture_match: PictureMatch | None = nested(PictureMatch)
-    match: np.ndarray | None = array()
 
     def verified(self, n: int) -> np.ndarray:
         """Bool ``n``: the images the flip test verified."""
@@ -287,7 +301,7 @@ class Verification(Record):
 class Decision(Record):
     """The run's answer (detect/decision.py): the verdict, the one line that says why, and the removal (``removed``:
     bool per image; ``removal_score`` and ``neighbour_probs``: the classifier's P averaged with its neighbours',
-    ``None`` without a classifier)."""
+    ``None`` without a classifier); ``picture_match``: the match's record with the classifier's flags compared."""
 
     backdoor_found: bool = False
     forced: bool = False
@@ -297,3 +311,4 @@ class Decision(Record):
     removed: np.ndarray | None = array()
     removal_score: np.ndarray | None = array()
     neighbour_probs: np.ndarray | None = array()
+    picture_match: PictureMatch | None = nested(PictureMatch)

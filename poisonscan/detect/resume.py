@@ -21,7 +21,7 @@ from poisonscan.settings import sections
 
 
 #: the detect stages in order (each leaves ``stages/<stage>.done`` in the run folder)
-STAGES = ("store", "features", "clusters", "search", "evidence", "classifier", "verify", "outputs")
+STAGES = ("store", "features", "clusters", "search", "evidence", "match", "classifier", "verify", "outputs")
 SECTIONS = sections(DetectConfig)
 
 

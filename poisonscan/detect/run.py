@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from poisonscan.config import DetectConfig
-from poisonscan.detect.records import ClassifierResult, Evidence, Record, SearchResult, Verification
+from poisonscan.detect.records import ClassifierResult, Evidence, Matching, Record, SearchResult, Verification
 from poisonscan.detect.resume import STAGES, read_run_config
 from poisonscan.detect.scores import SCORE_COLUMNS, ScoreTable, read_scores
 from poisonscan.errors import DataError, UsageError
@@ -31,8 +31,9 @@ from poisonscan.settings import resolve_config
 RECORDS: dict[str, tuple[str, type[Record] | None, dict[str, str]]] = {
     "search": ("search.json", SearchResult, {}),
     "evidence": ("evidence.json", Evidence, {}),
+    "match": ("match.json", Matching, {"match": "picture_match.npy"}),
     "classifier": ("classifier.json", ClassifierResult, {"probs": "classifier_probs.npy"}),
-    "verify": ("verify.json", Verification, {"match": "picture_match.npy"}),
+    "verify": ("verify.json", Verification, {}),
     "summary": ("summary.json", None, {}),
 }
 
@@ -88,8 +89,9 @@ class DetectRun:
     summary = _record_property("summary")
     search = _record_property("search")             # SearchResult
     evidence = _record_property("evidence")         # Evidence
+    match = _record_property("match")               # Matching (with ``match``)
     classifier = _record_property("classifier")     # ClassifierResult (with ``probs``)
-    verify = _record_property("verify")             # Verification (with ``match``)
+    verify = _record_property("verify")             # Verification
     del _record_property
 
     @property

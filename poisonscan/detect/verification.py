@@ -32,9 +32,7 @@ from poisonscan.detect.classifier import predict_poison
 from poisonscan.detect.decision import DecisionSettings
 from poisonscan.detect.fliptest import FlipTest
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.matching import find_picture
-from poisonscan.detect.records import ClassifierResult, Evidence, SearchResult, Verification, VerifiedFlag
-from poisonscan.detect.recurrence import recurring_group
+from poisonscan.detect.records import ClassifierResult, Evidence, Verification, VerifiedFlag
 from poisonscan.runtime import Runtime
 
 #: occlusion positions per side (the stride is the free range divided by this, at least one pixel)
@@ -97,13 +95,12 @@ def verification_bar(null_scores: Sequence[int] | np.ndarray, null_sources: Sequ
     return int(null[ok].max()) if ok.any() else int(null.max())
 
 
-def run_verify(settings: DecisionSettings, images: Tensor, search: SearchResult, evidence: Evidence,
-               classifier: ClassifierResult, flagged: np.ndarray, flip: FlipTest,
-               models: Callable[[], list[nn.Module]], window: int, quiet: bool = True) -> Verification:
+def run_verify(settings: DecisionSettings, images: Tensor, evidence: Evidence, classifier: ClassifierResult,
+               flagged: np.ndarray, flip: FlipTest, models: Callable[[], list[nn.Module]], window: int) -> Verification:
     """The verify stage (rank 0): flip-test the window of each image the classifier flags (``P > verify_min_prob``)
     that the removal score keeps (``flagged``: the removal score's decision), removed when it moves more flip-set
-    images than every null window cut from an image the classifier does not flag; then, with a recurring picture
-    (``match_picture``), search every image for it (detect/matching.py). ``models()`` loads the classifier."""
+    images than every null window cut from an image the classifier does not flag. ``models()`` loads the
+    classifier."""
     probs = classifier.probs
     runtime, batch = flip.runtime, flip.batch_size
     cand = (verification_candidates(probs, flagged, settings.verify_min_prob) if probs is not None
@@ -118,15 +115,5 @@ def run_verify(settings: DecisionSettings, images: Tensor, search: SearchResult,
         flips = flip.scores(cut_windows(imgs, boxes), flip.clustering.labels[cand], "verify", split=False)
         entries = [VerifiedFlag(int(i), float(probs[i]), [int(v) for v in boxes[j]], float(p_min[j]), int(flips[j]),
                                 bool(flips[j] > bar)) for j, i in enumerate(cand)]
-    record = Verification(min_prob=settings.verify_min_prob, bar=bar, n_candidates=len(entries),
-                          n_verified=sum(e.verified for e in entries), candidates=entries)
-    rec = recurring_group(evidence, settings.max_recurrence_p)
-    if settings.match_picture and probs is not None and rec is not None:
-        members = [int(i) for i in rec.members]
-        boxes_of = search.boxes
-        templates = cut_windows(images[torch.as_tensor(members)],
-                                torch.as_tensor([boxes_of[i] for i in members], dtype=torch.int64))
-        record.picture_match, record.match = find_picture(images, templates, rec.bar,
-                                                          flagged | record.verified(len(images)), runtime, batch,
-                                                          quiet)
-    return record
+    return Verification(min_prob=settings.verify_min_prob, bar=bar, n_candidates=len(entries),
+                        n_verified=sum(e.verified for e in entries), candidates=entries)

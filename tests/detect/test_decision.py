@@ -6,7 +6,7 @@ import numpy as np
 
 from poisonscan.detect.decision import DecisionSettings, decide
 from poisonscan.detect.evidence import evidence_gate
-from poisonscan.detect.records import ClassifierResult, Evidence, PictureMatch, Verification
+from poisonscan.detect.records import ClassifierResult, Evidence, Matching, PictureMatch, Verification
 
 N = 12
 POISONS = [2, 5, 7]
@@ -26,18 +26,20 @@ def _evidence(**kw: float) -> Evidence:
                                "recurrence": GROUP, **kw})
 
 
-def _run(ev: Evidence, contain: int, settings: DecisionSettings | None = None):
+def _run(ev: Evidence, contain: int, settings: DecisionSettings | None = None, probs: np.ndarray | None = None,
+         classifier: bool = True):
     settings = settings or DecisionSettings()
     found, reason = evidence_gate(ev, settings.min_evidence, settings.min_effect, settings.max_recurrence_p,
                                   settings.weak_signal_p)
-    probs = np.full(N, 0.1, dtype=np.float32)
-    clf = ClassifierResult(trained=found, backdoor_found=found, reason=reason, probs=probs if found else None)
+    if probs is None and found and classifier:
+        probs = np.full(N, 0.1, dtype=np.float32)
+    clf = ClassifierResult(trained=probs is not None, backdoor_found=found, reason=reason, probs=probs)
     match = np.full(N, 0.3, dtype=np.float32)
     match[POISONS[:contain]] = 0.95
     pm = PictureMatch(threshold=0.9 if contain else 1.3, bar=0.8, outlier_bar=0.9 if contain else 1.3, templates=3,
-                      contain=contain, flagged_without=0, added=contain)
-    ver = Verification(picture_match=pm, match=match) if found else Verification()
-    return decide(settings, ev, clf, ver, N, _neighbours)
+                      contain=contain)
+    matching = Matching(searched=True, picture_match=pm, match=match) if found else Matching()
+    return decide(settings, ev, clf, Verification(), matching, N, _neighbours)
 
 
 def test_a_weakly_learned_recurring_trigger_is_removed_by_the_picture_match() -> None:
@@ -63,3 +65,33 @@ def test_a_signal_the_flip_test_carries_alone_stands_without_the_picture() -> No
     strong = _evidence(z=12.0, topk_median=120.0, null_median=20.0)
     d = _run(strong, contain=0)
     assert d.backdoor_found and d.reason.startswith("backdoor signal: z = 12.00")
+
+
+def test_a_signal_the_effect_carries_falls_back_to_the_classifier_when_no_image_holds_the_picture() -> None:
+    """The picture searched for is in no image, but the flip test alone shows a backdoor: the classifier removes."""
+    strong = _evidence(z=12.0, topk_median=120.0, null_median=20.0)
+    probs = np.full(N, 0.1, dtype=np.float32)
+    probs[[1, 4]] = 0.99
+    d = _run(strong, contain=0, settings=DecisionSettings(neighbours=0), probs=probs)
+    assert d.backdoor_found and np.flatnonzero(d.removed).tolist() == [1, 4]
+    assert d.picture_match is not None and (d.picture_match.flagged_without, d.picture_match.added) == (2, 0)
+
+
+def test_the_picture_match_removes_without_a_classifier_and_compares_its_flags_with_one() -> None:
+    alone = _run(_evidence(), contain=3, classifier=False)
+    assert np.flatnonzero(alone.removed).tolist() == POISONS and alone.removal_score is None
+    assert alone.picture_match.flagged_without is None and alone.picture_match.added is None
+    probs = np.full(N, 0.1, dtype=np.float32)
+    probs[[2, 9]] = 0.99
+    both = _run(_evidence(), contain=3, settings=DecisionSettings(neighbours=0), probs=probs)
+    assert np.flatnonzero(both.removed).tolist() == POISONS          # the match makes the removal
+    assert (both.picture_match.flagged_without, both.picture_match.added) == (1, 2)
+
+
+def test_without_a_picture_search_the_classifier_removes() -> None:
+    probs = np.full(N, 0.1, dtype=np.float32)
+    probs[[3]] = 0.99
+    ev = _evidence(z=12.0, topk_median=120.0, null_median=20.0, recurrence=None)
+    d = decide(DecisionSettings(neighbours=0), ev, ClassifierResult(trained=True, backdoor_found=True, probs=probs),
+               Verification(), Matching(reason="no picture recurs among the top-k windows"), N, _neighbours)
+    assert np.flatnonzero(d.removed).tolist() == [3] and d.picture_match is None

@@ -91,3 +91,15 @@ def test_a_picture_no_image_holds_apart_withdraws_a_recurrence_only_signal() -> 
 def test_the_flip_test_alone_carries_a_signal_only_with_z_and_the_effect():
     ev = Evidence.from_json({"z": 5.0, "topk_median": 105.0, "null_median": 69.0, "n_flip": 189})   # effect 0.3
     assert by_effect(ev, 3.0, 0.15) and not by_effect(ev, 6.0, 0.15) and not by_effect(ev, 3.0, 0.5)
+
+
+def test_the_match_makes_the_removal_unless_no_image_holds_the_picture_under_the_effect_or_force() -> None:
+    from poisonscan.detect.matching import match_decides
+    from poisonscan.detect.records import PictureMatch
+
+    held = PictureMatch(threshold=0.9, bar=0.8, outlier_bar=0.7, templates=5, contain=12)
+    none = PictureMatch(threshold=1.2, bar=0.8, outlier_bar=1.2, templates=5, contain=0)
+    assert match_decides(held, by_effect=False) and match_decides(held, by_effect=True, forced=True)
+    assert match_decides(none, by_effect=False)                  # the verdict is withdrawn: nothing to remove
+    assert not match_decides(none, by_effect=True) and not match_decides(none, by_effect=False, forced=True)
+    assert not match_decides(None, by_effect=False)              # not searched for: the classifier decides

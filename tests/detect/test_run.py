@@ -34,8 +34,12 @@ def test_scan_returns_the_run_and_load_reads_it_back(tmp_path: Path) -> None:
     assert set(np.asarray(scores.ids)[scores.removed]) == set(run.removed)
     assert np.isfinite(scores["poison_score"]).sum() == run.summary["counts"]["scored"]
     assert scores.boxes.shape == (200, 4) and run.evidence.z == run.summary["evidence"]["z"]
-    assert run.classifier.trained and run.search.completed and run.verify is not None
-    assert run.classifier.probs.shape == (200,) and run.search.scored[0].poison_score == run.search.scores[run.search.scored[0].index]
+    assert run.search.completed and run.verify is not None and run.search.scored[0].poison_score == \
+        run.search.scores[run.search.scored[0].index]
+    # the picture match makes the removal, so no classifier trains (classifier.train = unless-matched)
+    assert not run.classifier.trained and run.classifier.skipped and run.classifier.probs is None
+    assert run.match.searched and run.match.match.shape == (200,)
+    assert int((run.match.match >= run.match.picture_match.threshold - 1e-9).sum()) == len(run.removed)
     again = DetectRun.load(tmp_path / "run")
     assert again.config == run.config and again.removed == run.removed
     # a changed setting on resume reruns what it shapes
