@@ -134,7 +134,7 @@ def main() -> None:
     print(f"{'':10}{'exact':>14}{'fast':>14}")
     for k in stages + ["total"]:
         print(f"{'fw ' + k:12}{ex['forwards'][k]:>12,}{fa['forwards'][k]:>14,}")
-    for k in ("search", "evidence", "classifier"):
+    for k in ("search", "evidence", "match", "classifier"):
         print(f"{'s ' + k:12}{ex['stage_seconds'].get(k, 0):>12}{fa['stage_seconds'].get(k, 0):>14}")
     print(f"{'seconds':12}{ex['seconds']:>12}{fa['seconds']:>14}")
     for k in ("z", "effect", "null_median", "removed", "backdoor_found", "recall", "precision", "exact_scores",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from poisonscan import runtime as rt
 from poisonscan.detect.evidence import by_effect
 from poisonscan.detect.records import Evidence, PictureMatch
-from poisonscan.detect.matching import best_match, match_threshold, match_verdict
+from poisonscan.detect.matching import best_match, match_decides, match_threshold, match_verdict
 from poisonscan.detect.recurrence import window_similarity
 
 
@@ -94,9 +94,6 @@ def test_the_flip_test_alone_carries_a_signal_only_with_z_and_the_effect():
 
 
 def test_the_match_makes_the_removal_unless_no_image_holds_the_picture_under_the_effect_or_force() -> None:
-    from poisonscan.detect.matching import match_decides
-    from poisonscan.detect.records import PictureMatch
-
     held = PictureMatch(threshold=0.9, bar=0.8, outlier_bar=0.7, templates=5, contain=12)
     none = PictureMatch(threshold=1.2, bar=0.8, outlier_bar=1.2, templates=5, contain=0)
     assert match_decides(held, by_effect=False) and match_decides(held, by_effect=True, forced=True)
