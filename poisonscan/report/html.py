@@ -167,12 +167,15 @@ class ScoresDigest:
     probs: list[float] = field(default_factory=list)      # the thresholded score: removal score, else classifier P
     probs_removed: list[bool] = field(default_factory=list)
     smoothed: bool = False                                  # probs are removal scores (neighbour consensus)
+    matches: list[float] = field(default_factory=list)     # best match to the recurring picture, when searched for
+    matches_removed: list[bool] = field(default_factory=list)
     n_removed: int = 0
     removed_rows: list[dict[str, str]] = field(default_factory=list)
 
 
 def read_scores(path: Path, max_rows: int) -> ScoresDigest | None:
-    """Scores, classifier probabilities and the first ``max_rows`` removed rows of ``scores.csv``."""
+    """Scores, classifier probabilities, picture matches and the first ``max_rows`` removed rows of
+    ``scores.csv``."""
     if not path.is_file():
         return None
     digest = ScoresDigest()
@@ -192,6 +195,10 @@ def read_scores(path: Path, max_rows: int) -> ScoresDigest | None:
             if prob is not None:
                 digest.probs.append(prob)
                 digest.probs_removed.append(is_removed)
+            match = _num(row.get("picture_match"))
+            if match is not None:
+                digest.matches.append(match)
+                digest.matches_removed.append(is_removed)
             if is_removed:
                 digest.n_removed += 1
                 if len(digest.removed_rows) < max_rows:
@@ -420,6 +427,17 @@ def _histograms(digest: ScoresDigest | None, summary: Mapping[str, Any], run: Ru
         src = images.data_uri(png) if images.embed else "gallery/classifier_histogram.png"
         parts.append(f'<figure><img class="fig" src="{src}" alt="classifier probability histogram">'
                      f"<figcaption>All {len(digest.probs):,} samples.</figcaption></figure>")
+    if digest.matches:
+        threshold = (summary.get("picture_match") or {}).get("threshold")
+        img = score_histogram_image(digest.matches, digest.matches_removed, labels=("kept", "removed"),
+                                    title="Best match to the recurring picture", xlabel="similarity", bins=40,
+                                    threshold=float(threshold) if isinstance(threshold, (int, float)) else None)
+        png = png_bytes(img)
+        run.write_bytes("gallery/picture_match_histogram.png", png)
+        src = images.data_uri(png) if images.embed else "gallery/picture_match_histogram.png"
+        parts.append(f'<figure><img class="fig" src="{src}" alt="picture match histogram">'
+                     f"<figcaption>All {len(digest.matches):,} samples: each one's best window against the "
+                     "recurring picture; the dashed line is the removal's threshold.</figcaption></figure>")
     return f'<div class="figs">{"".join(parts)}</div>'
 
 
@@ -431,13 +449,15 @@ def _removal(digest: ScoresDigest | None, max_rows: int) -> str:
     cols = ["index", "id", "label", "cluster", "poison_score", "classifier_prob", "top_k_rank"]
     if digest.smoothed:
         cols.insert(6, "removal_score")
+    if digest.matches:
+        cols.insert(-1, "picture_match")
     numeric = [c != "id" for c in cols]
 
     def value(row: Mapping[str, str], col: str) -> Any:
         raw = row.get(col)
         if col == "id":
             return raw or ""
-        if col in ("classifier_prob", "removal_score"):
+        if col in ("classifier_prob", "removal_score", "picture_match"):
             return _num(raw)
         v = _num(raw)
         return int(v) if v is not None and v.is_integer() else v

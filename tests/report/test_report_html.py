@@ -130,3 +130,30 @@ def test_errors_for_non_runs(tmp_path) -> None:
 def test_esc() -> None:
     assert esc("<a href='x'>\"&") == "&lt;a href=&#x27;x&#x27;&gt;&quot;&amp;"
     assert esc(b"\xff".decode("utf-8", "surrogateescape")) == "\\udcff"
+
+
+def test_a_removal_by_the_picture_match_is_histogrammed_with_its_threshold(fake_run) -> None:
+    """No classifier ran (its column empty): the picture match's similarities are shown with the threshold."""
+    import csv
+    import json
+
+    path = fake_run.path / "scores.csv"
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, [*rows[0], "picture_match"])
+        w.writeheader()
+        for row in rows:
+            w.writerow({**row, "classifier_prob": "", "picture_match": "0.95" if row["removed"] == "1" else "0.30"})
+    summary = json.loads((fake_run.path / "summary.json").read_text())
+    summary["picture_match"] = {"threshold": 0.8, "contain": 5}
+    (fake_run.path / "summary.json").write_text(json.dumps(summary))
+    from poisonscan.report.html import read_scores
+
+    digest = read_scores(path, max_rows=100)
+    assert not digest.probs and sorted(set(digest.matches)) == [0.3, 0.95]
+    assert [m for m, r in zip(digest.matches, digest.matches_removed) if r] == [0.95] * 5
+    text = write_report(fake_run.path).read_text()
+    head = re.search(r'id="removal-table">.*?<thead>(.*?)</thead>', text, re.S).group(1)
+    assert "picture match" in head
+    assert (fake_run.path / "gallery/picture_match_histogram.png").is_file()
