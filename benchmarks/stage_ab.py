@@ -7,7 +7,7 @@ for both: seconds and threat-model forwards by recomputed stage, whether the cla
 verdict, the removal (and the images one removes and the other keeps) and, with ``--truth``, recall and precision.
 A run written by another poisonscan version is resumed as this version's (its ``config.json`` version replaced).
 
-    python benchmarks/stage_ab.py --run RUN_DIR --work WORK_DIR --name demo --from match \
+    python -m benchmarks.stage_ab --run RUN_DIR --work WORK_DIR --name demo --from match \
         --a classifier.train=always --b classifier.train=unless-matched \
         [--truth GROUND_TRUTH.csv] [--backdoor BACKDOOR_DIR/summary.json] \
         --out benchmarks/results/speed/demo-classifier.json
