@@ -1,15 +1,16 @@
-r"""Write docs/results.md from the decision records in benchmarks/results/decisions/*.json and the exact-vs-fast
-records in benchmarks/results/speed/*.json.
+r"""Write docs/results.md from the decision records in benchmarks/results/decisions/*.json, the exact-vs-fast
+records in benchmarks/results/speed/*.json and the one-stage comparisons in benchmarks/results/stages/*.json.
 
     python benchmarks/results_page.py [--records benchmarks/results/decisions] [--speed benchmarks/results/speed]
-        [--out docs/results.md] [--check]
+        [--stages benchmarks/results/stages] [--out docs/results.md] [--check]
 
 Each record is one finished detect run as ``benchmarks/decision_records.py`` writes it: the setting, whether a
 default was chosen on it (``role``: ``tuned``) or not (``held-out``), the threat model's strength (k-NN ASR against
 the rate at which clean images are already put with the target), the evidence (``z``, the effect, the recurrence
 test), the decision with its one-line reason, recall and precision against the ground truth, what the effect bar
 alone would have decided, and the commands that reproduce it. Each speed record (``benchmarks/fast_vs_exact.py``)
-is one run folder detected by the exact and the fast path. ``--check`` exits 1 when the page differs from what
+is one run folder detected by the exact and the fast path; each stage record (``benchmarks/stage_ab.py``) one
+finished scan resumed from one stage with two settings. ``--check`` exits 1 when the page differs from what
 the records give (the test suite runs it), so the page cannot drift from the records.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "results" / "decisions"
 SPEED = ROOT / "benchmarks" / "results" / "speed"
+STAGES = ROOT / "benchmarks" / "results" / "stages"
 PAGE = ROOT / "docs" / "results.md"
 ROLES = {"tuned": 0, "held-out": 1}
 
@@ -137,6 +139,45 @@ def render_speed(records: list[dict[str, Any]]) -> str:
     return "\n".join(["", SPEED_HEADER] + [speed_row(r) for r in records] + ([""] + notes if notes else [])) + "\n"
 
 
+STAGES_HEADER = """## One setting changed on a finished scan
+
+Each row is one finished scan resumed twice from the same stage by `benchmarks/stage_ab.py`, with setting a and
+with setting b on top of its own; the earlier stages' records are reused. Seconds are the recomputed stages' on 2
+CPU cores (the records name the machine).
+
+| run | threat model | from stage | a / b | seconds by stage: a / b | removed: a / b (only a, only b) | recall / precision: a / b |
+|---|---|---|---|---|---|---|"""
+
+
+def _settings(sets: dict[str, Any]) -> str:
+    return ", ".join(f"`{k} = {v}`" for k, v in sets.items()) or "its own"
+
+
+def stage_row(r: dict[str, Any]) -> str:
+    """One row of the one-stage comparison table."""
+    a, b, diff = r["a"], r["b"], r.get("removed_difference") or {}
+    quality = "-"
+    if a.get("recall") is not None:
+        quality = (f"{_pct(a['recall'])} / {_pct(a['precision'])}; {_pct(b['recall'])} / "
+                   f"{_pct(b['precision'])}")
+    seconds = ", ".join(f"{k} {a['stage_seconds'][k]:.1f} / {b['stage_seconds'].get(k, 0):.1f}"
+                        for k in a["stage_seconds"] if k != "outputs")
+    cells = [f"**{r['name']}**: {r.get('setting', '')}", _strength(r.get("threat_model")), r["from_stage"],
+             f"{_settings(a['settings'])} / {_settings(b['settings'])}", seconds,
+             f"{a['removed']:,} / {b['removed']:,} ({len(diff.get('only_a', []))}, {len(diff.get('only_b', []))})",
+             quality]
+    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+
+def render_stages(records: list[dict[str, Any]]) -> str:
+    """The one-stage comparison section ('' without records)."""
+    if not records:
+        return ""
+    records = sorted(records, key=lambda r: r["name"])
+    notes = [f"- **{r['name']}**: {r['note']}." for r in records if r.get("note")]
+    return "\n".join(["", STAGES_HEADER] + [stage_row(r) for r in records] + ([""] + notes if notes else [])) + "\n"
+
+
 def load(folder: Path) -> list[dict[str, Any]]:
     """Every record (``*.json``) in ``folder``."""
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
@@ -146,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=Path, default=RECORDS)
     ap.add_argument("--speed", type=Path, default=SPEED)
+    ap.add_argument("--stages", type=Path, default=STAGES)
     ap.add_argument("--out", type=Path, default=PAGE)
     ap.add_argument("--check", action="store_true", help="exit 1 when the page is not what the records give")
     args = ap.parse_args(argv)
-    page = render(load(args.records)) + render_speed(load(args.speed) if args.speed.is_dir() else [])
+    page = (render(load(args.records)) + render_speed(load(args.speed) if args.speed.is_dir() else [])
+            + render_stages(load(args.stages) if args.stages.is_dir() else []))
     if args.check:
         same = args.out.exists() and args.out.read_text() == page
         if not same:

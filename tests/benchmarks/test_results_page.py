@@ -56,5 +56,20 @@ def test_the_speed_rows_give_both_paths() -> None:
     assert "250 / 250 (0, 0)" in line and "100.0% / 100.0%; 100.0% / 100.0%" in line
 
 
+def test_the_stage_rows_give_both_settings() -> None:
+    a = {"settings": {"classifier.train": "always"}, "stage_seconds": {"match": 0.9, "classifier": 89.5,
+                                                                        "outputs": 0.1},
+         "removed": 250, "recall": 1.0, "precision": 1.0}
+    rec = {"name": "demo-classifier", "setting": "5,000 images", "threat_model": None, "from_stage": "match", "a": a,
+           "b": {**a, "settings": {"classifier.train": "unless-matched"},
+                 "stage_seconds": {"match": 0.7, "classifier": 0.0, "outputs": 0.0}},
+           "removed_difference": {"only_a": [], "only_b": ["x"]}, "note": "on one machine"}
+    page = results_page.render_stages([rec])
+    line = next(line for line in page.splitlines() if line.startswith("| **demo-classifier**"))
+    assert "`classifier.train = always` / `classifier.train = unless-matched`" in line
+    assert "match 0.9 / 0.7, classifier 89.5 / 0.0 |" in line and "250 / 250 (0, 1)" in line
+    assert "- **demo-classifier**: on one machine." in page and results_page.render_stages([]) == ""
+
+
 def test_the_results_page_is_what_the_records_give() -> None:
     assert results_page.main(["--check"]) == 0, "run python benchmarks/results_page.py"
