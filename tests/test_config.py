@@ -17,7 +17,7 @@ import pytest
 
 from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
 
-from poisonscan.config import DetectConfig, detect_config, preset_table, presets
+from poisonscan.config import EXACT, DetectConfig, detect_config, preset_table, presets
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.errors import ConfigError
 from poisonscan.runtime import setup_runtime
@@ -175,3 +175,11 @@ def test_the_paper_preset_trains_one_classifier_once_and_decides_on_p(toy: dict,
     assert all((r["removed"] == "1") == (float(r["classifier_prob"]) > 0.5) for r in rows)
     assert summary["picture_match"] is None and summary["search"]["n_scored"] > 0
     assert json.loads((run / "search.json").read_text())["rule"] == "changed"
+
+
+def test_exact_is_the_papers_cost_and_the_presets_train_the_classifier_on_every_signal() -> None:
+    exact = detect_config(None, None, dict(EXACT))
+    assert (exact.search.masking, exact.search.flip_testing, exact.evidence.null_testing) == ("exact",) * 3
+    assert exact.search.vit_masking == "zero" and exact.classifier.train == "always"
+    assert detect_config().classifier.train == "unless-matched"
+    assert detect_config("paper").classifier.train == detect_config("patchsearch").classifier.train == "always"
