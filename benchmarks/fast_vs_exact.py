@@ -40,17 +40,39 @@ OLD_NAMES = {"classifier_iters": "iterations", "classifier_holdout": "holdout", 
 DROPPED = ("version",)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path) -> None:
     """``dst`` holds ``src``'s files as hard links (copies across file systems)."""
     if src.is_dir():
         dst.mkdir(parents=True, exist_ok=True)
         for child in src.iterdir():
-            _link_tree(child, dst / child.name)
+            link_tree(child, dst / child.name)
         return
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def comparison_args(doc: str | None, run_help: str, work_help: str) -> argparse.ArgumentParser:
+    """The arguments of a script that detects one run folder two ways: the run, where the two go, a name, the
+    ground truth and backdoor measurement, a one-line setting and the record's path."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help=run_help)
+    ap.add_argument("--work", type=Path, required=True, help=work_help)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--truth", default=None, help="ground_truth.csv of the poisoned data")
+    ap.add_argument("--backdoor", default=None, help="summary.json of `poisonscan eval backdoor` on the threat model")
+    ap.add_argument("--setting", default="", help="one line: data, poisons, trigger, threat model")
+    ap.add_argument("--out", type=Path, default=None, help="JSON record")
+    return ap
+
+
+def threat_model_strength(backdoor: str | None) -> dict[str, Any] | None:
+    """k-NN ASR and the clean rate from ``poisonscan eval backdoor``'s summary (``None`` without one)."""
+    if not backdoor:
+        return None
+    knn = json.loads(Path(backdoor).read_text()).get("knn") or {}
+    return {"knn_asr": knn.get("asr"), "clean_rate": knn.get("target_rate_clean")}
 
 
 def prepare(run: Path, dst: Path) -> dict[str, Any]:
@@ -60,7 +82,7 @@ def prepare(run: Path, dst: Path) -> dict[str, Any]:
     (dst / "stages").mkdir(parents=True)
     for name in REUSED:
         if (run / name).exists():
-            _link_tree(run / name, dst / name)
+            link_tree(run / name, dst / name)
     for stage in REUSED_STAGES:
         shutil.copy2(run / "stages" / f"{stage}.done", dst / "stages" / f"{stage}.done")
     saved = json.loads((run / "config.json").read_text())
@@ -102,14 +124,8 @@ def describe(res: dict[str, Any], truth: str | None, folder: Path) -> dict[str, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="a finished detect run folder (store, features, clusters)")
-    ap.add_argument("--work", type=Path, required=True, help="where the two runs are written")
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--truth", default=None, help="ground_truth.csv of the poisoned data")
-    ap.add_argument("--backdoor", default=None, help="summary.json of `poisonscan eval backdoor` on the threat model")
-    ap.add_argument("--setting", default="", help="one line: data, poisons, trigger, threat model")
-    ap.add_argument("--out", type=Path, default=None, help="JSON record")
+    ap = comparison_args(__doc__, "a finished detect run folder (store, features, clusters)",
+                         "where the two runs are written")
     args = ap.parse_args()
     fast = {key: getattr(getattr(DetectConfig(), key.split(".")[0]), key.split(".")[1]) for key in EXACT}
     paths = {}
@@ -121,12 +137,8 @@ def main() -> None:
     diff = {"only_exact": sorted(removed["exact"] - removed["fast"]),
             "only_fast": sorted(removed["fast"] - removed["exact"])}
     overlap = len(set(ex["top_k"]) & set(fa["top_k"]))
-    strength = None
-    if args.backdoor:
-        knn = json.loads(Path(args.backdoor).read_text()).get("knn") or {}
-        strength = {"knn_asr": knn.get("asr"), "clean_rate": knn.get("target_rate_clean")}
-    record = {"name": args.name, "setting": args.setting, "run": str(args.run), "threat_model": strength,
-              "exact": ex, "fast": fa, "top_k_overlap": overlap, "removed_difference": diff,
+    record = {"name": args.name, "setting": args.setting, "run": str(args.run),
+              "threat_model": threat_model_strength(args.backdoor), "exact": ex, "fast": fa, "top_k_overlap": overlap, "removed_difference": diff,
               "forwards_ratio": ex["forwards"]["total"] / max(1, fa["forwards"]["total"]),
               "environment": environment_record()}
     stages = [k for k in ex["forwards"] if k != "total" and (ex["forwards"][k] or fa["forwards"][k])]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +131,18 @@ def speed_row(r: dict[str, Any]) -> str:
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
 
-def render_speed(records: list[dict[str, Any]]) -> str:
-    """The exact-vs-fast section ('' without records)."""
+def render_table(header: str, row: Callable[[dict[str, Any]], str], records: list[dict[str, Any]]) -> str:
+    """A section of ``header`` and one ``row`` per record, by name, then the records' notes ('' without records)."""
     if not records:
         return ""
     records = sorted(records, key=lambda r: r["name"])
     notes = [f"- **{r['name']}**: {r['note']}." for r in records if r.get("note")]
-    return "\n".join(["", SPEED_HEADER] + [speed_row(r) for r in records] + ([""] + notes if notes else [])) + "\n"
+    return "\n".join(["", header] + [row(r) for r in records] + ([""] + notes if notes else [])) + "\n"
+
+
+def render_speed(records: list[dict[str, Any]]) -> str:
+    """The exact-vs-fast section ('' without records)."""
+    return render_table(SPEED_HEADER, speed_row, records)
 
 
 STAGES_HEADER = """## One setting changed on a finished scan
@@ -171,11 +177,7 @@ def stage_row(r: dict[str, Any]) -> str:
 
 def render_stages(records: list[dict[str, Any]]) -> str:
     """The one-stage comparison section ('' without records)."""
-    if not records:
-        return ""
-    records = sorted(records, key=lambda r: r["name"])
-    notes = [f"- **{r['name']}**: {r['note']}." for r in records if r.get("note")]
-    return "\n".join(["", STAGES_HEADER] + [stage_row(r) for r in records] + ([""] + notes if notes else [])) + "\n"
+    return render_table(STAGES_HEADER, stage_row, records)
 
 
 def load(folder: Path) -> list[dict[str, Any]]:

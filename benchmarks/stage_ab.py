@@ -15,7 +15,6 @@ A run written by another poisonscan version is resumed as this version's (its ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -31,7 +30,7 @@ from poisonscan.eval.runner import run_detection
 from poisonscan.runs import LOCK_NAME, atomic_write_json, environment_record
 from poisonscan.runtime import setup_runtime
 from poisonscan.settings import resolve_config
-from benchmarks.fast_vs_exact import _link_tree
+from benchmarks.fast_vs_exact import comparison_args, link_tree, threat_model_strength
 
 DECISION_FILES = ("removed.txt", "scores.csv", "summary.json", "report.html")
 
@@ -43,7 +42,7 @@ def prepare(run: Path, dst: Path, first: str) -> dict[str, Any]:
         raise SystemExit(f"--from {first}: one of {', '.join(STAGES[3:])}")
     if dst.exists():
         shutil.rmtree(dst)
-    _link_tree(run, dst)
+    link_tree(run, dst)
     for stage in STAGES[STAGES.index(first):]:
         (dst / "stages" / f"{stage}.done").unlink(missing_ok=True)
     for name in DECISION_FILES:
@@ -97,17 +96,10 @@ def describe(res: dict[str, Any], first: str, truth: str | None, folder: Path) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="a finished detect run folder")
-    ap.add_argument("--work", type=Path, required=True, help="where the two runs are written (a/, b/)")
-    ap.add_argument("--name", required=True)
+    ap = comparison_args(__doc__, "a finished detect run folder", "where the two runs are written (a/, b/)")
     ap.add_argument("--from", dest="first", required=True, help="the first stage both sides recompute")
     ap.add_argument("--a", nargs="*", default=[], help="side a's settings, KEY=VALUE")
     ap.add_argument("--b", nargs="*", default=[], help="side b's settings, KEY=VALUE")
-    ap.add_argument("--truth", default=None, help="ground_truth.csv of the poisoned data")
-    ap.add_argument("--backdoor", default=None, help="summary.json of `poisonscan eval backdoor` on the threat model")
-    ap.add_argument("--setting", default="", help="one line: data, poisons, trigger, threat model")
-    ap.add_argument("--out", type=Path, default=None, help="JSON record")
     args = ap.parse_args()
     sides = {"a": parse_sets(args.a), "b": parse_sets(args.b)}
     result = {}
@@ -117,12 +109,8 @@ def main() -> None:
                         **describe(one_side(args.run, folder, args.first, sets), args.first, args.truth, folder)}
     removed = {side: set(DetectRun.load(args.work / side).removed) for side in sides}
     diff = {"only_a": sorted(removed["a"] - removed["b"]), "only_b": sorted(removed["b"] - removed["a"])}
-    strength = None
-    if args.backdoor:
-        knn = json.loads(Path(args.backdoor).read_text()).get("knn") or {}
-        strength = {"knn_asr": knn.get("asr"), "clean_rate": knn.get("target_rate_clean")}
     record = {"name": args.name, "setting": args.setting, "run": str(args.run), "from_stage": args.first,
-              "threat_model": strength, "a": result["a"], "b": result["b"], "removed_difference": diff,
+              "threat_model": threat_model_strength(args.backdoor), "a": result["a"], "b": result["b"], "removed_difference": diff,
               "environment": environment_record()}
     a, b = result["a"], result["b"]
     print(f"{args.name}: {args.setting} (both from the {args.first} stage)")

@@ -401,43 +401,42 @@ def _topk(summary: Mapping[str, Any], images: _Images) -> str:
     return table + grid + overlays
 
 
+def _figure(run: RunDir, images: _Images, name: str, img: Any, alt: str, caption: str) -> str:
+    """A gallery PNG written to ``gallery/<name>`` and its figure (embedded or linked)."""
+    png = png_bytes(img)
+    run.write_bytes(f"gallery/{name}", png)
+    src = images.data_uri(png) if images.embed else f"gallery/{name}"
+    return f'<figure><img class="fig" src="{src}" alt="{alt}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _threshold(section: Any) -> float | None:
+    value = (section or {}).get("threshold")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _histograms(digest: ScoresDigest | None, summary: Mapping[str, Any], run: RunDir,
                 images: _Images) -> str:
     if digest is None:
         return '<p class="note">scores.csv not found</p>'
-    parts = []
     img = score_histogram_image(digest.poison_scores, digest.poison_removed, labels=("kept", "removed"),
                                 title="Poison scores of the scored images", xlabel="poison score (flips)")
-    png = png_bytes(img)
-    run.write_bytes("gallery/score_histogram.png", png)
-    src = images.data_uri(png) if images.embed else "gallery/score_histogram.png"
-    parts.append(f'<figure><img class="fig" src="{src}" alt="poison score histogram"><figcaption>'
-                 f"{len(digest.poison_scores):,} scored images, split by the final removal decision."
-                 "</figcaption></figure>")
+    parts = [_figure(run, images, "score_histogram.png", img, "poison score histogram",
+                     f"{len(digest.poison_scores):,} scored images, split by the final removal decision.")]
     if digest.probs:
-        threshold = (summary.get("classifier") or {}).get("threshold")
         title, xlabel = (("Removal score (classifier P, neighbour-averaged)", "removal score")
                          if digest.smoothed else ("Poison classifier probability", "probability"))
         img = score_histogram_image(digest.probs, digest.probs_removed, labels=("kept", "removed"),
-                                    title=title, xlabel=xlabel, bins=40,
-                                    value_range=(0.0, 1.0),
-                                    threshold=float(threshold) if isinstance(threshold, (int, float)) else None)
-        png = png_bytes(img)
-        run.write_bytes("gallery/classifier_histogram.png", png)
-        src = images.data_uri(png) if images.embed else "gallery/classifier_histogram.png"
-        parts.append(f'<figure><img class="fig" src="{src}" alt="classifier probability histogram">'
-                     f"<figcaption>All {len(digest.probs):,} samples.</figcaption></figure>")
+                                    title=title, xlabel=xlabel, bins=40, value_range=(0.0, 1.0),
+                                    threshold=_threshold(summary.get("classifier")))
+        parts.append(_figure(run, images, "classifier_histogram.png", img, "classifier probability histogram",
+                             f"All {len(digest.probs):,} samples."))
     if digest.matches:
-        threshold = (summary.get("picture_match") or {}).get("threshold")
         img = score_histogram_image(digest.matches, digest.matches_removed, labels=("kept", "removed"),
                                     title="Best match to the recurring picture", xlabel="similarity", bins=40,
-                                    threshold=float(threshold) if isinstance(threshold, (int, float)) else None)
-        png = png_bytes(img)
-        run.write_bytes("gallery/picture_match_histogram.png", png)
-        src = images.data_uri(png) if images.embed else "gallery/picture_match_histogram.png"
-        parts.append(f'<figure><img class="fig" src="{src}" alt="picture match histogram">'
-                     f"<figcaption>All {len(digest.matches):,} samples: each one's best window against the "
-                     "recurring picture; the dashed line is the removal's threshold.</figcaption></figure>")
+                                    threshold=_threshold(summary.get("picture_match")))
+        parts.append(_figure(run, images, "picture_match_histogram.png", img, "picture match histogram",
+                             f"All {len(digest.matches):,} samples: each one's best window against the recurring "
+                             "picture; the dashed line is the removal's threshold."))
     return f'<div class="figs">{"".join(parts)}</div>'
 
 
