@@ -116,13 +116,18 @@ whole detect from the clusters on 2 CPU cores.
 |---|---|---|---|---|---|---|"""
 
 
+def _quality(one: dict[str, Any], other: dict[str, Any]) -> str:
+    """Recall / precision of two sides of a comparison ('-' without ground truth)."""
+    if one.get("recall") is None:
+        return "-"
+    return (f"{_pct(one['recall'])} / {_pct(one['precision'])}; {_pct(other['recall'])} / "
+            f"{_pct(other['precision'])}")
+
+
 def speed_row(r: dict[str, Any]) -> str:
     """One row of the exact-vs-fast table."""
     ex, fa, diff = r["exact"], r["fast"], r.get("removed_difference") or {}
-    quality = "-"
-    if ex.get("recall") is not None:
-        quality = (f"{_pct(ex['recall'])} / {_pct(ex['precision'])}; {_pct(fa['recall'])} / "
-                   f"{_pct(fa['precision'])}")
+    quality = _quality(ex, fa)
     cells = [f"**{r['name']}**: {r.get('setting', '')}", _strength(r.get("threat_model")),
              f"{ex['forwards']['total']:,} -> {fa['forwards']['total']:,} ({r['forwards_ratio']:.2f}x)",
              f"{ex['seconds']:.0f} -> {fa['seconds']:.0f}", f"{_num(ex['z'])} / {_num(fa['z'])}",
@@ -162,10 +167,7 @@ def _settings(sets: dict[str, Any]) -> str:
 def stage_row(r: dict[str, Any]) -> str:
     """One row of the one-stage comparison table."""
     a, b, diff = r["a"], r["b"], r.get("removed_difference") or {}
-    quality = "-"
-    if a.get("recall") is not None:
-        quality = (f"{_pct(a['recall'])} / {_pct(a['precision'])}; {_pct(b['recall'])} / "
-                   f"{_pct(b['precision'])}")
+    quality = _quality(a, b)
     seconds = ", ".join(f"{k} {a['stage_seconds'][k]:.1f} / {b['stage_seconds'].get(k, 0):.1f}"
                         for k in a["stage_seconds"] if k != "outputs")
     cells = [f"**{r['name']}**: {r.get('setting', '')}", _strength(r.get("threat_model")), r["from_stage"],
