@@ -398,25 +398,31 @@ def predict_poison(models: Sequence[nn.Module], images_u8: Tensor, runtime: Runt
 # ---------------------------------------------------------------------------------------------------------- stage
 
 
-def classifier_positives(settings: ClassifierSettings, evidence: Evidence, max_recurrence_p: float) -> list[int]:
+def classifier_positives(settings: ClassifierSettings, evidence: Evidence, max_recurrence_p: float,
+                         matching: Matching | None = None) -> list[int]:
     """The images whose windows the classifier learns as the trigger: the recurring group of the top-k when the
     recurrence test found one at ``p <= max_recurrence_p`` (``positives="recurring"``), else every top-k image
-    (the paper)."""
+    (the paper). A group the picture match found in no image apart from the data (``matching``) is a pattern common
+    to the data, not the trigger: the top-k outside it then (every top-k image when none is)."""
     top = [int(i) for i in evidence.top_k]
     rec = recurring_group(evidence, max_recurrence_p)
     if settings.positives != "recurring" or rec is None:
         return top
     members = {int(i) for i in rec.members}
+    pm = matching.picture_match if matching is not None else None
+    if pm is not None and pm.contain == 0:
+        return [i for i in top if i not in members] or top
     return [i for i in top if i in members]
 
 
-def skip_reason(settings: ClassifierSettings, decision: DecisionSettings, evidence: Evidence, matching: Matching,
-                forced: bool) -> str:
-    """Why a classifier with a backdoor signal (or forced) need not train, or "" when it must: with ``train =
-    "unless-matched"``, the picture match makes the removal (:func:`~poisonscan.detect.matching.match_decides`)."""
+def skip_reason(settings: ClassifierSettings, decision: DecisionSettings, evidence: Evidence,
+                matching: Matching) -> str:
+    """Why a classifier with a backdoor signal (or ``decision.force``) need not train, or "" when it must: with
+    ``train = "unless-matched"``, the picture match makes the removal
+    (:func:`~poisonscan.detect.matching.match_decides`)."""
     pm = matching.picture_match
     effect = by_effect(evidence, decision.min_evidence, decision.min_effect)
-    if settings.train != "unless-matched" or not match_decides(pm, effect, forced):
+    if settings.train != "unless-matched" or not match_decides(pm, effect, decision.force):
         return ""
     if pm.contain > 0:
         return (f"the picture match makes the removal: {pm.contain} image(s) hold the recurring picture "
@@ -441,13 +447,14 @@ def run_classifier(settings: ClassifierSettings, decision: DecisionSettings, ima
                               threshold=decision.threshold, backdoor_found=bool(found), forced=forced, reason=reason)
     if not (found or decision.force):
         return record, []
-    record.skipped = skip_reason(settings, decision, evidence, matching or Matching(), forced)
+    matching = matching or Matching()
+    record.skipped = skip_reason(settings, decision, evidence, matching)
     if record.skipped:
         return record, []
     scores = search.scores
     score_arr = np.full(len(images), np.nan)
     score_arr[list(scores)] = list(scores.values())
-    top = classifier_positives(settings, evidence, decision.max_recurrence_p)
+    top = classifier_positives(settings, evidence, decision.max_recurrence_p, matching)
     split = classifier_split(score_arr, top, settings.drop_top, seed=seed, holdout=settings.holdout,
                              exclude=[int(i) for i in evidence.top_k if int(i) not in set(top)])
     boxes = search.boxes

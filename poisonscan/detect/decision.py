@@ -112,12 +112,13 @@ def decide(settings: DecisionSettings, evidence: Evidence, classifier: Classifie
     flagged = flagged | verification.verified(n)
     effect = by_effect(evidence, settings.min_evidence, settings.min_effect)
     pm, holds = matching.picture_match, holds_picture(matching)
-    removed = holds if holds is not None and match_decides(pm, effect, classifier.forced) else flagged
+    removed = holds if holds is not None and match_decides(pm, effect, settings.force) else flagged
     found, reason = match_verdict(classifier.backdoor_found, classifier.reason, pm, effect)
+    forced = bool(settings.force and not found)
     verdict = ("backdoor signal found" if found else
-               "no backdoor signal (removal forced)" if classifier.forced else "no backdoor signal")
+               "no backdoor signal (removal forced)" if forced else "no backdoor signal")
     record = None if pm is None or holds is None else _with_flags(
         pm, holds, flagged if classifier.probs is not None else None)
-    return Decision(backdoor_found=found, forced=classifier.forced, verdict=verdict, reason=reason,
+    return Decision(backdoor_found=found, forced=forced, verdict=verdict, reason=reason,
                     n_removed=int(removed.sum()), removed=removed, removal_score=score, neighbour_probs=nbr,
                     picture_match=record)

@@ -112,7 +112,7 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
                                             "null_size", "null_pool", "null_pool_size", "null_excluded_clusters",
                                             "z_scale", "topk_spread")}
     evidence.update(min_evidence=settings.min_evidence, min_effect=settings.min_effect,
-                    backdoor_found=dec.backdoor_found, max_recurrence_p=settings.max_recurrence_p, forced=clf.forced,
+                    backdoor_found=dec.backdoor_found, max_recurrence_p=settings.max_recurrence_p, forced=dec.forced,
                     recurrence=({k: getattr(rec, k) for k in ("size", "k", "p_value", "null_group_median",
                                                               "null_group_p99")} if rec is not None else None),
                     reason=dec.reason)

@@ -11,7 +11,9 @@ from tests.detect.detect_toys import trigger_batch, trigger_u8, one_torch_thread
 from poisonscan.detect import augment as A
 from poisonscan.detect import classifier as C
 from poisonscan.detect import poison_net as N
+from poisonscan.detect.decision import DecisionSettings
 from poisonscan.detect.masking import cut_windows
+from poisonscan.detect.records import Evidence, Matching, PictureMatch
 from poisonscan.errors import UsageError
 from poisonscan.runtime import setup_runtime
 
@@ -227,3 +229,37 @@ def test_early_stopping_and_ensemble_and_round_trip(runtime, tmp_path):
     probe = images[:12]
     assert np.allclose(C.predict_poison(models, probe, runtime), C.predict_poison(res.models, probe, runtime),
                        atol=1e-5)
+
+
+def _group_evidence() -> Evidence:
+    """Top-5 [10, 11, 12, 13, 14], of which 10, 12 and 14 show one picture (p 0.001)."""
+    group = {"signature": "pixels", "size": 3, "k": 5, "null_group_p99": 2.0, "p_value": 0.001,
+             "members": [10, 12, 14], "bar": 0.8}
+    return Evidence.from_json({"z": 12.0, "effect": 0.5, "top_k": [10, 11, 12, 13, 14], "recurrence": group})
+
+
+def _matching(contain: int) -> Matching:
+    return Matching(searched=True, picture_match=PictureMatch(threshold=0.9, bar=0.8, outlier_bar=0.9, templates=3,
+                                                              contain=contain))
+
+
+def test_positives_are_the_group_unless_no_image_holds_its_picture() -> None:
+    ev, settings = _group_evidence(), C.ClassifierSettings()
+    assert C.classifier_positives(settings, ev, 0.01) == [10, 12, 14]
+    assert C.classifier_positives(settings, ev, 0.01, _matching(contain=30)) == [10, 12, 14]
+    # a picture no image holds apart from the data is a common pattern: the other top-k windows are learned
+    assert C.classifier_positives(settings, ev, 0.01, _matching(contain=0)) == [11, 13]
+    assert C.classifier_positives(C.ClassifierSettings(positives="all"), ev, 0.01, _matching(0)) == [10, 11, 12, 13,
+                                                                                                      14]
+
+
+def test_the_classifier_is_skipped_only_where_the_match_makes_the_removal() -> None:
+    ev, default = _group_evidence(), C.ClassifierSettings()
+    held, none = _matching(contain=30), _matching(contain=0)
+    assert C.skip_reason(default, DecisionSettings(), ev, held).startswith("the picture match makes the removal")
+    assert C.skip_reason(C.ClassifierSettings(train="always"), DecisionSettings(), ev, held) == ""
+    assert C.skip_reason(default, DecisionSettings(), ev, Matching()) == ""              # nothing searched for
+    assert C.skip_reason(default, DecisionSettings(), ev, none) == ""                    # the effect carries it
+    weak = Evidence.from_json({**ev.to_json(), "effect": 0.01})                          # the picture alone
+    assert C.skip_reason(default, DecisionSettings(), weak, none).startswith("no image holds the recurring picture")
+    assert C.skip_reason(default, DecisionSettings(force=True), weak, none) == ""       # --force: it trains

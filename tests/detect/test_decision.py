@@ -95,3 +95,11 @@ def test_without_a_picture_search_the_classifier_removes() -> None:
     d = decide(DecisionSettings(neighbours=0), ev, ClassifierResult(trained=True, backdoor_found=True, probs=probs),
                Verification(), Matching(reason="no picture recurs among the top-k windows"), N, _neighbours)
     assert np.flatnonzero(d.removed).tolist() == [3] and d.picture_match is None
+
+
+def test_force_removes_by_the_classifier_where_the_verdict_is_withdrawn() -> None:
+    probs = np.full(N, 0.1, dtype=np.float32)
+    probs[[4]] = 0.99
+    d = _run(_evidence(), contain=0, settings=DecisionSettings(neighbours=0, force=True), probs=probs)
+    assert not d.backdoor_found and d.forced and d.verdict == "no backdoor signal (removal forced)"
+    assert np.flatnonzero(d.removed).tolist() == [4]
