@@ -1,9 +1,10 @@
 r"""The exact and the fast path of detect on the same run's store, features and clusters, side by side.
 
 The exact path is the paper's procedure (``detect --exact``: all B masks on every searched image, every window and
-every null window on the whole flip set); the fast path is the defaults (coarse-to-fine masking, adaptive flip
-testing, adaptive null). Both resume a copy of one finished run folder from its clusters (the store, features and
-clustering are linked, not recomputed), so they differ only where the two paths differ. Printed and recorded for
+every null window on the whole flip set, the classifier trained on every signal); the fast path is the defaults
+(coarse-to-fine masking, an adaptive null, the classifier only where the picture match does not make the
+removal). Both resume a copy of one finished run folder from its clusters (the store, features and clustering are
+linked, not recomputed), so they differ only where the two paths differ. Printed and recorded for
 both: threat-model forwards by stage, seconds by stage, the top-k (overlap), z, effect, the recurring group, the
 verdict, the removal (and the images one removes and the other keeps) and, with ``--truth``, recall and precision.
 
@@ -33,7 +34,7 @@ from poisonscan.settings import dotted_names, resolve_config
 
 REUSED = ("store", "features.npy", "ids.json", "clusters.npz", "errors.csv", "environment.json")
 REUSED_STAGES = ("store", "features", "clusters")
-#: flat setting names of older run folders and their names now; settings no longer kept
+#: flat setting names of run folders written with flat settings and their section names; settings dropped
 OLD_NAMES = {"classifier_iters": "iterations", "classifier_holdout": "holdout", "classifier_decoys": "decoys",
              "classifier_rounds": "rounds", "classifier_refine_by": "refine_by",
              "classifier_positives": "positives"}

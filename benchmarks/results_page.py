@@ -109,7 +109,8 @@ SPEED_HEADER = """## The exact and the fast path
 Each row is one run folder detected twice from its clusters by `benchmarks/fast_vs_exact.py`: the paper's procedure
 (`detect --exact`) and the fast path (coarse-to-fine masking, adaptive flip testing, an adaptive null: the
 defaults and `search.flip_testing = "adaptive"`, which stopped no window on these runs; [design](design.md),
-"Fewer forwards"). Forwards are the threat model's (a count that does not depend on the machine); seconds are the
+"Fewer forwards"). Both paths of these records trained the classifier (`classifier.train = always`); what not
+training it where the picture match removes saves is the next section. Forwards are the threat model's (a count that does not depend on the machine); seconds are the
 whole detect from the clusters on 2 CPU cores.
 
 | run | threat model | forwards: exact -> fast | seconds: exact -> fast | z: exact / fast | removed: exact / fast (only exact, only fast) | recall / precision: exact / fast |

@@ -10,7 +10,7 @@ A run written by another poisonscan version is resumed as this version's (its ``
     python -m benchmarks.stage_ab --run RUN_DIR --work WORK_DIR --name demo --from match \
         --a classifier.train=always --b classifier.train=unless-matched \
         [--truth GROUND_TRUTH.csv] [--backdoor BACKDOOR_DIR/summary.json] \
-        --out benchmarks/results/speed/demo-classifier.json
+        --out benchmarks/results/stages/demo-classifier.json
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def main() -> None:
     removed = {side: set(DetectRun.load(args.work / side).removed) for side in sides}
     diff = {"only_a": sorted(removed["a"] - removed["b"]), "only_b": sorted(removed["b"] - removed["a"])}
     record = {"name": args.name, "setting": args.setting, "run": str(args.run), "from_stage": args.first,
-              "threat_model": threat_model_strength(args.backdoor), "a": result["a"], "b": result["b"], "removed_difference": diff,
+              "threat_model": threat_model_strength(args.backdoor), "a": result["a"], "b": result["b"],
+              "removed_difference": diff,
               "environment": environment_record()}
     a, b = result["a"], result["b"]
     print(f"{args.name}: {args.setting} (both from the {args.first} stage)")

@@ -8,7 +8,7 @@ pairs, clean control or not) and prints, per seed, the threat model's strength (
 PoisonCAM removed, its recall and precision, and the retrained model's k-NN ASR where the run retrained (against
 the original labelled data where the run measured it there: a cleaned bank without the target class says 0 by
 construction, and such a figure is left out), and the 10%-label linear probe's ASR of the run's own model and of
-its retrained one (the issue's "within 1 point of a model trained on clean data" compares the latter with a clean
+its retrained one (the target "within 1 point of a model trained on clean data" compares the latter with a clean
 control's own probe); then the mean and sample standard deviation of each over the seeds.
 One run recorded twice (a resumed ``--retrain`` record beside the first, or the run rebuilt in the same work
 directory) counts once, with the figures of its newer record where both are alike; a retrained figure is taken from

@@ -76,7 +76,8 @@ def detect(
     feature_dtype: str | None = typer.Option(None, "--feature-dtype",
                                              help="Feature storage: float32 or float16 (half the memory) "
                                                   f"{default(DetectConfig, 'feature_dtype')}."),
-    force: bool = typer.Option(False, "--force", help="Train the classifier and remove even without evidence."),
+    force: bool = typer.Option(False, "--force", help="Remove even without evidence: the images that hold a "
+                                                      "recurring picture, else the classifier's picks."),
     exact: bool = typer.Option(False, "--exact", help="The paper's cost: all B masks on every image, zeroing "
                                                       "pixels (ViTs too), every window and null window on the whole "
                                                       "flip set (no coarse-to-fine masking, no adaptive testing), "

@@ -54,7 +54,8 @@ class DecisionSettings:
     #: some image). Set on imagenette-96 at 2% with a 30-epoch model; 0.01 is a convention, not fitted; not yet
     #: checked on a second run (no other recorded run has a recurring picture with z < 3). 0: ``z`` is needed
     weak_signal_p: float = field(default=0.01, metadata=between(0.0, 1.0))
-    force: bool = False             # train the classifier and remove even without a backdoor signal
+    #: remove even without a backdoor signal: the images that hold a recurring picture, else the classifier's picks
+    force: bool = False
     #: removed: removal score > threshold
     threshold: float = field(default=0.5, metadata=stage("classifier", **between(0.0, 1.0)))
     #: removal score = (P + the support of this many feature-space neighbours) / 2; 0: P alone (the paper)

@@ -333,7 +333,7 @@ def _run_stages(driver: _Driver, done: dict[str, bool], counter: ForwardCounter)
         if main:
             run.mark_done(stage, {"seconds": seconds, "forwards": forwards, **info})
             if stage == "search":
-                shutil.rmtree(run.file("search"), ignore_errors=True)   # per-round maps, now in attention.npy
+                shutil.rmtree(run.file("search"), ignore_errors=True)   # per-round maps, folded into attention.npy
         if stage not in MAIN_ONLY:
             rt.barrier()
 

@@ -294,7 +294,9 @@ def _overview(summary: Mapping[str, Any]) -> str:
                          f"{format_value(clusters.get('requested'))}), flip test set "
                          f"{format_value(clusters.get('flip_set'))}")),
     ]
-    if clf:
+    if clf.get("skipped"):
+        rows.append(("classifier", esc(f"not trained: {clf['skipped']}")))
+    elif clf:
         rows.append(("classifier", esc(
             f"trained: {format_value(clf.get('trained'))}, ensemble {format_value(clf.get('ensemble'))}, "
             f"{format_value(clf.get('iterations'))} iterations, validation F1 {format_value(clf.get('val_f1'), 3)}, "

@@ -189,6 +189,8 @@ def _overview(summary: Mapping[str, Any]) -> Table:
             parts.append(f"{format_value(ver.get('n_verified'))} of {format_value(ver['n_candidates'])} isolated "
                          f"flags verified by the flip test (> {format_value(ver.get('bar'))} flips)")
         classifier = Text("trained: " + ", ".join(parts))
+    elif clf.get("skipped"):
+        classifier = Text(f"not trained: {clf['skipped']}", style="dim")
     elif clf:
         classifier = Text("not trained", style="dim")
     else:

@@ -109,7 +109,8 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     # the run folder's schema
     for name in ("config.json", "environment.json", "store/images.npy", "store/store.json", "features.npy",
                  "ids.json", "clusters.npz", "search.json", "attention.npy", "evidence.json", "match.json",
-                 "picture_match.npy", "classifier.safetensors", "errors.csv", "gallery/topk.png", "report.html", "summary.json"):
+                 "picture_match.npy", "classifier.safetensors", "errors.csv", "gallery/topk.png", "report.html",
+                 "summary.json"):
         assert (run / name).is_file(), name
     assert {p.stem for p in (run / "stages").glob("*.done")} == set(R.STAGES)
     assert not (run / "search").exists()              # per-round chunks folded into attention.npy
@@ -237,8 +238,8 @@ def test_resume_reruns_from_the_first_stage_a_changed_setting_shapes():
     values = {"image_size": 64, "feature_dtype": "float16", "clusters": 7, "seed": 3, "masks": 8,
               "score_rule": "changed", "null_pool": "outside-topk-clusters", "top_k": 4, "decoys": 0.0, "ensemble": 1,
               "min_effect": 0.2, "force": True, "neighbours": 0, "threshold": 0.6, "verify_min_prob": 0.9,
-              "match_picture": False, "train": "always", "fail_on": 3, "fail_on_unreadable": 2, "batch_size": 8, "device": "cpu",
-              "quiet": True, "preset": "paper"}
+              "match_picture": False, "train": "always", "fail_on": 3, "fail_on_unreadable": 2, "batch_size": 8,
+              "device": "cpu", "quiet": True, "preset": "paper"}
     for name, stage in expect.items():
         assert R.rerun_from(saved, configure(DetectConfig, data="d", model="m", **{name: values[name]})) == stage, name
     # the earliest of several
