@@ -92,6 +92,7 @@ class DetectRunScores:
     store_meta: dict[str, Any] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
     removal_score: np.ndarray | None = None   # float N (P averaged with its neighbours'); None: a table without it
+    picture_match: np.ndarray | None = None   # float N (best match to the recurring picture); None: a table without it
 
 
 def _float(cell: str | None, what: str, where: str) -> float:
@@ -198,7 +199,8 @@ def read_run(run_dir: Path | str) -> DetectRunScores:
     size = store_meta.get("size") or summary.get("model", {}).get("image_size")
     return DetectRunScores(run, table.ids, poison, table.boxes, prob, table.removed, table["top_k_rank"],
                            int(size) if size else None, summary, store_meta, detect.unreadable,
-                           table["removal_score"] if "removal_score" in table.columns else None)
+                           table["removal_score"] if "removal_score" in table.columns else None,
+                           table["picture_match"] if "picture_match" in table.columns else None)
 
 
 # ----------------------------------------------------------------------------------------------- box mapping
@@ -444,7 +446,8 @@ def evaluate_detection(run: DetectRunScores, truth: GroundTruth, topk: Sequence[
         "removal": M.precision_recall_f1(y, run.removed),
         "scores": {"poison_score": _score_metrics(y, run.poison_score, fprs),
                    "classifier_prob": _score_metrics(y, run.classifier_prob, fprs),
-                   "removal_score": _optional_metrics(y, run.removal_score, fprs)},
+                   "removal_score": _optional_metrics(y, run.removal_score, fprs),
+                   "picture_match": _optional_metrics(y, run.picture_match, fprs)},
         "triggers": {
             "box_mapping": mapping,
             "candidates": int(order.size),
@@ -481,6 +484,7 @@ def _per_target(run: DetectRunScores, y: np.ndarray, target: np.ndarray, t: str,
         "poison_score": _score_metrics(ymine, run.poison_score[sel], fprs),
         "classifier_prob": _score_metrics(ymine, run.classifier_prob[sel], fprs),
         "removal_score": _optional_metrics(ymine, None if run.removal_score is None else run.removal_score[sel], fprs),
+        "picture_match": _optional_metrics(ymine, None if run.picture_match is None else run.picture_match[sel], fprs),
         "topk": {str(k): v for k, v in M.topk_trigger_accuracy(run.boxes[order], box_t[order], topk).items()},
         "scored_poisoned": _window_quality(run.boxes[mine], true_box[mine]),
     }
@@ -517,7 +521,8 @@ def detection_plots(run: DetectRunScores, truth: GroundTruth) -> dict[str, bytes
     named = [(name, file, s) for name, file, s in (
         ("poison score", "poison_score_hist.png", run.poison_score),
         ("classifier prob.", "classifier_prob_hist.png", run.classifier_prob),
-        ("removal score", "removal_score_hist.png", run.removal_score)) if s is not None and not np.isnan(s).all()]
+        ("removal score", "removal_score_hist.png", run.removal_score),
+        ("picture match", "picture_match_hist.png", run.picture_match)) if s is not None and not np.isnan(s).all()]
     out: dict[str, bytes] = {}
     if y.any() and (~y).any() and named:
         pr, roc = [], []

@@ -185,3 +185,23 @@ def test_truth_rows_match_full_paths_by_their_relative_id(tmp_path: Path) -> Non
     rows = truth.rows_of(["cat/x.png", "/data/poisoned/train/dog/x.png", "/elsewhere/cat/x.png", "/data/x.png",
                           "bird/y.png", "C:\\data\\train\\cat\\x.png"])
     assert rows.tolist() == [0, 1, 0, 2, -1, 0]
+
+
+def test_the_picture_match_column_is_evaluated_when_the_picture_was_searched_for(tmp_path: Path) -> None:
+    truth = read_truth(write_truth(tmp_path / "truth.csv", IDS))
+    path = write_run(tmp_path / "matched") / "scores.csv"
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    match = [0.95, 0.9, 0.92, 0.3, 0.1, 0.05, 0.2, 0.1, 0.0, 0.0]   # the removal's score, no classifier
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, [*rows[0], "picture_match"])
+        w.writeheader()
+        for row, m in zip(rows, match):
+            w.writerow({**row, "classifier_prob": "", "picture_match": m})
+    run = read_run(tmp_path / "matched")
+    res = evaluate_detection(run, truth)
+    assert res["scores"]["classifier_prob"] is None and res["scores"]["picture_match"]["auroc"] == pytest.approx(1.0)
+    assert res["per_target"][0]["picture_match"]["auroc"] == pytest.approx(1.0)
+    plots = detection_plots(run, truth)
+    assert "picture_match_hist.png" in plots and "classifier_prob_hist.png" not in plots
+    assert read_run(write_run(tmp_path / "plain")).picture_match is None
