@@ -91,7 +91,8 @@ class ClassifierSettings:
     #: "unless-matched": with a backdoor signal the classifier trains only where the picture match does not make
     #: the removal (no recurring picture, or one no image holds apart from the data under a signal carried by the
     #: effect or forced): the removal is then the match's, so the classifier's P would change no removed image and
-    #: the stage costs nothing (demo and CIFAR-10 50k: 45-60 s of a 2-core scan). "always": the classifier
+    #: the stage costs nothing (measured on the demo and CIFAR-10 50k at 2%: 89 s of a 2-core scan each, the same
+    #: removal; docs/design.md, "The classifier only where the match cannot decide"). "always": the classifier
     #: trains on every signal (``--exact``, the presets paper and patchsearch), its P in ``scores.csv``
     train: str = field(default="unless-matched", metadata=one_of(TRAIN_WHEN))
 
