@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row.update({"recall": q["removal"]["recall"], "precision": q["removal"]["precision"],
                         "auroc": q["scores"]["poison_score"]["auroc"],
                         "auroc_classifier": (q["scores"].get("classifier_prob") or {}).get("auroc"),
+                        "auroc_picture_match": (q["scores"].get("picture_match") or {}).get("auroc"),
                         "top20_trigger_accuracy": q["triggers"]["topk"].get("20", {}).get("accuracy")})
         if "retrained" in scan:
             row["retrained"] = _retrained_row(scan["retrained"])
