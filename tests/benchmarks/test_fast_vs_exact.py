@@ -6,25 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from tests.detect.detect_toys import make_poisoned_folder, one_torch_thread, save_toy_checkpoint  # noqa: F401
+from tests.benchmarks.toy_runs import finished_toy_run
+from tests.detect.detect_toys import one_torch_thread  # noqa: F401
 
-from poisonscan.config import DetectConfig
-from poisonscan.detect.pipeline import run_detect
-from poisonscan.runtime import setup_runtime
-from poisonscan.settings import configure
 from benchmarks import fast_vs_exact
 
 
 def test_both_paths_resume_the_same_clusters_and_are_recorded(tmp_path: Path, one_torch_thread, monkeypatch,
                                                                capsys) -> None:
-    data = tmp_path / "data"
-    make_poisoned_folder(data)
-    model = save_toy_checkpoint(tmp_path / "toy.safetensors")
-    run = tmp_path / "run"
-    cfg = configure(DetectConfig, data=str(data), model=str(model), out=str(run), clusters=4, masks=128,
-                    flip_size=40, top_k=5, null_size=64, iterations=20, ensemble=1, rounds=1, batch_size=128,
-                    device="cpu", precision="fp32")
-    run_detect(cfg, setup_runtime("cpu", precision="fp32"), quiet=True)
+    run, _, _ = finished_toy_run(tmp_path, masks=128)
     clusters = (run / "clusters.npz").read_bytes()
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", ["fast_vs_exact", "--run", str(run), "--work", str(tmp_path / "work"),

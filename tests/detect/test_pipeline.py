@@ -311,12 +311,12 @@ def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, ru
     """Neighbours over the whole data set give no support, so the consensus keeps every poison; verification
     flip-tests the window the classifier looks at in each confident flag and removes the poisons."""
     run = tmp_path / "verify"
-    off = P.run_detect(small_cfg(toy, run, neighbours=199, refine_by="p", match_picture=False), runtime,
-                       quiet=True)
+    off = P.run_detect(small_cfg(toy, run, neighbours=199, refine_by="p", match_picture=False, iterations=300),
+                       runtime, quiet=True)
     assert off["counts"]["removed"] == 0 and off["classifier"]["verification"]["n_candidates"] == 0
     classifier_done = (run / "stages/classifier.done").read_text()
     summary = P.run_detect(small_cfg(toy, None, resume=str(run), neighbours=199, refine_by="p",
-                                     verify_min_prob=0.9, match_picture=False), runtime, quiet=True)
+                                     verify_min_prob=0.9, match_picture=False, iterations=300), runtime, quiet=True)
     assert (run / "stages/classifier.done").read_text() == classifier_done          # only the decision again
     ver = json.loads((run / "verify.json").read_text())
     evidence = json.loads((run / "evidence.json").read_text())
@@ -333,10 +333,10 @@ def test_verification_flip_tests_the_flags_the_neighbours_keep(toy, tmp_path, ru
     verified = {ids[e["index"]] for e in ver["candidates"] if e["verified"]}
     removed = set((run / "removed.txt").read_text().split())
     assert removed == verified == {r["id"] for r in rows if r["removed"] == "1"}
-    # every confident poison passes the flip test; how many poisons clear P > 0.9 is the 100-iteration classifier's
-    # doing and moves with the CPU's float kernels (7 to 19 of 20 on the machines seen), so only some are asked for
+    # every confident poison passes the flip test; how many poisons clear P > 0.9 moves with the CPU's float kernels
+    # (at 100 iterations 7 to 19 of 20 on the machines seen, so the classifier trains 300)
     candidate_poisons = {ids[e["index"]] for e in ver["candidates"]} & set(poisoned)
-    assert candidate_poisons <= verified and len(candidate_poisons) >= 3
+    assert candidate_poisons <= verified and len(candidate_poisons) >= 15
     assert sum(i not in poisoned for i in removed) <= 2
     # the bar: the null windows cut from images the classifier does not flag; those cut from poisons score like
     # the top-k
