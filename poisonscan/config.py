@@ -75,6 +75,10 @@ class PoisonConfig:
     margin: float = field(default=PAPER.train_margin, metadata=between(0.0, 0.5, hi_open=True))
     val_margin: float = field(default=PAPER.val_margin, metadata=between(0.0, 0.5, hi_open=True))
     opacity: float = field(default=1.0, metadata=between(0.0, 1.0, lo_open=True))
+    # each pasted copy changed on its own (patch): side x (1 +- s), turned +- degrees, channel gains 1 +- c
+    scale_jitter: float = field(default=0.0, metadata=between(0.0, 0.9))
+    rotation: float = field(default=0.0, metadata=between(0.0, 180.0))
+    colour_jitter: float = field(default=0.0, metadata=between(0.0, 1.0))
     blend_alpha: float = field(default=0.2, metadata=between(0.0, 1.0, lo_open=True))
     ctrl_magnitude: float = 50.0        # CTRL reference: 50 on the training set
     ctrl_val_magnitude: float = 100.0   # ... and 100 on the test set

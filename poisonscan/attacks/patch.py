@@ -1,8 +1,11 @@
-"""The HTBA patch attack (Saha et al.): paste a resized trigger patch at a random corner inside the margins."""
+"""The HTBA patch attack (Saha et al.): paste a resized trigger patch at a random corner inside the margins,
+optionally changed copy by copy (:class:`Transform`: scaled, turned, recoloured) as an attacker who wants no two
+pasted copies alike would do."""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,35 @@ from PIL import Image, UnidentifiedImageError
 from poisonscan.errors import UsageError
 
 ImageLike = Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How one pasted copy of the trigger differs from the file: its side scaled by ``scale`` (the box is drawn
+    with the scaled side), turned ``angle`` degrees counter-clockwise inside its box (the corners the turned
+    trigger leaves keep the image's pixels) and each RGB channel multiplied by ``gains``."""
+
+    scale: float = 1.0
+    angle: float = 0.0
+    gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.angle == 0.0 and self.gains == (1.0, 1.0, 1.0)
+
+
+IDENTITY = Transform()
+
+
+def draw_transform(rng: np.random.Generator, scale_jitter: float, rotation: float, colour_jitter: float) -> Transform:
+    """A random :class:`Transform`: scale uniform in ``1 +- scale_jitter``, angle in ``+- rotation`` degrees, each
+    channel's gain in ``1 +- colour_jitter``; :data:`IDENTITY` (no draw) when all three are 0."""
+    if not (scale_jitter or rotation or colour_jitter):
+        return IDENTITY
+    scale = 1.0 + float(rng.uniform(-scale_jitter, scale_jitter))
+    angle = float(rng.uniform(-rotation, rotation))
+    g = rng.uniform(-colour_jitter, colour_jitter, 3)
+    return Transform(scale, angle, (1.0 + float(g[0]), 1.0 + float(g[1]), 1.0 + float(g[2])))
 
 
 def as_rgb_array(img: ImageLike) -> np.ndarray:
@@ -82,11 +114,29 @@ def random_corner(rng: np.random.Generator, width: int, height: int, size: int, 
     return int(x), int(y)
 
 
-def paste_trigger(img: ImageLike, trigger: ImageLike, x: int, y: int, size: int, opacity: float = 1.0) -> np.ndarray:
+def transformed_patch(patch: np.ndarray, transform: Transform) -> tuple[np.ndarray, np.ndarray | None]:
+    """``patch`` (``s x s x 3`` uint8, already at its pasted size) recoloured and turned by ``transform``, and the
+    share of each pixel the turned trigger covers (``s x s`` float32 in [0, 1]; ``None`` when not turned)."""
+    out = patch
+    if transform.gains != (1.0, 1.0, 1.0):
+        gains = np.asarray(transform.gains, dtype=np.float32)
+        out = np.clip(np.rint(out.astype(np.float32) * gains), 0, 255).astype(np.uint8)
+    if transform.angle == 0.0:
+        return out, None
+    size = out.shape[0]
+    turned = Image.fromarray(out, "RGB").rotate(transform.angle, resample=Image.Resampling.BICUBIC)
+    cover = Image.new("L", (size, size), 255).rotate(transform.angle, resample=Image.Resampling.BILINEAR)
+    return np.asarray(turned, dtype=np.uint8), np.asarray(cover, dtype=np.float32) / 255.0
+
+
+def paste_trigger(img: ImageLike, trigger: ImageLike, x: int, y: int, size: int, opacity: float = 1.0,
+                  transform: Transform = IDENTITY) -> np.ndarray:
     """Return a copy of ``img`` with ``trigger`` resized to ``size x size`` pasted with its top-left at ``(x, y)``.
 
     ``opacity`` 1.0 replaces the pixels (the HTBA paste); below 1 the patch is alpha-blended:
-    ``round((1 - a) * img + a * trigger)`` inside the box, pixels outside it are untouched.
+    ``round((1 - a) * img + a * trigger)`` inside the box, pixels outside it are untouched. ``transform`` recolours
+    and turns the resized trigger first (:func:`transformed_patch`; ``size`` is already the scaled side); where a
+    turned trigger covers a pixel partly, it is blended by its cover.
     """
     arr = as_rgb_array(img)
     h, w = arr.shape[:2]
@@ -94,12 +144,13 @@ def paste_trigger(img: ImageLike, trigger: ImageLike, x: int, y: int, size: int,
         raise ValueError(f"opacity must be in (0, 1], got {opacity}")
     if x < 0 or y < 0 or x + size > w or y + size > h:
         raise ValueError(f"box ({x}, {y}, {size}, {size}) does not fit in a {w}x{h} image")
-    patch = resize_trigger(trigger, size)
+    patch, cover = transformed_patch(resize_trigger(trigger, size), transform)
     out = arr.copy()
-    if opacity >= 1.0:
+    if opacity >= 1.0 and cover is None:
         out[y:y + size, x:x + size] = patch
     else:
+        alpha = np.float32(opacity) * (cover[..., None] if cover is not None else np.float32(1.0))
         region = arr[y:y + size, x:x + size].astype(np.float32)
-        mixed = (1.0 - opacity) * region + opacity * patch.astype(np.float32)
+        mixed = (1.0 - alpha) * region + alpha * patch.astype(np.float32)
         out[y:y + size, x:x + size] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
     return out

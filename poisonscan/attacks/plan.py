@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from poisonscan.attacks.patch import corner_range, trigger_side
+from poisonscan.attacks.patch import IDENTITY, Transform, corner_range, draw_transform, trigger_side
 from poisonscan.attacks.targets import Target
 from poisonscan.config import PoisonConfig
 from poisonscan.data.sources import SampleError, Source
@@ -45,17 +45,39 @@ def poison_counts(cfg: PoisonConfig, source: Source, targets: list[Target]) -> l
 
 @dataclass
 class Plan:
-    """The poisoned training samples: index -> (target, box) and the images left out because unreadable."""
+    """The poisoned training samples: index -> (target, box), how each copy of its trigger is changed
+    (``transforms``; absent: pasted as the file is) and the images left out because unreadable."""
 
     poisoned: dict[int, tuple[Target, Box]]
     unreadable: list[SampleError]
+    transforms: dict[int, Transform] = field(default_factory=dict)
 
 
-def image_box(cfg: PoisonConfig, rng: np.random.Generator, w: int, h: int, margin: float, sample_id: str) -> Box:
-    """The trigger box on a ``w x h`` image: a random corner for patch, the whole image for blend/ctrl."""
+def jitters(cfg: PoisonConfig) -> bool:
+    """Whether the patch attack changes its trigger copy by copy (``--scale-jitter``, ``--rotation``,
+    ``--colour-jitter``)."""
+    return cfg.attack == "patch" and bool(cfg.scale_jitter or cfg.rotation or cfg.colour_jitter)
+
+
+def next_transform(cfg: PoisonConfig, rng: np.random.Generator) -> Transform:
+    """The next copy's :class:`Transform` from ``rng`` (:data:`IDENTITY`, drawing nothing, without jitter)."""
+    if not jitters(cfg):
+        return IDENTITY
+    return draw_transform(rng, cfg.scale_jitter, cfg.rotation, cfg.colour_jitter)
+
+
+def image_box(cfg: PoisonConfig, rng: np.random.Generator, w: int, h: int, margin: float, sample_id: str,
+              scale: float = 1.0) -> Box:
+    """The trigger box on a ``w x h`` image: a random corner for patch, the whole image for blend/ctrl. ``scale``
+    multiplies the trigger's side (a jittered copy); a side scaled up past the margins is cut back to fit them,
+    never below the unscaled side."""
     if cfg.attack != "patch":
         return 0, 0, w, h
-    size = trigger_side(cfg.trigger_size, w, h)
+    base = trigger_side(cfg.trigger_size, w, h)
+    size = max(1, int(round(base * scale)))
+    if size > base:
+        fit = min(int((1.0 - margin) * w) - int(margin * w), int((1.0 - margin) * h) - int(margin * h))
+        size = max(base, min(size, fit))
     if size > min(w, h):
         raise UsageError(f"trigger of {size} px is larger than image {sample_id} ({w}x{h}): lower --trigger-size")
     try:
@@ -99,8 +121,11 @@ def plan_poisons(cfg: PoisonConfig, source: Source, targets: list[Target], count
             if got < n:
                 raise UsageError(f"class {t.cls!r} has only {got} readable images left, {n} needed "
                                  f"({len(unreadable)} unreadable): lower --rate/--dataset-rate")
-    poisoned = {i: (chosen[i], image_box(cfg, box_rng, *sizes[i], cfg.margin, source.ids[i])) for i in sorted(chosen)}
-    return Plan(poisoned, unreadable)
+    jitter_rng = np.random.default_rng([cfg.seed, 3])          # its own stream: boxes without jitter are unchanged
+    transforms = {i: next_transform(cfg, jitter_rng) for i in sorted(chosen)} if jitters(cfg) else {}
+    poisoned = {i: (chosen[i], image_box(cfg, box_rng, *sizes[i], cfg.margin, source.ids[i],
+                                         transforms[i].scale if transforms else 1.0)) for i in sorted(chosen)}
+    return Plan(poisoned, unreadable, transforms)
 
 
 # --------------------------------------------------------------------------------------------------------------------

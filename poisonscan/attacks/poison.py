@@ -38,8 +38,8 @@ from PIL import Image
 from poisonscan import __version__
 from poisonscan.attacks.blend import blend_trigger
 from poisonscan.attacks.ctrl import ctrl_trigger
-from poisonscan.attacks.patch import paste_trigger
-from poisonscan.attacks.plan import Box, Plan, image_box, plan_poisons, poison_counts
+from poisonscan.attacks.patch import IDENTITY, Transform, paste_trigger
+from poisonscan.attacks.plan import Box, Plan, image_box, jitters, next_transform, plan_poisons, poison_counts
 from poisonscan.attacks.presets import apply_preset
 from poisonscan.attacks.targets import Target, build_targets, class_aliases, class_display
 from poisonscan.attacks.writers import make_writer
@@ -98,6 +98,12 @@ def validate_config(cfg: PoisonConfig) -> PoisonConfig:
             if cfg.trigger_size > 1 - 2 * m:
                 raise UsageError(f"--trigger-size {cfg.trigger_size:g} of the side does not fit between "
                                  f"{flag} {m:g} (at most {1 - 2 * m:g})")
+    for flag, value, top in (("--scale-jitter", cfg.scale_jitter, 0.9), ("--rotation", cfg.rotation, 180.0),
+                             ("--colour-jitter", cfg.colour_jitter, 1.0)):
+        if not 0.0 <= value <= top:
+            raise UsageError(f"{flag} {value}: must be in [0, {top:g}]")
+        if value and cfg.attack != "patch":
+            raise UsageError(f"{flag} changes a pasted trigger: it applies to --attack patch only")
     if cfg.ctrl_block < 0 or cfg.ctrl_block == 1:
         raise UsageError(f"--ctrl-block {cfg.ctrl_block}: give a block side >= 2, or 0 to scale with the image")
     if cfg.rate is None and cfg.dataset_rate is None:
@@ -105,11 +111,12 @@ def validate_config(cfg: PoisonConfig) -> PoisonConfig:
     return cfg
 
 
-def apply_attack(cfg: PoisonConfig, image: Image.Image, target: Target, box: Box, magnitude: float) -> np.ndarray:
-    """The attacked pixels of ``image`` (``H x W x 3`` uint8); ``box`` comes from the plan."""
+def apply_attack(cfg: PoisonConfig, image: Image.Image, target: Target, box: Box, magnitude: float,
+                 transform: Transform = IDENTITY) -> np.ndarray:
+    """The attacked pixels of ``image`` (``H x W x 3`` uint8); ``box`` and ``transform`` come from the plan."""
     if cfg.attack == "patch":
         x, y, size, _ = box
-        return paste_trigger(image, target.patch(size), x, y, size, cfg.opacity)
+        return paste_trigger(image, target.patch(size), x, y, size, cfg.opacity, transform)
     if cfg.attack == "blend":
         assert target.trigger is not None
         return blend_trigger(image, target.trigger, cfg.blend_alpha)
@@ -181,7 +188,8 @@ def write_train(cfg: PoisonConfig, source: Source, plan: Plan, dest: Path, quiet
                 target, box = plan.poisoned[i]
                 data = members if members is not None else source.read_members(i)
                 image = decode_image(data[source.image_ext(i)], sid, source.max_pixels)
-                png = encode_png(apply_attack(cfg, image, target, box, cfg.ctrl_magnitude))
+                png = encode_png(apply_attack(cfg, image, target, box, cfg.ctrl_magnitude,
+                                              plan.transforms.get(i, IDENTITY)))
                 rows.append(Row(writer.add_image(i, POISON_SUFFIX, png, data), sid, source.labels[i], target, box,
                                 image.size))
             else:
@@ -191,9 +199,11 @@ def write_train(cfg: PoisonConfig, source: Source, plan: Plan, dest: Path, quiet
 
 
 def write_val(cfg: PoisonConfig, source: Source, targets: list[Target], dest: Path, quiet: bool) -> dict[str, Any]:
-    """Every validation image attacked once per target (margin ``val_margin``), labels kept."""
+    """Every validation image attacked once per target (margin ``val_margin``; each copy changed like the training
+    set's when the trigger jitters), labels kept."""
     writer = make_writer(source, dest, link=False)
     rng = np.random.default_rng([cfg.seed, 2])
+    jitter_rng = np.random.default_rng([cfg.seed, 4])
     rows: list[Row] = []
     dropped: list[SampleError] = []
     suffixes = [PATCHED_SUFFIX if len(targets) == 1 else f"{PATCHED_SUFFIX}-t{t.index}" for t in targets]
@@ -210,8 +220,9 @@ def write_val(cfg: PoisonConfig, source: Source, targets: list[Target], dest: Pa
                 dropped.append(SampleError(sid, str(exc)))
                 continue
             for t, suffix in zip(targets, suffixes):
-                box = image_box(cfg, rng, *image.size, cfg.val_margin, sid)
-                png = encode_png(apply_attack(cfg, image, t, box, cfg.ctrl_val_magnitude))
+                change = next_transform(cfg, jitter_rng)
+                box = image_box(cfg, rng, *image.size, cfg.val_margin, sid, change.scale)
+                png = encode_png(apply_attack(cfg, image, t, box, cfg.ctrl_val_magnitude, change))
                 rows.append(Row(writer.add_image(i, suffix, png, None), sid, source.labels[i], t, box, image.size))
     spec = writer.finish()
     if not rows:

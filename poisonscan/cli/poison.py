@@ -88,6 +88,14 @@ def poison(
                                                                        f"{default(PoisonConfig, 'val_margin')}."),
     opacity: float | None = typer.Option(None, "--opacity", help="Patch opacity, 1 = HTBA paste "
                                                                  f"{default(PoisonConfig, 'opacity')}."),
+    scale_jitter: float | None = typer.Option(None, "--scale-jitter",
+                                              help="Each copy's side times 1 +- S (patch) "
+                                                   f"{default(PoisonConfig, 'scale_jitter')}."),
+    rotation: float | None = typer.Option(None, "--rotation", help="Each copy turned up to +- DEG degrees (patch) "
+                                                                   f"{default(PoisonConfig, 'rotation')}."),
+    colour_jitter: float | None = typer.Option(None, "--colour-jitter",
+                                               help="Each copy's RGB gains 1 +- C (patch) "
+                                                    f"{default(PoisonConfig, 'colour_jitter')}."),
     blend_alpha: float | None = typer.Option(None, "--blend-alpha", help="Blend attack alpha "
                                                                          f"{default(PoisonConfig, 'blend_alpha')}."),
     ctrl_magnitude: float | None = typer.Option(None, "--ctrl-magnitude",
@@ -117,7 +125,8 @@ def poison(
     """Write a poisoned copy of a labelled data set, its ground truth and a patched validation set."""
     flags = overrides(data=data, out=str(out) if out else None, targets=target or None, attack=attack, rate=rate,
                       dataset_rate=dataset_rate, trigger_size=trigger_size, margin=margin, val_margin=val_margin,
-                      opacity=opacity, blend_alpha=blend_alpha, ctrl_magnitude=ctrl_magnitude,
+                      opacity=opacity, scale_jitter=scale_jitter, rotation=rotation, colour_jitter=colour_jitter,
+                      blend_alpha=blend_alpha, ctrl_magnitude=ctrl_magnitude,
                       ctrl_val_magnitude=ctrl_val_magnitude, ctrl_block=ctrl_block, val=val, seed=seed, link=link,
                       overwrite=overwrite or None, preset=preset, shared_data=shared_data)
     cfg = build_config(flags, config)

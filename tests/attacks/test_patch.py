@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from poisonscan.attacks.patch import (corner_range, load_trigger, paste_trigger, random_corner, resize_trigger,
-                                      trigger_side)
+from poisonscan.attacks.patch import (IDENTITY, Transform, corner_range, draw_transform, load_trigger,
+                                      paste_trigger, random_corner, resize_trigger, trigger_side)
 from poisonscan.errors import UsageError
 
 
@@ -41,6 +41,34 @@ def test_partial_opacity_blends_inside_the_box() -> None:
     out = paste_trigger(img, trig, 4, 6, 8, opacity=0.25)
     assert np.all(out[6:14, 4:12] == 125)                               # 0.75 * 100 + 0.25 * 200
     assert np.all(out[:6] == 100) and np.all(out[14:] == 100) and np.all(out[:, :4] == 100)
+
+
+def test_gains_recolour_the_pasted_copy() -> None:
+    img, trig = _image(), np.full((8, 8, 3), 100, np.uint8)
+    out = paste_trigger(img, trig, 4, 6, 8, transform=Transform(gains=(0.5, 1.0, 2.0)))
+    assert np.all(out[6:14, 4:12] == np.array([50, 100, 200], np.uint8))
+    assert np.array_equal(paste_trigger(img, trig, 4, 6, 8, transform=IDENTITY), paste_trigger(img, trig, 4, 6, 8))
+
+
+def test_a_turned_copy_keeps_the_image_in_the_corners_it_leaves() -> None:
+    img = np.full((32, 32, 3), 40, np.uint8)
+    trig = np.full((16, 16, 3), 240, np.uint8)
+    out = paste_trigger(img, trig, 8, 8, 16, transform=Transform(angle=45.0))
+    box = out[8:24, 8:24, 0].astype(int)
+    assert box[8, 8] >= 230                                             # the centre is the trigger
+    assert box[0, 0] <= 45 and box[15, 15] <= 45                        # the corners keep the image
+    assert np.all(out[:8] == 40) and np.all(out[24:] == 40)             # nothing outside the box changes
+    straight = paste_trigger(img, trig, 8, 8, 16)
+    assert not np.array_equal(out, straight)
+
+
+def test_draw_transform_stays_in_its_ranges() -> None:
+    rng = np.random.default_rng(0)
+    assert draw_transform(rng, 0.0, 0.0, 0.0) is IDENTITY
+    draws = [draw_transform(rng, 0.25, 30.0, 0.3) for _ in range(200)]
+    assert all(0.75 <= t.scale <= 1.25 and -30 <= t.angle <= 30 for t in draws)
+    assert all(0.7 <= g <= 1.3 for t in draws for g in t.gains)
+    assert len({t.angle for t in draws}) == 200                         # every copy differs
 
 
 def test_paste_accepts_pil_and_rejects_boxes_outside() -> None:

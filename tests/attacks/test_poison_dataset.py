@@ -107,6 +107,34 @@ def test_val_patched_keeps_labels_and_margin(image_folder: Path, trigger: Path, 
         assert _changed_box(orig, new) == (x, y, w, h)
 
 
+def test_jittered_copies_differ_and_stay_inside_their_boxes(image_folder: Path, trigger: Path,
+                                                             tmp_path: Path) -> None:
+    kw = {"trigger_size": 10, "rate": 1.0, "val": str(image_folder)}
+    plain = poison_dataset(_cfg(image_folder, tmp_path / "plain", [f"cat={trigger}"], **kw), quiet=True)
+    jit = poison_dataset(_cfg(image_folder, tmp_path / "jit", [f"cat={trigger}"], scale_jitter=0.3, rotation=40,
+                              colour_jitter=0.4, **kw), quiet=True)
+    assert jit["settings"]["rotation"] == 40 and jit["train"]["poisoned"] == plain["train"]["poisoned"] == 3
+    rows = [r for r in _gt(tmp_path / "jit" / "ground_truth.csv") if r["poisoned"] == "1"]
+    sizes, patches = set(), []
+    for r in rows:
+        x, y, w, h = (int(r[k]) for k in "xywh")
+        assert w == h and 7 <= w <= 13 and 8 <= x <= 24 - w and 8 <= y <= 24 - h   # side 10 x (1 +- 0.3)
+        sizes.add(w)
+        orig = np.asarray(decode_image((image_folder / r["source_id"]).read_bytes()))
+        new = np.asarray(Image.open(tmp_path / "jit" / "train" / r["sample_id"]).convert("RGB"))
+        cx, cy, cw, ch = _changed_box(orig, new)
+        assert x <= cx and y <= cy and cx + cw <= x + w and cy + ch <= y + h    # changes stay in the box
+        assert not np.array_equal(new[y:y + h, x:x + w], resize_trigger(Image.open(trigger), w))
+        patches.append(new[y:y + h, x:x + w])
+    assert len(sizes) > 1 or not np.array_equal(patches[0], patches[1])
+    # the plain attack's boxes are not moved by the jitter's own random stream
+    plain_rows = [r for r in _gt(tmp_path / "plain" / "ground_truth.csv") if r["poisoned"] == "1"]
+    assert [r["sample_id"] for r in plain_rows] == [r["sample_id"] for r in rows]
+    again = poison_dataset(_cfg(image_folder, tmp_path / "again", [f"cat={trigger}"], scale_jitter=0.3,
+                                rotation=40, colour_jitter=0.4, **kw), quiet=True)
+    assert again["train"]["poisoned"] == 3 and _tree(tmp_path / "again" / "train") == _tree(tmp_path / "jit" / "train")
+
+
 def test_same_seed_same_bytes(wds_shards_gz: Path, trigger: Path, tmp_path: Path) -> None:
     cfgs = [_cfg(wds_shards_gz, tmp_path / f"o{k}", [f"1={trigger}"], trigger_size=8, seed=3,
                  val=str(wds_shards_gz)) for k in range(2)]
@@ -266,6 +294,8 @@ def test_htba_trigger_ships_its_licence(image_folder: Path, tmp_path: Path) -> N
     ({"attack": "ctrl"}, "no trigger image"),
     ({"attack": "warp"}, "unknown"),
     ({"margin": 0.5}, "margin"),
+    ({"rotation": 200.0}, "--rotation"),
+    ({"attack": "blend", "scale_jitter": 0.2}, "patch only"),
 ])
 def test_refusals_write_nothing(change: dict, message: str, image_folder: Path, trigger: Path,
                                 tmp_path: Path) -> None:
