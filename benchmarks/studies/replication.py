@@ -28,10 +28,23 @@ from poisonscan.data.store import open_store
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.evidence import null_windows
 from poisonscan.detect.features import prepare_encoder
-from poisonscan.detect.fliptest import FlipTest, flip_test_set
+from poisonscan.detect.fliptest import FlipTest
 from poisonscan.detect.masking import cut_windows
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.runtime import setup_runtime
+
+
+def fresh_flip_set(clustering: Clustering, taken: np.ndarray, per_cluster: int) -> np.ndarray:
+    """A second flip test set, disjoint from ``taken`` (the run's): the ``per_cluster`` images nearest each cluster
+    centre that ``taken`` does not hold (by ``clustering.distances``; ties to the smaller index)."""
+    labels = clustering.labels
+    keep = np.ones(labels.shape[0], dtype=bool)
+    keep[np.asarray(taken, dtype=np.int64)] = False
+    cand = np.flatnonzero(keep)
+    order = cand[np.lexsort((cand, clustering.distances[cand], labels[cand]))]
+    sorted_labels = labels[order]
+    rank = np.arange(order.shape[0]) - np.searchsorted(sorted_labels, sorted_labels, side="left")
+    return order[rank < per_cluster].astype(np.int64)
 
 
 def _poisoned(truth: Path | None, ids: list[str]) -> np.ndarray | None:
@@ -50,10 +63,8 @@ def study(run: Path, runtime: Any, truth: Path | None, others: int, n_null: int,
     encoder = prepare_encoder(encoder.eval(), runtime)
     store = open_store(run / "store")
     clustering = Clustering.load(run / "clusters.npz")
-    features = np.load(run / "features.npy", mmap_mode="r")
     old = np.asarray(search["flip_set"], dtype=np.int64)
-    both = flip_test_set(clustering, features, 2 * len(old), int(cfg["clusters"]))
-    fresh = np.setdiff1d(both, old)
+    fresh = fresh_flip_set(clustering, old, max(1, len(old) // len(np.unique(clustering.labels[old]))))
     rule = search.get("rule") or cfg["search"]["score_rule"]
     flip = FlipTest.of(encoder, clustering, store.images, fresh, runtime, seed, rule, int(cfg.get("batch_size", 256)))
     scored = {int(e["index"]): e for e in search["scored"]}

@@ -422,7 +422,7 @@ def skip_reason(settings: ClassifierSettings, decision: DecisionSettings, eviden
     ``train = "unless-matched"``, the picture match makes the removal
     (:func:`~poisonscan.detect.matching.match_decides`)."""
     pm = matching.picture_match
-    effect = by_effect(evidence, decision.min_evidence, decision.min_effect, decision.replication_p)
+    effect = by_effect(evidence, decision.min_evidence, decision.min_effect)
     if settings.train != "unless-matched" or not match_decides(pm, effect, decision.force):
         return ""
     if pm.contain > 0:
@@ -442,7 +442,7 @@ def run_classifier(settings: ClassifierSettings, decision: DecisionSettings, ima
     (empty when it did not train). ``neighbours(k)``: each image's ``k`` nearest neighbours (for a refinement round
     that drops by the removal score)."""
     found, reason = evidence_gate(evidence, decision.min_evidence, decision.min_effect, decision.max_recurrence_p,
-                                  decision.weak_signal_p, decision.replication_p)
+                                  decision.weak_signal_p)
     forced = bool(decision.force and not found)
     record = ClassifierResult(trained=False, ensemble=settings.ensemble, iterations=0, val_f1=None,
                               threshold=decision.threshold, backdoor_found=bool(found), forced=forced, reason=reason)

@@ -54,10 +54,6 @@ class DecisionSettings:
     #: some image). Set on imagenette-96 at 2% with a 30-epoch model; 0.01 is a convention, not fitted; not yet
     #: checked on a second run (no other recorded run has a recurring picture with z < 3). 0: ``z`` is needed
     weak_signal_p: float = field(default=0.01, metadata=between(0.0, 1.0))
-    #: without a recurring picture, top-k that hold their scores on a fresh flip set at this p stand in for the
-    #: effect (read only where ``evidence.replication`` > 0 recorded that test; 0.01 is a convention, not fitted).
-    #: 0: the effect is needed
-    replication_p: float = field(default=0.01, metadata=between(0.0, 1.0))
     #: remove even without a backdoor signal: the images that hold a recurring picture, else the classifier's picks
     force: bool = False
     #: removed: removal score > threshold
@@ -115,7 +111,7 @@ def decide(settings: DecisionSettings, evidence: Evidence, classifier: Classifie
     for)."""
     nbr, score, flagged = removal_flags(settings, classifier.probs, n, neighbours)
     flagged = flagged | verification.verified(n)
-    effect = by_effect(evidence, settings.min_evidence, settings.min_effect, settings.replication_p)
+    effect = by_effect(evidence, settings.min_evidence, settings.min_effect)
     pm, holds = matching.picture_match, holds_picture(matching)
     removed = holds if holds is not None and match_decides(pm, effect, settings.force) else flagged
     found, reason = match_verdict(classifier.backdoor_found, classifier.reason, pm, effect)

@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 
 from poisonscan.detect.bounds import hypergeom_upper, kth_largest
-from poisonscan.detect.fliptest import FlipTest, StagedScores, fresh_flip_set, torch_generator
+from poisonscan.detect.fliptest import FlipTest, StagedScores, torch_generator
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.records import Evidence, Replication, SearchResult
+from poisonscan.detect.records import Evidence, SearchResult
 from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test, recurring_group
 from poisonscan.detect.search import top_k
 from poisonscan.detect.seeds import torch_gen
@@ -78,12 +78,6 @@ class EvidenceSettings:
     #: "exact": every null window on the whole flip set
     null_testing: str = field(default="adaptive", metadata=one_of(NULL_TESTINGS))
     null_error: float = field(default=1e-4, metadata=between(0.0, 0.5, lo_open=True))
-    #: test the top-k and this many of the null windows again on a fresh flip set (:func:`replicate`), the evidence
-    #: ``decision.replication_p`` reads; 0: off. The search keeps the windows that moved its flip set most, so a
-    #: clean model's top-k stand above random windows partly by luck that a fresh set does not repeat. Opt-in:
-    #: measured on four CIFAR-10 50k runs (benchmarks/studies/replication.py; docs/design.md, "A trigger changed
-    #: copy by copy"), not yet on a clean-data model. Costs (k + replication) x flip-set forwards
-    replication: int = field(default=0, metadata=at_least(0))
 Z_SCALE = "min-spread"  # how ``z`` is scaled (recorded as ``z_scale``)
 
 
@@ -252,31 +246,22 @@ def effect_of(ev: Evidence) -> float:
     return effect_size(ev.topk_median, ev.null_median, int(ev.n_flip))
 
 
-def replicated(ev: Evidence, replication_p: float) -> bool:
-    """Do the top-k hold their scores on the fresh flip set (the record's replication at ``p <= replication_p``;
-    ``False`` without one, or at ``replication_p`` 0)?"""
-    rep = ev.replication
-    return replication_p > 0 and rep is not None and rep.p_value <= replication_p
-
-
-def by_effect(ev: Evidence, min_evidence: float, min_effect: float, replication_p: float = 0.0) -> bool:
-    """Does the record pass the gate on the flip test alone (``z >= min_evidence`` and ``effect >= min_effect``, or
-    the top-k :func:`replicated` on a fresh flip set)? A signal that does not rests on the recurring picture, which
-    the picture match must then find in some image (:func:`~poisonscan.detect.matching.match_verdict`)."""
-    return float(ev.z) >= min_evidence and (effect_of(ev) >= min_effect or replicated(ev, replication_p))
+def by_effect(ev: Evidence, min_evidence: float, min_effect: float) -> bool:
+    """Does the record pass the gate on the flip test alone (``z >= min_evidence`` and ``effect >= min_effect``)?
+    A signal that does not rests on the recurring picture, which the picture match must then find in some image
+    (:func:`~poisonscan.detect.matching.match_verdict`)."""
+    return float(ev.z) >= min_evidence and effect_of(ev) >= min_effect
 
 
 def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recurrence_p: float = SIGNIFICANCE,
-                  weak_signal_p: float = SIGNIFICANCE, replication_p: float = 0.0) -> tuple[bool, str]:
+                  weak_signal_p: float = SIGNIFICANCE) -> tuple[bool, str]:
     """Is there a backdoor signal, and a one-line reason? Either the flip test alone (:func:`by_effect`), or one
     picture recurring among the top-k windows (the recurrence test of detect/recurrence.py with ``p <=
     max_recurrence_p``; 0: the flip test alone decides; a record without the test has no recurring picture) whose
     windows also stand above random ones on the flip test: ``z >= min_evidence``, or, for a trigger learned too
     weakly to reach that ``z``, the bootstrap's ``p <= weak_signal_p`` (the top-k median above the top-k medians of
     random windows picked the same way; 0: ``z`` is needed). A signal that rests on the picture stands only if the
-    picture match finds images that hold it (detect/matching.py). With a replication in the record and
-    ``replication_p`` > 0, top-k that hold their scores on a fresh flip set (:func:`replicated`) stand in for the
-    effect."""
+    picture match finds images that hold it (detect/matching.py)."""
     z, effect, p = float(ev.z), effect_of(ev), float(ev.p_value)
     rec = ev.recurrence
     recurring = recurring_group(ev, max_recurrence_p) is not None
@@ -300,12 +285,6 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     if recurring:
         return True, (f"backdoor signal: z = {z:.2f}, {group}; {moved}, below the minimum effect "
                       f"{100 * min_effect:g}%")
-    rep = ev.replication
-    again = (f"on a fresh flip set the top-k move a median of {rep.topk_median:g} images against random windows' "
-             f"{rep.null_median:g} (p = {rep.p_value:.3f})" if rep is not None else "")
-    if replicated(ev, replication_p):
-        return True, (f"backdoor signal: z = {z:.2f}; {again}: the top-k hold their scores on images they were not "
-                      f"selected on; {moved}, below the minimum effect {100 * min_effect:g}%")
     if rec is None:
         why = "and the record has no recurrence test"
     elif max_recurrence_p <= 0:
@@ -313,30 +292,9 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     else:
         why = (f"and no picture recurs among the top-k (largest group {rec.size} of {rec.k}; random windows: "
                f"up to {rec.null_group_p99:g}, p = {rec.p_value:.3f})")
-    if rep is not None and replication_p > 0:
-        why += f", and {again}, asked: {replication_p:g}"
     return False, (f"no backdoor signal: {moved}, below the minimum effect {100 * min_effect:g}%, {why}: a "
                    "response this small without a recurring picture is what clean data, or a weakly learned trigger, "
                    "gives")
-
-
-def replicate(fresh: FlipTest, top_windows: Tensor, top_sources: np.ndarray | None, null_patches: Tensor,
-              null_sources: np.ndarray | None, n_boot: int = 2000) -> Replication:
-    """Score the top-k windows and the reference windows ``null_patches`` (their images' clusters in ``*_sources``
-    for the "to_source" rule) on the ``fresh`` flip test, with paste positions of their own, and compare the top-k
-    median with the medians of ``k`` reference windows drawn ``n_boot`` times (with replacement)."""
-    top = fresh.scores(top_windows, top_sources, "fresh top-k")
-    null = fresh.scores(null_patches, null_sources, "fresh null")
-    k = len(top)
-    observed = float(np.median(top)) if k else 0.0
-    rng = np.random.default_rng(fresh.seed)
-    boot = (np.median(null[rng.integers(0, len(null), size=(n_boot, k))], axis=1) if k and len(null)
-            else np.full(1, np.inf))
-    return Replication(flip_set=len(fresh.index), topk_scores=[int(v) for v in top],
-                       null_scores=[int(v) for v in null], topk_median=observed,
-                       null_median=float(np.median(null)) if len(null) else 0.0,
-                       null_p99=float(np.quantile(null, 0.99)) if len(null) else 0.0,
-                       p_value=float((1 + int((boot >= observed).sum())) / (1 + len(boot))), n_boot=len(boot))
 
 
 # -- the evidence stage -------------------------------------------------------------------------------------------
@@ -370,18 +328,8 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     rec = recurrence_test(top_windows, patches, seed=flip.seed)
     rec["members"] = [int(top[j]) for j in rec["members"]]      # image indices
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
-    replication = None
-    if settings.replication > 0 and top:
-        n_ref = min(settings.replication, len(patches))
-        fresh = FlipTest.of(flip.encoder, flip.clustering, images,
-                            fresh_flip_set(flip.clustering, flip.index, n_flip,
-                                           len(np.unique(labels[flip.index]))), flip.runtime, flip.seed,
-                            flip.rule, flip.batch_size)
-        top_src = labels[np.asarray(top, dtype=np.int64)] if flip.rule == "to_source" else None
-        replication = replicate(fresh, top_windows, top_src, patches[:n_ref],
-                                sources[:n_ref] if sources is not None else None).to_json()
     return Evidence.from_json({
-        **ev, "recurrence": rec, "replication": replication, "top_k": top, "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
+        **ev, "recurrence": rec, "top_k": top, "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
         "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip,
         "null_sources": src.tolist(),
         "null_pool": settings.null_pool if pool is not None else "all",

@@ -55,22 +55,6 @@ def flip_test_set(clustering: Clustering, features: np.ndarray, size: int = PAPE
     return order[rank < per_cluster].astype(np.int64)
 
 
-def fresh_flip_set(clustering: Clustering, taken: np.ndarray, size: int = PAPER.flip_set_size,
-                   requested_clusters: int = PAPER.n_clusters) -> np.ndarray:
-    """A second flip test set, disjoint from ``taken`` (the first): the ``max(1, size // requested_clusters)``
-    images nearest each cluster centre that ``taken`` does not hold (by ``clustering.distances``; ties to the
-    smaller index), sorted by cluster, then distance, like :func:`flip_test_set`."""
-    labels = clustering.labels
-    keep = np.ones(labels.shape[0], dtype=bool)
-    keep[np.asarray(taken, dtype=np.int64)] = False
-    cand = np.flatnonzero(keep)
-    order = cand[np.lexsort((cand, clustering.distances[cand], labels[cand]))]
-    sorted_labels = labels[order]
-    rank = np.arange(order.shape[0]) - np.searchsorted(sorted_labels, sorted_labels, side="left")
-    per_cluster = max(1, int(size) // max(1, int(requested_clusters)))
-    return order[rank < per_cluster].astype(np.int64)
-
-
 # -- pasting ------------------------------------------------------------------------------------------------------
 
 def draw_positions(n_candidates: int, n_images: int, generator: torch.Generator | int) -> Tensor:

@@ -196,8 +196,7 @@ class _Driver:
 
     def match_(self) -> dict[str, Any]:
         d = self.cfg.decision
-        found, _ = evidence_gate(self.evidence, d.min_evidence, d.min_effect, d.max_recurrence_p, d.weak_signal_p,
-                                 d.replication_p)
+        found, _ = evidence_gate(self.evidence, d.min_evidence, d.min_effect, d.max_recurrence_p, d.weak_signal_p)
         record = run_match(self.store.images, self.search, self.evidence, self.runtime, found or d.force,
                            d.max_recurrence_p, d.match_picture, self.cfg.batch_size, self.quiet)
         self.run.file("picture_match.npy").unlink(missing_ok=True)

@@ -162,23 +162,6 @@ class Recurrence(Record):
 
 
 @dataclass
-class Replication(Record):
-    """The top-k windows tested again on a fresh flip set (detect/evidence.py, :func:`~poisonscan.detect.evidence.
-    replicate`): the images next nearest each cluster centre, disjoint from the search's flip set, with fresh paste
-    positions; beside them the same number of random windows as reference. ``p_value``: the share of random draws of
-    ``k`` reference windows whose median reaches the top-k's."""
-
-    flip_set: int = 0
-    topk_scores: list[int] = field(default_factory=list)
-    null_scores: list[int] = field(default_factory=list)
-    topk_median: float = 0.0
-    null_median: float = 0.0
-    null_p99: float = 0.0
-    p_value: float = 1.0
-    n_boot: int = 0
-
-
-@dataclass
 class Evidence(Record):
     """The evidence stage's record (``evidence.json``): the top-k poison scores against random windows' (``z``,
     ``effect``; detect/evidence.py), the recurrence test, the top-k themselves and the null windows' scores and
@@ -199,7 +182,6 @@ class Evidence(Record):
     boot_mean: float = 0.0
     boot_std: float = 0.0
     recurrence: Recurrence | None = nested(Recurrence)
-    replication: Replication | None = nested(Replication)
     top_k: list[int] = field(default_factory=list)
     topk_scores: list[int] = field(default_factory=list)
     null_scores: list[int] = field(default_factory=list)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_is_exact, bootstrap_topk_medians, by_effect,
-                                        effect_of, effect_size, evidence_gate, evidence_z, null_pool, null_windows,
-                                        replicate, topk_spread)
+from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_is_exact, bootstrap_topk_medians, effect_of, effect_size,
+                                        evidence_gate, evidence_z, null_pool, null_windows, topk_spread)
 from poisonscan.detect.records import Evidence
 
 
@@ -248,36 +247,3 @@ def test_the_adaptive_null_gives_the_exact_nulls_evidence_with_fewer_forwards() 
     # too few draws for the resolved tail to fill every resample: the whole null is tested
     full = adaptive_null(flip, patches, None, n_scored=10, k=6, delta=1e-4, n_boot=500)
     assert (full.tested == 64).all() and (full.scores == exact).all()
-
-
-def test_top_k_that_hold_their_scores_on_a_fresh_flip_set_stand_in_for_the_effect() -> None:
-    """Without a recurring picture a small effect fails the gate; the replication (the top-k tested again on a
-    fresh flip set, :func:`replicate`) passes it when the top-k hold their scores there, and says so when not."""
-    null = np.r_[np.full(250, 120.0), np.full(6, 124.0)]
-    ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
-                           n_boot=300)
-    no_group = {"signature": "pixels", "size": 3, "k": 20, "null_group_p99": 5.0, "p_value": 0.4}
-    held = {"flip_set": 250, "topk_median": 6.0, "null_median": 0.0, "null_p99": 2.0, "p_value": 0.0005}
-    found, reason = gate({**ev, "recurrence": no_group, "replication": held}, 3.0, 0.15, replication_p=0.01)
-    assert found and "on a fresh flip set the top-k move a median of 6 images against random windows' 0" in reason
-    assert "hold their scores on images they were not selected on" in reason
-    assert not gate({**ev, "recurrence": no_group, "replication": held}, 3.0, 0.15)[0]      # 0: not read
-    lucky = {**held, "topk_median": 1.0, "p_value": 0.3}
-    found, reason = gate({**ev, "recurrence": no_group, "replication": lucky}, 3.0, 0.15, replication_p=0.01)
-    assert not found and "(p = 0.300), asked: 0.01" in reason
-    assert not gate({**ev, "z": 2.0, "recurrence": no_group, "replication": held}, 3.0, 0.15, replication_p=0.01)[0]
-    rec = Evidence.from_json({**ev, "replication": held})
-    assert by_effect(rec, 3.0, 0.15, 0.01) and not by_effect(rec, 3.0, 0.15)
-
-
-def test_replicate_tests_the_windows_on_the_fresh_set_with_positions_of_their_own() -> None:
-    from tests.detect.test_fliptest import _flip_test, patch
-
-    flip = _flip_test()                                       # bright windows flip every image, dim ones none
-    top = torch.stack([patch(250)] * 5)
-    null = torch.stack([patch(5)] * 40 + [patch(250)] * 2)
-    rep = replicate(flip, top, None, null, None, n_boot=400)
-    assert rep.topk_scores == [64] * 5 and rep.topk_median == 64 and rep.null_median == 0
-    assert rep.p_value < 0.01 and rep.flip_set == 64 and len(rep.null_scores) == 42
-    same = replicate(flip, torch.stack([patch(5)] * 5), None, null, None, n_boot=400)
-    assert same.topk_median == 0 and same.p_value == 1.0

@@ -10,8 +10,7 @@ from torch import nn
 
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.features import encode
-from poisonscan.detect.fliptest import (FlipTest, draw_positions, flip_test_set, fresh_flip_set, paste_patches,
-                                      poison_scores)
+from poisonscan.detect.fliptest import FlipTest, draw_positions, flip_test_set, paste_patches, poison_scores
 from poisonscan.runtime import Runtime
 
 S = 16
@@ -179,12 +178,3 @@ def test_the_flip_order_is_a_seeded_permutation() -> None:
     flip = _flip_test()
     order = flip.order()
     assert sorted(order.tolist()) == list(range(64)) and torch.equal(order, _flip_test().order())
-
-
-def test_the_fresh_flip_set_takes_the_next_nearest_images_of_every_cluster() -> None:
-    labels = np.array([0, 0, 0, 1, 1, 1, 2])
-    dist = np.array([0.5, 0.1, 0.3, 2.0, 1.0, 1.0, 0.2], np.float32)
-    cl = Clustering(np.zeros((3, 2), np.float32), labels, dist)
-    assert fresh_flip_set(cl, np.array([1, 4, 6]), size=3, requested_clusters=3).tolist() == [2, 5]
-    assert fresh_flip_set(cl, np.array([1, 2, 4, 5, 6]), size=6, requested_clusters=3).tolist() == [0, 3]
-    assert fresh_flip_set(cl, np.array([], np.int64), size=3, requested_clusters=3).tolist() == [1, 4, 6]

@@ -224,23 +224,6 @@ def test_min_effect_gate_and_its_change_on_resume(toy, tmp_path, runtime):
         P.run_detect(small_cfg(toy, tmp_path / "bad", min_effect=2.0), runtime, quiet=True)
 
 
-def test_a_replication_on_a_fresh_flip_set_stands_in_for_the_effect_on_resume(toy, tmp_path, runtime):
-    run = tmp_path / "fresh"
-    base = dict(min_effect=1.0, max_recurrence_p=0.0, iterations=20)
-    summary = P.run_detect(small_cfg(toy, run, **base), runtime, quiet=True)
-    assert not summary["evidence"]["backdoor_found"] and summary["evidence"].get("replication") is None
-    search_done = (run / "stages/search.done").read_text()
-    again = P.run_detect(small_cfg(toy, None, resume=str(run), replication=32, **base), runtime, quiet=True)
-    assert (run / "stages/search.done").read_text() == search_done          # the evidence stage on reruns
-    rep = json.loads((run / "evidence.json").read_text())["replication"]
-    flip_set = set(json.loads((run / "search.json").read_text())["flip_set"])
-    assert rep["flip_set"] == len(flip_set) and len(rep["null_scores"]) == 32 and len(rep["topk_scores"]) == 5
-    assert rep["topk_median"] > rep["null_p99"] and rep["p_value"] < 0.01     # the toy's trigger holds its scores
-    assert again["evidence"]["backdoor_found"] and "on a fresh flip set" in again["evidence"]["reason"]
-    assert again["classifier"]["trained"]
-    assert again["cost"]["forwards"]["evidence"] == summary["cost"]["forwards"]["evidence"] + (5 + 32) * rep["flip_set"]
-
-
 def test_resume_reruns_from_the_first_stage_a_changed_setting_shapes():
     """Each setting's stage comes from the dataclasses' ``stage`` metadata (a section's field, or its own)."""
     cfg = configure(DetectConfig, data="d", model="m")
