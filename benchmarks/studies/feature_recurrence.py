@@ -1,0 +1,104 @@
+"""Would comparing windows by the threat model's features let the recurrence test see a trigger changed copy by copy?
+
+    python -m benchmarks.studies.feature_recurrence RUN_DIR TRUTH_CSV [RUN_DIR TRUTH_CSV ...] [--json OUT]
+
+The recurrence test compares the top-k windows pixel by pixel, so copies of a trigger that were scaled, turned and
+recoloured one by one (``poisonscan poison --scale-jitter --rotation --colour-jitter``) are not alike to it. This
+study compares them as the threat model sees them instead: each window pasted at the centre of a grey canvas of the
+model's input size and embedded; two windows are alike when the cosine of their features reaches the 99th
+percentile of 256 random windows' pairs (embedded the same way), and the largest group of the top-k is compared
+with the largest groups of 20 random windows (1,000 draws), as the pixel test does. Prints, per finished detect
+run folder, the recorded pixel test and the feature test, with how many of each group are poisons. Costs k + 256
+forwards per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from poisonscan.data.store import open_store
+from poisonscan.detect.evidence import null_windows
+from poisonscan.detect.features import encode, prepare_encoder
+from poisonscan.detect.masking import cut_windows
+from poisonscan.detect.recurrence import ALIKE_QUANTILE, REFERENCE_SIZE, largest_group
+from poisonscan.models.checkpoints import load_encoder
+from poisonscan.runtime import setup_runtime
+
+GREY = 128
+
+
+def embed(encoder: Any, windows: torch.Tensor, side: int, runtime: Any) -> torch.Tensor:
+    """L2-normalised features of ``windows`` (uint8 n x 3 x w x w), each pasted at the centre of a grey canvas."""
+    w = int(windows.shape[-1])
+    canvas = torch.full((len(windows), 3, side, side), GREY, dtype=torch.uint8)
+    o = (side - w) // 2
+    canvas[:, :, o:o + w, o:o + w] = windows
+    with torch.inference_mode():
+        feats = torch.as_tensor(np.asarray(encode(encoder, canvas, runtime))).float()
+    return F.normalize(feats, dim=1)
+
+
+def study(run: Path, truth: Path, runtime: Any, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    cfg = json.loads((run / "config.json").read_text())
+    search = json.loads((run / "search.json").read_text())
+    ev = json.loads((run / "evidence.json").read_text())
+    encoder, _ = load_encoder(cfg["model"], arch=cfg.get("arch"), image_size=cfg.get("image_size"))
+    encoder = prepare_encoder(encoder.eval(), runtime)
+    images = open_store(run / "store").images
+    boxes = {int(e["index"]): e["box"] for e in search["scored"]}
+    top = [int(i) for i in ev["top_k"]]
+    tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
+    nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
+    ft, fn = embed(encoder, tw, int(images.shape[-1]), runtime), embed(encoder, nw, int(images.shape[-1]), runtime)
+    ref = (fn @ fn.T).numpy()
+    bar = float(np.quantile(ref[np.triu_indices(len(ref), 1)], ALIKE_QUANTILE))
+    size, members = largest_group((ft @ ft.T).numpy() >= bar)
+    rng = np.random.default_rng(seed)
+    alike = ref >= bar
+    boot = np.array([largest_group(alike[np.ix_(p, p)])[0]
+                     for p in (rng.choice(len(ref), len(top), replace=False) for _ in range(n_boot))])
+    ids = json.loads((run / "ids.json").read_text())
+    with open(truth, newline="") as fh:
+        flag = {r["sample_id"]: r["poisoned"] == "1" for r in csv.DictReader(fh)}
+    poison = [flag.get(ids[i], False) for i in top]
+    rec = ev.get("recurrence") or {}
+    return {"run": str(run), "k": len(top), "poisons_in_top_k": int(sum(poison)),
+            "pixels": {"size": rec.get("size"), "p_value": rec.get("p_value"),
+                       "poisons_in_group": int(sum(poison[top.index(i)] for i in rec.get("members", [])
+                                                   if i in top))},
+            "features": {"size": int(size), "bar": bar, "null_group_p99": float(np.quantile(boot, 0.99)),
+                         "p_value": float((1 + int((boot >= size).sum())) / (1 + n_boot)),
+                         "poisons_in_group": int(sum(poison[m] for m in members))}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pairs", nargs="+", help="RUN_DIR TRUTH_CSV pairs")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if len(args.pairs) % 2:
+        ap.error("give RUN_DIR TRUTH_CSV pairs")
+    runtime = setup_runtime("cpu", "auto")
+    rows = []
+    for run, truth in zip(args.pairs[::2], args.pairs[1::2]):
+        r = study(Path(run), Path(truth), runtime)
+        rows.append(r)
+        px, ft = r["pixels"], r["features"]
+        print(f"{run}: {r['poisons_in_top_k']} poisons in the top {r['k']}; pixels: group {px['size']} "
+              f"({px['poisons_in_group']} poisons), p {px['p_value']:.3f}; features: group {ft['size']} "
+              f"({ft['poisons_in_group']} poisons), p {ft['p_value']:.3f}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
