@@ -1,0 +1,99 @@
+"""How much may each copy of a trigger change before the recurrence test stops seeing one picture?
+
+    python -m benchmarks.studies.jitter_tolerance DATA TRIGGER --target CLASS --work DIR [--json OUT]
+
+For each setting of ``poisonscan poison``'s copy-by-copy changes (scale, turn, colour; one at a time, then all
+three), the labelled data set ``DATA`` is poisoned (the cifar10 preset's trigger size and margins), the window the
+search would cut around each copy (the detect window, 60/224 of the side, centred on the copy's ground-truth box) is
+taken from the first ``--copies`` poisons, and the recurrence test's similarity (detect/recurrence.py) is computed
+between the copies and between 256 random windows of clean images: the bar (the random pairs' 99th percentile), the
+share of copy pairs that reach it and the largest group of 20 copies. No threat model is needed: this is what the
+pixel test can see at best, with windows that sit exactly on the copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poisonscan.attacks.poison import poison_dataset
+from poisonscan.config import PoisonConfig
+from poisonscan.data.sources import open_source
+from poisonscan.detect.recurrence import ALIKE_QUANTILE, REFERENCE_SIZE, largest_group, window_similarity
+from poisonscan.settings import PAPER
+
+#: (name, scale_jitter, rotation, colour_jitter)
+SETTINGS = [("unchanged", 0.0, 0.0, 0.0), ("colour 0.3", 0.0, 0.0, 0.3), ("scale 0.1", 0.1, 0.0, 0.0),
+            ("scale 0.25", 0.25, 0.0, 0.0), ("turn 10", 0.0, 10.0, 0.0), ("turn 20", 0.0, 20.0, 0.0),
+            ("turn 30", 0.0, 30.0, 0.0), ("all three", 0.25, 30.0, 0.3)]
+
+
+def windows(data: Path, copies: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The detect-sized windows centred on the first ``copies`` poisons, and 256 random windows of clean images."""
+    with open(data / "ground_truth.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    src = open_source(data / "train")
+    poisons = [i for i, r in enumerate(rows) if r["poisoned"] == "1"][:copies]
+    rng = np.random.default_rng(seed)
+    clean = sorted(rng.choice([i for i, r in enumerate(rows) if r["poisoned"] == "0"], REFERENCE_SIZE,
+                              replace=False).tolist())
+    images = {i: np.asarray(item.image.convert("RGB")) for i, item in src.iter_indexed(sorted(set(poisons) | set(clean)))}
+    side = images[poisons[0]].shape[0]
+    w = max(1, round(PAPER.window / PAPER.reference_size * side))
+    cut = []
+    for i in poisons:
+        r = rows[i]
+        x, y, s = int(r["x"]), int(r["y"]), int(r["w"])
+        cx = min(max(x + s // 2 - w // 2, 0), side - w)
+        cy = min(max(y + s // 2 - w // 2, 0), side - w)
+        cut.append(images[i][cy:cy + w, cx:cx + w].transpose(2, 0, 1))
+    ref = []
+    for i in clean:
+        x, y = rng.integers(0, side - w + 1, 2)
+        ref.append(images[i][y:y + w, x:x + w].transpose(2, 0, 1))
+    return np.stack(cut), np.stack(ref)
+
+
+def measure(copies: np.ndarray, ref: np.ndarray, k: int = 20) -> dict[str, Any]:
+    ref_sim = window_similarity(ref)
+    bar = float(np.quantile(ref_sim[np.triu_indices(len(ref), 1)], ALIKE_QUANTILE))
+    sim = window_similarity(copies)
+    pairs = sim[np.triu_indices(len(copies), 1)]
+    size, _ = largest_group(sim[:k, :k] >= bar)
+    return {"bar": bar, "pair_median": float(np.median(pairs)), "share_alike": float((pairs >= bar).mean()),
+            "group_of_20": int(size)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data")
+    ap.add_argument("trigger")
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--copies", type=int, default=100)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    rows = []
+    for name, scale, turn, colour in SETTINGS:
+        out = args.work / name.replace(" ", "-")
+        if not (out / "summary.json").exists():
+            poison_dataset(PoisonConfig(data=args.data, out=str(out), targets=[f"{args.target}={args.trigger}"],
+                                        rate=0.5, trigger_size=PAPER.trigger_size / PAPER.reference_size,
+                                        scale_jitter=scale, rotation=turn, colour_jitter=colour), quiet=True)
+        m = measure(*windows(out, args.copies))
+        rows.append({"setting": name, "scale_jitter": scale, "rotation": turn, "colour_jitter": colour, **m})
+        print(f"{name:<12} bar {m['bar']:.3f}  copies' median {m['pair_median']:.3f}  alike {m['share_alike']:.2f}"
+              f"  largest group of 20: {m['group_of_20']}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"data": args.data, "trigger": args.trigger, "target": args.target,
+                                         "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
