@@ -42,7 +42,8 @@ def windows(data: Path, copies: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     rng = np.random.default_rng(seed)
     clean = sorted(rng.choice([i for i, r in enumerate(rows) if r["poisoned"] == "0"], REFERENCE_SIZE,
                               replace=False).tolist())
-    images = {i: np.asarray(item.image.convert("RGB")) for i, item in src.iter_indexed(sorted(set(poisons) | set(clean)))}
+    wanted = sorted(set(poisons) | set(clean))
+    images = {i: np.asarray(item.image.convert("RGB")) for i, item in src.iter_indexed(wanted)}
     side = images[poisons[0]].shape[0]
     w = max(1, round(PAPER.window / PAPER.reference_size * side))
     cut = []
