@@ -3,12 +3,13 @@
     python -m benchmarks.studies.jitter_tolerance DATA TRIGGER --target CLASS --work DIR [--json OUT]
 
 For each setting of ``poisonscan poison``'s copy-by-copy changes (scale, turn, colour; one at a time, then all
-three), the labelled data set ``DATA`` is poisoned (the cifar10 preset's trigger size and margins), the window the
+three), the labelled data set ``DATA`` is poisoned (the cifar10 preset's 8-px trigger and margins), the window the
 search would cut around each copy (the detect window, 60/224 of the side, centred on the copy's ground-truth box) is
 taken from the first ``--copies`` poisons, and the recurrence test's similarity (detect/recurrence.py) is computed
 between the copies and between 256 random windows of clean images: the bar (the random pairs' 99th percentile), the
-share of copy pairs that reach it and the largest group of 20 copies. No threat model is needed: this is what the
-pixel test can see at best, with windows that sit exactly on the copies.
+share of copy pairs that reach it and the largest group of 20 copies, beside the 99th percentile of the largest
+groups of 20 random windows (1,000 draws). No threat model is needed: this is what the pixel test can see at best,
+with windows that sit exactly on the copies.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from poisonscan.attacks.poison import poison_dataset
+from poisonscan.attacks.presets import get_preset
 from poisonscan.config import PoisonConfig
 from poisonscan.data.sources import open_source
 from poisonscan.detect.recurrence import ALIKE_QUANTILE, REFERENCE_SIZE, largest_group, window_similarity
 from poisonscan.settings import PAPER
 
+#: the cifar10 preset's trigger side in pixels
+TRIGGER_SIZE = float(get_preset("cifar10").values["trigger_size"])
 #: (name, scale_jitter, rotation, colour_jitter)
 SETTINGS = [("unchanged", 0.0, 0.0, 0.0), ("colour 0.3", 0.0, 0.0, 0.3), ("scale 0.1", 0.1, 0.0, 0.0),
             ("scale 0.25", 0.25, 0.0, 0.0), ("turn 10", 0.0, 10.0, 0.0), ("turn 20", 0.0, 20.0, 0.0),
@@ -60,14 +64,18 @@ def windows(data: Path, copies: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return np.stack(cut), np.stack(ref)
 
 
-def measure(copies: np.ndarray, ref: np.ndarray, k: int = 20) -> dict[str, Any]:
+def measure(copies: np.ndarray, ref: np.ndarray, k: int = 20, n_boot: int = 1000) -> dict[str, Any]:
     ref_sim = window_similarity(ref)
     bar = float(np.quantile(ref_sim[np.triu_indices(len(ref), 1)], ALIKE_QUANTILE))
     sim = window_similarity(copies)
     pairs = sim[np.triu_indices(len(copies), 1)]
     size, _ = largest_group(sim[:k, :k] >= bar)
+    rng = np.random.default_rng(0)
+    alike = ref_sim >= bar
+    boot = [largest_group(alike[np.ix_(p, p)])[0] for p in (rng.choice(len(ref), k, replace=False)
+                                                           for _ in range(n_boot))]
     return {"bar": bar, "pair_median": float(np.median(pairs)), "share_alike": float((pairs >= bar).mean()),
-            "group_of_20": int(size)}
+            "group_of_20": int(size), "random_group_p99": float(np.quantile(boot, 0.99))}
 
 
 def main() -> None:
@@ -84,12 +92,12 @@ def main() -> None:
         out = args.work / name.replace(" ", "-")
         if not (out / "summary.json").exists():
             poison_dataset(PoisonConfig(data=args.data, out=str(out), targets=[f"{args.target}={args.trigger}"],
-                                        rate=0.5, trigger_size=PAPER.trigger_size / PAPER.reference_size,
+                                        rate=0.5, trigger_size=TRIGGER_SIZE,
                                         scale_jitter=scale, rotation=turn, colour_jitter=colour), quiet=True)
         m = measure(*windows(out, args.copies))
         rows.append({"setting": name, "scale_jitter": scale, "rotation": turn, "colour_jitter": colour, **m})
         print(f"{name:<12} bar {m['bar']:.3f}  copies' median {m['pair_median']:.3f}  alike {m['share_alike']:.2f}"
-              f"  largest group of 20: {m['group_of_20']}", flush=True)
+              f"  largest group of 20: {m['group_of_20']} (random windows: {m['random_group_p99']:g})", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"data": args.data, "trigger": args.trigger, "target": args.target,

@@ -32,6 +32,7 @@ from poisonscan.detect.fliptest import FlipTest
 from poisonscan.detect.masking import cut_windows
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.runtime import setup_runtime
+from poisonscan.runs import environment_record
 
 
 def fresh_flip_set(clustering: Clustering, taken: np.ndarray, per_cluster: int) -> np.ndarray:
@@ -84,6 +85,13 @@ def study(run: Path, runtime: Any, truth: Path | None, others: int, n_null: int,
     ids = json.loads((run / "ids.json").read_text())
     poison = _poisoned(truth, ids)
     k = len(top)
+    by_truth: dict[str, Any] = {}
+    if poison is not None:
+        flags = [bool(poison[i]) for i in top]
+        for name, want in (("poison", True), ("clean", False)):
+            vals = [int(got[j]) for j in range(k) if flags[j] == want]
+            by_truth[f"{name}_fresh_median"] = float(np.median(vals)) if vals else None
+        by_truth["poisons_in_top_k"] = int(sum(flags))
     rows = [{"index": int(i), "id": ids[int(i)], "top_k": j < k, "recorded": int(scored[int(i)]["poison_score"]),
              "fresh": int(got[j]), "poison": None if poison is None else bool(poison[int(i)])}
             for j, i in enumerate(picked)]
@@ -95,7 +103,7 @@ def study(run: Path, runtime: Any, truth: Path | None, others: int, n_null: int,
                         else None,
                         "others_fresh_median": float(np.median(got[k:])) if len(other) else None,
                         "null_fresh_median": float(np.median(null_scores)),
-                        "null_fresh_p99": float(np.quantile(null_scores, 0.99))}}
+                        "null_fresh_p99": float(np.quantile(null_scores, 0.99)), **by_truth}}
 
 
 def main() -> None:
@@ -119,7 +127,9 @@ def main() -> None:
             tag = "" if w["poison"] is None else ("poison" if w["poison"] else "clean")
             print(f"  {w['recorded']:>4} -> {w['fresh']:>4}  {tag}")
     if args.json:
-        args.json.write_text(json.dumps({"runs": out}, indent=1) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"study": "benchmarks/studies/replication.py",
+                                         "environment": environment_record(0), "runs": out}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,6 @@ class Transform:
     angle: float = 0.0
     gains: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
-    @property
-    def identity(self) -> bool:
-        return self.scale == 1.0 and self.angle == 0.0 and self.gains == (1.0, 1.0, 1.0)
-
 
 IDENTITY = Transform()
 
@@ -115,8 +111,9 @@ def random_corner(rng: np.random.Generator, width: int, height: int, size: int, 
 
 
 def transformed_patch(patch: np.ndarray, transform: Transform) -> tuple[np.ndarray, np.ndarray | None]:
-    """``patch`` (``s x s x 3`` uint8, already at its pasted size) recoloured and turned by ``transform``, and the
-    share of each pixel the turned trigger covers (``s x s`` float32 in [0, 1]; ``None`` when not turned)."""
+    """``patch`` (``s x s x 3`` uint8, already at its pasted size) recoloured and turned by ``transform`` (bicubic),
+    and which pixels the turned trigger covers (``s x s`` float32, 1 where a pixel's centre falls inside the turned
+    square, else 0: a hard edge; ``None`` when not turned)."""
     out = patch
     if transform.gains != (1.0, 1.0, 1.0):
         gains = np.asarray(transform.gains, dtype=np.float32)
@@ -125,7 +122,7 @@ def transformed_patch(patch: np.ndarray, transform: Transform) -> tuple[np.ndarr
         return out, None
     size = out.shape[0]
     turned = Image.fromarray(out, "RGB").rotate(transform.angle, resample=Image.Resampling.BICUBIC)
-    cover = Image.new("L", (size, size), 255).rotate(transform.angle, resample=Image.Resampling.BILINEAR)
+    cover = Image.new("L", (size, size), 255).rotate(transform.angle, resample=Image.Resampling.NEAREST)
     return np.asarray(turned, dtype=np.uint8), np.asarray(cover, dtype=np.float32) / 255.0
 
 
@@ -135,8 +132,8 @@ def paste_trigger(img: ImageLike, trigger: ImageLike, x: int, y: int, size: int,
 
     ``opacity`` 1.0 replaces the pixels (the HTBA paste); below 1 the patch is alpha-blended:
     ``round((1 - a) * img + a * trigger)`` inside the box, pixels outside it are untouched. ``transform`` recolours
-    and turns the resized trigger first (:func:`transformed_patch`; ``size`` is already the scaled side); where a
-    turned trigger covers a pixel partly, it is blended by its cover.
+    and turns the resized trigger first (:func:`transformed_patch`; ``size`` is already the scaled side); the pixels
+    of the box a turned trigger leaves keep the image's.
     """
     arr = as_rgb_array(img)
     h, w = arr.shape[:2]

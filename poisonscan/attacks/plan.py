@@ -121,7 +121,7 @@ def plan_poisons(cfg: PoisonConfig, source: Source, targets: list[Target], count
             if got < n:
                 raise UsageError(f"class {t.cls!r} has only {got} readable images left, {n} needed "
                                  f"({len(unreadable)} unreadable): lower --rate/--dataset-rate")
-    jitter_rng = np.random.default_rng([cfg.seed, 3])          # its own stream: boxes without jitter are unchanged
+    jitter_rng = np.random.default_rng([cfg.seed, 3])          # its own stream: the choice and corners ignore it
     transforms = {i: next_transform(cfg, jitter_rng) for i in sorted(chosen)} if jitters(cfg) else {}
     poisoned = {i: (chosen[i], image_box(cfg, box_rng, *sizes[i], cfg.margin, source.ids[i],
                                          transforms[i].scale if transforms else 1.0)) for i in sorted(chosen)}

@@ -39,7 +39,7 @@ from poisonscan import __version__
 from poisonscan.attacks.blend import blend_trigger
 from poisonscan.attacks.ctrl import ctrl_trigger
 from poisonscan.attacks.patch import IDENTITY, Transform, paste_trigger
-from poisonscan.attacks.plan import Box, Plan, image_box, jitters, next_transform, plan_poisons, poison_counts
+from poisonscan.attacks.plan import Box, Plan, image_box, next_transform, plan_poisons, poison_counts
 from poisonscan.attacks.presets import apply_preset
 from poisonscan.attacks.targets import Target, build_targets, class_aliases, class_display
 from poisonscan.attacks.writers import make_writer

@@ -58,8 +58,9 @@ def test_a_turned_copy_keeps_the_image_in_the_corners_it_leaves() -> None:
     assert box[8, 8] >= 230                                             # the centre is the trigger
     assert box[0, 0] <= 45 and box[15, 15] <= 45                        # the corners keep the image
     assert np.all(out[:8] == 40) and np.all(out[24:] == 40)             # nothing outside the box changes
-    straight = paste_trigger(img, trig, 8, 8, 16)
-    assert not np.array_equal(out, straight)
+    assert set(np.unique(box)) <= {40, 240}                             # a hard edge: trigger or image
+    half = paste_trigger(img, trig, 8, 8, 16, opacity=0.5, transform=Transform(angle=45.0))[8:24, 8:24, 0]
+    assert half[8, 8] == 140 and half[0, 0] == 40                       # opacity blends what the turn covers
 
 
 def test_draw_transform_stays_in_its_ranges() -> None:
@@ -118,3 +119,16 @@ def test_load_trigger(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(UsageError, match="not a readable image"):
         load_trigger(tmp_path / "bad.png")
+
+
+def test_a_scaled_box_is_cut_back_to_the_margins_never_below_the_unscaled_side() -> None:
+    from poisonscan.attacks.plan import image_box
+    from poisonscan.config import PoisonConfig
+
+    cfg = PoisonConfig(trigger_size=10)
+    rng = np.random.default_rng(0)
+    for scale, side in ((1.0, 10), (0.7, 7), (1.3, 13), (2.0, 16)):     # 32 px at margin 0.25: at most 16 fit
+        x, y, w, h = image_box(cfg, rng, 32, 32, 0.25, "img", scale)
+        assert w == h == side and 8 <= x <= 24 - side and 8 <= y <= 24 - side
+    big = PoisonConfig(trigger_size=16)
+    assert image_box(big, rng, 32, 32, 0.25, "img", 1.5)[2] == 16

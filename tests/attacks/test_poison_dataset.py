@@ -127,9 +127,20 @@ def test_jittered_copies_differ_and_stay_inside_their_boxes(image_folder: Path, 
         assert not np.array_equal(new[y:y + h, x:x + w], resize_trigger(Image.open(trigger), w))
         patches.append(new[y:y + h, x:x + w])
     assert len(sizes) > 1 or not np.array_equal(patches[0], patches[1])
-    # the plain attack's boxes are not moved by the jitter's own random stream
-    plain_rows = [r for r in _gt(tmp_path / "plain" / "ground_truth.csv") if r["poisoned"] == "1"]
-    assert [r["sample_id"] for r in plain_rows] == [r["sample_id"] for r in rows]
+    for r in _gt(tmp_path / "jit" / "val_patched" / "ground_truth.csv"):          # the val copies change too
+        x, y, w, h = (int(r[k]) for k in "xywh")
+        orig = np.asarray(decode_image((image_folder / r["source_id"]).read_bytes()))
+        new = np.asarray(Image.open(tmp_path / "jit" / "val_patched" / r["sample_id"]).convert("RGB"))
+        cx, cy, cw, ch = _changed_box(orig, new)
+        assert 7 <= w <= 13 and x <= cx and y <= cy and cx + cw <= x + w and cy + ch <= y + h
+    # turns and gains draw from their own stream: the images and corners are the plain attack's
+    turned = poison_dataset(_cfg(image_folder, tmp_path / "turned", [f"cat={trigger}"], rotation=40,
+                                 colour_jitter=0.4, **kw), quiet=True)
+    assert turned["train"]["poisoned"] == 3
+    for name in ("ground_truth.csv", "val_patched/ground_truth.csv"):
+        boxes = [[r[k] for k in ("sample_id", "x", "y", "w", "h")] for r in _gt(tmp_path / "turned" / name)]
+        assert boxes == [[r[k] for k in ("sample_id", "x", "y", "w", "h")] for r in _gt(tmp_path / "plain" / name)]
+    assert _tree(tmp_path / "turned" / "train") != _tree(tmp_path / "plain" / "train")
     again = poison_dataset(_cfg(image_folder, tmp_path / "again", [f"cat={trigger}"], scale_jitter=0.3,
                                 rotation=40, colour_jitter=0.4, **kw), quiet=True)
     assert again["train"]["poisoned"] == 3 and _tree(tmp_path / "again" / "train") == _tree(tmp_path / "jit" / "train")
