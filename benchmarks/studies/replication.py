@@ -28,24 +28,19 @@ from poisonscan.data.store import open_store
 from poisonscan.detect.clustering import Clustering
 from poisonscan.detect.evidence import null_windows
 from poisonscan.detect.features import prepare_encoder
-from poisonscan.detect.fliptest import FlipTest
+from poisonscan.detect.fliptest import FlipTest, flip_test_set
 from poisonscan.detect.masking import cut_windows
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.runtime import setup_runtime
 from poisonscan.runs import environment_record
 
 
-def fresh_flip_set(clustering: Clustering, taken: np.ndarray, per_cluster: int) -> np.ndarray:
-    """A second flip test set, disjoint from ``taken`` (the run's): the ``per_cluster`` images nearest each cluster
-    centre that ``taken`` does not hold (by ``clustering.distances``; ties to the smaller index)."""
-    labels = clustering.labels
-    keep = np.ones(labels.shape[0], dtype=bool)
-    keep[np.asarray(taken, dtype=np.int64)] = False
-    cand = np.flatnonzero(keep)
-    order = cand[np.lexsort((cand, clustering.distances[cand], labels[cand]))]
-    sorted_labels = labels[order]
-    rank = np.arange(order.shape[0]) - np.searchsorted(sorted_labels, sorted_labels, side="left")
-    return order[rank < per_cluster].astype(np.int64)
+def fresh_flip_set(clustering: Clustering, features: np.ndarray, taken: np.ndarray) -> np.ndarray:
+    """A second flip test set beside the run's (``taken``: as many images per cluster, the nearest to each cluster
+    centre): the next-nearest as many (:func:`~poisonscan.detect.fliptest.flip_test_set` at twice the size,
+    less ``taken``)."""
+    n = len(np.unique(clustering.labels[taken]))
+    return np.setdiff1d(flip_test_set(clustering, features, 2 * len(taken), n), taken)
 
 
 def _poisoned(truth: Path | None, ids: list[str]) -> np.ndarray | None:
@@ -65,7 +60,7 @@ def study(run: Path, runtime: Any, truth: Path | None, others: int, n_null: int,
     store = open_store(run / "store")
     clustering = Clustering.load(run / "clusters.npz")
     old = np.asarray(search["flip_set"], dtype=np.int64)
-    fresh = fresh_flip_set(clustering, old, max(1, len(old) // len(np.unique(clustering.labels[old]))))
+    fresh = fresh_flip_set(clustering, np.load(run / "features.npy", mmap_mode="r"), old)
     rule = search.get("rule") or cfg["search"]["score_rule"]
     flip = FlipTest.of(encoder, clustering, store.images, fresh, runtime, seed, rule, int(cfg.get("batch_size", 256)))
     scored = {int(e["index"]): e for e in search["scored"]}
