@@ -15,7 +15,6 @@ forwards per run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from poisonscan.data.store import open_store
 from poisonscan.detect.evidence import null_windows
 from poisonscan.detect.features import encode, prepare_encoder
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.recurrence import ALIKE_QUANTILE, REFERENCE_SIZE, largest_group
+from poisonscan.detect.recurrence import REFERENCE_SIZE, group_test
+from poisonscan.eval.detection import read_truth
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.runtime import setup_runtime
 
@@ -58,25 +58,19 @@ def study(run: Path, truth: Path, runtime: Any, n_boot: int = 1000, seed: int = 
     tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
     ft, fn = embed(encoder, tw, int(images.shape[-1]), runtime), embed(encoder, nw, int(images.shape[-1]), runtime)
-    ref = (fn @ fn.T).numpy()
-    bar = float(np.quantile(ref[np.triu_indices(len(ref), 1)], ALIKE_QUANTILE))
-    size, members = largest_group((ft @ ft.T).numpy() >= bar)
-    rng = np.random.default_rng(seed)
-    alike = ref >= bar
-    boot = np.array([largest_group(alike[np.ix_(p, p)])[0]
-                     for p in (rng.choice(len(ref), len(top), replace=False) for _ in range(n_boot))])
+    test = group_test((ft @ ft.T).numpy(), (fn @ fn.T).numpy(), n_boot, seed)
     ids = json.loads((run / "ids.json").read_text())
-    with open(truth, newline="") as fh:
-        flag = {r["sample_id"]: r["poisoned"] == "1" for r in csv.DictReader(fh)}
+    gt = read_truth(truth)
+    flag = dict(zip(gt.ids, gt.poisoned.tolist()))
     poison = [flag.get(ids[i], False) for i in top]
     rec = ev.get("recurrence") or {}
     return {"run": str(run), "k": len(top), "poisons_in_top_k": int(sum(poison)),
             "pixels": {"size": rec.get("size"), "p_value": rec.get("p_value"),
                        "poisons_in_group": int(sum(poison[top.index(i)] for i in rec.get("members", [])
                                                    if i in top))},
-            "features": {"size": int(size), "bar": bar, "null_group_p99": float(np.quantile(boot, 0.99)),
-                         "p_value": float((1 + int((boot >= size).sum())) / (1 + n_boot)),
-                         "poisons_in_group": int(sum(poison[m] for m in members))}}
+            "features": {"size": test["size"], "bar": test["bar"], "null_group_p99": test["null_group_p99"],
+                         "p_value": test["p_value"],
+                         "poisons_in_group": int(sum(poison[m] for m in test["members"]))}}
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ with windows that sit exactly on the copies.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from poisonscan.attacks.poison import poison_dataset
 from poisonscan.attacks.presets import get_preset
 from poisonscan.config import PoisonConfig
 from poisonscan.data.sources import open_source
-from poisonscan.detect.recurrence import ALIKE_QUANTILE, REFERENCE_SIZE, largest_group, window_similarity
+from poisonscan.detect.recurrence import REFERENCE_SIZE, group_test, window_similarity
+from poisonscan.eval.detection import read_truth
 from poisonscan.settings import PAPER
 
 #: the cifar10 preset's trigger side in pixels
@@ -39,21 +39,18 @@ SETTINGS = [("unchanged", 0.0, 0.0, 0.0), ("colour 0.3", 0.0, 0.0, 0.3), ("scale
 
 def windows(data: Path, copies: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The detect-sized windows centred on the first ``copies`` poisons, and 256 random windows of clean images."""
-    with open(data / "ground_truth.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    gt = read_truth(data / "ground_truth.csv")
     src = open_source(data / "train")
-    poisons = [i for i, r in enumerate(rows) if r["poisoned"] == "1"][:copies]
+    poisons = np.flatnonzero(gt.poisoned)[:copies].tolist()
     rng = np.random.default_rng(seed)
-    clean = sorted(rng.choice([i for i, r in enumerate(rows) if r["poisoned"] == "0"], REFERENCE_SIZE,
-                              replace=False).tolist())
+    clean = sorted(rng.choice(np.flatnonzero(~gt.poisoned), REFERENCE_SIZE, replace=False).tolist())
     wanted = sorted(set(poisons) | set(clean))
     images = {i: np.asarray(item.image.convert("RGB")) for i, item in src.iter_indexed(wanted)}
     side = images[poisons[0]].shape[0]
     w = max(1, round(PAPER.window / PAPER.reference_size * side))
     cut = []
     for i in poisons:
-        r = rows[i]
-        x, y, s = int(r["x"]), int(r["y"]), int(r["w"])
+        x, y, s, _ = (int(v) for v in gt.boxes[i])
         cx = min(max(x + s // 2 - w // 2, 0), side - w)
         cy = min(max(y + s // 2 - w // 2, 0), side - w)
         cut.append(images[i][cy:cy + w, cx:cx + w].transpose(2, 0, 1))
@@ -64,18 +61,13 @@ def windows(data: Path, copies: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return np.stack(cut), np.stack(ref)
 
 
-def measure(copies: np.ndarray, ref: np.ndarray, k: int = 20, n_boot: int = 1000) -> dict[str, Any]:
-    ref_sim = window_similarity(ref)
-    bar = float(np.quantile(ref_sim[np.triu_indices(len(ref), 1)], ALIKE_QUANTILE))
+def measure(copies: np.ndarray, ref: np.ndarray, k: int = 20) -> dict[str, Any]:
     sim = window_similarity(copies)
+    test = group_test(sim[:k, :k], window_similarity(ref))
     pairs = sim[np.triu_indices(len(copies), 1)]
-    size, _ = largest_group(sim[:k, :k] >= bar)
-    rng = np.random.default_rng(0)
-    alike = ref_sim >= bar
-    boot = [largest_group(alike[np.ix_(p, p)])[0] for p in (rng.choice(len(ref), k, replace=False)
-                                                           for _ in range(n_boot))]
-    return {"bar": bar, "pair_median": float(np.median(pairs)), "share_alike": float((pairs >= bar).mean()),
-            "group_of_20": int(size), "random_group_p99": float(np.quantile(boot, 0.99))}
+    return {"bar": test["bar"], "pair_median": float(np.median(pairs)),
+            "share_alike": float((pairs >= test["bar"] - 1e-9).mean()), "group_of_20": test["size"],
+            "random_group_p99": test["null_group_p99"]}
 
 
 def main() -> None:

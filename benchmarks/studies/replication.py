@@ -16,7 +16,6 @@ Reads the run folder's files directly; costs (k + others + null) x flip-set forw
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from poisonscan.detect.evidence import null_windows
 from poisonscan.detect.features import prepare_encoder
 from poisonscan.detect.fliptest import FlipTest, flip_test_set
 from poisonscan.detect.masking import cut_windows
+from poisonscan.eval.detection import read_truth
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.runtime import setup_runtime
 from poisonscan.runs import environment_record
@@ -46,8 +46,8 @@ def fresh_flip_set(clustering: Clustering, features: np.ndarray, taken: np.ndarr
 def _poisoned(truth: Path | None, ids: list[str]) -> np.ndarray | None:
     if truth is None:
         return None
-    with open(truth, newline="") as fh:
-        flag = {r["sample_id"]: r["poisoned"] == "1" for r in csv.DictReader(fh)}
+    gt = read_truth(truth)
+    flag = dict(zip(gt.ids, gt.poisoned.tolist()))
     return np.array([flag.get(i, False) for i in ids])
 
 

@@ -114,21 +114,28 @@ def recurrence_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.nda
     """
     k = len(top_windows)
     ref_windows = torch.as_tensor(null_windows)[:REFERENCE_SIZE]
-    ref = np.arange(len(ref_windows))
-    ref_sim = window_similarity(ref_windows) if len(ref) else np.zeros((0, 0))
-    pairs = ref_sim[np.triu_indices(len(ref), 1)]
+    ref_sim = window_similarity(ref_windows) if len(ref_windows) else np.zeros((0, 0))
+    top_sim = window_similarity(top_windows) if k else np.zeros((0, 0))
+    return {"signature": "pixels", **group_test(top_sim, ref_sim, n_boot, seed, quantile)}
+
+
+def group_test(top_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000, seed: int = 0,
+               quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
+    """The statistic of :func:`recurrence_test` on any similarity: ``top_sim`` (k x k) between the top-k windows,
+    ``ref_sim`` (n x n) between the reference windows. Returns ``size``, ``members``, ``bar``, ``quantile``, the
+    reference groups' median and 99th percentile, ``p_value``, ``n_reference`` and ``k``."""
+    k, n = len(top_sim), len(ref_sim)
+    pairs = ref_sim[np.triu_indices(n, 1)]
     bar = float(np.quantile(pairs, quantile)) if pairs.size else 1.0
     alike_ref = (ref_sim >= bar - 1e-9) & (ref_sim > 0)
-    top_sim = window_similarity(top_windows) if k else np.zeros((0, 0))
     size, members = largest_group((top_sim >= bar - 1e-9) & (top_sim > 0))
     rng = np.random.default_rng(seed)
-    if len(ref) < max(k, 2):                # too few random windows to draw k of them: no evidence either way
+    if n < max(k, 2):                       # too few random windows to draw k of them: no evidence either way
         boot = np.full(1, k)
     else:
         boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
-                         for pick in (rng.choice(len(ref), k, replace=False) for _ in range(n_boot))])
+                         for pick in (rng.choice(n, k, replace=False) for _ in range(n_boot))])
     return {
-        "signature": "pixels",
         "size": size,
         "members": members,
         "bar": bar,
@@ -136,7 +143,7 @@ def recurrence_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.nda
         "null_group_median": float(np.median(boot)),
         "null_group_p99": float(np.quantile(boot, 0.99)),
         "p_value": float((1 + int((boot >= size).sum())) / (1 + len(boot))),
-        "n_reference": int(len(ref)),
+        "n_reference": int(n),
         "k": int(k),
     }
 
