@@ -7,9 +7,11 @@ recoloured one by one (``poisonscan poison --scale-jitter --rotation --colour-ji
 study compares them as the threat model sees them instead: each window pasted at the centre of a grey canvas of the
 model's input size and embedded; two windows are alike when the cosine of their features reaches the 99th
 percentile of 256 random windows' pairs (embedded the same way), and the largest group of the top-k is compared
-with the largest groups of 20 random windows (1,000 draws), as the pixel test does. Prints, per finished detect
-run folder, the recorded pixel test and the feature test, with how many of each group are poisons. Costs k + 256
-forwards per run.
+with the largest groups of 20 random windows (1,000 draws), as the pixel test does. A second null asks whether the
+groups come from the selection rather than from a trigger: the windows the masking picks in the evidence test's
+first 256 random images (``benchmarks/studies/search_like_null.py``), embedded the same way. Prints, per finished
+detect run folder, the recorded pixel test and the feature test against both nulls, with how many of each group
+are poisons (``-`` for TRUTH_CSV on clean data). Costs k + 512 forwards per run and the masking of 256 images.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from poisonscan.eval.detection import read_truth
 from poisonscan.models.checkpoints import load_encoder
 from poisonscan.runtime import setup_runtime
 
+from benchmarks.studies.search_like_null import search_like_windows
+
 GREY = 128
 
 
@@ -46,7 +50,7 @@ def embed(encoder: Any, windows: torch.Tensor, side: int, runtime: Any) -> torch
     return F.normalize(feats, dim=1)
 
 
-def study(run: Path, truth: Path, runtime: Any, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     cfg = json.loads((run / "config.json").read_text())
     search = json.loads((run / "search.json").read_text())
     ev = json.loads((run / "evidence.json").read_text())
@@ -57,25 +61,35 @@ def study(run: Path, truth: Path, runtime: Any, n_boot: int = 1000, seed: int = 
     top = [int(i) for i in ev["top_k"]]
     tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
-    ft, fn = embed(encoder, tw, int(images.shape[-1]), runtime), embed(encoder, nw, int(images.shape[-1]), runtime)
-    test = group_test((ft @ ft.T).numpy(), (fn @ fn.T).numpy(), n_boot, seed)
+    side = int(images.shape[-1])
+    ft = embed(encoder, tw, side, runtime)
+    tests = {"features": group_test((ft @ ft.T).numpy(), _self_sim(embed(encoder, nw, side, runtime)), n_boot, seed),
+             "features_search_like": group_test((ft @ ft.T).numpy(),
+                                                _self_sim(embed(encoder, search_like_windows(run, encoder, runtime),
+                                                                side, runtime)), n_boot, seed)}
     ids = json.loads((run / "ids.json").read_text())
-    gt = read_truth(truth)
-    flag = dict(zip(gt.ids, gt.poisoned.tolist()))
+    flag = {}
+    if truth is not None:
+        gt = read_truth(truth)
+        flag = dict(zip(gt.ids, gt.poisoned.tolist()))
     poison = [flag.get(ids[i], False) for i in top]
     rec = ev.get("recurrence") or {}
     return {"run": str(run), "k": len(top), "poisons_in_top_k": int(sum(poison)),
             "pixels": {"size": rec.get("size"), "p_value": rec.get("p_value"),
                        "poisons_in_group": int(sum(poison[top.index(i)] for i in rec.get("members", [])
                                                    if i in top))},
-            "features": {"size": test["size"], "bar": test["bar"], "null_group_p99": test["null_group_p99"],
-                         "p_value": test["p_value"],
-                         "poisons_in_group": int(sum(poison[m] for m in test["members"]))}}
+            **{name: {"size": t["size"], "bar": t["bar"], "null_group_p99": t["null_group_p99"],
+                      "p_value": t["p_value"], "poisons_in_group": int(sum(poison[m] for m in t["members"]))}
+               for name, t in tests.items()}}
+
+
+def _self_sim(feats: torch.Tensor) -> np.ndarray:
+    return (feats @ feats.T).numpy()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("pairs", nargs="+", help="RUN_DIR TRUTH_CSV pairs")
+    ap.add_argument("pairs", nargs="+", help="RUN_DIR TRUTH_CSV pairs (TRUTH_CSV - for a clean-data run)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if len(args.pairs) % 2:
@@ -83,12 +97,13 @@ def main() -> None:
     runtime = setup_runtime("cpu", "auto")
     rows = []
     for run, truth in zip(args.pairs[::2], args.pairs[1::2]):
-        r = study(Path(run), Path(truth), runtime)
+        r = study(Path(run), None if truth == "-" else Path(truth), runtime)
         rows.append(r)
-        px, ft = r["pixels"], r["features"]
+        px, ft, fs = r["pixels"], r["features"], r["features_search_like"]
         print(f"{run}: {r['poisons_in_top_k']} poisons in the top {r['k']}; pixels: group {px['size']} "
               f"({px['poisons_in_group']} poisons), p {px['p_value']:.3f}; features: group {ft['size']} "
-              f"({ft['poisons_in_group']} poisons), p {ft['p_value']:.3f}", flush=True)
+              f"({ft['poisons_in_group']} poisons), p {ft['p_value']:.3f}; against search-like windows: group "
+              f"{fs['size']} ({fs['poisons_in_group']} poisons), p {fs['p_value']:.3f}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"runs": rows}, indent=1) + "\n")

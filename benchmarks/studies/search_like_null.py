@@ -40,30 +40,40 @@ def _settings(run: Path) -> dict[str, Any]:
             "arch": cfg.get("arch"), "image_size": cfg.get("image_size")}
 
 
-def study(run: Path, runtime: Any) -> dict[str, Any]:
+def search_like_windows(run: Path, encoder: Any, runtime: Any) -> torch.Tensor:
+    """The windows the masking picks, with the run's model (``encoder``), clusters, masks and window, in the
+    evidence test's first 256 random images (``null_sources``): uint8 n x 3 x w x w. The masks are the paper's
+    (``masks`` random full-coverage masks) whatever the run's ``search.masking``."""
     s = _settings(run)
-    encoder, _ = load_encoder(s["model"], arch=s["arch"], image_size=s["image_size"])
-    encoder = prepare_encoder(encoder.eval(), runtime)
     size = int(encoder.image_size)
     store = open_store(run / "store")
     clustering = Clustering.load(run / "clusters.npz")
     ev = json.loads((run / "evidence.json").read_text())
+    w = window_pixels(s["window"], size)
+    src = np.asarray(ev["null_sources"][:REFERENCE_SIZE], dtype=np.int64)
+    imgs = store.images[torch.as_tensor(src)]
+    masks = make_masks(MaskingConfig(s["masks"], w, s["strategy"]), size,
+                       torch.Generator().manual_seed(derive_seed(s["seed"], "masks")))
+    _, boxes, _ = cluster_activation_masking(encoder, clustering, imgs, masks, runtime, window=w)
+    return cut_windows(imgs, boxes)
+
+
+def study(run: Path, runtime: Any) -> dict[str, Any]:
+    s = _settings(run)
+    encoder, _ = load_encoder(s["model"], arch=s["arch"], image_size=s["image_size"])
+    encoder = prepare_encoder(encoder.eval(), runtime)
+    store = open_store(run / "store")
+    ev = json.loads((run / "evidence.json").read_text())
     search = json.loads((run / "search.json").read_text())
     boxes = {int(e["index"]): e["box"] for e in search["scored"]}
     top = [int(i) for i in ev["top_k"]]
-    w = window_pixels(s["window"], size)
     top_patches = cut_windows(store.images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
-    masks = make_masks(MaskingConfig(s["masks"], w, s["strategy"]), size,
-                       torch.Generator().manual_seed(derive_seed(s["seed"], "masks")))
-    src = np.asarray(ev["null_sources"][:REFERENCE_SIZE], dtype=np.int64)
-    imgs = store.images[torch.as_tensor(src)]
-    _, null_boxes, _ = cluster_activation_masking(encoder, clustering, imgs, masks, runtime, window=w)
-    null_patches = cut_windows(imgs, null_boxes)
+    null_patches = search_like_windows(run, encoder, runtime)
     searched = recurrence_test(top_patches, null_patches, seed=s["seed"])
     recorded = ev.get("recurrence") or {}
     return {"run": str(run), "recorded": {k: recorded.get(k) for k in ("size", "bar", "p_value", "null_group_p99")},
             "search_like": {k: searched[k] for k in ("size", "bar", "p_value", "null_group_p99")},
-            "n_null": int(len(src))}
+            "n_null": int(len(null_patches))}
 
 
 def main() -> None:
