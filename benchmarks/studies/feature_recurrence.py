@@ -2,6 +2,8 @@
 
     python -m benchmarks.studies.feature_recurrence RUN_DIR TRUTH_CSV [RUN_DIR TRUTH_CSV ...] [--json OUT]
 
+(TRUTH_CSV ``-`` for a run on clean data.)
+
 The recurrence test compares the top-k windows pixel by pixel, so copies of a trigger that were scaled, turned and
 recoloured one by one (``poisonscan poison --scale-jitter --rotation --colour-jitter``) are not alike to it. This
 study compares them as the threat model sees them instead: each window pasted at the centre of a grey canvas of the
@@ -68,7 +70,7 @@ def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed:
                                                 _self_sim(embed(encoder, search_like_windows(run, encoder, runtime),
                                                                 side, runtime)), n_boot, seed)}
     ids = json.loads((run / "ids.json").read_text())
-    flag = {}
+    flag: dict[str, bool] = {}
     if truth is not None:
         gt = read_truth(truth)
         flag = dict(zip(gt.ids, gt.poisoned.tolist()))

@@ -28,4 +28,15 @@ def test_a_turned_copy_is_alike_only_when_turns_are_forgiven() -> None:
     plain = tolerant_similarity(w)
     forgiving = tolerant_similarity(w, turns=(30.0,))
     assert forgiving[0, 1] > plain[0, 1] + 0.1 and forgiving[0, 1] > 0.8
-    assert np.allclose(forgiving, forgiving.T) and (forgiving >= plain - 1e-9).all()
+    assert forgiving[0, 2] < 0.8                          # an unrelated pattern stays unalike
+
+
+def test_a_scaled_copy_is_alike_only_when_scales_are_forgiven() -> None:
+    base = _pattern(2)
+    grown = torch.nn.functional.interpolate(base[None], scale_factor=1.25, mode="bilinear", align_corners=False)[0]
+    o = (grown.shape[-1] - base.shape[-1]) // 2
+    scaled = grown[:, o:o + base.shape[-1], o:o + base.shape[-1]]
+    w = torch.stack([base, scaled]).to(torch.uint8).numpy()
+    plain = tolerant_similarity(w)
+    forgiving = tolerant_similarity(w, scales=(0.8, 1.25))
+    assert forgiving[0, 1] > plain[0, 1] + 0.05 and forgiving[0, 1] > 0.85

@@ -1,4 +1,4 @@
-"""Every ``poisonscan`` command a result record gives to reproduce it parses with today's command line."""
+"""Every ``poisonscan`` command a result record gives to reproduce it parses with the command line."""
 
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ def test_records_give_commands() -> None:
 
 @pytest.mark.parametrize(("record", "command"), COMMANDS, ids=[f"{r}:{i}" for i, (r, _) in enumerate(COMMANDS)])
 def test_recorded_command_parses(record: str, command: str) -> None:
-    ctx = parse(shlex.split(command)[1:])
-    assert ctx.command.name != "poisonscan"
+    argv = shlex.split(command)[1:]
+    ctx = parse(argv)
+    words = [a for a in argv if not a.startswith("-")]
+    assert ctx.command.name in words[:2]                  # the command itself (``eval backdoor``: its last word)
 
 
 def test_a_wrong_command_is_caught() -> None:
