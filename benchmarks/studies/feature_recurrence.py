@@ -64,11 +64,10 @@ def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed:
     tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
     side = int(images.shape[-1])
-    ft = embed(encoder, tw, side, runtime)
-    tests = {"features": group_test((ft @ ft.T).numpy(), _self_sim(embed(encoder, nw, side, runtime)), n_boot, seed),
-             "features_search_like": group_test((ft @ ft.T).numpy(),
-                                                _self_sim(embed(encoder, search_like_windows(run, encoder, runtime),
-                                                                side, runtime)), n_boot, seed)}
+    top_sim = _self_sim(embed(encoder, tw, side, runtime))
+    nulls = {"features": nw, "features_search_like": search_like_windows(run, encoder, runtime)}
+    tests = {name: group_test(top_sim, _self_sim(embed(encoder, windows, side, runtime)), n_boot, seed)
+             for name, windows in nulls.items()}
     ids = json.loads((run / "ids.json").read_text())
     flag: dict[str, bool] = {}
     if truth is not None:
