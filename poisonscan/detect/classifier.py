@@ -43,7 +43,7 @@ from poisonscan.detect.matching import match_decides
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
 from poisonscan.detect.poison_net import build_classifier
 from poisonscan.detect.records import ClassifierResult, Evidence, Matching, SearchResult
-from poisonscan.detect.recurrence import recurring_group
+from poisonscan.detect.recurrence import trigger_group
 from poisonscan.errors import PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
 from poisonscan.settings import PAPER, at_least, between, one_of
@@ -401,12 +401,13 @@ def predict_poison(models: Sequence[nn.Module], images_u8: Tensor, runtime: Runt
 
 def classifier_positives(settings: ClassifierSettings, evidence: Evidence, max_recurrence_p: float,
                          matching: Matching | None = None) -> list[int]:
-    """The images whose windows the classifier learns as the trigger: the recurring group of the top-k when the
-    recurrence test found one at ``p <= max_recurrence_p`` (``positives="recurring"``), else every top-k image
+    """The images whose windows the classifier learns as the trigger: the group of the top-k taken as one trigger's
+    copies (:func:`~poisonscan.detect.recurrence.trigger_group`: the recurring picture, else the group alike in the
+    threat model's features) at ``p <= max_recurrence_p`` (``positives="recurring"``), else every top-k image
     (the paper). A group the picture match found in no image apart from the data (``matching``) is a pattern common
     to the data, not the trigger: the top-k outside it then (every top-k image when none is)."""
     top = [int(i) for i in evidence.top_k]
-    rec = recurring_group(evidence, max_recurrence_p)
+    rec = trigger_group(evidence, max_recurrence_p)
     if settings.positives != "recurring" or rec is None:
         return top
     members = {int(i) for i in rec.members}

@@ -36,7 +36,7 @@ potent natural windows, and leaving them out lowered the null (imagenette-96: ef
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +47,9 @@ from torch import Tensor
 from poisonscan.detect.bounds import hypergeom_upper, kth_largest
 from poisonscan.detect.fliptest import FlipTest, StagedScores, torch_generator
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.records import Evidence, SearchResult
-from poisonscan.detect.recurrence import SIGNIFICANCE, recurrence_test, recurring_group
+from poisonscan.detect.records import Evidence, Recurrence, SearchResult
+from poisonscan.detect.recurrence import (REFERENCE_SIZE, SIGNIFICANCE, feature_recurrence_test, recurrence_test,
+                                          trigger_group)
 from poisonscan.detect.search import top_k
 from poisonscan.detect.seeds import torch_gen
 from poisonscan.settings import PAPER, at_least, between, one_of
@@ -78,6 +79,10 @@ class EvidenceSettings:
     #: "exact": every null window on the whole flip set
     null_testing: str = field(default="adaptive", metadata=one_of(NULL_TESTINGS))
     null_error: float = field(default=1e-4, metadata=between(0.0, 0.5, lo_open=True))
+    #: also test whether the top-k windows look alike to the threat model (detect/recurrence.py,
+    #: :func:`~poisonscan.detect.recurrence.feature_recurrence_test`): what shows a trigger changed copy by copy.
+    #: Costs the search's masking of 256 random images (about 19k forwards at 32 px with coarse-to-fine masking)
+    feature_recurrence: bool = True
 Z_SCALE = "min-spread"  # how ``z`` is scaled (recorded as ``z_scale``)
 
 
@@ -253,21 +258,33 @@ def by_effect(ev: Evidence, min_evidence: float, min_effect: float) -> bool:
     return float(ev.z) >= min_evidence and effect_of(ev) >= min_effect
 
 
+def group_text(rec: Recurrence) -> str:
+    """The recurrence test's group in words: pixels ("show one picture") or features ("look alike to the threat
+    model", against the windows the search picks in random images)."""
+    if rec.signature == "features":
+        return (f"{rec.size} of the top {rec.k} windows look alike to the threat model, though not pixel for pixel "
+                f"(windows the search picks in random images: groups of up to {rec.null_group_p99:g}, p = "
+                f"{rec.p_value:.3f})")
+    return (f"{rec.size} of the top {rec.k} windows show one picture (random windows: groups of up to "
+            f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})")
+
+
 def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recurrence_p: float = SIGNIFICANCE,
                   weak_signal_p: float = SIGNIFICANCE) -> tuple[bool, str]:
     """Is there a backdoor signal, and a one-line reason? Either the flip test alone (:func:`by_effect`), or one
-    picture recurring among the top-k windows (the recurrence test of detect/recurrence.py with ``p <=
-    max_recurrence_p``; 0: the flip test alone decides; a record without the test has no recurring picture) whose
-    windows also stand above random ones on the flip test: ``z >= min_evidence``, or, for a trigger learned too
-    weakly to reach that ``z``, the bootstrap's ``p <= weak_signal_p`` (the top-k median above the top-k medians of
-    random windows picked the same way; 0: ``z`` is needed). A signal that rests on the picture stands only if the
-    picture match finds images that hold it (detect/matching.py)."""
+    trigger's copies among the top-k windows (:func:`~poisonscan.detect.recurrence.trigger_group`: the picture
+    recurring pixel for pixel, else a group alike in the threat model's features, at ``p <= max_recurrence_p``; 0:
+    the flip test alone decides; a record without the tests has no group) whose windows also stand above random
+    ones on the flip test: ``z >= min_evidence``, or, for a trigger learned too weakly to reach that ``z``, the
+    bootstrap's ``p <= weak_signal_p`` (the top-k median above the top-k medians of random windows picked the same
+    way; 0: ``z`` is needed). A signal that rests on a recurring picture stands only if the picture match finds
+    images that hold it (detect/matching.py)."""
     z, effect, p = float(ev.z), effect_of(ev), float(ev.p_value)
-    rec = ev.recurrence
-    recurring = recurring_group(ev, max_recurrence_p) is not None
+    found = trigger_group(ev, max_recurrence_p)
+    rec = found or ev.recurrence
+    recurring = found is not None
     moved = f"the top-k move {100 * effect:.1f}% of the flip-set images random windows leave in place"
-    group = (f"{rec.size} of the top {rec.k} windows show one picture (random windows: groups of up to "
-             f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})" if rec else "")
+    group = group_text(rec) if rec else ""
     if z < min_evidence and recurring and p <= weak_signal_p:
         return True, (f"backdoor signal: {group}, and their poison scores stand above random windows' (p = "
                       f"{p:.4f}), though z = {z:.2f} is below the minimum evidence {min_evidence:g} and {moved}: a "
@@ -285,6 +302,7 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     if recurring:
         return True, (f"backdoor signal: z = {z:.2f}, {group}; {moved}, below the minimum effect "
                       f"{100 * min_effect:g}%")
+    feat = ev.feature_recurrence
     if rec is None:
         why = "and the record has no recurrence test"
     elif max_recurrence_p <= 0:
@@ -292,6 +310,9 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     else:
         why = (f"and no picture recurs among the top-k (largest group {rec.size} of {rec.k}; random windows: "
                f"up to {rec.null_group_p99:g}, p = {rec.p_value:.3f})")
+        if feat is not None:
+            why += (f" nor do they look alike to the threat model (largest group {feat.size}; search-like windows: "
+                    f"up to {feat.null_group_p99:g}, p = {feat.p_value:.3f})")
     return False, (f"no backdoor signal: {moved}, below the minimum effect {100 * min_effect:g}%, {why}: a "
                    "response this small without a recurring picture is what clean data, or a weakly learned trigger, "
                    "gives")
@@ -300,10 +321,13 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
 # -- the evidence stage -------------------------------------------------------------------------------------------
 
 def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tensor, flip: FlipTest,
-                 window: int) -> Evidence:
+                 window: int, search_like: Callable[[np.ndarray], Tensor] | None = None) -> Evidence:
     """The evidence stage: score ``settings.null_size`` random windows on the flip test like candidates, compare the
-    search's top-k with them (:func:`backdoor_evidence`), and test whether one picture recurs among the top-k
-    windows against the same random windows (detect/recurrence.py; no forward pass)."""
+    search's top-k with them (:func:`backdoor_evidence`), test whether one picture recurs among the top-k windows
+    against the same random windows (detect/recurrence.py; no forward pass) and, with
+    ``settings.feature_recurrence`` and ``search_like`` (the windows the search picks in the given images), whether
+    the top-k windows look alike to the threat model against the search-like windows of the first 256 null
+    images."""
     scores = search.scores
     top = top_k(scores, settings.top_k)
     gen = torch_gen(flip.seed, "null")
@@ -327,9 +351,16 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
                               torch.as_tensor([boxes[i] for i in top], dtype=torch.int64).reshape(-1, 4))
     rec = recurrence_test(top_windows, patches, seed=flip.seed)
     rec["members"] = [int(top[j]) for j in rec["members"]]      # image indices
+    feat = None
+    if settings.feature_recurrence and search_like is not None:
+        reference = search_like(src[:REFERENCE_SIZE].numpy())
+        feat = feature_recurrence_test(flip.encoder, top_windows, reference, int(images.shape[-1]), flip.runtime,
+                                       seed=flip.seed, batch_size=flip.batch_size)
+        feat["members"] = [int(top[j]) for j in feat["members"]]
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     return Evidence.from_json({
-        **ev, "recurrence": rec, "top_k": top, "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
+        **ev, "recurrence": rec, "feature_recurrence": feat, "top_k": top,
+        "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
         "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip,
         "null_sources": src.tolist(),
         "null_pool": settings.null_pool if pool is not None else "all",

@@ -16,7 +16,8 @@ from poisonscan.config import DetectConfig
 from poisonscan.data.store import ImageStore, write_errors_csv
 from poisonscan.data.writers import write_removal_list
 from poisonscan.detect.clustering import Clustering
-from poisonscan.detect.records import ClassifierResult, Decision, Evidence, Matching, SearchResult, Verification
+from poisonscan.detect.records import (ClassifierResult, Decision, Evidence, Matching, Recurrence, SearchResult,
+                                      Verification)
 from poisonscan.detect.scores import SCORE_COLUMNS
 from poisonscan.report.gallery import write_gallery
 from poisonscan.report.html import write_report
@@ -98,6 +99,12 @@ def _top_clusters(r: ScanResult, limit: int = 10) -> list[dict[str, Any]]:
             for c in order[:limit]]
 
 
+def _group(rec: Recurrence | None) -> dict[str, Any] | None:
+    """A recurrence test's record as ``summary.json`` gives it."""
+    keys = ("size", "k", "p_value", "null_group_median", "null_group_p99")
+    return {k: getattr(rec, k) for k in keys} if rec is not None else None
+
+
 def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str, float],
                forwards: dict[str, int]) -> dict[str, Any]:
     """``summary.json`` of a run (keys in :data:`SUMMARY_KEYS`); ``forwards``: the threat model's forwards (images
@@ -107,14 +114,12 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
     top = [int(i) for i in ev.top_k]
     n, n_removed = len(store), dec.n_removed
     settings = cfg.decision
-    rec = ev.recurrence
     evidence = {k: getattr(ev, k) for k in ("topk_median", "null_median", "z", "p_value", "effect", "best_flip_share",
                                             "null_size", "null_pool", "null_pool_size", "null_excluded_clusters",
                                             "z_scale", "topk_spread")}
     evidence.update(min_evidence=settings.min_evidence, min_effect=settings.min_effect,
                     backdoor_found=dec.backdoor_found, max_recurrence_p=settings.max_recurrence_p, forced=dec.forced,
-                    recurrence=({k: getattr(rec, k) for k in ("size", "k", "p_value", "null_group_median",
-                                                              "null_group_p99")} if rec is not None else None),
+                    recurrence=_group(ev.recurrence), feature_recurrence=_group(ev.feature_recurrence),
                     reason=dec.reason)
     meta = {k: v for k, v in r.model["metadata"].items() if k not in ("missing_keys", "unexpected_keys")}
     n_unreadable = len(store.errors)

@@ -55,7 +55,7 @@ from poisonscan.detect.poison_net import classifier_bytes, load_classifier
 from poisonscan.detect.records import ClassifierResult, Evidence, Matching, SearchResult, Verification
 from poisonscan.detect.resume import STAGES, open_run, read_run_config
 from poisonscan.detect.run import DetectRun
-from poisonscan.detect.search import masking_window, run_search
+from poisonscan.detect.search import masking_window, run_search, search_like_windows
 from poisonscan.detect.verification import run_verify
 from poisonscan.errors import DataError, UsageError
 from poisonscan.models.checkpoints import load_encoder
@@ -186,7 +186,12 @@ class _Driver:
             shutil.rmtree(self.run.file("search"), ignore_errors=True)
 
     def evidence_(self) -> dict[str, Any]:
-        self.evidence = run_evidence(self.cfg.evidence, self.search, self.store.images, self.flip, self.window)
+        images = self.store.images
+
+        def search_like(indices: np.ndarray) -> Any:
+            return search_like_windows(self.cfg.search, images, self.flip, self.window, self.size, indices)
+
+        self.evidence = run_evidence(self.cfg.evidence, self.search, images, self.flip, self.window, search_like)
         if self.runtime.is_main:
             self.run.write_json("evidence.json", self.evidence.to_json())
         return {"z": self.evidence.z}

@@ -182,6 +182,8 @@ class Evidence(Record):
     boot_mean: float = 0.0
     boot_std: float = 0.0
     recurrence: Recurrence | None = nested(Recurrence)
+    #: the same test on the threat model's features against search-like windows (``None``: not run)
+    feature_recurrence: Recurrence | None = nested(Recurrence)
     top_k: list[int] = field(default_factory=list)
     topk_scores: list[int] = field(default_factory=list)
     null_scores: list[int] = field(default_factory=list)
@@ -195,9 +197,10 @@ class Evidence(Record):
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], **arrays: Any) -> Evidence:
-        rec = doc.get("recurrence")
-        if rec is not None and rec.get("signature") != "pixels":     # another test's record: not this one's
-            doc = {**doc, "recurrence": None}
+        for key, signature in (("recurrence", "pixels"), ("feature_recurrence", "features")):
+            rec = doc.get(key)
+            if rec is not None and rec.get("signature") != signature:     # another test's record: not this one's
+                doc = {**doc, key: None}
         return super().from_json(doc, **arrays)
 
 

@@ -13,6 +13,14 @@ already cut.
 The test looks at pixels, so it sees patch triggers (pasted the same way on every image) and not triggers spread
 over the whole image (blending, frequency triggers), which the effect bar of the evidence gate still catches
 (detect/evidence.py, :func:`~poisonscan.detect.evidence.evidence_gate`).
+
+A trigger changed copy by copy (scaled, turned, recoloured) is not alike pixel for pixel, but the threat model,
+which learned it, still sees one thing in its copies. :func:`feature_recurrence_test` compares the windows by the
+threat model's features instead (each window alone on a masked canvas, :func:`embed_windows`), against windows the
+search itself would pick in random images (``search_like``): selected windows resemble each other more than
+uniform ones do, and a null of uniform windows let 7 clean windows of a weakly poisoned CIFAR-10 model group at
+p 0.001 (benchmarks/studies/feature_recurrence.py). It costs the masking of :data:`REFERENCE_SIZE` images and
+k + :data:`REFERENCE_SIZE` forwards.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from poisonscan.detect.features import encode, eval_mode
 from poisonscan.detect.records import Evidence, Recurrence
 
 #: the quantile of the similarities between random windows above which two windows count as alike
@@ -148,8 +157,51 @@ def group_test(top_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000, see
     }
 
 
+def embed_windows(encoder: Any, windows: torch.Tensor, side: int, runtime: Any, batch_size: int = 256
+                  ) -> torch.Tensor:
+    """The threat model's L2-normalised features of ``windows`` (uint8 n x 3 x w x w), each at the centre of an
+    ``side`` x ``side`` canvas whose rest is masked the way cluster activation masking masks (the normalised input
+    zeroed): the window as the model sees it alone."""
+    w = int(windows.shape[-1])
+    o = (side - w) // 2
+    canvas = torch.zeros(len(windows), 3, side, side, dtype=torch.uint8)
+    canvas[:, :, o:o + w, o:o + w] = windows
+    outside = torch.ones(side, side, dtype=torch.bool)
+    outside[o:o + w, o:o + w] = False
+    with eval_mode(encoder):
+        parts = [encode(encoder, canvas[i:i + batch_size], runtime, zero_mask=outside)
+                 for i in range(0, len(canvas), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def feature_recurrence_test(encoder: Any, top_windows: torch.Tensor, search_like: torch.Tensor, side: int,
+                            runtime: Any, n_boot: int = 1000, seed: int = 0, quantile: float = ALIKE_QUANTILE,
+                            batch_size: int = 256) -> dict[str, Any]:
+    """:func:`group_test` on the threat model's features (:func:`embed_windows`; cosine similarity): the top-k
+    windows against the first :data:`REFERENCE_SIZE` of ``search_like``, windows the search picks in random images
+    (detect/search.py, :func:`~poisonscan.detect.search.search_like_windows`). Same returns as
+    :func:`recurrence_test`, with ``signature`` "features"."""
+    ref = torch.as_tensor(search_like)[:REFERENCE_SIZE]
+    feats = embed_windows(encoder, torch.cat([torch.as_tensor(top_windows), ref]), side, runtime, batch_size)
+    k = len(top_windows)
+    top_f, ref_f = feats[:k].double(), feats[k:].double()
+    return {"signature": "features",
+            **group_test((top_f @ top_f.T).numpy(), (ref_f @ ref_f.T).numpy(), n_boot, seed, quantile)}
+
+
 def recurring_group(ev: Evidence, max_p: float) -> Recurrence | None:
     """The evidence record ``ev``'s recurrence test when it found a recurring picture (``p <= max_p``), else None:
-    what the evidence gate, the classifier's positives and the picture match all ask."""
+    what the picture match asks (it searches every image for that picture)."""
     rec = ev.recurrence
     return rec if rec is not None and rec.p_value <= max_p else None
+
+
+def trigger_group(ev: Evidence, max_p: float) -> Recurrence | None:
+    """The top-k windows taken as one trigger's copies: the recurring picture (:func:`recurring_group`), else the
+    group that looks alike to the threat model (``ev.feature_recurrence`` at ``p <= max_p``), else None: what the
+    evidence gate and the classifier's positives ask."""
+    rec = recurring_group(ev, max_p)
+    if rec is not None:
+        return rec
+    feat = ev.feature_recurrence
+    return feat if feat is not None and feat.p_value <= max_p else None

@@ -250,14 +250,11 @@ def masks_per_image(settings: SearchSettings, window: int, image_size: int, patc
     return settings.masks
 
 
-def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window: int, image_size: int,
-               quiet: bool = True, saved: SearchResult | None = None,
-               on_round: SearchHook | None = None, top_k: int = PAPER.top_k) -> SearchResult:
-    """The search stage: the iterative search (:func:`iterative_search`) over ``flip.clustering``'s clusters, each
-    image scored by its candidate window's poison score on ``flip``. ``saved`` (a killed search's record) keeps the
-    scores it holds, so the search repeats its rounds without recomputing them; ``on_round(record, attention)``
-    gets the record so far and the attention maps of the images the round scored (``None`` when none were).
-    ``top_k``: the poison set the evidence stage takes, which adaptive flip testing tests in full."""
+def masking_plan(settings: SearchSettings, flip: FlipTest, window: int, image_size: int
+                 ) -> tuple[int, CoarseToFine | None, Tensor]:
+    """How the search masks: ``(patch, plan, masks)``: the ViT patch side when tokens are dropped (else 0), the
+    coarse-to-fine plan (``None``: the B shared masks), and the shared masks (empty with a plan or for PatchSearch),
+    drawn from the run's seed."""
     patch = token_patch(settings, flip.encoder)
     grid = image_size // patch if patch else image_size                 # where masks live: tokens or pixels
     mask_window = token_window(window, patch, grid) if patch else window
@@ -266,6 +263,31 @@ def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window:
     masks = (torch.zeros(0, grid, grid, dtype=torch.bool) if plan is not None or settings.method == "patchsearch"
              else make_masks(MaskingConfig(settings.masks, mask_window, settings.mask_strategy,
                                            batch_size=flip.batch_size), grid, torch_gen(flip.seed, "masks")))
+    return patch, plan, masks
+
+
+def search_like_windows(settings: SearchSettings, images: Tensor, flip: FlipTest, window: int, image_size: int,
+                        indices: np.ndarray) -> Tensor:
+    """The windows the search would cut from the images ``indices`` (its masking, masks and window, the
+    coarse grid drawn for this purpose): uint8 n x 3 x w x w. The evidence stage's feature recurrence test
+    compares the top-k windows with these."""
+    indices = np.asarray(indices, dtype=np.int64)
+    patch, plan, masks = masking_plan(settings, flip, window, image_size)
+    c2f = (plan, derive_seed(flip.seed, "coarse grid", "search-like")) if plan is not None else None
+    _, boxes, _ = candidate_windows(settings.method, flip.encoder, flip.clustering, images, indices, masks, window,
+                                    flip.runtime, flip.batch_size, c2f, patch)
+    return cut_windows(images[torch.as_tensor(indices)], torch.as_tensor(boxes))
+
+
+def run_search(settings: SearchSettings, images: Tensor, flip: FlipTest, window: int, image_size: int,
+               quiet: bool = True, saved: SearchResult | None = None,
+               on_round: SearchHook | None = None, top_k: int = PAPER.top_k) -> SearchResult:
+    """The search stage: the iterative search (:func:`iterative_search`) over ``flip.clustering``'s clusters, each
+    image scored by its candidate window's poison score on ``flip``. ``saved`` (a killed search's record) keeps the
+    scores it holds, so the search repeats its rounds without recomputing them; ``on_round(record, attention)``
+    gets the record so far and the attention maps of the images the round scored (``None`` when none were).
+    ``top_k``: the poison set the evidence stage takes, which adaptive flip testing tests in full."""
+    patch, plan, masks = masking_plan(settings, flip, window, image_size)
     entries: dict[int, ScoredImage] = {e.index: e for e in (saved.scored if saved else [])}
     labels = flip.clustering.labels
     n_flip = len(flip.index)

@@ -321,6 +321,8 @@ def _evidence(ev: Mapping[str, Any]) -> str:
               ("max_recurrence_p", "maximum recurrence p-value"), ("recurrence", "recurrence test (largest group of "
                                                                                    "top-k windows showing one "
                                                                                    "picture)"),
+              ("feature_recurrence", "feature recurrence test (largest group of top-k windows alike to the threat "
+                                     "model, against windows the search picks in random images)"),
               ("reason", "reason"),
               ("topk_median", "top-k median poison score"), ("null_median", "null median poison score"),
               ("null_size", "null size"), ("best_flip_share", "best flip share"), ("forced", "forced")]

@@ -253,6 +253,18 @@ def test_positives_are_the_group_unless_no_image_holds_its_picture() -> None:
                                                                                                       14]
 
 
+def test_positives_are_the_group_alike_to_the_threat_model_where_no_picture_recurs() -> None:
+    doc = _group_evidence().to_json()
+    feats = {"signature": "features", "size": 2, "k": 5, "null_group_p99": 1.0, "p_value": 0.004, "members": [13, 11]}
+    weak_pixels = {**doc["recurrence"], "p_value": 0.2}
+    ev = Evidence.from_json({**doc, "recurrence": weak_pixels, "feature_recurrence": feats})
+    settings = C.ClassifierSettings()
+    assert C.classifier_positives(settings, ev, 0.01) == [11, 13]              # in top-k order
+    assert C.classifier_positives(settings, ev, 0.001) == [10, 11, 12, 13, 14]  # no group at that p: all top-k
+    both = Evidence.from_json({**doc, "feature_recurrence": feats})
+    assert C.classifier_positives(settings, both, 0.01) == [10, 12, 14]        # the recurring picture comes first
+
+
 def test_the_classifier_is_skipped_only_where_the_match_makes_the_removal() -> None:
     ev, default = _group_evidence(), C.ClassifierSettings()
     held, none = _matching(contain=30), _matching(contain=0)

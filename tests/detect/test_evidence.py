@@ -247,3 +247,27 @@ def test_the_adaptive_null_gives_the_exact_nulls_evidence_with_fewer_forwards() 
     # too few draws for the resolved tail to fill every resample: the whole null is tested
     full = adaptive_null(flip, patches, None, n_scored=10, k=6, delta=1e-4, n_boot=500)
     assert (full.tested == 64).all() and (full.scores == exact).all()
+
+
+def test_a_group_alike_to_the_threat_model_stands_in_where_no_picture_recurs() -> None:
+    """A trigger changed copy by copy recurs in the threat model's features, not in pixels: that group passes the
+    gate as the recurring picture would, and the reason says which test found it."""
+    null = np.r_[np.full(250, 120.0), np.full(6, 124.0)]
+    ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
+                           n_boot=300)
+    pixels = {"signature": "pixels", "size": 4, "k": 20, "null_group_p99": 5.0, "p_value": 0.03}
+    feats = {"signature": "features", "size": 9, "k": 20, "null_group_p99": 4.0, "p_value": 0.001}
+    found, reason = gate({**ev, "recurrence": pixels, "feature_recurrence": feats}, 3.0, 0.15)
+    assert found and "9 of the top 20 windows look alike to the threat model, though not pixel for pixel" in reason
+    assert "windows the search picks in random images: groups of up to 4, p = 0.001" in reason
+    found, reason = gate({**ev, "recurrence": pixels, "feature_recurrence": {**feats, "size": 3, "p_value": 0.5}},
+                         3.0, 0.15)
+    assert not found and "no picture recurs among the top-k (largest group 4 of 20" in reason
+    assert "nor do they look alike to the threat model (largest group 3; search-like windows: up to 4, p = 0.500)" \
+        in reason
+    found, reason = gate({**ev, "z": 1.0, "recurrence": pixels, "feature_recurrence": feats}, 3.0, 0.15)
+    assert found and "learned weakly" in reason                         # the weak-signal path holds for it too
+    found, reason = gate({**ev, "z": 1.0, "p_value": 0.2, "recurrence": pixels, "feature_recurrence": feats},
+                         3.0, 0.15)
+    assert not found and "is below the minimum evidence 3, though 9 of the top 20 windows look alike" in reason
+    assert not gate({**ev, "recurrence": pixels, "feature_recurrence": feats}, 3.0, 0.15, max_recurrence_p=0.0)[0]

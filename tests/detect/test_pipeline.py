@@ -127,13 +127,16 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
 
     # the cost in threat-model forwards: every image once, each scored image's masks (its own cluster comes from the
     # features) and its window on the flip-set images it was tested on, each null window on the ones it was tested
-    # on; nothing else
+    # on, and the feature recurrence test: the masks of the null's first 64 images (all of them here), then those
+    # images' windows and the top-k windows once each; nothing else
     fw, n_flip = summary["cost"]["forwards"], summary["clusters"]["flip_set"]
     search, evidence = json.loads((run / "search.json").read_text()), json.loads((run / "evidence.json").read_text())
     assert search["masking"] == "exact" and search["masks_per_image"] == 64    # B = 64: fewer than coarse-to-fine
     assert fw["features"] == 200
     assert fw["search"] == sum(search["masks_per_image"] + e["flips_tested"] for e in search["scored"])
-    assert fw["evidence"] == sum(evidence["null_tested"]) and len(evidence["null_tested"]) == 64
+    n_ref, k = len(evidence["null_tested"]), len(evidence["top_k"])
+    assert n_ref == 64 and evidence["feature_recurrence"]["n_reference"] == n_ref
+    assert fw["evidence"] == sum(evidence["null_tested"]) + n_ref * search["masks_per_image"] + k + n_ref
     assert fw["store"] == fw["clusters"] == fw["match"] == fw["classifier"] == fw["verify"] == 0
     assert fw["total"] == sum(v for k, v in fw.items() if k != "total") and list(fw)[-1] == "total"
 

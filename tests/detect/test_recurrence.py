@@ -78,3 +78,64 @@ def test_too_few_random_windows_give_no_evidence():
     trigger = torch.as_tensor(rng.integers(0, 256, (3, 8, 8)), dtype=torch.uint8)
     rec = recurrence_test(_copies(rng, trigger, 5), _natural(rng, 3), n_boot=50)
     assert rec["size"] == 5 and rec["p_value"] == 1.0
+
+
+class PooledColours(torch.nn.Module):
+    """A stand-in threat model that learned a trigger's colours, not their layout: fixed pointwise features,
+    pooled over the image, so a copy turned, mirrored or scaled gives nearly the same features."""
+
+    image_size = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 32, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(32, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 2)
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean((2, 3))
+
+
+def _changed_copies(rng: np.random.Generator, trigger: torch.Tensor, n: int) -> torch.Tensor:
+    """Copies of ``trigger`` changed one by one: turned by a quarter turn, mirrored, scaled to 7-9 px, and pasted
+    into a natural window."""
+    out = _natural(rng, n).clone()
+    for i in range(n):
+        t = torch.rot90(trigger, int(rng.integers(4)), dims=(1, 2))
+        t = torch.flip(t, dims=(2,)) if rng.random() < 0.5 else t
+        side = int(rng.integers(7, 10))
+        t = F.interpolate(t[None].float(), size=(side, side), mode="nearest")[0].to(torch.uint8)
+        x, y = rng.integers(0, W - side + 1, 2)
+        out[i, :, y:y + side, x:x + side] = t
+    return out
+
+
+def test_copies_changed_one_by_one_look_alike_to_the_model_though_not_pixel_for_pixel():
+    from poisonscan.detect.recurrence import embed_windows, feature_recurrence_test, trigger_group
+    from poisonscan.runtime import setup_runtime
+
+    rng = np.random.default_rng(3)
+    runtime = setup_runtime("cpu", "fp32")
+    model = PooledColours().eval()
+    on = torch.as_tensor(rng.random((8, 8)) < 0.5)                # a random layout of magenta and green
+    trigger = torch.stack([on, ~on, on]).to(torch.uint8) * 255
+    top = torch.cat([_changed_copies(rng, trigger, 12), _natural(rng, 8)])     # an impure top-20: 12 copies
+    null = _natural(rng, 300)                                     # the windows the search picks in random images
+    pixels = recurrence_test(top, null, n_boot=300, seed=0)
+    feats = feature_recurrence_test(model, top, null, 32, runtime, n_boot=300, seed=0)
+    assert pixels["size"] < 8 and pixels["p_value"] > 0.01                       # turned copies are not alike
+    assert feats["signature"] == "features" and feats["n_reference"] == 256 and feats["k"] == 20
+    assert feats["size"] >= 9 and feats["p_value"] < 0.01 and all(m < 12 for m in feats["members"])
+    clean = feature_recurrence_test(model, _natural(rng, 20), null, 32, runtime, n_boot=300, seed=0)
+    assert clean["size"] < 6 and clean["p_value"] > 0.05
+    # the window alone, the canvas masked like cluster activation masking: only the window's pixels count
+    one = top[:1]
+    assert torch.allclose(embed_windows(model, one, 32, runtime), embed_windows(model, one, 24, runtime), atol=1e-5)
+    # the group the gate and the classifier take: the recurring picture first, else the feature group
+    ev = Evidence.from_json({"recurrence": pixels, "feature_recurrence": feats})
+    assert ev.feature_recurrence.signature == "features" and trigger_group(ev, 0.01) is ev.feature_recurrence
+    assert trigger_group(ev, feats["p_value"] / 2) is None
+    both = Evidence.from_json({"recurrence": {**pixels, "p_value": 0.001}, "feature_recurrence": feats})
+    assert trigger_group(both, 0.01) is both.recurrence
+    assert Evidence.from_json({"feature_recurrence": pixels}).feature_recurrence is None    # another test's record
