@@ -33,8 +33,10 @@ def random_resized_crop(x: Tensor, scale: tuple[float, float], g: torch.Generato
     return roi_align(x, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
-def paste_resized(x: Tensor, patches: Tensor, which: Tensor, sides: Tensor, x0: Tensor, y0: Tensor) -> Tensor:
-    """Paste ``patches[which[b]]`` resized to ``sides[b]`` px at ``(x0[b], y0[b])`` on image b (float, batched).
+def paste_resized(x: Tensor, patches: Tensor, which: Tensor, sides: Tensor, x0: Tensor, y0: Tensor,
+                  turns: Tensor | None = None) -> Tensor:
+    """Paste ``patches[which[b]]`` resized to ``sides[b]`` px at ``(x0[b], y0[b])`` on image b (float, batched),
+    turned by ``turns[b]`` radians about its centre (``None``: upright).
 
     ``which`` may hold -1 for images left unchanged. One ``grid_sample`` for the whole batch.
     """
@@ -44,11 +46,14 @@ def paste_resized(x: Tensor, patches: Tensor, which: Tensor, sides: Tensor, x0: 
     src = patches[sel].to(x.dtype)
     xs = torch.arange(w, device=dev, dtype=torch.float32) + 0.5
     ys = torch.arange(h, device=dev, dtype=torch.float32) + 0.5
-    gx = (xs[None, :] - x0[:, None]) / sides[:, None] * 2 - 1                     # n x w
-    gy = (ys[None, :] - y0[:, None]) / sides[:, None] * 2 - 1                     # n x h
-    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], -1)
+    gx = ((xs[None, :] - x0[:, None]) / sides[:, None] * 2 - 1)[:, None, :].expand(n, h, w)       # n x h x w
+    gy = ((ys[None, :] - y0[:, None]) / sides[:, None] * 2 - 1)[:, :, None].expand(n, h, w)
+    if turns is not None:
+        cos, sin = torch.cos(turns)[:, None, None], torch.sin(turns)[:, None, None]
+        gx, gy = cos * gx + sin * gy, cos * gy - sin * gx
+    grid = torch.stack([gx, gy], -1)
     pasted = F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None] & (which >= 0)[:, None, None]
+    inside = (gx.abs() <= 1) & (gy.abs() <= 1) & (which >= 0)[:, None, None]
     return torch.where(inside[:, None], pasted, x)
 
 
@@ -69,9 +74,10 @@ def decoy_windows(x: Tensor, side: int, min_side: float, max_side: float, g: tor
 
 
 def random_paste(x: Tensor, patches: Tensor, prob: float, min_side: float, max_side: float, margin: float,
-                 g: torch.Generator, decoy_prob: float = 0.0) -> tuple[Tensor, Tensor]:
+                 g: torch.Generator, decoy_prob: float = 0.0, max_turn: float = 0.0) -> tuple[Tensor, Tensor]:
     """With probability ``prob`` paste a random patch (side in [min_side, max_side) of the image side, fully inside
-    with ``margin``) on each image. Returns the batch and the labels (1 = pasted).
+    with ``margin``; turned by up to ``max_turn`` degrees either way) on each image. Returns the batch and the
+    labels (1 = pasted).
 
     ``decoy_prob``: the share of the other (negative) images that get a *decoy* instead: a window of another image
     pasted the same way (:func:`decoy_windows`). Labelled clean, decoys teach the classifier the trigger's content
@@ -93,7 +99,8 @@ def random_paste(x: Tensor, patches: Tensor, prob: float, min_side: float, max_s
         decoy = ~labels.bool() & (torch.rand(n, generator=g, device=dev) < decoy_prob)
         patches = torch.cat([patches.to(x.dtype), decoy_windows(x, patches.shape[-1], min_side, max_side, g)])
         which = torch.where(decoy, len(patches) - n + torch.arange(n, device=dev), which)
-    return paste_resized(x, patches, which, sides, x0, y0), labels
+    turns = _uniform(n, -max_turn, max_turn, g, dev) * (math.pi / 180) if max_turn > 0 else None
+    return paste_resized(x, patches, which, sides, x0, y0, turns), labels
 
 
 def colour_augment(x: Tensor, g: torch.Generator, jitter: float = 0.4, hue: float = 0.1, p_jitter: float = 0.8,

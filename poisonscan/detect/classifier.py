@@ -95,6 +95,9 @@ class ClassifierSettings:
     #: removal; docs/design.md, "The classifier only where the match cannot decide"). "always": the classifier
     #: trains on every signal (``--exact``, the presets paper and patchsearch), its P in ``scores.csv``
     train: str = field(default="unless-matched", metadata=one_of(TRAIN_WHEN))
+    #: the positives' windows are pasted turned by up to this many degrees either way where they are a group alike
+    #: in the threat model's features, not pixel for pixel (a trigger changed copy by copy); 0: upright
+    feature_group_turn: float = field(default=0.0, metadata=between(0.0, 180.0))
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -122,6 +125,7 @@ class ClassifierConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     paste_prob: float = 0.5
     decoys: float = ClassifierSettings.decoys   # share of negatives that get a pasted window of another image
+    turn: float = 0.0                       # pasted windows turned by up to this many degrees either way
     widths: tuple[int, ...] = ClassifierSettings().widths
     predict_batch_size: int = 256
     seed: int = 0
@@ -216,7 +220,7 @@ def training_batch(images_u8: Tensor, patches: Tensor, cfg: ClassifierConfig, g:
     """Augmented, normalised training batch and labels (1 = pasted) from a uint8 batch already on the device."""
     x = random_resized_crop(images_u8.float() / 255, cfg.crop_scale, g)
     x, labels = random_paste(x, patches.float() / 255, cfg.paste_prob, cfg.min_side, cfg.max_side, cfg.margin, g,
-                             cfg.decoys)
+                             cfg.decoys, cfg.turn)
     return _normalise(colour_augment(x, g), channels_last), labels
 
 
@@ -461,8 +465,10 @@ def run_classifier(settings: ClassifierSettings, decision: DecisionSettings, ima
                              exclude=[int(i) for i in evidence.top_k if int(i) not in set(top)])
     boxes = search.boxes
     patches = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
+    group = trigger_group(evidence, decision.max_recurrence_p) if settings.positives == "recurring" else None
+    turn = settings.feature_group_turn if group is not None and group.signature == "features" else 0.0
     cfg = ClassifierConfig(iterations=settings.iterations, ensemble=settings.ensemble, predict_batch_size=batch_size,
-                           decoys=settings.decoys, widths=settings.widths,
+                           decoys=settings.decoys, widths=settings.widths, turn=turn,
                            min_iterations=min(settings.min_iterations, settings.iterations), seed=seed)
     refine_k = refinement_neighbours(settings, decision)
     refined = train_with_refinement(images, patches, split, cfg, runtime, settings.rounds, decision.threshold,
