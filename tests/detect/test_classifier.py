@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,21 @@ def test_paste_resized_writes_the_patch_exactly_where_asked():
     assert out[0, :, 3:7, 2:6].eq(1).all() and out[0].sum() == 3 * 16
     assert out[1].eq(0).all()                            # -1: left unchanged
     assert torch.allclose(out[2, :, 0:8, 8:16], torch.full((3, 8, 8), 0.5)) and out[2].sum() == 3 * 64 * 0.5
+
+
+def test_a_turned_paste_is_the_patch_turned_about_its_centre():
+    x = torch.zeros(2, 3, 16, 16)
+    patch = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8).expand(1, 3, 8, 8) / 64
+    which, sides, at = torch.tensor([0, 0]), torch.tensor([8.0, 8.0]), torch.tensor([4.0, 4.0])
+    quarter = A.paste_resized(x, patch, which, sides, at, at, torch.tensor([math.pi / 2, 0.0]))
+    upright = A.paste_resized(x, patch, which, sides, at, at)
+    assert torch.allclose(quarter[1], upright[1])                           # no turn: as before
+    turned = quarter[0, :, 4:12, 4:12]
+    assert torch.allclose(turned, torch.rot90(patch[0], 1, dims=(1, 2)), atol=1e-5) or \
+        torch.allclose(turned, torch.rot90(patch[0], -1, dims=(1, 2)), atol=1e-5)
+    assert float(quarter[0].sum()) == pytest.approx(float(upright[0].sum()), rel=1e-5)   # the square, no more
+    half = A.paste_resized(x, patch, which, sides, at, at, torch.tensor([math.pi / 4, 0.0]))
+    assert half[0, :, 4, 4].eq(0).all() and half[0, :, 8, 8].gt(0).all()   # a diamond: its corner cut off
 
 
 def test_random_paste_respects_sizes_margins_and_labels():
