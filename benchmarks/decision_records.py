@@ -43,13 +43,15 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
     detect = DetectRun.load(run)
     summary, ev = detect.summary, detect.evidence
     rec = ev.recurrence.to_json() if ev.recurrence is not None else {}
+    feat = ev.feature_recurrence.to_json() if ev.feature_recurrence is not None else None
+    keys = ("signature", "size", "k", "p_value", "null_group_median", "null_group_p99", "bar", "n_reference")
     by_effect, effect_reason = evidence_gate(ev, 3.0, EFFECT_BAR, max_recurrence_p=0.0)
     out: dict[str, Any] = {
         "name": name, "setting": setting, "role": role, "commands": list(commands or []), "run": str(run),
         "threat_model": _strength(backdoor),
         "z": ev.z, "effect": ev.effect,
-        "recurrence": {k: rec.get(k) for k in ("signature", "size", "k", "p_value", "null_group_median",
-                                               "null_group_p99", "bar", "n_reference")},
+        "recurrence": {k: rec.get(k) for k in keys},
+        "feature_recurrence": {k: feat.get(k) for k in keys} if feat is not None else None,
         "decision": {"backdoor_found": summary["evidence"]["backdoor_found"], "reason": summary["evidence"]["reason"],
                      "removed": summary["counts"]["removed"], "scanned": summary["counts"]["scanned"]},
         "effect_bar": {"backdoor_found": by_effect, "reason": effect_reason},
@@ -63,6 +65,8 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
             poisoned = {r["sample_id"] for r in csv.DictReader(fh) if r.get("poisoned") == "1"}
         out["recurrence"].update(poisons_in_group=sum(ids[int(i)] in poisoned for i in rec.get("members", [])),
                                  poisons_in_top_k=sum(ids[int(i)] in poisoned for i in ev.top_k))
+        if feat is not None:
+            out["feature_recurrence"]["poisons_in_group"] = sum(ids[int(i)] in poisoned for i in feat["members"])
     return out
 
 

@@ -37,8 +37,10 @@ finished detect run, written by `benchmarks/decision_records.py`); regenerate it
 *tuned* setting is one a default was chosen on: the demo and tinyimagenet100 at 1% with `trigger_13` (the
 recurrence test, the picture match and the poison score rule), imagenette-96 and CIFAR-10 50k with 5-10% of the
 data poisoned (the evidence and classifier settings; the picture match's outlier bar on CIFAR-10 at 5%),
-imagenette-96 at 2% with the 30-epoch model (`decision.weak_signal_p`), and the MoCo v3 ViT (`search.vit_masking`,
-chosen on its poisons); a *held-out* setting is one no default was chosen on (another
+imagenette-96 at 2% with the 30-epoch model (`decision.weak_signal_p`), the MoCo v3 ViT (`search.vit_masking`,
+chosen on its poisons), and CIFAR-10 50k with `trigger_13` changed copy by copy at 15 epochs (the feature recurrence
+test's null of search-like windows, chosen with that run in view, and `classifier.feature_group_turn`); a *held-out*
+setting is one no default was chosen on (another
 rate, target class or trigger, or a clean-data model none was set with). PoisonCAM finds only what the threat model learned, so every
 row gives the model's strength: its k-NN attack success rate (ASR: patched validation images of other classes
 whose 20 nearest training neighbours vote for the target) against the clean rate (the same vote on unpatched images).
@@ -72,6 +74,15 @@ def _recurrence(rec: dict[str, Any]) -> str:
     return text
 
 
+def _features(rec: dict[str, Any] | None) -> str:
+    if not rec:
+        return "-"
+    text = f"{rec['size']} of {rec['k']} ({_num(rec.get('null_group_p99'), 0)}), p {_num(rec.get('p_value'), 3)}"
+    if rec.get("poisons_in_group") is not None:
+        text += f"; {rec['poisons_in_group']} poisons"
+    return text
+
+
 def _decision(d: dict[str, Any]) -> str:
     if not d.get("backdoor_found"):
         return f"no signal, {d.get('removed', 0):,} removed"
@@ -83,7 +94,8 @@ def row(r: dict[str, Any]) -> str:
     d, rec = r.get("decision") or {}, r.get("recurrence") or {}
     bar = "found" if (r.get("effect_bar") or {}).get("backdoor_found") else "no signal"
     cells = [f"**{r['name']}**: {r.get('setting', '')}", r.get("role", "-"), _strength(r.get("threat_model")),
-             _num(r.get("z")), _pct(r.get("effect")), _recurrence(rec), _decision(d), _pct(d.get("recall")),
+             _num(r.get("z")), _pct(r.get("effect")), _recurrence(rec), _features(r.get("feature_recurrence")),
+             _decision(d), _pct(d.get("recall")),
              _pct(d.get("precision")), bar]
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
@@ -92,8 +104,9 @@ def render(records: list[dict[str, Any]]) -> str:
     """The page for ``records`` (sorted: tuned settings first, then by name)."""
     records = sorted(records, key=lambda r: (ROLES.get(r.get("role", ""), 2), r["name"]))
     lines = [HEADER, "| run | role | threat model: k-NN ASR (clean rate, ratio) | z | effect | recurrence: group "
-             "(random p99), p | decision | recall | precision | effect bar alone |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(random p99), p | feature recurrence: group (search-like p99), p | decision | recall | precision | "
+             "effect bar alone |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in records]
     lines += ["", "## Why each run decided as it did, and how to reproduce it", ""]
     for r in records:
