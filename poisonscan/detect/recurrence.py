@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from poisonscan.detect.features import encode, eval_mode
 from poisonscan.detect.records import Evidence, Recurrence
+from poisonscan.runtime import split_gather
 
 #: the quantile of the similarities between random windows above which two windows count as alike
 ALIKE_QUANTILE = 0.99
@@ -161,16 +162,22 @@ def embed_windows(encoder: Any, windows: torch.Tensor, side: int, runtime: Any, 
                   ) -> torch.Tensor:
     """The threat model's L2-normalised features of ``windows`` (uint8 n x 3 x w x w), each at the centre of an
     ``side`` x ``side`` canvas whose rest is masked the way cluster activation masking masks (the normalised input
-    zeroed): the window as the model sees it alone."""
+    zeroed): the window as the model sees it alone. Under torchrun each rank embeds its share, and every rank gets
+    all of them."""
     w = int(windows.shape[-1])
     o = (side - w) // 2
-    canvas = torch.zeros(len(windows), 3, side, side, dtype=torch.uint8)
-    canvas[:, :, o:o + w, o:o + w] = windows
     outside = torch.ones(side, side, dtype=torch.bool)
     outside[o:o + w, o:o + w] = False
-    with eval_mode(encoder):
-        parts = [encode(encoder, canvas[i:i + batch_size], runtime, zero_mask=outside)
-                 for i in range(0, len(canvas), batch_size)]
+
+    def work(shard: range) -> torch.Tensor:
+        canvas = torch.zeros(len(shard), 3, side, side, dtype=torch.uint8)
+        canvas[:, :, o:o + w, o:o + w] = windows[shard.start:shard.stop]
+        with eval_mode(encoder):
+            parts = [encode(encoder, canvas[i:i + batch_size], runtime, zero_mask=outside)
+                     for i in range(0, len(canvas), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+    parts = [p for p in split_gather(runtime, len(windows), work) if p.numel()]
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
