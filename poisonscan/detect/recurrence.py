@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from poisonscan.detect.features import encode, eval_mode
 from poisonscan.detect.records import Evidence, Recurrence
-from poisonscan.runtime import split_gather
+from poisonscan.runtime import broadcast_object
 
 #: the quantile of the similarities between random windows above which two windows count as alike
 ALIKE_QUANTILE = 0.99
@@ -162,23 +162,21 @@ def embed_windows(encoder: Any, windows: torch.Tensor, side: int, runtime: Any, 
                   ) -> torch.Tensor:
     """The threat model's L2-normalised features of ``windows`` (uint8 n x 3 x w x w), each at the centre of an
     ``side`` x ``side`` canvas whose rest is masked the way cluster activation masking masks (the normalised input
-    zeroed): the window as the model sees it alone. Under torchrun each rank embeds its share, and every rank gets
-    all of them."""
+    zeroed): the window as the model sees it alone. Under torchrun rank 0 embeds them all, in the batches of a
+    single process (so the features, and the test, do not depend on the world size), and sends them to the others."""
+    if runtime.world_size > 1 and not runtime.is_main:
+        return broadcast_object(None)
     w = int(windows.shape[-1])
     o = (side - w) // 2
+    canvas = torch.zeros(len(windows), 3, side, side, dtype=torch.uint8)
+    canvas[:, :, o:o + w, o:o + w] = windows
     outside = torch.ones(side, side, dtype=torch.bool)
     outside[o:o + w, o:o + w] = False
-
-    def work(shard: range) -> torch.Tensor:
-        canvas = torch.zeros(len(shard), 3, side, side, dtype=torch.uint8)
-        canvas[:, :, o:o + w, o:o + w] = windows[shard.start:shard.stop]
-        with eval_mode(encoder):
-            parts = [encode(encoder, canvas[i:i + batch_size], runtime, zero_mask=outside)
-                     for i in range(0, len(canvas), batch_size)]
-        return torch.cat(parts) if parts else torch.zeros(0, 0)
-
-    parts = [p for p in split_gather(runtime, len(windows), work) if p.numel()]
-    return torch.cat(parts) if parts else torch.zeros(0, 0)
+    with eval_mode(encoder):
+        parts = [encode(encoder, canvas[i:i + batch_size], runtime, zero_mask=outside)
+                 for i in range(0, len(canvas), batch_size)]
+    feats = torch.cat(parts) if parts else torch.zeros(0, 0)
+    return broadcast_object(feats) if runtime.world_size > 1 else feats
 
 
 def feature_recurrence_test(encoder: Any, top_windows: torch.Tensor, search_like: torch.Tensor, side: int,
