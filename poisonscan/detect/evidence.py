@@ -292,7 +292,8 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     if z < min_evidence and recurring:
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}, though "
                        f"{group}: their poison scores do not stand above random windows' (p = {p:.3f}, "
-                       f"asked: {weak_signal_p:g}), a picture the threat model has not learned to respond to")
+                       f"asked: {weak_signal_p:g}), {'a pattern' if rec.signature == 'features' else 'a picture'} "
+                       "the threat model has not learned to respond to")
     if z < min_evidence:
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g} (the best "
                        "windows the search found move the flip set hardly more than random windows do: the threat "
@@ -303,7 +304,10 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
         return True, (f"backdoor signal: z = {z:.2f}, {group}; {moved}, below the minimum effect "
                       f"{100 * min_effect:g}%")
     feat = ev.feature_recurrence
-    if rec is None:
+    if rec is None and feat is not None:
+        why = (f"and the top-k windows do not look alike to the threat model (largest group {feat.size} of {feat.k}; "
+               f"search-like windows: up to {feat.null_group_p99:g}, p = {feat.p_value:.3f})")
+    elif rec is None:
         why = "and the record has no recurrence test"
     elif max_recurrence_p <= 0:
         why = "and a recurring picture is not asked for (decision.max_recurrence_p = 0)"

@@ -161,8 +161,8 @@ def group_test(top_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000, see
 def embed_windows(encoder: Any, windows: torch.Tensor, side: int, runtime: Any, batch_size: int = 256
                   ) -> torch.Tensor:
     """The threat model's L2-normalised features of ``windows`` (uint8 n x 3 x w x w), each at the centre of an
-    ``side`` x ``side`` canvas whose rest is masked the way cluster activation masking masks (the normalised input
-    zeroed): the window as the model sees it alone. Under torchrun rank 0 embeds them all, in the batches of a
+    ``side`` x ``side`` canvas whose rest is zeroed in the normalised input (as cluster activation masking masks
+    pixels): the window as the model sees it alone. Under torchrun rank 0 embeds them all, in the batches of a
     single process (so the features, and the test, do not depend on the world size), and sends them to the others."""
     if runtime.world_size > 1 and not runtime.is_main:
         return broadcast_object(None)

@@ -96,7 +96,7 @@ def test_a_turned_paste_is_the_patch_turned_about_its_centre():
     which, sides, at = torch.tensor([0, 0]), torch.tensor([8.0, 8.0]), torch.tensor([4.0, 4.0])
     quarter = A.paste_resized(x, patch, which, sides, at, at, torch.tensor([math.pi / 2, 0.0]))
     upright = A.paste_resized(x, patch, which, sides, at, at)
-    assert torch.allclose(quarter[1], upright[1])                           # no turn: as before
+    assert torch.allclose(quarter[1], upright[1])                           # no turn: upright
     turned = quarter[0, :, 4:12, 4:12]
     assert torch.allclose(turned, torch.rot90(patch[0], 1, dims=(1, 2)), atol=1e-5) or \
         torch.allclose(turned, torch.rot90(patch[0], -1, dims=(1, 2)), atol=1e-5)

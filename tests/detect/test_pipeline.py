@@ -127,7 +127,7 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
 
     # the cost in threat-model forwards: every image once, each scored image's masks (its own cluster comes from the
     # features) and its window on the flip-set images it was tested on, each null window on the ones it was tested
-    # on, and the feature recurrence test: the masks of the null's first 64 images (all of them here), then those
+    # on, and the feature recurrence test: the masks of the null's first 256 images (all 64 of them here), then those
     # images' windows and the top-k windows once each; nothing else
     fw, n_flip = summary["cost"]["forwards"], summary["clusters"]["flip_set"]
     search, evidence = json.loads((run / "search.json").read_text()), json.loads((run / "evidence.json").read_text())
