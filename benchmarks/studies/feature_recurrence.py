@@ -52,7 +52,8 @@ def embed(encoder: Any, windows: torch.Tensor, side: int, runtime: Any) -> torch
     return F.normalize(feats, dim=1)
 
 
-def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed: int = 0,
+          centre: bool = False) -> dict[str, Any]:
     cfg = json.loads((run / "config.json").read_text())
     search = json.loads((run / "search.json").read_text())
     ev = json.loads((run / "evidence.json").read_text())
@@ -64,10 +65,15 @@ def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed:
     tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
     side = int(images.shape[-1])
-    top_sim = _self_sim(embed(encoder, tw, side, runtime))
-    nulls = {"features": nw, "features_search_like": search_like_windows(run, encoder, runtime)}
-    tests = {name: group_test(top_sim, _self_sim(embed(encoder, windows, side, runtime)), n_boot, seed)
-             for name, windows in nulls.items()}
+    top_f = embed(encoder, tw, side, runtime)
+    top_sim = _self_sim(top_f)
+    like = embed(encoder, search_like_windows(run, encoder, runtime), side, runtime)
+    tests = {name: group_test(top_sim, _self_sim(ref), n_boot, seed)
+             for name, ref in (("features", embed(encoder, nw, side, runtime)), ("features_search_like", like))}
+    if centre:      # what the search-like windows share taken out of both before the cosine
+        mean = like.mean(0, keepdim=True)
+        tests["features_search_like_centred"] = group_test(_self_sim(F.normalize(top_f - mean, dim=1)),
+                                                           _self_sim(F.normalize(like - mean, dim=1)), n_boot, seed)
     ids = json.loads((run / "ids.json").read_text())
     flag: dict[str, bool] = {}
     if truth is not None:
@@ -92,19 +98,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", nargs="+", help="RUN_DIR TRUTH_CSV pairs (TRUTH_CSV - for a clean-data run)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--centre", action="store_true",
+                    help="also the test on features centred on the search-like windows' mean")
     args = ap.parse_args()
     if len(args.pairs) % 2:
         ap.error("give RUN_DIR TRUTH_CSV pairs")
     runtime = setup_runtime("cpu", "auto")
     rows = []
     for run, truth in zip(args.pairs[::2], args.pairs[1::2]):
-        r = study(Path(run), None if truth == "-" else Path(truth), runtime)
+        r = study(Path(run), None if truth == "-" else Path(truth), runtime, centre=args.centre)
         rows.append(r)
         px, ft, fs = r["pixels"], r["features"], r["features_search_like"]
         print(f"{run}: {r['poisons_in_top_k']} poisons in the top {r['k']}; pixels: group {px['size']} "
               f"({px['poisons_in_group']} poisons), p {px['p_value']:.3f}; features: group {ft['size']} "
               f"({ft['poisons_in_group']} poisons), p {ft['p_value']:.3f}; against search-like windows: group "
               f"{fs['size']} ({fs['poisons_in_group']} poisons), p {fs['p_value']:.3f}", flush=True)
+        if "features_search_like_centred" in r:
+            fc = r["features_search_like_centred"]
+            print(f"  centred on the search-like windows' mean: group {fc['size']} ({fc['poisons_in_group']} "
+                  f"poisons), p {fc['p_value']:.3f}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"runs": rows}, indent=1) + "\n")

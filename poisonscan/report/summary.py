@@ -216,22 +216,20 @@ def _null_from(ev: Mapping[str, Any]) -> str:
     return "from all images"
 
 
-def _recurrence_text(ev: Mapping[str, Any]) -> Text:
-    rec = ev.get("recurrence")
+#: the two recurrence tests in ``summary.json``'s evidence: key, what a group shows, what it was compared with
+_GROUPS = {"pixels": ("recurrence", "show one picture", "random windows"),
+           "features": ("feature_recurrence", "look alike to the threat model",
+                        "windows the search picks in random images")}
+
+
+def _recurrence_text(ev: Mapping[str, Any], signature: str = "pixels") -> Text:
+    key, shows, against = _GROUPS[signature]
+    rec = ev.get(key)
     if not isinstance(rec, Mapping):
         return Text("-")
-    return Text(f"{format_value(rec.get('size'))} of the top {format_value(rec.get('k'))} windows show one picture  "
-                f"(random windows: up to {format_value(rec.get('null_group_p99'))}; p = "
+    return Text(f"{format_value(rec.get('size'))} of the top {format_value(rec.get('k'))} windows {shows}  "
+                f"({against}: up to {format_value(rec.get('null_group_p99'))}; p = "
                 f"{format_value(rec.get('p_value'), 3)}, maximum {format_value(ev.get('max_recurrence_p'), 3)})")
-
-
-def _feature_text(ev: Mapping[str, Any]) -> Text:
-    rec = ev.get("feature_recurrence")
-    if not isinstance(rec, Mapping):
-        return Text("-")
-    return Text(f"{format_value(rec.get('size'))} of the top {format_value(rec.get('k'))} windows look alike to the "
-                f"threat model  (windows the search picks in random images: up to "
-                f"{format_value(rec.get('null_group_p99'))}; p = {format_value(rec.get('p_value'), 3)})")
 
 
 def _evidence(ev: Mapping[str, Any]) -> Table:
@@ -248,7 +246,7 @@ def _evidence(ev: Mapping[str, Any]) -> Table:
         ("effect", Text(f"{format_value(ev.get('effect'), 3)}  (share of the flip-set images random windows leave "
                         f"in place that the top-k move; minimum {format_value(ev.get('min_effect'), 3)})")),
         ("recurrence", _recurrence_text(ev)),
-        ("feature recurrence", _feature_text(ev)),
+        ("feature recurrence", _recurrence_text(ev, "features")),
         ("top-k median score", ev.get("topk_median")),
         ("null median score", Text(f"{format_value(ev.get('null_median'))}  "
                                    f"(null size {format_value(ev.get('null_size'))}, {_null_from(ev)})")),

@@ -38,6 +38,22 @@ def test_evidence_says_where_the_null_came_from(fake_run) -> None:
         assert text in console.export_text()
 
 
+def test_evidence_gives_both_recurrence_tests(fake_run) -> None:
+    group = {"size": 9, "k": 20, "p_value": 0.001, "null_group_p99": 5.0}
+    summary = dict(fake_run.summary, evidence={**fake_run.summary["evidence"], "max_recurrence_p": 0.01,
+                                               "recurrence": {**group, "size": 5, "p_value": 0.027},
+                                               "feature_recurrence": group})
+    console = _console()
+    print_detect_summary(summary, console)
+    out = console.export_text()
+    assert "5 of the top 20 windows show one picture  (random windows: up to 5; p = 0.027, maximum 0.01)" in out
+    assert ("9 of the top 20 windows look alike to the threat model  (windows the search picks in random images: "
+            "up to 5; p = 0.001, maximum 0.01)") in out
+    console = _console()
+    print_detect_summary(dict(summary, evidence={**summary["evidence"], "feature_recurrence": None}), console)
+    assert "feature recurrence" in console.export_text()        # the row stays, with "-"
+
+
 def test_ids_are_not_parsed_as_markup(fake_run) -> None:
     summary = dict(fake_run.summary)
     summary["top_k"] = [dict(summary["top_k"][0], id=fake_run.markup_id)]
