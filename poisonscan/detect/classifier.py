@@ -99,7 +99,8 @@ class ClassifierSettings:
     #: changed copy by copy), their windows (and the decoys) are pasted turned by up to this many degrees either way;
     #: 180: any turn, no guess at how far the attacker turned the copies. Chosen on CIFAR-10 50k with `trigger_13`
     #: turned by up to 30 degrees, scaled and recoloured (0 / 10 / 30 / 180: recall 92.9 / 93.7 / 93.6 / 95.0%,
-    #: precision 75.2 / 71.4 / 82.8 / 91.0%; benchmarks/results/stages/); 0: upright
+    #: precision 75.2 / 71.4 / 82.8 / 91.0%; benchmarks/results/stages/); not yet checked on another run (the
+    #: held-out changed trigger measured formed no feature group, so no classifier trained); 0: upright
     feature_group_turn: float = field(default=180.0, metadata=between(0.0, 180.0))
 
     @property
