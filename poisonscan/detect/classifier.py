@@ -39,11 +39,11 @@ from poisonscan.detect.augment import colour_augment, random_paste, random_resiz
 from poisonscan.detect.decision import DecisionSettings, refinement_neighbours
 from poisonscan.detect.evidence import by_effect, evidence_gate
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.matching import match_decides
+from poisonscan.detect.matching import held_beyond, match_decides
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
 from poisonscan.detect.poison_net import build_classifier
 from poisonscan.detect.records import ClassifierResult, Evidence, Matching, SearchResult
-from poisonscan.detect.recurrence import trigger_group
+from poisonscan.detect.recurrence import changed_copies, trigger_group
 from poisonscan.errors import PoisonscanError, UsageError
 from poisonscan.runtime import Runtime, progress
 from poisonscan.settings import PAPER, at_least, between, one_of
@@ -420,7 +420,7 @@ def classifier_positives(settings: ClassifierSettings, evidence: Evidence, max_r
         return top
     members = {int(i) for i in rec.members}
     pm = matching.picture_match if matching is not None else None
-    if pm is not None and pm.contain == 0:
+    if pm is not None and held_beyond(pm) == 0:
         return [i for i in top if i not in members] or top
     return [i for i in top if i in members]
 
@@ -432,9 +432,10 @@ def skip_reason(settings: ClassifierSettings, decision: DecisionSettings, eviden
     (:func:`~poisonscan.detect.matching.match_decides`)."""
     pm = matching.picture_match
     effect = by_effect(evidence, decision.min_evidence, decision.min_effect)
-    if settings.train != "unless-matched" or not match_decides(pm, effect, decision.force):
+    changed = changed_copies(evidence, decision.max_recurrence_p)
+    if settings.train != "unless-matched" or not match_decides(pm, effect, decision.force, changed):
         return ""
-    if pm.contain > 0:
+    if held_beyond(pm) > 0:
         return (f"the picture match makes the removal: {pm.contain} image(s) hold the recurring picture "
                 f"(classifier.train = unless-matched)")
     return "no image holds the recurring picture apart from the data: the signal is withdrawn, nothing is removed"
@@ -470,7 +471,7 @@ def run_classifier(settings: ClassifierSettings, decision: DecisionSettings, ima
     boxes = search.boxes
     patches = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
     group = trigger_group(evidence, decision.max_recurrence_p) if settings.positives == "recurring" else None
-    turn = settings.feature_group_turn if group is not None and group.signature == "features" else 0.0
+    turn = settings.feature_group_turn if group is not None and group.signature in ("changed", "features") else 0.0
     cfg = ClassifierConfig(iterations=settings.iterations, ensemble=settings.ensemble, predict_batch_size=batch_size,
                            decoys=settings.decoys, widths=settings.widths, turn=turn,
                            min_iterations=min(settings.min_iterations, settings.iterations), seed=seed)

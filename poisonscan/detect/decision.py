@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from poisonscan.detect.evidence import by_effect
-from poisonscan.detect.matching import holds_picture, match_decides, match_verdict
+from poisonscan.detect.matching import held_beyond, holds_picture, match_decides, match_verdict
 from poisonscan.detect.neighbours import neighbour_mean, removal_score
 from poisonscan.detect.records import ClassifierResult, Decision, Evidence, Matching, PictureMatch, Verification
+from poisonscan.detect.recurrence import changed_copies
 from poisonscan.settings import at_least, between, stage
 
 
@@ -63,6 +64,13 @@ class DecisionSettings:
     #: flip-test the window the classifier looks at in images it flags above this P that the neighbours keep
     #: (detect/verification.py); 1: off
     verify_min_prob: float = field(default=1.0, metadata=stage("verify", **between(0.0, 1.0)))
+    #: where the removal is the picture match's and the classifier's (a picture changed copy by copy,
+    #: :func:`~poisonscan.detect.recurrence.changed_copies`), an image the classifier gives a P above this is removed
+    #: whatever its neighbours: changed copies are less alike in the threat model's features, so a copy's nearest
+    #: neighbours are often clean and its removal score stays at P / 2. Chosen on the two changed-trigger runs that
+    #: set the changed copies' test (every image kept at P > 0.9 was a poison: 35 on CIFAR-10 50k, 1 on the demo's
+    #: images); checked on a third changed trigger (docs/design.md, "A trigger changed copy by copy"). 1: off
+    confident_prob: float = field(default=0.9, metadata=stage("outputs", **between(0.0, 1.0)))
     #: with a recurring picture, the removal is exactly the images that contain it (detect/matching.py). Chosen on
     #: tinyimagenet100 at 1% (classifier: recall 93.2%, precision 43.9%; every poison's match >= 0.88, every clean
     #: image's <= 0.64); checked on CIFAR-10 50k at 2% and tinyimagenet100 at 0.5%: exactly the poisons both times
@@ -106,14 +114,24 @@ def decide(settings: DecisionSettings, evidence: Evidence, classifier: Classifie
     """The run's answer: the verdict (the evidence gate's, withdrawn when a signal that rests on the recurring
     picture alone finds no image that holds it, :func:`~poisonscan.detect.matching.match_verdict`) and the removal:
     the images that hold the recurring picture where the match makes the removal
-    (:func:`~poisonscan.detect.matching.match_decides`), else the removal score's flags and the verified ones.
+    (:func:`~poisonscan.detect.matching.match_decides`), else the removal score's flags and the verified ones; for
+    a picture changed copy by copy that some image holds, both, and the images the classifier gives a P above
+    ``confident_prob``.
     The decision carries the picture match's record with the classifier's flags compared (``None``: not searched
     for)."""
     nbr, score, flagged = removal_flags(settings, classifier.probs, n, neighbours)
     flagged = flagged | verification.verified(n)
     effect = by_effect(evidence, settings.min_evidence, settings.min_effect)
     pm, holds = matching.picture_match, holds_picture(matching)
-    removed = holds if holds is not None and match_decides(pm, effect, settings.force) else flagged
+    changed = changed_copies(evidence, settings.max_recurrence_p)
+    if holds is not None and match_decides(pm, effect, settings.force, changed):
+        removed = holds
+    elif holds is not None and changed and pm is not None and held_beyond(pm) > 0:
+        removed = holds | flagged               # changed copies: the match's and the classifier's
+        if classifier.probs is not None:
+            removed = removed | (np.asarray(classifier.probs) > settings.confident_prob)
+    else:
+        removed = flagged
     found, reason = match_verdict(classifier.backdoor_found, classifier.reason, pm, effect)
     forced = bool(settings.force and not found)
     verdict = ("backdoor signal found" if found else

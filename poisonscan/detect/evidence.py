@@ -48,8 +48,8 @@ from poisonscan.detect.bounds import hypergeom_upper, kth_largest
 from poisonscan.detect.fliptest import FlipTest, StagedScores, torch_generator
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.records import Evidence, Recurrence, SearchResult
-from poisonscan.detect.recurrence import (REFERENCE_SIZE, SIGNIFICANCE, feature_recurrence_test, recurrence_test,
-                                          trigger_group)
+from poisonscan.detect.recurrence import (REFERENCE_SIZE, SIGNIFICANCE, feature_recurrence_test,
+                                          pixel_recurrence_tests, trigger_group)
 from poisonscan.detect.search import top_k
 from poisonscan.detect.seeds import torch_gen
 from poisonscan.settings import PAPER, at_least, between, one_of
@@ -79,6 +79,10 @@ class EvidenceSettings:
     #: "exact": every null window on the whole flip set
     null_testing: str = field(default="adaptive", metadata=one_of(NULL_TESTINGS))
     null_error: float = field(default=1e-4, metadata=between(0.0, 0.5, lo_open=True))
+    #: also test whether the top-k windows hold one picture changed copy by copy: two windows alike when their
+    #: similarity reaches each one's own 99th percentile against the random windows (detect/recurrence.py,
+    #: :func:`~poisonscan.detect.recurrence.changed_copies_test`); no forward pass
+    changed_copies: bool = True
     #: also test whether the top-k windows look alike to the threat model (detect/recurrence.py,
     #: :func:`~poisonscan.detect.recurrence.feature_recurrence_test`): what shows a trigger changed copy by copy.
     #: Costs the search's masking of 256 random images (about 19k forwards at 32 px with coarse-to-fine masking)
@@ -259,8 +263,13 @@ def by_effect(ev: Evidence, min_evidence: float, min_effect: float) -> bool:
 
 
 def group_text(rec: Recurrence) -> str:
-    """The recurrence test's group in words: pixels ("show one picture") or features ("look alike to the threat
-    model", against the windows the search picks in random images)."""
+    """The recurrence test's group in words: pixels ("show one picture"), changed copies ("show one picture,
+    changed copy by copy") or features ("look alike to the threat model", against the windows the search picks in
+    random images)."""
+    if rec.signature == "changed":
+        return (f"{rec.size} of the top {rec.k} windows show one picture, changed copy by copy (each more alike to "
+                f"the others than to 99% of random windows; random windows: groups of up to "
+                f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})")
     if rec.signature == "features":
         return (f"{rec.size} of the top {rec.k} windows look alike to the threat model, though not pixel for pixel "
                 f"(windows the search picks in random images: groups of up to {rec.null_group_p99:g}, p = "
@@ -314,6 +323,10 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     else:
         why = (f"and no picture recurs among the top-k (largest group {rec.size} of {rec.k}; random windows: "
                f"up to {rec.null_group_p99:g}, p = {rec.p_value:.3f})")
+        changed = ev.changed_recurrence
+        if changed is not None:
+            why += (f" nor as changed copies (each window's own bar: largest group {changed.size}; random windows: "
+                    f"up to {changed.null_group_p99:g}, p = {changed.p_value:.3f})")
         if feat is not None:
             why += (f" nor do they look alike to the threat model (largest group {feat.size}; search-like windows: "
                     f"up to {feat.null_group_p99:g}, p = {feat.p_value:.3f})")
@@ -353,8 +366,11 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     boxes = search.boxes
     top_windows = cut_windows(images[torch.as_tensor(top, dtype=torch.int64)],
                               torch.as_tensor([boxes[i] for i in top], dtype=torch.int64).reshape(-1, 4))
-    rec = recurrence_test(top_windows, patches, seed=flip.seed)
-    rec["members"] = [int(top[j]) for j in rec["members"]]      # image indices
+    rec, changed = pixel_recurrence_tests(top_windows, patches, seed=flip.seed)
+    for group in (rec, changed):
+        group["members"] = [int(top[j]) for j in group["members"]]      # image indices
+    if not settings.changed_copies:
+        changed = None
     feat = None
     if settings.feature_recurrence and search_like is not None:
         reference = search_like(src[:REFERENCE_SIZE].numpy())
@@ -363,7 +379,7 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
         feat["members"] = [int(top[j]) for j in feat["members"]]
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     return Evidence.from_json({
-        **ev, "recurrence": rec, "feature_recurrence": feat, "top_k": top,
+        **ev, "recurrence": rec, "changed_recurrence": changed, "feature_recurrence": feat, "top_k": top,
         "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
         "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip,
         "null_sources": src.tolist(),

@@ -92,14 +92,23 @@ def best_match(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, bat
 
 
 def find_picture(images_u8: Tensor, templates_u8: Tensor, bar: float, runtime: rt.Runtime, batch_size: int = 256,
-                 quiet: bool = True) -> tuple[PictureMatch, np.ndarray]:
-    """Search every image for the recurring picture (``templates_u8``: the recurring group's windows; ``bar``: the
-    recurrence test's): the record (threshold, how many images contain it) and every image's best match."""
+                 quiet: bool = True, group: list[int] | None = None) -> tuple[PictureMatch, np.ndarray]:
+    """Search every image for the recurring picture (``templates_u8``: the recurring group's windows, cut from the
+    images ``group``; ``bar``: the recurrence test's): the record (threshold, how many images contain it, how many
+    of them outside ``group``) and every image's best match."""
     match = best_match(images_u8, templates_u8, runtime, batch_size, quiet)
     threshold, outlier = match_threshold(match, bar)
     contains = match >= threshold - 1e-9
+    outside = np.ones(len(match), dtype=bool)
+    outside[np.asarray(group or [], dtype=np.int64)] = False
     return PictureMatch(threshold=threshold, bar=float(bar), outlier_bar=outlier, templates=int(len(templates_u8)),
-                        contain=int(contains.sum())), match
+                        contain=int(contains.sum()), beyond_group=int((contains & outside).sum())), match
+
+
+def held_beyond(pm: PictureMatch) -> int:
+    """How many images hold the picture besides those its templates were cut from (each holds its own window):
+    what shows a pasted trigger rather than the group itself (``contain`` for a record without the count)."""
+    return pm.contain if pm.beyond_group is None else pm.beyond_group
 
 
 def holds_picture(matching: Matching) -> np.ndarray | None:
@@ -110,22 +119,31 @@ def holds_picture(matching: Matching) -> np.ndarray | None:
     return np.asarray(matching.match) >= pm.threshold - 1e-9
 
 
-def match_decides(picture_match: PictureMatch | None, by_effect: bool, forced: bool = False) -> bool:
+def match_decides(picture_match: PictureMatch | None, by_effect: bool, forced: bool = False,
+                  changed: bool = False) -> bool:
     """Does the picture match make the removal (and the classifier need not train)? Where the picture was searched
     for: when some image holds it, and when none does and the signal rests on the picture alone (the verdict is
     then withdrawn, :func:`match_verdict`, and nothing is removed). A signal the flip test carries by its effect
-    (``by_effect``), or a forced removal, whose picture no image holds apart from the data goes to the classifier."""
+    (``by_effect``), or a forced removal, whose picture no image holds apart from the data goes to the classifier.
+    A picture changed copy by copy (``changed``: :func:`~poisonscan.detect.recurrence.changed_copies`) that some
+    image holds does not decide alone: the match finds the copies close to the group's windows, the classifier
+    the rest, and the removal is both (``decision.decide``)."""
     if picture_match is None:
         return False
-    return picture_match.contain > 0 or not (by_effect or forced)
+    held = held_beyond(picture_match) > 0
+    if changed and held:
+        return False
+    return held or not (by_effect or forced)
 
 
 def run_match(images_u8: Tensor, search: SearchResult, evidence: Evidence, runtime: rt.Runtime, signal: bool,
               max_recurrence_p: float, enabled: bool = True, batch_size: int = 256,
               quiet: bool = True) -> Matching:
     """The match stage (rank 0): with a backdoor signal (``signal``: the evidence gate passed, or the removal is
-    forced) and one picture recurring among the top-k windows at ``p <= max_recurrence_p``, search every image for
-    it (:func:`find_picture`, the group's windows as templates); ``enabled`` is ``decision.match_picture``. The
+    forced) and one picture recurring among the top-k windows at ``p <= max_recurrence_p`` (exact or changed copies,
+    :func:`~poisonscan.detect.recurrence.recurring_group`), search every image for it (:func:`find_picture`, the
+    group's windows as templates, the group's bar: for changed copies the lowest of its windows' own bars);
+    ``enabled`` is ``decision.match_picture``. The
     record says why the picture was not searched for when it was not."""
     if not enabled:
         return Matching(reason="not asked for (decision.match_picture = false)")
@@ -138,19 +156,21 @@ def run_match(images_u8: Tensor, search: SearchResult, evidence: Evidence, runti
     boxes = search.boxes
     templates = cut_windows(images_u8[torch.as_tensor(members)],
                             torch.as_tensor([boxes[i] for i in members], dtype=torch.int64))
-    pm, match = find_picture(images_u8, templates, rec.bar, runtime, batch_size, quiet)
-    return Matching(searched=True, reason=f"{rec.size} of the top {rec.k} windows show one picture",
+    pm, match = find_picture(images_u8, templates, rec.bar, runtime, batch_size, quiet, group=members)
+    changed = ", changed copy by copy" if rec.signature == "changed" else ""
+    return Matching(searched=True, reason=f"{rec.size} of the top {rec.k} windows show one picture{changed}",
                     picture_match=pm, match=match)
 
 
 def match_verdict(found: bool, reason: str, picture_match: PictureMatch | None, by_effect: bool) -> tuple[bool, str]:
     """The run's verdict once the picture was searched for: a signal that rests on the recurring picture (not
     ``by_effect``: :func:`~poisonscan.detect.evidence.by_effect`) is withdrawn when no image holds the picture apart
-    from the data (``contain`` 0: the outlier bar over all images' best matches is above every image's match). Such
-    a group is a pattern common to the data that the search's windows share, not a pasted trigger."""
-    if not found or picture_match is None or picture_match.contain > 0 or by_effect:
+    from the data (:func:`held_beyond` 0: no image but those the group's windows were cut from reaches the
+    threshold, the outlier bar over all images' best matches or the group's bar). Such a group is a pattern common
+    to the data that the search's windows share, not a pasted trigger."""
+    if not found or picture_match is None or held_beyond(picture_match) > 0 or by_effect:
         return found, reason
-    return False, (f"no backdoor signal: {reason.removeprefix('backdoor signal: ')}; but no image holds that "
-                   f"picture apart from the data (best matches must reach {picture_match.threshold:.2f}, the "
+    return False, (f"no backdoor signal: {reason.removeprefix('backdoor signal: ')}; but no image besides the "
+                   f"windows' own holds that picture apart from the data (best matches must reach {picture_match.threshold:.2f}, the "
                    f"median of all images' plus {OUTLIER_SIGMAS:g} robust sd): a common pattern, not a pasted "
                    f"trigger")

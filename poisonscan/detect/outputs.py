@@ -119,7 +119,8 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
                                             "z_scale", "topk_spread")}
     evidence.update(min_evidence=settings.min_evidence, min_effect=settings.min_effect,
                     backdoor_found=dec.backdoor_found, max_recurrence_p=settings.max_recurrence_p, forced=dec.forced,
-                    recurrence=_group(ev.recurrence), feature_recurrence=_group(ev.feature_recurrence),
+                    recurrence=_group(ev.recurrence), changed_recurrence=_group(ev.changed_recurrence),
+                    feature_recurrence=_group(ev.feature_recurrence),
                     reason=dec.reason)
     meta = {k: v for k, v in r.model["metadata"].items() if k not in ("missing_keys", "unexpected_keys")}
     n_unreadable = len(store.errors)

@@ -182,6 +182,8 @@ class Evidence(Record):
     boot_mean: float = 0.0
     boot_std: float = 0.0
     recurrence: Recurrence | None = nested(Recurrence)
+    #: the same test with a bar per window: a trigger's copies changed copy by copy (``None``: not run)
+    changed_recurrence: Recurrence | None = nested(Recurrence)
     #: the same test on the threat model's features against search-like windows (``None``: not run)
     feature_recurrence: Recurrence | None = nested(Recurrence)
     top_k: list[int] = field(default_factory=list)
@@ -197,7 +199,8 @@ class Evidence(Record):
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], **arrays: Any) -> Evidence:
-        for key, signature in (("recurrence", "pixels"), ("feature_recurrence", "features")):
+        for key, signature in (("recurrence", "pixels"), ("changed_recurrence", "changed"),
+                               ("feature_recurrence", "features")):
             rec = doc.get(key)
             if rec is not None and rec.get("signature") != signature:     # another test's record: not this one's
                 doc = {**doc, key: None}
@@ -218,6 +221,8 @@ class PictureMatch(Record):
     outlier_bar: float
     templates: int
     contain: int
+    #: of those, the images outside the group the templates were cut from (``None``: not counted)
+    beyond_group: int | None = None
     flagged_without: int | None = None
     added: int | None = None
 

@@ -14,9 +14,15 @@ The test looks at pixels, so it sees patch triggers (pasted the same way on ever
 over the whole image (blending, frequency triggers), which the effect bar of the evidence gate still catches
 (detect/evidence.py, :func:`~poisonscan.detect.evidence.evidence_gate`).
 
-A trigger changed copy by copy (scaled, turned, recoloured) is not alike pixel for pixel, but the threat model,
-which learned it, still sees one thing in its copies. :func:`feature_recurrence_test` compares the windows by the
-threat model's features instead (each window alone on a masked canvas, :func:`embed_windows`), against windows the
+A trigger changed copy by copy (scaled, turned, recoloured) is not alike pixel for pixel at that bar, which smooth
+windows set: they are alike to many windows. Its copies are still more alike to each other than to almost any random
+window, which :func:`changed_copies_test` asks with a bar per window (its own 99th percentile of similarities to the
+random windows): a flat or smooth window, alike to many, gets a high bar; a trigger's copy, alike to its other copies
+only, a low one. The picture match then looks for such a group's picture with the outlier bar over all images
+(detect/matching.py), which also tells a pattern common to the data from a pasted trigger.
+
+The threat model, which learned the trigger, also sees one thing in its changed copies:
+:func:`feature_recurrence_test` compares the windows by the threat model's features instead (each window alone on a masked canvas, :func:`embed_windows`), against windows the
 search itself would pick in random images (``search_like``): selected windows resemble each other more than
 uniform ones do, and a null of uniform windows let 7 clean windows of a weakly poisoned CIFAR-10 model group at
 p 0.001 (benchmarks/studies/feature_recurrence.py). It costs the masking of :data:`REFERENCE_SIZE` images and
@@ -129,6 +135,66 @@ def recurrence_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.nda
     return {"signature": "pixels", **group_test(top_sim, ref_sim, n_boot, seed, quantile)}
 
 
+def pixel_recurrence_tests(top_windows: np.ndarray | torch.Tensor, null_windows: np.ndarray | torch.Tensor,
+                           n_boot: int = 1000, seed: int = 0, quantile: float = ALIKE_QUANTILE
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`recurrence_test` and :func:`changed_copies_test` of the same windows, the similarities computed once:
+    ``(pixels, changed)``."""
+    k = len(top_windows)
+    ref_windows = torch.as_tensor(null_windows)[:REFERENCE_SIZE]
+    ref_sim = window_similarity(ref_windows) if len(ref_windows) else np.zeros((0, 0))
+    top_sim = window_similarity(top_windows) if k else np.zeros((0, 0))
+    cross = window_similarity(top_windows, ref_windows) if k and len(ref_windows) else np.zeros((k, 0))
+    return ({"signature": "pixels", **group_test(top_sim, ref_sim, n_boot, seed, quantile)},
+            {"signature": "changed", **own_bar_test(top_sim, cross, ref_sim, n_boot, seed, quantile)})
+
+
+def changed_copies_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.ndarray | torch.Tensor,
+                        n_boot: int = 1000, seed: int = 0, quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
+    """Copies of one picture changed copy by copy among the top-k windows (:func:`own_bar_test` on
+    :func:`window_similarity`, against the same reference windows as :func:`recurrence_test`). Same returns, with
+    ``signature`` "changed" and ``bar`` the lowest of the group's own bars."""
+    return pixel_recurrence_tests(top_windows, null_windows, n_boot, seed, quantile)[1]
+
+
+def own_bar_test(top_sim: np.ndarray, cross_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000,
+                 seed: int = 0, quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
+    """The group statistic of :func:`group_test` with a bar per window: two windows are alike when their similarity
+    reaches the ``quantile`` of each one's similarities to the reference windows (``cross_sim``: k x n for the top-k,
+    ``ref_sim``: n x n, each reference window's bar leaving itself out). Returns :func:`group_test`'s keys; ``bar``
+    is the lowest bar in the group (the median of the top-k's bars when no two windows are alike)."""
+    k, n = len(top_sim), len(ref_sim)
+    if n < 2 or cross_sim.shape[1] == 0:
+        top_bar = np.ones(k)
+        ref_bar = np.ones(n)
+    else:
+        top_bar = np.quantile(cross_sim, quantile, axis=1)
+        off = np.array(ref_sim, dtype=np.float64)
+        np.fill_diagonal(off, np.nan)
+        ref_bar = np.nanquantile(off, quantile, axis=1)
+    alike_top = (top_sim >= np.maximum.outer(top_bar, top_bar) - 1e-9) & (top_sim > 0)
+    alike_ref = (ref_sim >= np.maximum.outer(ref_bar, ref_bar) - 1e-9) & (ref_sim > 0)
+    size, members = largest_group(alike_top)
+    rng = np.random.default_rng(seed)
+    if n < max(k, 2):
+        boot = np.full(1, k)
+    else:
+        boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
+                         for pick in (rng.choice(n, k, replace=False) for _ in range(n_boot))])
+    bar = float(top_bar[members].min()) if size > 1 else (float(np.median(top_bar)) if k else 1.0)
+    return {
+        "size": size,
+        "members": members,
+        "bar": bar,
+        "quantile": quantile,
+        "null_group_median": float(np.median(boot)),
+        "null_group_p99": float(np.quantile(boot, 0.99)),
+        "p_value": float((1 + int((boot >= size).sum())) / (1 + len(boot))),
+        "n_reference": int(n),
+        "k": int(k),
+    }
+
+
 def group_test(top_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000, seed: int = 0,
                quantile: float = ALIKE_QUANTILE) -> dict[str, Any]:
     """The statistic of :func:`recurrence_test` on any similarity: ``top_sim`` (k x k) between the top-k windows,
@@ -195,15 +261,26 @@ def feature_recurrence_test(encoder: Any, top_windows: torch.Tensor, search_like
 
 
 def recurring_group(ev: Evidence, max_p: float) -> Recurrence | None:
-    """The evidence record ``ev``'s recurrence test when it found a recurring picture (``p <= max_p``), else None:
-    what the picture match asks (it searches every image for that picture)."""
-    rec = ev.recurrence
-    return rec if rec is not None and rec.p_value <= max_p else None
+    """The evidence record ``ev``'s recurring picture: the recurrence test's group (``p <= max_p``), else the
+    changed copies' (:func:`changed_copies_test`), else None: what the picture match asks (it searches every image
+    for that picture)."""
+    for rec in (ev.recurrence, ev.changed_recurrence):
+        if rec is not None and rec.p_value <= max_p:
+            return rec
+    return None
+
+
+def changed_copies(ev: Evidence, max_p: float) -> bool:
+    """Is the picture the match searches for a trigger changed copy by copy (the changed copies' group, not the
+    recurrence test's)? Its copies then differ, so the match finds those close to the group's windows and the
+    classifier the rest."""
+    rec = recurring_group(ev, max_p)
+    return rec is not None and rec.signature == "changed"
 
 
 def trigger_group(ev: Evidence, max_p: float) -> Recurrence | None:
-    """The top-k windows taken as one trigger's copies: the recurring picture (:func:`recurring_group`), else the
-    group that looks alike to the threat model (``ev.feature_recurrence`` at ``p <= max_p``), else None: what the
+    """The top-k windows taken as one trigger's copies: the recurring picture (:func:`recurring_group`, exact or
+    changed copies), else the group that looks alike to the threat model (``ev.feature_recurrence`` at ``p <= max_p``), else None: what the
     evidence gate and the classifier's positives ask."""
     rec = recurring_group(ev, max_p)
     if rec is not None:

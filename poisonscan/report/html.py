@@ -321,6 +321,8 @@ def _evidence(ev: Mapping[str, Any]) -> str:
               ("max_recurrence_p", "maximum recurrence p-value"), ("recurrence", "recurrence test (largest group of "
                                                                                    "top-k windows showing one "
                                                                                    "picture)"),
+              ("changed_recurrence", "changed copies (largest group of top-k windows each more alike to the others "
+                                     "than to 99% of random windows)"),
               ("feature_recurrence", "feature recurrence test (largest group of top-k windows alike to the threat "
                                      "model, against windows the search picks in random images)"),
               ("reason", "reason"),

@@ -216,8 +216,10 @@ def _null_from(ev: Mapping[str, Any]) -> str:
     return "from all images"
 
 
-#: the two recurrence tests in ``summary.json``'s evidence: key, what a group shows, what it was compared with
+#: the recurrence tests in ``summary.json``'s evidence: key, what a group shows, what it was compared with
 _GROUPS = {"pixels": ("recurrence", "show one picture", "random windows"),
+           "changed": ("changed_recurrence", "show one picture, changed copy by copy",
+                       "random windows, each against its own bar"),
            "features": ("feature_recurrence", "look alike to the threat model",
                         "windows the search picks in random images")}
 
@@ -246,6 +248,7 @@ def _evidence(ev: Mapping[str, Any]) -> Table:
         ("effect", Text(f"{format_value(ev.get('effect'), 3)}  (share of the flip-set images random windows leave "
                         f"in place that the top-k move; minimum {format_value(ev.get('min_effect'), 3)})")),
         ("recurrence", _recurrence_text(ev)),
+        ("changed copies", _recurrence_text(ev, "changed")),
         ("feature recurrence", _recurrence_text(ev, "features")),
         ("top-k median score", ev.get("topk_median")),
         ("null median score", Text(f"{format_value(ev.get('null_median'))}  "

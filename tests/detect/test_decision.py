@@ -103,3 +103,32 @@ def test_force_removes_by_the_classifier_where_the_verdict_is_withdrawn() -> Non
     d = _run(_evidence(), contain=0, settings=DecisionSettings(neighbours=0, force=True), probs=probs)
     assert not d.backdoor_found and d.forced and d.verdict == "no backdoor signal (removal forced)"
     assert np.flatnonzero(d.removed).tolist() == [4]
+
+
+def test_a_trigger_changed_copy_by_copy_is_removed_by_the_match_and_the_classifier() -> None:
+    """The group holds changed copies: the match finds the copies close to its windows, the classifier the rest,
+    and the removal is both; a changed picture no image holds apart from the data is withdrawn as any other."""
+    changed = {**GROUP, "signature": "changed"}
+    ev = _evidence(recurrence={**GROUP, "size": 1, "p_value": 0.5}, changed_recurrence=changed)
+    probs = np.full(N, 0.1, dtype=np.float32)
+    probs[[5, 7, 9]] = 0.99
+    d = _run(ev, contain=1, settings=DecisionSettings(neighbours=0), probs=probs)
+    assert d.backdoor_found and "changed copy by copy" in d.reason
+    assert np.flatnonzero(d.removed).tolist() == [2, 5, 7, 9]        # the match's 2, the classifier's 5, 7, 9
+    withdrawn = _run(ev, contain=0, settings=DecisionSettings(neighbours=0), probs=probs)
+    assert not withdrawn.backdoor_found and withdrawn.n_removed == 0
+
+
+
+def test_a_confident_flag_among_changed_copies_stands_without_its_neighbours() -> None:
+    """Changed copies: an image the classifier is sure of is removed even where its neighbours are not flagged."""
+    changed = {**GROUP, "signature": "changed"}
+    ev = _evidence(recurrence={**GROUP, "size": 1, "p_value": 0.5}, changed_recurrence=changed)
+    probs = np.full(N, 0.1, dtype=np.float32)
+    probs[[10, 11]] = [0.95, 0.85]                                 # isolated flags: no neighbour support
+    d = _run(ev, contain=3, probs=probs)
+    assert np.flatnonzero(d.removed).tolist() == POISONS + [10]    # 0.95 > 0.9 stands; 0.85 needs support
+    off = _run(ev, contain=3, settings=DecisionSettings(confident_prob=1.0), probs=probs)
+    assert np.flatnonzero(off.removed).tolist() == POISONS
+    exact = _run(_evidence(), contain=3, probs=probs)               # an exact picture: the match alone removes
+    assert np.flatnonzero(exact.removed).tolist() == POISONS

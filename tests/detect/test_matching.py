@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from poisonscan import runtime as rt
 from poisonscan.detect.evidence import by_effect
 from poisonscan.detect.records import Evidence, PictureMatch
-from poisonscan.detect.matching import best_match, match_decides, match_threshold, match_verdict
+from poisonscan.detect.matching import (best_match, find_picture, held_beyond, match_decides, match_threshold,
+                                        match_verdict)
 from poisonscan.detect.recurrence import window_similarity
 
 
@@ -100,3 +101,24 @@ def test_the_match_makes_the_removal_unless_no_image_holds_the_picture_under_the
     assert match_decides(none, by_effect=False)                  # the verdict is withdrawn: nothing to remove
     assert not match_decides(none, by_effect=True) and not match_decides(none, by_effect=False, forced=True)
     assert not match_decides(None, by_effect=False)              # not searched for: the classifier decides
+    assert not match_decides(held, by_effect=False, changed=True)   # changed copies: the classifier trains too
+    assert match_decides(none, by_effect=False, changed=True)       # ... unless the verdict is withdrawn
+
+
+def test_the_images_the_group_was_cut_from_do_not_show_a_pasted_trigger(runtime):
+    """Each image of the group holds its own window: a picture only they hold is withdrawn like one none holds."""
+    rng = np.random.default_rng(5)
+    images = torch.as_tensor(rng.integers(100, 156, (40, 3, 32, 32)), dtype=torch.uint8)
+    pattern = torch.as_tensor(rng.integers(0, 256, (3, 9, 9)), dtype=torch.uint8)
+    images[[3, 8], :, 4:13, 4:13] = pattern
+    templates = images[[3, 8], :, 4:13, 4:13]
+    pm, _ = find_picture(images, templates, 0.5, runtime, group=[3, 8])
+    assert pm.contain == 2 and pm.beyond_group == 0 and held_beyond(pm) == 0
+    assert match_decides(pm, by_effect=False)                    # withdrawn: nothing to remove
+    found, reason = match_verdict(True, "backdoor signal: z = 4.00", pm, by_effect=False)
+    assert not found and "besides the windows' own" in reason
+    images[20, :, 10:19, 10:19] = pattern                        # pasted on one more image: a trigger
+    pm, _ = find_picture(images, templates, 0.5, runtime, group=[3, 8])
+    assert pm.contain == 3 and held_beyond(pm) == 1 and match_verdict(True, "backdoor signal", pm, False)[0]
+    legacy = PictureMatch(threshold=0.9, bar=0.8, outlier_bar=0.7, templates=2, contain=2)
+    assert held_beyond(legacy) == 2                              # a record without the count: every holder

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from poisonscan.detect.records import Evidence
-from poisonscan.detect.recurrence import (COMPARE_SIZE, largest_group, recurrence_test,
+from poisonscan.detect.recurrence import (COMPARE_SIZE, changed_copies, changed_copies_test, largest_group,
+                                          pixel_recurrence_tests, recurrence_test, recurring_group, trigger_group,
                                           window_similarity)
 
 W = 9
@@ -112,7 +115,7 @@ def _changed_copies(rng: np.random.Generator, trigger: torch.Tensor, n: int) -> 
 
 
 def test_copies_changed_one_by_one_look_alike_to_the_model_though_not_pixel_for_pixel():
-    from poisonscan.detect.recurrence import embed_windows, feature_recurrence_test, trigger_group
+    from poisonscan.detect.recurrence import embed_windows, feature_recurrence_test
     from poisonscan.runtime import setup_runtime
 
     rng = np.random.default_rng(3)
@@ -139,3 +142,46 @@ def test_copies_changed_one_by_one_look_alike_to_the_model_though_not_pixel_for_
     both = Evidence.from_json({"recurrence": {**pixels, "p_value": 0.001}, "feature_recurrence": feats})
     assert trigger_group(both, 0.01) is both.recurrence
     assert Evidence.from_json({"feature_recurrence": pixels}).feature_recurrence is None    # another test's record
+
+
+def _turned_copies(rng: np.random.Generator, trigger: torch.Tensor, n: int) -> torch.Tensor:
+    """Copies of ``trigger`` (3 x 8 x 8) each turned by up to 20 degrees, scaled by 0.8-1.2 and recoloured (RGB gains
+    0.8-1.2), pasted into a natural window: ``poisonscan poison --rotation 20 --scale-jitter 0.2 --colour-jitter
+    0.2``."""
+    out = _natural(rng, n).clone()
+    t = trigger.float()[None] / 255
+    for i in range(n):
+        a, s = math.radians(rng.uniform(-20, 20)), rng.uniform(0.8, 1.2)
+        theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, 0], [math.sin(a) / s, math.cos(a) / s, 0]],
+                             dtype=torch.float32)[None]
+        grid = F.affine_grid(theta, [1, 3, 8, 8], align_corners=False)
+        c = F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        c = (c * torch.as_tensor(rng.uniform(0.8, 1.2, (3, 1, 1)), dtype=torch.float32)).clamp(0, 1)
+        x, y = rng.integers(0, W - 8 + 1, 2)
+        out[i, :, y:y + 8, x:x + 8] = (c * 255).round().to(torch.uint8)
+    return out
+
+
+def test_copies_changed_a_little_are_alike_against_each_windows_own_bar():
+    rng = np.random.default_rng(2)
+    trigger = torch.as_tensor(rng.integers(0, 256, (3, 8, 8)), dtype=torch.uint8)
+    top = torch.cat([_turned_copies(rng, trigger, 12), _natural(rng, 8)])      # an impure top-20: 12 copies
+    null = _natural(rng, 300)
+    pixels, changed = pixel_recurrence_tests(top, null, n_boot=300, seed=0)
+    assert pixels == recurrence_test(top, null, n_boot=300, seed=0)
+    assert changed == changed_copies_test(top, null, n_boot=300, seed=0)
+    assert pixels["p_value"] > 0.01                          # smooth random windows set the shared bar too high
+    assert changed["signature"] == "changed" and changed["n_reference"] == 256 and changed["k"] == 20
+    assert changed["size"] >= 6 and changed["p_value"] < 0.01 and all(m < 12 for m in changed["members"])
+    assert 0 < changed["bar"] < 1
+    clean = changed_copies_test(_natural(rng, 20), null, n_boot=300, seed=0)
+    assert clean["size"] < 4 and clean["p_value"] > 0.05
+    # the picture the match and the classifier take: exact copies first, then changed ones, then the features'
+    ev = Evidence.from_json({"recurrence": pixels, "changed_recurrence": changed,
+                             "feature_recurrence": {**changed, "signature": "features", "p_value": 0.001}})
+    assert recurring_group(ev, 0.01) is ev.changed_recurrence and changed_copies(ev, 0.01)
+    assert trigger_group(ev, 0.01) is ev.changed_recurrence
+    exact = Evidence.from_json({"recurrence": {**pixels, "p_value": 0.001}, "changed_recurrence": changed})
+    assert recurring_group(exact, 0.01) is exact.recurrence and not changed_copies(exact, 0.01)
+    assert Evidence.from_json({"changed_recurrence": pixels}).changed_recurrence is None    # another test's record
+
