@@ -21,8 +21,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from poisonscan.config import EvalDetectionConfig
 from poisonscan.detect.evidence import evidence_gate
+from poisonscan.detect.matching import holds_picture
 from poisonscan.detect.run import DetectRun
 from poisonscan.eval.runner import run_detection
 from poisonscan.runs import atomic_write_json, environment_record
@@ -35,6 +38,13 @@ def _strength(path: str | None) -> dict[str, Any] | None:
         return None
     knn = json.loads(Path(path).read_text()).get("knn") or {}
     return {"knn_asr": knn.get("asr"), "clean_rate": knn.get("target_rate_clean"), "knn_accuracy": knn.get("accuracy")}
+
+
+def _picture_match(pm: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The picture match's figures in ``summary.json`` (``None``: the picture was not searched for)."""
+    if not pm:
+        return None
+    return {k: pm.get(k) for k in ("threshold", "bar", "outlier_bar", "templates", "contain", "beyond_group")}
 
 
 def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: str, role: str = "held-out",
@@ -57,6 +67,7 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
         "decision": {"backdoor_found": summary["evidence"]["backdoor_found"], "reason": summary["evidence"]["reason"],
                      "removed": summary["counts"]["removed"], "scanned": summary["counts"]["scanned"]},
         "effect_bar": {"backdoor_found": by_effect, "reason": effect_reason},
+        "picture_match": _picture_match(summary.get("picture_match")),
     }
     if truth:
         q = run_detection(EvalDetectionConfig(run=str(run), truth=truth))
@@ -70,6 +81,9 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
         for key, group in (("changed_recurrence", changed), ("feature_recurrence", feat)):
             if group is not None:
                 out[key]["poisons_in_group"] = sum(ids[int(i)] in poisoned for i in group["members"])
+        holds = holds_picture(detect.match) if detect.match is not None else None
+        if out["picture_match"] is not None and holds is not None:
+            out["picture_match"]["poisons_holding"] = int(sum(ids[int(i)] in poisoned for i in np.flatnonzero(holds)))
     return out
 
 

@@ -38,10 +38,12 @@ finished detect run, written by `benchmarks/decision_records.py`); regenerate it
 recurrence test, the picture match and the poison score rule), imagenette-96 and CIFAR-10 50k with 5-10% of the
 data poisoned (the evidence and classifier settings; the picture match's outlier bar on CIFAR-10 at 5%),
 imagenette-96 at 2% with the 30-epoch model (`decision.weak_signal_p`), the MoCo v3 ViT (`search.vit_masking`,
-chosen on its poisons), and CIFAR-10 50k with `trigger_13` changed copy by copy at 15 epochs (the feature recurrence
-test's null of search-like windows, chosen with that run in view, and `classifier.feature_group_turn`); a *held-out*
-setting is one no default was chosen on (another
-rate, target class or trigger, or a clean-data model none was set with). PoisonCAM finds only what the threat model learned, so every
+chosen on its poisons), CIFAR-10 50k with `trigger_13` changed copy by copy at 15 epochs (the feature recurrence
+test's null of search-like windows, chosen with that run in view, `classifier.feature_group_turn` and
+`decision.confident_prob`), and the demo's images with `trigger_11` changed copy by copy (the changed copies' test,
+found on it, and `decision.confident_prob`); a *held-out* setting is one no default was chosen on (another rate,
+target class or trigger, or a clean-data model none was set with). PoisonCAM finds only what the threat model
+learned, so every
 row gives the model's strength: its k-NN attack success rate (ASR: patched validation images of other classes
 whose 20 nearest training neighbours vote for the target) against the clean rate (the same vote on unpatched images).
 A model whose ASR is not well above its clean rate has no backdoor to find. The evidence gate and the recurrence

@@ -113,7 +113,7 @@ def study(run: Path, truth: Path | None, n_boot: int = 1000, seed: int = 0) -> d
         flag = dict(zip(gt.ids, gt.poisoned.tolist()))
     poison = [flag.get(ids[i], False) for i in top]
     recorded = {}
-    for key in ("recurrence", "feature_recurrence"):
+    for key in ("recurrence", "changed_recurrence", "feature_recurrence"):
         rec = ev.get(key) or {}
         if rec:
             recorded[key] = {"size": rec.get("size"), "p_value": rec.get("p_value"),
@@ -139,7 +139,8 @@ def main() -> None:
         rows.append(r)
         rec = "; ".join(f"{k}: group {v['size']} ({v['poisons_in_group']} poisons), p {v['p_value']:.3f}"
                         for k, v in r["recorded"].items())
-        al = "; ".join(f"{k}: group {r[k]['size']} ({r[k]['poisons_in_group']}), p {r[k]['p_value']:.3f}" for k in TESTS)
+        al = "; ".join(f"{k}: group {r[k]['size']} ({r[k]['poisons_in_group']}), p {r[k]['p_value']:.3f}"
+                       for k in TESTS)
         print(f"{run}: {r['poisons_in_top_k']} poisons in the top {r['k']}; recorded {rec}; {al} "
               f"({r['seconds']} s)", flush=True)
         if args.json:

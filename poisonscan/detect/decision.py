@@ -7,8 +7,10 @@ trigger) and that the picture match finds in some image; without it nothing is r
 signal, the removal is the images that contain the recurring picture (``match_picture``, detect/matching.py) or, for
 a trigger that does not recur (or a signal the effect carries whose picture no image holds), the classifier's
 probability averaged with its neighbours' support (detect/neighbours.py) above ``threshold``, plus the flags the
-threat model verifies (detect/verification.py). This module owns those settings and the arithmetic that turns the
-classifier's probabilities into the removal.
+threat model verifies (detect/verification.py); for a picture changed copy by copy (detect/recurrence.py,
+``changed_copies``), both the images that hold it and the classifier's flags, with those it gives a probability
+above ``confident_prob`` whatever their neighbours. This module owns those settings and the arithmetic that turns
+the classifier's probabilities into the removal.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from poisonscan.settings import at_least, between, stage
 class DecisionSettings:
     """The decision's settings (``[detect.decision]``; ``--set decision.KEY=VALUE``). The match stage reads the
     gate's first (the gate decides whether the picture is searched for and the classifier trains), the classifier
-    stage the threshold and neighbours (what a refinement round drops), the verify stage ``verify_min_prob`` (their
-    ``stage`` metadata). Where each default was chosen and where it was checked on settings it was not chosen on:
+    stage the threshold and neighbours (what a refinement round drops), the verify stage ``verify_min_prob``, the
+    outputs stage ``confident_prob`` (their ``stage`` metadata). Where each default was chosen and where it was checked on settings it was not chosen on:
     the comments below, docs/design.md ("The evidence gate", "Finding the recurring picture", "The removal score")
     and docs/results.md."""
 
@@ -69,7 +71,7 @@ class DecisionSettings:
     #: whatever its neighbours: changed copies are less alike in the threat model's features, so a copy's nearest
     #: neighbours are often clean and its removal score stays at P / 2. Chosen on the two changed-trigger runs that
     #: set the changed copies' test (every image kept at P > 0.9 was a poison: 35 on CIFAR-10 50k, 1 on the demo's
-    #: images); checked on a third changed trigger (docs/design.md, "A trigger changed copy by copy"). 1: off
+    #: images); docs/design.md, "A trigger changed copy by copy", says where else it was checked. 1: off
     confident_prob: float = field(default=0.9, metadata=stage("outputs", **between(0.0, 1.0)))
     #: with a recurring picture, the removal is exactly the images that contain it (detect/matching.py). Chosen on
     #: tinyimagenet100 at 1% (classifier: recall 93.2%, precision 43.9%; every poison's match >= 0.88, every clean
@@ -117,19 +119,21 @@ def decide(settings: DecisionSettings, evidence: Evidence, classifier: Classifie
     (:func:`~poisonscan.detect.matching.match_decides`), else the removal score's flags and the verified ones; for
     a picture changed copy by copy that some image holds, both, and the images the classifier gives a P above
     ``confident_prob``.
-    The decision carries the picture match's record with the classifier's flags compared (``None``: not searched
-    for)."""
+    A verdict withdrawn because no image beyond the group's own holds the picture removes nothing. The decision
+    carries the picture match's record with the classifier's flags (the sure ones included) compared (``None``:
+    not searched for)."""
     nbr, score, flagged = removal_flags(settings, classifier.probs, n, neighbours)
     flagged = flagged | verification.verified(n)
     effect = by_effect(evidence, settings.min_evidence, settings.min_effect)
     pm, holds = matching.picture_match, holds_picture(matching)
     changed = changed_copies(evidence, settings.max_recurrence_p)
-    if holds is not None and match_decides(pm, effect, settings.force, changed):
-        removed = holds
-    elif holds is not None and changed and pm is not None and held_beyond(pm) > 0:
-        removed = holds | flagged               # changed copies: the match's and the classifier's
-        if classifier.probs is not None:
-            removed = removed | (np.asarray(classifier.probs) > settings.confident_prob)
+    both = holds is not None and pm is not None and changed and held_beyond(pm) > 0
+    if both and classifier.probs is not None:          # changed copies: a flag the classifier is sure of stands
+        flagged = flagged | (np.asarray(classifier.probs) > settings.confident_prob)
+    if both:
+        removed = holds | flagged                      # the match's and the classifier's
+    elif holds is not None and match_decides(pm, effect, settings.force, changed):
+        removed = holds if held_beyond(pm) > 0 else np.zeros(n, dtype=bool)    # withdrawn: nothing
     else:
         removed = flagged
     found, reason = match_verdict(classifier.backdoor_found, classifier.reason, pm, effect)

@@ -170,7 +170,9 @@ def match_verdict(found: bool, reason: str, picture_match: PictureMatch | None, 
     to the data that the search's windows share, not a pasted trigger."""
     if not found or picture_match is None or held_beyond(picture_match) > 0 or by_effect:
         return found, reason
+    pm = picture_match
+    bar = (f"the median of all images' plus {OUTLIER_SIGMAS:g} robust sd" if pm.outlier_bar >= pm.bar
+           else "the group's bar")
     return False, (f"no backdoor signal: {reason.removeprefix('backdoor signal: ')}; but no image besides the "
-                   f"windows' own holds that picture apart from the data (best matches must reach {picture_match.threshold:.2f}, the "
-                   f"median of all images' plus {OUTLIER_SIGMAS:g} robust sd): a common pattern, not a pasted "
-                   f"trigger")
+                   f"windows' own holds that picture apart from the data (best matches must reach "
+                   f"{pm.threshold:.2f}, {bar}): a common pattern, not a pasted trigger")

@@ -22,8 +22,8 @@ only, a low one. The picture match then looks for such a group's picture with th
 (detect/matching.py), which also tells a pattern common to the data from a pasted trigger.
 
 The threat model, which learned the trigger, also sees one thing in its changed copies:
-:func:`feature_recurrence_test` compares the windows by the threat model's features instead (each window alone on a masked canvas, :func:`embed_windows`), against windows the
-search itself would pick in random images (``search_like``): selected windows resemble each other more than
+:func:`feature_recurrence_test` compares the windows by the threat model's features instead (each window alone on
+a masked canvas, :func:`embed_windows`), against windows the search itself would pick in random images (``search_like``): selected windows resemble each other more than
 uniform ones do, and a null of uniform windows let 7 clean windows of a weakly poisoned CIFAR-10 model group at
 p 0.001 (benchmarks/studies/feature_recurrence.py). It costs the masking of :data:`REFERENCE_SIZE` images and
 k + :data:`REFERENCE_SIZE` forwards.
@@ -280,8 +280,8 @@ def changed_copies(ev: Evidence, max_p: float) -> bool:
 
 def trigger_group(ev: Evidence, max_p: float) -> Recurrence | None:
     """The top-k windows taken as one trigger's copies: the recurring picture (:func:`recurring_group`, exact or
-    changed copies), else the group that looks alike to the threat model (``ev.feature_recurrence`` at ``p <= max_p``), else None: what the
-    evidence gate and the classifier's positives ask."""
+    changed copies), else the group that looks alike to the threat model (``ev.feature_recurrence`` at
+    ``p <= max_p``), else None: what the evidence gate and the classifier's positives ask."""
     rec = recurring_group(ev, max_p)
     if rec is not None:
         return rec

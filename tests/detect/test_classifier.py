@@ -292,3 +292,17 @@ def test_the_classifier_is_skipped_only_where_the_match_makes_the_removal() -> N
     weak = Evidence.from_json({**ev.to_json(), "effect": 0.01})                          # the picture alone
     assert C.skip_reason(default, DecisionSettings(), weak, none).startswith("no image holds the recurring picture")
     assert C.skip_reason(default, DecisionSettings(force=True), weak, none) == ""       # --force: it trains
+
+
+def test_changed_copies_are_the_positives_and_the_classifier_trains_beside_the_match() -> None:
+    """A picture changed copy by copy that images beyond the group hold: the match finds the copies close to the
+    group's windows, so the classifier still trains, on the group's windows."""
+    doc = _group_evidence().to_json()
+    changed = {"signature": "changed", "size": 2, "k": 5, "null_group_p99": 1.0, "p_value": 0.002,
+               "members": [14, 11], "bar": 0.4}
+    ev = Evidence.from_json({**doc, "recurrence": {**doc["recurrence"], "p_value": 0.2}, "changed_recurrence": changed,
+                             "effect": 0.01})
+    settings = C.ClassifierSettings()
+    assert C.classifier_positives(settings, ev, 0.01) == [11, 14]
+    assert C.skip_reason(settings, DecisionSettings(), ev, _matching(contain=30)) == ""          # it trains
+    assert C.skip_reason(settings, DecisionSettings(), ev, _matching(contain=0)).startswith("no image holds")

@@ -119,7 +119,6 @@ def test_a_trigger_changed_copy_by_copy_is_removed_by_the_match_and_the_classifi
     assert not withdrawn.backdoor_found and withdrawn.n_removed == 0
 
 
-
 def test_a_confident_flag_among_changed_copies_stands_without_its_neighbours() -> None:
     """Changed copies: an image the classifier is sure of is removed even where its neighbours are not flagged."""
     changed = {**GROUP, "signature": "changed"}
@@ -132,3 +131,19 @@ def test_a_confident_flag_among_changed_copies_stands_without_its_neighbours() -
     assert np.flatnonzero(off.removed).tolist() == POISONS
     exact = _run(_evidence(), contain=3, probs=probs)               # an exact picture: the match alone removes
     assert np.flatnonzero(exact.removed).tolist() == POISONS
+
+
+def test_a_picture_only_the_groups_own_images_hold_is_withdrawn_and_removes_nothing() -> None:
+    """Each image of the group holds its own window: when no other image does, the verdict is withdrawn and the
+    group's images are not removed either."""
+    settings = DecisionSettings()
+    ev = _evidence()
+    found, reason = evidence_gate(ev, settings.min_evidence, settings.min_effect, settings.max_recurrence_p,
+                                  settings.weak_signal_p)
+    assert found
+    match = np.full(N, 0.3, dtype=np.float32)
+    match[POISONS] = 1.0
+    pm = PictureMatch(threshold=0.9, bar=0.8, outlier_bar=0.9, templates=3, contain=3, beyond_group=0)
+    d = decide(settings, ev, ClassifierResult(trained=False, backdoor_found=found, reason=reason), Verification(),
+               Matching(searched=True, picture_match=pm, match=match), N, _neighbours)
+    assert not d.backdoor_found and d.n_removed == 0 and "besides the windows' own" in d.reason

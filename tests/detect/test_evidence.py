@@ -265,6 +265,13 @@ def test_a_group_alike_to_the_threat_model_stands_in_where_no_picture_recurs() -
     assert not found and "no picture recurs among the top-k (largest group 4 of 20" in reason
     assert "nor do they look alike to the threat model (largest group 3; search-like windows: up to 4, p = 0.500)" \
         in reason
+    changed = {"signature": "changed", "size": 3, "k": 20, "null_group_p99": 3.0, "p_value": 0.04}
+    found, reason = gate({**ev, "recurrence": pixels, "changed_recurrence": changed}, 3.0, 0.15)
+    assert not found and "nor as changed copies (each window's own bar: largest group 3; random windows: up to 3, " \
+        "p = 0.040)" in reason
+    found, reason = gate({**ev, "recurrence": pixels, "changed_recurrence": {**changed, "size": 8, "p_value": 0.001},
+                          "feature_recurrence": feats}, 3.0, 0.15)
+    assert found and "8 of the top 20 windows show one picture, changed copy by copy" in reason   # before features
     found, reason = gate({**ev, "z": 1.0, "recurrence": pixels, "feature_recurrence": feats}, 3.0, 0.15)
     assert found and "learned weakly" in reason                         # the weak-signal path holds for it too
     found, reason = gate({**ev, "z": 1.0, "p_value": 0.2, "recurrence": pixels, "feature_recurrence": feats},

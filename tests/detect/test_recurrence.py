@@ -184,4 +184,3 @@ def test_copies_changed_a_little_are_alike_against_each_windows_own_bar():
     exact = Evidence.from_json({"recurrence": {**pixels, "p_value": 0.001}, "changed_recurrence": changed})
     assert recurring_group(exact, 0.01) is exact.recurrence and not changed_copies(exact, 0.01)
     assert Evidence.from_json({"changed_recurrence": pixels}).changed_recurrence is None    # another test's record
-
