@@ -29,12 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from poisonscan.data.store import open_store
-from poisonscan.detect.evidence import null_windows
-from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.recurrence import (FLAT_STD, REFERENCE_SIZE, SHIFT_SHARE, as_compared, group_test,
-                                          own_bar_test, window_similarity)
-from poisonscan.eval.detection import read_truth
+from poisonscan.detect.recurrence import FLAT_STD, SHIFT_SHARE, as_compared, group_test, own_bar_test, window_similarity
+
+from benchmarks.studies.feature_recurrence import poisons_of, run_truth_pairs, top_and_random_windows, write_runs
 
 ANGLES = (-30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0)
 SCALES = (0.8, 0.9, 1.0, 1.12, 1.25)
@@ -93,11 +90,7 @@ def aligned_similarity(a: torch.Tensor, b: torch.Tensor | None = None, angles: t
 def study(run: Path, truth: Path | None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     search = json.loads((run / "search.json").read_text())
     ev = json.loads((run / "evidence.json").read_text())
-    images = open_store(run / "store").images
-    boxes = {int(e["index"]): e["box"] for e in search["scored"]}
-    top = [int(i) for i in ev["top_k"]]
-    tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
-    nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
+    _, top, tw, nw = top_and_random_windows(run, search, ev, seed)
     t0 = time.perf_counter()
     tests = {}
     for name, sim in (("pixels", window_similarity), ("aligned", aligned_similarity)):
@@ -106,12 +99,7 @@ def study(run: Path, truth: Path | None, n_boot: int = 1000, seed: int = 0) -> d
         tests[f"{name}_shared_bar"] = group_test(top_sim, ref_sim, n_boot, seed)
         tests[f"{name}_own_bar"] = own_bar_test(top_sim, cross, ref_sim, n_boot, seed)
     seconds = time.perf_counter() - t0
-    ids = json.loads((run / "ids.json").read_text())
-    flag: dict[str, bool] = {}
-    if truth is not None:
-        gt = read_truth(truth)
-        flag = dict(zip(gt.ids, gt.poisoned.tolist()))
-    poison = [flag.get(ids[i], False) for i in top]
+    poison = poisons_of(run, truth, top)
     recorded = {}
     for key in ("recurrence", "changed_recurrence", "feature_recurrence"):
         rec = ev.get(key) or {}
@@ -128,14 +116,10 @@ def study(run: Path, truth: Path | None, n_boot: int = 1000, seed: int = 0) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("pairs", nargs="+", help="RUN_DIR TRUTH_CSV pairs (TRUTH_CSV - for a clean-data run)")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    if len(args.pairs) % 2:
-        ap.error("give RUN_DIR TRUTH_CSV pairs")
+    args, pairs = run_truth_pairs(ap)
     rows = []
-    for run, truth in zip(args.pairs[::2], args.pairs[1::2]):
-        r = study(Path(run), None if truth == "-" else Path(truth))
+    for run, truth in pairs:
+        r = study(run, truth)
         rows.append(r)
         rec = "; ".join(f"{k}: group {v['size']} ({v['poisons_in_group']} poisons), p {v['p_value']:.3f}"
                         for k, v in r["recorded"].items())
@@ -143,9 +127,7 @@ def main() -> None:
                        for k in TESTS)
         print(f"{run}: {r['poisons_in_top_k']} poisons in the top {r['k']}; recorded {rec}; {al} "
               f"({r['seconds']} s)", flush=True)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+        write_runs(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -59,11 +59,7 @@ def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed:
     ev = json.loads((run / "evidence.json").read_text())
     encoder, _ = load_encoder(cfg["model"], arch=cfg.get("arch"), image_size=cfg.get("image_size"))
     encoder = prepare_encoder(encoder.eval(), runtime)
-    images = open_store(run / "store").images
-    boxes = {int(e["index"]): e["box"] for e in search["scored"]}
-    top = [int(i) for i in ev["top_k"]]
-    tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
-    nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
+    images, top, tw, nw = top_and_random_windows(run, search, ev, seed)
     side = int(images.shape[-1])
     top_f = embed(encoder, tw, side, runtime)
     top_sim = _self_sim(top_f)
@@ -74,12 +70,7 @@ def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed:
         mean = like.mean(0, keepdim=True)
         tests["features_search_like_centred"] = group_test(_self_sim(F.normalize(top_f - mean, dim=1)),
                                                            _self_sim(F.normalize(like - mean, dim=1)), n_boot, seed)
-    ids = json.loads((run / "ids.json").read_text())
-    flag: dict[str, bool] = {}
-    if truth is not None:
-        gt = read_truth(truth)
-        flag = dict(zip(gt.ids, gt.poisoned.tolist()))
-    poison = [flag.get(ids[i], False) for i in top]
+    poison = poisons_of(run, truth, top)
     rec = ev.get("recurrence") or {}
     return {"run": str(run), "k": len(top), "poisons_in_top_k": int(sum(poison)),
             "pixels": {"size": rec.get("size"), "p_value": rec.get("p_value"),
@@ -90,23 +81,58 @@ def study(run: Path, truth: Path | None, runtime: Any, n_boot: int = 1000, seed:
                for name, t in tests.items()}}
 
 
+def top_and_random_windows(run: Path, search: dict[str, Any], ev: dict[str, Any], seed: int = 0
+                           ) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    """A run's images, its top-k (image indices), their windows and 256 uniform random windows (drawn with
+    ``seed``)."""
+    images = open_store(run / "store").images
+    boxes = {int(e["index"]): e["box"] for e in search["scored"]}
+    top = [int(i) for i in ev["top_k"]]
+    tw = cut_windows(images[torch.as_tensor(top)], torch.as_tensor([boxes[i] for i in top]))
+    nw = null_windows(images, REFERENCE_SIZE, int(tw.shape[-1]), torch.Generator().manual_seed(seed))
+    return images, top, tw, nw
+
+
+def poisons_of(run: Path, truth: Path | None, indices: list[int]) -> list[bool]:
+    """Whether each image ``indices`` of a run is a poison (all False without a ground truth)."""
+    ids = json.loads((run / "ids.json").read_text())
+    flag: dict[str, bool] = {}
+    if truth is not None:
+        gt = read_truth(truth)
+        flag = dict(zip(gt.ids, gt.poisoned.tolist()))
+    return [flag.get(ids[i], False) for i in indices]
+
+
+def run_truth_pairs(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[tuple[Path, Path | None]]]:
+    """Parse ``RUN_DIR TRUTH_CSV`` pairs (``-``: clean data) and ``--json``, with the parser's other options."""
+    ap.add_argument("pairs", nargs="+", help="RUN_DIR TRUTH_CSV pairs (TRUTH_CSV - for a clean-data run)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if len(args.pairs) % 2:
+        ap.error("give RUN_DIR TRUTH_CSV pairs")
+    return args, [(Path(r), None if t == "-" else Path(t)) for r, t in zip(args.pairs[::2], args.pairs[1::2])]
+
+
+def write_runs(path: Path | None, rows: list[dict[str, Any]]) -> None:
+    """The study's rows as ``{"runs": rows}`` at ``path`` (nothing without one)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+
+
 def _self_sim(feats: torch.Tensor) -> np.ndarray:
     return (feats @ feats.T).numpy()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("pairs", nargs="+", help="RUN_DIR TRUTH_CSV pairs (TRUTH_CSV - for a clean-data run)")
-    ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--centre", action="store_true",
                     help="also the test on features centred on the search-like windows' mean")
-    args = ap.parse_args()
-    if len(args.pairs) % 2:
-        ap.error("give RUN_DIR TRUTH_CSV pairs")
+    args, pairs = run_truth_pairs(ap)
     runtime = setup_runtime("cpu", "auto")
     rows = []
-    for run, truth in zip(args.pairs[::2], args.pairs[1::2]):
-        r = study(Path(run), None if truth == "-" else Path(truth), runtime, centre=args.centre)
+    for run, truth in pairs:
+        r = study(run, truth, runtime, centre=args.centre)
         rows.append(r)
         px, ft, fs = r["pixels"], r["features"], r["features_search_like"]
         print(f"{run}: {r['poisons_in_top_k']} poisons in the top {r['k']}; pixels: group {px['size']} "
@@ -117,9 +143,7 @@ def main() -> None:
             fc = r["features_search_like_centred"]
             print(f"  centred on the search-like windows' mean: group {fc['size']} ({fc['poisons_in_group']} "
                   f"poisons), p {fc['p_value']:.3f}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+    write_runs(args.json, rows)
 
 
 if __name__ == "__main__":

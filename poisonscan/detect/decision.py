@@ -31,12 +31,12 @@ from poisonscan.settings import at_least, between, stage
 
 @dataclass
 class DecisionSettings:
-    """The decision's settings (``[detect.decision]``; ``--set decision.KEY=VALUE``). The match stage reads the
-    gate's first (the gate decides whether the picture is searched for and the classifier trains), the classifier
-    stage the threshold and neighbours (what a refinement round drops), the verify stage ``verify_min_prob``, the
-    outputs stage ``confident_prob`` (their ``stage`` metadata). Where each default was chosen and where it was checked on settings it was not chosen on:
-    the comments below, docs/design.md ("The evidence gate", "Finding the recurring picture", "The removal score")
-    and docs/results.md."""
+    """The decision's settings (``[detect.decision]``; ``--set decision.KEY=VALUE``). The match stage reads the gate's
+    first (the gate decides whether the picture is searched for and the classifier trains), the classifier stage the
+    threshold and neighbours (what a refinement round drops), the verify stage ``verify_min_prob``, the outputs
+    stage ``confident_prob`` (their ``stage`` metadata). Where each default was chosen and where it was checked on
+    settings it was not chosen on: the comments below, docs/design.md ("The evidence gate", "Finding the recurring
+    picture", "The removal score") and docs/results.md."""
 
     #: the gate's z: the top-k median's gap over random windows, in units of the smaller of the top-k's and the
     #: bootstrap's spread (at least 0.5 flips). Without a recurring picture it is needed with the effect; with one,

@@ -22,11 +22,11 @@ only, a low one. The picture match then looks for such a group's picture with th
 (detect/matching.py), which also tells a pattern common to the data from a pasted trigger.
 
 The threat model, which learned the trigger, also sees one thing in its changed copies:
-:func:`feature_recurrence_test` compares the windows by the threat model's features instead (each window alone on
-a masked canvas, :func:`embed_windows`), against windows the search itself would pick in random images (``search_like``): selected windows resemble each other more than
-uniform ones do, and a null of uniform windows let 7 clean windows of a weakly poisoned CIFAR-10 model group at
-p 0.001 (benchmarks/studies/feature_recurrence.py). It costs the masking of :data:`REFERENCE_SIZE` images and
-k + :data:`REFERENCE_SIZE` forwards.
+:func:`feature_recurrence_test` compares the windows by the threat model's features instead (each window alone on a
+masked canvas, :func:`embed_windows`), against windows the search itself would pick in random images
+(``search_like``): selected windows resemble each other more than uniform ones do, and a null of uniform windows let
+7 clean windows of a weakly poisoned CIFAR-10 model group at p 0.001 (benchmarks/studies/feature_recurrence.py). It
+costs the masking of :data:`REFERENCE_SIZE` images and k + :data:`REFERENCE_SIZE` forwards.
 """
 
 from __future__ import annotations
@@ -174,25 +174,9 @@ def own_bar_test(top_sim: np.ndarray, cross_sim: np.ndarray, ref_sim: np.ndarray
         ref_bar = np.nanquantile(off, quantile, axis=1)
     alike_top = (top_sim >= np.maximum.outer(top_bar, top_bar) - 1e-9) & (top_sim > 0)
     alike_ref = (ref_sim >= np.maximum.outer(ref_bar, ref_bar) - 1e-9) & (ref_sim > 0)
-    size, members = largest_group(alike_top)
-    rng = np.random.default_rng(seed)
-    if n < max(k, 2):
-        boot = np.full(1, k)
-    else:
-        boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
-                         for pick in (rng.choice(n, k, replace=False) for _ in range(n_boot))])
+    size, members, boot = _group_and_null(alike_top, alike_ref, n_boot, seed)
     bar = float(top_bar[members].min()) if size > 1 else (float(np.median(top_bar)) if k else 1.0)
-    return {
-        "size": size,
-        "members": members,
-        "bar": bar,
-        "quantile": quantile,
-        "null_group_median": float(np.median(boot)),
-        "null_group_p99": float(np.quantile(boot, 0.99)),
-        "p_value": float((1 + int((boot >= size).sum())) / (1 + len(boot))),
-        "n_reference": int(n),
-        "k": int(k),
-    }
+    return _group_record(size, members, bar, quantile, boot, n, k)
 
 
 def group_test(top_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000, seed: int = 0,
@@ -204,13 +188,28 @@ def group_test(top_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000, see
     pairs = ref_sim[np.triu_indices(n, 1)]
     bar = float(np.quantile(pairs, quantile)) if pairs.size else 1.0
     alike_ref = (ref_sim >= bar - 1e-9) & (ref_sim > 0)
-    size, members = largest_group((top_sim >= bar - 1e-9) & (top_sim > 0))
+    size, members, boot = _group_and_null((top_sim >= bar - 1e-9) & (top_sim > 0), alike_ref, n_boot, seed)
+    return _group_record(size, members, bar, quantile, boot, n, k)
+
+
+def _group_and_null(alike_top: np.ndarray, alike_ref: np.ndarray, n_boot: int, seed: int
+                    ) -> tuple[int, list[int], np.ndarray]:
+    """The largest group of the top-k (``alike_top``, k x k) and the largest groups of ``n_boot`` draws of k
+    reference windows (``alike_ref``, n x n)."""
+    k, n = len(alike_top), len(alike_ref)
+    size, members = largest_group(alike_top)
     rng = np.random.default_rng(seed)
     if n < max(k, 2):                       # too few random windows to draw k of them: no evidence either way
         boot = np.full(1, k)
     else:
         boot = np.array([largest_group(alike_ref[np.ix_(pick, pick)])[0]
                          for pick in (rng.choice(n, k, replace=False) for _ in range(n_boot))])
+    return size, members, boot
+
+
+def _group_record(size: int, members: list[int], bar: float, quantile: float, boot: np.ndarray,
+                  n_reference: int, k: int) -> dict[str, Any]:
+    """A group test's returns: the group, its bar, the reference groups' median and 99th percentile, the p-value."""
     return {
         "size": size,
         "members": members,
@@ -219,7 +218,7 @@ def group_test(top_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000, see
         "null_group_median": float(np.median(boot)),
         "null_group_p99": float(np.quantile(boot, 0.99)),
         "p_value": float((1 + int((boot >= size).sum())) / (1 + len(boot))),
-        "n_reference": int(n),
+        "n_reference": int(n_reference),
         "k": int(k),
     }
 
