@@ -67,27 +67,20 @@ def _strength(tm: dict[str, Any] | None) -> str:
     return f"{_pct(asr)} ({_pct(clean)}{ratio})"
 
 
-def _recurrence(rec: dict[str, Any]) -> str:
-    if rec.get("size") is None:
+def _group(rec: dict[str, Any] | None, top_k: bool = False) -> str:
+    """A recurrence test's group: size of k (the random groups' p99), p, and the poisons in it (and in the top-k)."""
+    if not rec or rec.get("size") is None:
         return "-"
     text = f"{rec['size']} of {rec['k']} ({_num(rec.get('null_group_p99'), 0)}), p {_num(rec.get('p_value'), 3)}"
     if rec.get("poisons_in_group") is not None:
-        text += f"; poisons: {rec['poisons_in_group']} in it, {rec['poisons_in_top_k']} in the top-k"
-    return text
-
-
-def _features(rec: dict[str, Any] | None) -> str:
-    if not rec:
-        return "-"
-    text = f"{rec['size']} of {rec['k']} ({_num(rec.get('null_group_p99'), 0)}), p {_num(rec.get('p_value'), 3)}"
-    if rec.get("poisons_in_group") is not None:
-        text += f"; {rec['poisons_in_group']} poisons"
+        text += (f"; poisons: {rec['poisons_in_group']} in it, {rec['poisons_in_top_k']} in the top-k" if top_k
+                 else f"; {rec['poisons_in_group']} poisons")
     return text
 
 
 def _changed(rec: dict[str, Any] | None) -> str:
     """The changed copies' group, after the recurrence test's (nothing where the record has none)."""
-    return f"; changed copies: {_features(rec)}" if rec else ""
+    return f"; changed copies: {_group(rec)}" if rec else ""
 
 
 def _decision(d: dict[str, Any]) -> str:
@@ -101,8 +94,8 @@ def row(r: dict[str, Any]) -> str:
     d, rec = r.get("decision") or {}, r.get("recurrence") or {}
     bar = "found" if (r.get("effect_bar") or {}).get("backdoor_found") else "no signal"
     cells = [f"**{r['name']}**: {r.get('setting', '')}", r.get("role", "-"), _strength(r.get("threat_model")),
-             _num(r.get("z")), _pct(r.get("effect")), _recurrence(rec) + _changed(r.get("changed_recurrence")),
-             _features(r.get("feature_recurrence")),
+             _num(r.get("z")), _pct(r.get("effect")), _group(rec, top_k=True) + _changed(r.get("changed_recurrence")),
+             _group(r.get("feature_recurrence")),
              _decision(d), _pct(d.get("recall")),
              _pct(d.get("precision")), bar]
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
