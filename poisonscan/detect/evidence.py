@@ -367,11 +367,10 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     boxes = search.boxes
     top_windows = cut_windows(images[torch.as_tensor(top, dtype=torch.int64)],
                               torch.as_tensor([boxes[i] for i in top], dtype=torch.int64).reshape(-1, 4))
-    rec, changed = pixel_recurrence_tests(top_windows, patches, seed=flip.seed)
+    rec, changed = pixel_recurrence_tests(top_windows, patches, seed=flip.seed, changed=settings.changed_copies)
     for group in (rec, changed):
-        group["members"] = [int(top[j]) for j in group["members"]]      # image indices
-    if not settings.changed_copies:
-        changed = None
+        if group is not None:
+            group["members"] = [int(top[j]) for j in group["members"]]      # image indices
     feat = None
     if settings.feature_recurrence and search_like is not None:
         reference = search_like(src[:REFERENCE_SIZE].numpy())

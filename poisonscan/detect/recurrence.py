@@ -136,17 +136,19 @@ def recurrence_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.nda
 
 
 def pixel_recurrence_tests(top_windows: np.ndarray | torch.Tensor, null_windows: np.ndarray | torch.Tensor,
-                           n_boot: int = 1000, seed: int = 0, quantile: float = ALIKE_QUANTILE
-                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+                           n_boot: int = 1000, seed: int = 0, quantile: float = ALIKE_QUANTILE,
+                           changed: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """:func:`recurrence_test` and :func:`changed_copies_test` of the same windows, the similarities computed once:
-    ``(pixels, changed)``."""
+    ``(pixels, changed)`` (``changed`` None when not asked for)."""
     k = len(top_windows)
     ref_windows = torch.as_tensor(null_windows)[:REFERENCE_SIZE]
     ref_sim = window_similarity(ref_windows) if len(ref_windows) else np.zeros((0, 0))
     top_sim = window_similarity(top_windows) if k else np.zeros((0, 0))
+    pixels = {"signature": "pixels", **group_test(top_sim, ref_sim, n_boot, seed, quantile)}
+    if not changed:
+        return pixels, None
     cross = window_similarity(top_windows, ref_windows) if k and len(ref_windows) else np.zeros((k, 0))
-    return ({"signature": "pixels", **group_test(top_sim, ref_sim, n_boot, seed, quantile)},
-            {"signature": "changed", **own_bar_test(top_sim, cross, ref_sim, n_boot, seed, quantile)})
+    return pixels, {"signature": "changed", **own_bar_test(top_sim, cross, ref_sim, n_boot, seed, quantile)}
 
 
 def changed_copies_test(top_windows: np.ndarray | torch.Tensor, null_windows: np.ndarray | torch.Tensor,
@@ -154,7 +156,9 @@ def changed_copies_test(top_windows: np.ndarray | torch.Tensor, null_windows: np
     """Copies of one picture changed copy by copy among the top-k windows (:func:`own_bar_test` on
     :func:`window_similarity`, against the same reference windows as :func:`recurrence_test`). Same returns, with
     ``signature`` "changed" and ``bar`` the lowest of the group's own bars."""
-    return pixel_recurrence_tests(top_windows, null_windows, n_boot, seed, quantile)[1]
+    changed = pixel_recurrence_tests(top_windows, null_windows, n_boot, seed, quantile)[1]
+    assert changed is not None
+    return changed
 
 
 def own_bar_test(top_sim: np.ndarray, cross_sim: np.ndarray, ref_sim: np.ndarray, n_boot: int = 1000,
