@@ -55,6 +55,7 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
     rec = ev.recurrence.to_json() if ev.recurrence is not None else {}
     feat = ev.feature_recurrence.to_json() if ev.feature_recurrence is not None else None
     changed = ev.changed_recurrence.to_json() if ev.changed_recurrence is not None else None
+    held = ev.held_recurrence.to_json() if ev.held_recurrence is not None else None
     keys = ("signature", "size", "k", "p_value", "null_group_median", "null_group_p99", "bar", "n_reference")
     by_effect, effect_reason = evidence_gate(ev, 3.0, EFFECT_BAR, max_recurrence_p=0.0)
     out: dict[str, Any] = {
@@ -63,6 +64,7 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
         "z": ev.z, "effect": ev.effect,
         "recurrence": {k: rec.get(k) for k in keys},
         "changed_recurrence": {k: changed.get(k) for k in keys} if changed is not None else None,
+        "held_recurrence": ({k: held.get(k) for k in (*keys, "holders", "gap")} if held is not None else None),
         "feature_recurrence": {k: feat.get(k) for k in keys} if feat is not None else None,
         "decision": {"backdoor_found": summary["evidence"]["backdoor_found"], "reason": summary["evidence"]["reason"],
                      "removed": summary["counts"]["removed"], "scanned": summary["counts"]["scanned"]},
@@ -78,7 +80,7 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
             poisoned = {r["sample_id"] for r in csv.DictReader(fh) if r.get("poisoned") == "1"}
         out["recurrence"].update(poisons_in_group=sum(ids[int(i)] in poisoned for i in rec.get("members", [])),
                                  poisons_in_top_k=sum(ids[int(i)] in poisoned for i in ev.top_k))
-        for key, group in (("changed_recurrence", changed), ("feature_recurrence", feat)):
+        for key, group in (("changed_recurrence", changed), ("held_recurrence", held), ("feature_recurrence", feat)):
             if group is not None:
                 out[key]["poisons_in_group"] = sum(ids[int(i)] in poisoned for i in group["members"])
         holds = holds_picture(detect.match) if detect.match is not None else None

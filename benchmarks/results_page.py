@@ -83,6 +83,19 @@ def _changed(rec: dict[str, Any] | None) -> str:
     return f"; changed copies: {_group(rec)}" if rec else ""
 
 
+def _held(rec: dict[str, Any] | None) -> str:
+    """The held-picture test, after the others (nothing where the record has none): the largest gap against random
+    windows' pictures, p, and how many images hold the group's picture."""
+    if not rec:
+        return ""
+    p = rec.get("p_value")
+    text = (f"; held: gap {_num(rec.get('gap'), 2)} (random {_num(rec.get('null_group_p99'), 2)}), "
+            + ("p < 0.001" if p is not None and p < 0.001 else f"p {_num(p, 3)}"))
+    if rec.get("size"):
+        text += f", {rec['size']} windows, {rec.get('holders', 0):,} holders"
+    return text
+
+
 def _decision(d: dict[str, Any]) -> str:
     if not d.get("backdoor_found"):
         return f"no signal, {d.get('removed', 0):,} removed"
@@ -94,7 +107,7 @@ def row(r: dict[str, Any]) -> str:
     d, rec = r.get("decision") or {}, r.get("recurrence") or {}
     bar = "found" if (r.get("effect_bar") or {}).get("backdoor_found") else "no signal"
     cells = [f"**{r['name']}**: {r.get('setting', '')}", r.get("role", "-"), _strength(r.get("threat_model")),
-             _num(r.get("z")), _pct(r.get("effect")), _group(rec, top_k=True) + _changed(r.get("changed_recurrence")),
+             _num(r.get("z")), _pct(r.get("effect")), _group(rec, top_k=True) + _changed(r.get("changed_recurrence")) + _held(r.get("held_recurrence")),
              _group(r.get("feature_recurrence")),
              _decision(d), _pct(d.get("recall")),
              _pct(d.get("precision")), bar]
@@ -105,7 +118,7 @@ def render(records: list[dict[str, Any]]) -> str:
     """The page for ``records`` (sorted: tuned settings first, then by name)."""
     records = sorted(records, key=lambda r: (ROLES.get(r.get("role", ""), 2), r["name"]))
     lines = [HEADER, "| run | role | threat model: k-NN ASR (clean rate, ratio) | z | effect | recurrence: group "
-             "(random p99), p; changed copies (each window's own bar) | feature recurrence: group (search-like "
+             "(random p99), p; changed copies (each window's own bar); held across the data set (largest gap) | feature recurrence: group (search-like "
              "p99), p | decision | recall | precision | effect bar alone |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in records]

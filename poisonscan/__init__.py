@@ -1,6 +1,6 @@
 """poisonscan: find and remove backdoor-poisoned images (PoisonCAM)."""
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 
 
 def __getattr__(name: str):

@@ -31,6 +31,10 @@ redrawn nulls and real backdoors failed in up to 4% (benchmarks/studies/null_noi
 ``null_pool="outside-topk-clusters"`` draws the null from images outside the top-k's clusters, which keeps most
 poisons out of it; it is not the default, because on a model trained on clean data those clusters hold the most
 potent natural windows, and leaving them out lowered the null (imagenette-96: effect 5.7% -> 16%).
+
+Its length is the evidence stage with its gate: the null windows and their bootstrap, the stage that runs the
+recurrence and held-picture tests beside it, and the gate's reasons in words, read together because each reason
+names what the stage measured.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from torch import Tensor
 
 from poisonscan.detect.bounds import hypergeom_upper, kth_largest
 from poisonscan.detect.fliptest import FlipTest, StagedScores, torch_generator
+from poisonscan.detect.holders import held_picture_test, window_matches
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.records import Evidence, Recurrence, SearchResult
 from poisonscan.detect.recurrence import (REFERENCE_SIZE, SIGNIFICANCE, feature_recurrence_test,
@@ -83,6 +88,11 @@ class EvidenceSettings:
     #: similarity reaches each one's own 99th percentile against the random windows (detect/recurrence.py,
     #: :func:`~poisonscan.detect.recurrence.changed_copies_test`); no forward pass
     changed_copies: bool = True
+    #: also test whether a top-k window's picture is held by many images of the data set, set apart from the others
+    #: by a gap in their best matches larger than random windows' pictures show (detect/holders.py): what shows a
+    #: trigger whose copies are too few among the top-k to group. One pass of small convolutions over every image;
+    #: no forward pass
+    held_pictures: bool = True
     #: also test whether the top-k windows look alike to the threat model (detect/recurrence.py,
     #: :func:`~poisonscan.detect.recurrence.feature_recurrence_test`): what shows a trigger changed copy by copy.
     #: Costs the search's masking of 256 random images (about 19k forwards at 32 px with coarse-to-fine masking)
@@ -262,6 +272,11 @@ def by_effect(ev: Evidence, min_evidence: float, min_effect: float) -> bool:
     return float(ev.z) >= min_evidence and effect_of(ev) >= min_effect
 
 
+def p_text(p: float) -> str:
+    """A p-value in words: ``p = 0.012``, or ``p < 0.001``."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def group_text(rec: Recurrence) -> str:
     """The recurrence test's group in words: pixels ("show one picture"), changed copies ("show one picture,
     changed copy by copy") or features ("look alike to the threat model", against the windows the search picks in
@@ -270,6 +285,10 @@ def group_text(rec: Recurrence) -> str:
         return (f"{rec.size} of the top {rec.k} windows show one picture, changed copy by copy (each more alike to "
                 f"the others than to 99% of random windows; random windows: groups of up to "
                 f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})")
+    if rec.signature == "held":
+        return (f"the picture of {rec.size} of the top {rec.k} windows is held by {rec.holders} images of the data "
+                f"set, set apart from the others by a gap of {rec.gap:.2f} in similarity (random windows' pictures: "
+                f"gaps up to {rec.null_group_p99:.2f}, {p_text(rec.p_value)})")
     if rec.signature == "features":
         return (f"{rec.size} of the top {rec.k} windows look alike to the threat model, though not pixel for pixel "
                 f"(windows the search picks in random images: groups of up to {rec.null_group_p99:g}, p = "
@@ -328,6 +347,10 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
         if changed is not None:
             why += (f" nor as changed copies (each window's own bar: largest group {changed.size}; random windows: "
                     f"up to {changed.null_group_p99:g}, p = {changed.p_value:.3f})")
+        held = ev.held_recurrence
+        if held is not None:
+            why += (f" nor is a window's picture held across the data set (largest gap {held.gap:.2f}; random "
+                    f"windows' pictures: up to {held.null_group_p99:.2f}, {p_text(held.p_value)})")
         if feat is not None:
             why += (f" nor do they look alike to the threat model (largest group {feat.size}; search-like windows: "
                     f"up to {feat.null_group_p99:g}, p = {feat.p_value:.3f})")
@@ -338,25 +361,33 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
 
 # -- the evidence stage -------------------------------------------------------------------------------------------
 
+def draw_null(images: Tensor, labels: np.ndarray, n: int, pool: np.ndarray | None, window: int, seed: int,
+              rule: str) -> tuple[Tensor, Tensor, np.ndarray | None]:
+    """The evidence stage's ``n`` random windows, drawn from the run's ``seed``: ``(source images, windows, their
+    clusters)`` (the clusters only for the ``to_source`` rule, whose windows are cut one source at a time)."""
+    gen = torch_gen(seed, "null")
+    src = null_sources(len(images), n, gen, pool)       # the images the null windows are cut from
+    if rule == "to_source":  # the null windows need their source image's cluster
+        patches = torch.cat([null_windows(images[int(i):int(i) + 1], 1, window, gen) for i in src])
+        return src, patches, labels[src.numpy()]
+    return src, null_windows(images, n, window, gen, sources=src), None
+
+
 def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tensor, flip: FlipTest,
-                 window: int, search_like: Callable[[np.ndarray], Tensor] | None = None) -> Evidence:
+                 window: int, search_like: Callable[[np.ndarray], Tensor] | None = None, quiet: bool = True
+                 ) -> Evidence:
     """The evidence stage: score ``settings.null_size`` random windows on the flip test like candidates, compare the
     search's top-k with them (:func:`backdoor_evidence`), test whether one picture recurs among the top-k windows
     against the same random windows (detect/recurrence.py; no forward pass) and, with
     ``settings.feature_recurrence`` and ``search_like`` (the windows the search picks in the given images), whether
     the top-k windows look alike to the threat model against the search-like windows of the first 256 null
-    images."""
+    images; with ``settings.held_pictures``, whether a top-k window's picture is held across the data set
+    (detect/holders.py, against the same 256 random windows)."""
     scores = search.scores
     top = top_k(scores, settings.top_k)
-    gen = torch_gen(flip.seed, "null")
     labels = flip.clustering.labels
     pool = null_pool(labels, top, settings.null_pool)   # None: all images
-    src = null_sources(len(images), settings.null_size, gen, pool)       # the images the null windows are cut from
-    if flip.rule == "to_source":  # the null windows need their source image's cluster
-        patches = torch.cat([null_windows(images[int(i):int(i) + 1], 1, window, gen) for i in src])
-        sources = labels[src.numpy()]
-    else:
-        patches, sources = null_windows(images, settings.null_size, window, gen, sources=src), None
+    src, patches, sources = draw_null(images, labels, settings.null_size, pool, window, flip.seed, flip.rule)
     n_flip = len(flip.index)
     if settings.null_testing == "adaptive":
         staged = adaptive_null(flip, patches, sources, len(scores), len(top), settings.null_error)
@@ -371,6 +402,13 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     for group in (rec, changed):
         if group is not None:
             group["members"] = [int(top[j]) for j in group["members"]]      # image indices
+    held = None
+    if settings.held_pictures:
+        ref = min(REFERENCE_SIZE, len(patches))
+        matches = window_matches(images, torch.cat([top_windows, patches[:ref]]), flip.runtime, flip.batch_size,
+                                 quiet, "held pictures", split=True)
+        held = {"signature": "held", **held_picture_test(matches.numpy(), [int(i) for i in top], src[:ref].tolist())}
+        held["members"] = [int(top[j]) for j in held["members"]]
     feat = None
     if settings.feature_recurrence and search_like is not None:
         reference = search_like(src[:REFERENCE_SIZE].numpy())
@@ -379,7 +417,7 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
         feat["members"] = [int(top[j]) for j in feat["members"]]
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     return Evidence.from_json({
-        **ev, "recurrence": rec, "changed_recurrence": changed, "feature_recurrence": feat, "top_k": top,
+        **ev, "recurrence": rec, "changed_recurrence": changed, "held_recurrence": held, "feature_recurrence": feat, "top_k": top,
         "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
         "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip,
         "null_sources": src.tolist(),

@@ -1,6 +1,7 @@
 """Find the recurring picture in every image: the decision for a patch trigger the recurrence test has seen.
 
-When the top-k windows hold copies of one picture (detect/recurrence.py), each image is searched for it: its best
+When the top-k windows hold copies of one picture (detect/recurrence.py), or a top-k window's picture is held by
+many images of the data set (detect/holders.py), each image is searched for it: its best
 window's similarity to any of the group's windows, with the recurrence test's measure (normalised cross-correlation,
 each channel centred, :func:`~poisonscan.detect.recurrence.window_similarity`) at every position. An image
 contains the picture when that similarity reaches both the recurrence test's bar (the 99th percentile of the
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from poisonscan import runtime as rt
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.records import Evidence, Matching, PictureMatch, SearchResult
-from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD, as_compared, normalised, recurring_group
+from poisonscan.detect.holders import window_matches
+from poisonscan.detect.recurrence import recurring_group
 
 
 #: an image's best match must stand this many robust standard deviations (1.4826 x MAD) above the median of all
@@ -47,48 +48,15 @@ def match_threshold(matches: np.ndarray, bar: float) -> tuple[float, float]:
     return max(float(bar), outlier), outlier
 
 
-def _prepare(templates_u8: Tensor) -> tuple[Tensor, float]:
-    """The templates as the recurrence test compares windows (shrunk, each channel centred, unit norm, flat ones
-    zeroed), as convolution kernels; and the factor the images must be shrunk by to match."""
-    t = as_compared(templates_u8)
-    w = int(templates_u8.shape[-1])
-    return normalised(t).view_as(t), (COMPARE_SIZE / w if w > COMPARE_SIZE else 1.0)
-
-
 def best_match(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256,
                quiet: bool = True) -> np.ndarray:
     """For each image (uint8 N x 3 x S x S), the largest similarity of any of its windows to any template (uint8
-    k x 3 x w x w), in [-1, 1] (float32 N); windows flatter than :data:`FLAT_STD` count 0."""
-    n = int(images_u8.shape[0])
-    if n == 0 or templates_u8.shape[0] == 0:
-        return np.zeros(n, dtype=np.float32)
-    tmpl, scale = _prepare(templates_u8)
-    device = runtime.device
-    tmpl = tmpl.to(device)
-    k, c, w, _ = tmpl.shape
-    area = float(w * w)
-    out = np.empty(n, dtype=np.float32)
-    with torch.inference_mode(), rt.progress("picture match", n, quiet) as bar:
-        for start in range(0, n, batch_size):
-            x = images_u8[start:start + batch_size].to(device).float() / 255.0
-            if scale != 1.0:
-                side = max(w, int(round(x.shape[-1] * scale)))
-                x = F.interpolate(x, size=(side, side), mode="area")
-            if x.shape[-1] < w:
-                out[start:start + len(x)] = 0.0
-                bar.advance(len(x))
-                continue
-            # the templates are centred per channel, so the numerator needs no window mean
-            num = F.conv2d(x, tmpl)                                            # B x k x P x P
-            mean = F.avg_pool2d(x, w, stride=1)                                # B x C x P x P
-            sq = F.avg_pool2d(x * x, w, stride=1)
-            var = ((sq - mean * mean).clamp_min(0.0) * area).sum(1, keepdim=True)  # squared norm, centred window
-            norm = var.sqrt()
-            flat = norm < FLAT_STD * (c * area) ** 0.5
-            sim = torch.where(flat, torch.zeros_like(num), num / norm.clamp_min(1e-12))
-            out[start:start + len(x)] = sim.amax(dim=(1, 2, 3)).float().cpu().numpy()
-            bar.advance(len(x))
-    return out
+    k x 3 x w x w), in [-1, 1] (float32 N); windows flatter than :data:`~poisonscan.detect.recurrence.FLAT_STD`
+    count 0 (:func:`~poisonscan.detect.holders.window_matches`)."""
+    matches = window_matches(images_u8, templates_u8, runtime, batch_size, quiet)
+    if matches.shape[1] == 0:
+        return np.zeros(len(matches), dtype=np.float32)
+    return matches.amax(dim=1).numpy().astype(np.float32)
 
 
 def find_picture(images_u8: Tensor, templates_u8: Tensor, bar: float, runtime: rt.Runtime, batch_size: int = 256,
@@ -140,11 +108,11 @@ def run_match(images_u8: Tensor, search: SearchResult, evidence: Evidence, runti
               max_recurrence_p: float, enabled: bool = True, batch_size: int = 256,
               quiet: bool = True) -> Matching:
     """The match stage (rank 0): with a backdoor signal (``signal``: the evidence gate passed, or the removal is
-    forced) and one picture recurring among the top-k windows at ``p <= max_recurrence_p`` (exact or changed copies,
-    :func:`~poisonscan.detect.recurrence.recurring_group`), search every image for it (:func:`find_picture`, the
-    group's windows as templates, the group's bar: for changed copies the lowest of its windows' own bars);
-    ``enabled`` is ``decision.match_picture``. The
-    record says why the picture was not searched for when it was not."""
+    forced) and one picture recurring at ``p <= max_recurrence_p`` (exact or changed copies among the top-k windows,
+    or held across the data set: :func:`~poisonscan.detect.recurrence.recurring_group`), search every image for it
+    (:func:`find_picture`, the group's windows as templates, the group's bar: for changed copies the lowest of its
+    windows' own bars, for a held picture the middle of the gap its holders share); ``enabled`` is
+    ``decision.match_picture``. The record says why the picture was not searched for when it was not."""
     if not enabled:
         return Matching(reason="not asked for (decision.match_picture = false)")
     if not signal:
@@ -157,8 +125,12 @@ def run_match(images_u8: Tensor, search: SearchResult, evidence: Evidence, runti
     templates = cut_windows(images_u8[torch.as_tensor(members)],
                             torch.as_tensor([boxes[i] for i in members], dtype=torch.int64))
     pm, match = find_picture(images_u8, templates, rec.bar, runtime, batch_size, quiet, group=members)
-    changed = ", changed copy by copy" if rec.signature == "changed" else ""
-    return Matching(searched=True, reason=f"{rec.size} of the top {rec.k} windows show one picture{changed}",
+    if rec.signature == "held":
+        why = f"the picture of {rec.size} of the top {rec.k} windows is held by {rec.holders} images of the data set"
+    else:
+        why = f"{rec.size} of the top {rec.k} windows show one picture" + (
+            ", changed copy by copy" if rec.signature == "changed" else "")
+    return Matching(searched=True, reason=why,
                     picture_match=pm, match=match)
 
 

@@ -102,6 +102,8 @@ def _top_clusters(r: ScanResult, limit: int = 10) -> list[dict[str, Any]]:
 def _group(rec: Recurrence | None) -> dict[str, Any] | None:
     """A recurrence test's record as ``summary.json`` gives it."""
     keys = ("size", "k", "p_value", "null_group_median", "null_group_p99")
+    if rec is not None and rec.signature == "held":
+        keys += ("holders", "gap")
     return {k: getattr(rec, k) for k in keys} if rec is not None else None
 
 
@@ -120,7 +122,7 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
     evidence.update(min_evidence=settings.min_evidence, min_effect=settings.min_effect,
                     backdoor_found=dec.backdoor_found, max_recurrence_p=settings.max_recurrence_p, forced=dec.forced,
                     recurrence=_group(ev.recurrence), changed_recurrence=_group(ev.changed_recurrence),
-                    feature_recurrence=_group(ev.feature_recurrence),
+                    held_recurrence=_group(ev.held_recurrence), feature_recurrence=_group(ev.feature_recurrence),
                     reason=dec.reason)
     meta = {k: v for k, v in r.model["metadata"].items() if k not in ("missing_keys", "unexpected_keys")}
     n_unreadable = len(store.errors)

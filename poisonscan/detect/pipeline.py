@@ -191,7 +191,8 @@ class _Driver:
         def search_like(indices: np.ndarray) -> Any:
             return search_like_windows(self.cfg.search, images, self.flip, self.window, self.size, indices)
 
-        self.evidence = run_evidence(self.cfg.evidence, self.search, images, self.flip, self.window, search_like)
+        self.evidence = run_evidence(self.cfg.evidence, self.search, images, self.flip, self.window, search_like,
+                                     self.quiet)
         if self.runtime.is_main:
             self.run.write_json("evidence.json", self.evidence.to_json())
         return {"z": self.evidence.z}

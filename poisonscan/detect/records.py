@@ -147,7 +147,10 @@ class SearchResult(Record):
 @dataclass
 class Recurrence(Record):
     """The recurrence test (detect/recurrence.py): the largest group of alike windows among the top-k
-    (``members``: image indices, the centre first) against the groups of random windows."""
+    (``members``: image indices, the centre first) against the groups of random windows. For the held-picture test
+    (``signature`` "held", detect/holders.py) the group is the top-k windows whose picture the same images hold,
+    the strongest first, ``null_group_*`` are the largest gaps of random windows' pictures, ``holders`` and ``gap``
+    the images beyond the group's own that hold it and the largest gap."""
 
     signature: str = "pixels"
     size: int = 0
@@ -159,6 +162,8 @@ class Recurrence(Record):
     p_value: float = 1.0
     n_reference: int = 0
     k: int = 0
+    holders: int = 0
+    gap: float = 0.0
 
 
 @dataclass
@@ -184,6 +189,8 @@ class Evidence(Record):
     recurrence: Recurrence | None = nested(Recurrence)
     #: the same test with a bar per window: a trigger's copies changed copy by copy (``None``: not run)
     changed_recurrence: Recurrence | None = nested(Recurrence)
+    #: a top-k window's picture held by many images of the data set (detect/holders.py; ``None``: not run)
+    held_recurrence: Recurrence | None = nested(Recurrence)
     #: the same test on the threat model's features against search-like windows (``None``: not run)
     feature_recurrence: Recurrence | None = nested(Recurrence)
     top_k: list[int] = field(default_factory=list)
@@ -200,7 +207,7 @@ class Evidence(Record):
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], **arrays: Any) -> Evidence:
         for key, signature in (("recurrence", "pixels"), ("changed_recurrence", "changed"),
-                               ("feature_recurrence", "features")):
+                               ("held_recurrence", "held"), ("feature_recurrence", "features")):
             rec = doc.get(key)
             if rec is not None and rec.get("signature") != signature:     # another test's record: not this one's
                 doc = {**doc, key: None}

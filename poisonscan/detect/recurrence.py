@@ -19,7 +19,8 @@ windows set: they are alike to many windows. Its copies are still more alike to 
 window, which :func:`changed_copies_test` asks with a bar per window (its own 99th percentile of similarities to the
 random windows): a flat or smooth window, alike to many, gets a high bar; a trigger's copy, alike to its other copies
 only, a low one. The picture match then looks for such a group's picture with the outlier bar over all images
-(detect/matching.py), which also tells a pattern common to the data from a pasted trigger.
+(detect/matching.py), which also tells a pattern common to the data from a pasted trigger. Where the top-k hold too
+few copies to group, the data set itself may show the picture recurring: detect/holders.py.
 
 The threat model, which learned the trigger, also sees one thing in its changed copies:
 :func:`feature_recurrence_test` compares the windows by the threat model's features instead (each window alone on a
@@ -265,10 +266,12 @@ def feature_recurrence_test(encoder: Any, top_windows: torch.Tensor, search_like
 
 def recurring_group(ev: Evidence, max_p: float) -> Recurrence | None:
     """The evidence record ``ev``'s recurring picture: the recurrence test's group (``p <= max_p``), else the
-    changed copies' (:func:`changed_copies_test`), else None: what the picture match asks (it searches every image
-    for that picture)."""
-    for rec in (ev.recurrence, ev.changed_recurrence):
-        if rec is not None and rec.p_value <= max_p:
+    changed copies' (:func:`changed_copies_test`), else the windows whose picture many images of the data set hold
+    (detect/holders.py), else None: what the picture match asks (it searches every image for that picture)."""
+    if max_p <= 0:                              # 0: no recurring picture is asked for
+        return None
+    for rec in (ev.recurrence, ev.changed_recurrence, ev.held_recurrence):
+        if rec is not None and rec.p_value <= max_p and rec.size > 0:
             return rec
     return None
 
@@ -283,10 +286,10 @@ def changed_copies(ev: Evidence, max_p: float) -> bool:
 
 def trigger_group(ev: Evidence, max_p: float) -> Recurrence | None:
     """The top-k windows taken as one trigger's copies: the recurring picture (:func:`recurring_group`, exact or
-    changed copies), else the group that looks alike to the threat model (``ev.feature_recurrence`` at
+    changed copies, or held across the data set), else the group that looks alike to the threat model (``ev.feature_recurrence`` at
     ``p <= max_p``), else None: what the evidence gate and the classifier's positives ask."""
     rec = recurring_group(ev, max_p)
     if rec is not None:
         return rec
     feat = ev.feature_recurrence
-    return feat if feat is not None and feat.p_value <= max_p else None
+    return feat if feat is not None and feat.p_value <= max_p and max_p > 0 else None

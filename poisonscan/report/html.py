@@ -323,6 +323,8 @@ def _evidence(ev: Mapping[str, Any]) -> str:
                                                                                    "picture)"),
               ("changed_recurrence", "changed copies (largest group of top-k windows each more alike to the others "
                                      "than to 99% of random windows)"),
+              ("held_recurrence", "held pictures (top-k windows whose picture many images of the data set hold, "
+                                  "set apart by a gap in their best matches, against random windows' pictures)"),
               ("feature_recurrence", "feature recurrence test (largest group of top-k windows alike to the threat "
                                      "model, against windows the search picks in random images)"),
               ("reason", "reason"),

@@ -220,6 +220,8 @@ def _null_from(ev: Mapping[str, Any]) -> str:
 _GROUPS = {"pixels": ("recurrence", "show one picture", "random windows"),
            "changed": ("changed_recurrence", "show one picture, changed copy by copy",
                        "random windows, each against its own bar"),
+           "held": ("held_recurrence", "show a picture many images of the data set hold",
+                    "random windows' pictures: gaps"),
            "features": ("feature_recurrence", "look alike to the threat model",
                         "windows the search picks in random images")}
 
@@ -229,6 +231,8 @@ def _recurrence_text(ev: Mapping[str, Any], signature: str = "pixels") -> Text:
     rec = ev.get(key)
     if not isinstance(rec, Mapping):
         return Text("-")
+    if signature == "held":
+        shows += f" ({format_value(rec.get('holders'))}; largest gap {format_value(rec.get('gap'), 2)})"
     return Text(f"{format_value(rec.get('size'))} of the top {format_value(rec.get('k'))} windows {shows}  "
                 f"({against}: up to {format_value(rec.get('null_group_p99'))}; p = "
                 f"{format_value(rec.get('p_value'), 3)}, maximum {format_value(ev.get('max_recurrence_p'), 3)})")
@@ -249,6 +253,7 @@ def _evidence(ev: Mapping[str, Any]) -> Table:
                         f"in place that the top-k move; minimum {format_value(ev.get('min_effect'), 3)})")),
         ("recurrence", _recurrence_text(ev)),
         ("changed copies", _recurrence_text(ev, "changed")),
+        ("held pictures", _recurrence_text(ev, "held")),
         ("feature recurrence", _recurrence_text(ev, "features")),
         ("top-k median score", ev.get("topk_median")),
         ("null median score", Text(f"{format_value(ev.get('null_median'))}  "

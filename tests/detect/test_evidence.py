@@ -9,6 +9,7 @@ import torch
 from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_is_exact, bootstrap_topk_medians, effect_of, effect_size,
                                         evidence_gate, evidence_z, null_pool, null_windows, topk_spread)
 from poisonscan.detect.records import Evidence
+from poisonscan.detect.recurrence import changed_copies, recurring_group, trigger_group
 
 
 def gate(ev: dict, *args: float, **kwargs: float) -> tuple[bool, str]:
@@ -278,3 +279,43 @@ def test_a_group_alike_to_the_threat_model_stands_in_where_no_picture_recurs() -
                          3.0, 0.15)
     assert not found and "is below the minimum evidence 3, though 9 of the top 20 windows look alike" in reason
     assert not gate({**ev, "recurrence": pixels, "feature_recurrence": feats}, 3.0, 0.15, max_recurrence_p=0.0)[0]
+
+
+def test_a_picture_held_across_the_data_set_stands_in_where_the_top_k_hold_too_few_copies() -> None:
+    """Two copies of a trigger among the top 20 form no group, but the data set's images hold their picture: the
+    gate passes on it (after exact and changed copies, before the features) and says so; without it, the reason
+    names the held-picture test too."""
+    null = np.r_[np.full(250, 120.0), np.full(6, 124.0)]
+    ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
+                           n_boot=300)
+    pixels = {"signature": "pixels", "size": 2, "k": 20, "null_group_p99": 5.0, "p_value": 0.7}
+    changed = {"signature": "changed", "size": 3, "k": 20, "null_group_p99": 3.0, "p_value": 0.03}
+    held = {"signature": "held", "size": 2, "k": 20, "null_group_p99": 0.018, "p_value": 0.001, "holders": 123,
+            "gap": 0.288, "members": [7, 9], "bar": 0.59}
+    feats = {"signature": "features", "size": 9, "k": 20, "null_group_p99": 4.0, "p_value": 0.001}
+    record = {**ev, "recurrence": pixels, "changed_recurrence": changed, "held_recurrence": held,
+              "feature_recurrence": feats}
+    found, reason = gate(record, 3.0, 0.15)
+    assert found and ("the picture of 2 of the top 20 windows is held by 123 images of the data set, set apart from "
+                      "the others by a gap of 0.29 in similarity (random windows' pictures: gaps up to 0.02, "
+                      "p = 0.001)") in reason
+    parsed = Evidence.from_json(record)
+    assert recurring_group(parsed, 0.01) is parsed.held_recurrence and trigger_group(parsed, 0.01).signature == "held"
+    assert not changed_copies(parsed, 0.01)
+    exact = Evidence.from_json({**record, "recurrence": {**pixels, "size": 9, "p_value": 0.001}})
+    assert recurring_group(exact, 0.01) is exact.recurrence                       # exact copies come first
+    empty = Evidence.from_json({**record, "held_recurrence": {**held, "size": 0}})
+    assert recurring_group(empty, 0.01) is None                                   # a p without a group holds nothing
+    found, reason = gate({**record, "held_recurrence": {**held, "p_value": 0.4, "size": 0, "gap": 0.01},
+                          "feature_recurrence": {**feats, "p_value": 0.5}}, 3.0, 0.15)
+    assert not found and ("nor is a window's picture held across the data set (largest gap 0.01; random windows' "
+                          "pictures: up to 0.02, p = 0.400)") in reason
+    assert "gaps up to 0.02, p < 0.001)" in gate({**record, "held_recurrence": {**held, "p_value": 1e-9}}, 3.0, 0.15)[1]
+    assert Evidence.from_json({"held_recurrence": pixels}).held_recurrence is None          # another test's record
+
+
+def test_a_p_value_of_zero_does_not_pass_where_no_recurring_picture_is_asked_for() -> None:
+    held = {"signature": "held", "size": 2, "k": 20, "p_value": 0.0, "holders": 123, "gap": 0.288}
+    ev = Evidence.from_json({"held_recurrence": held, "feature_recurrence": {**held, "signature": "features"}})
+    assert recurring_group(ev, 0.0) is None and trigger_group(ev, 0.0) is None
+    assert recurring_group(ev, 0.01) is ev.held_recurrence

@@ -89,6 +89,11 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     changed = json.loads((run / "evidence.json").read_text())["changed_recurrence"]   # exact copies: alike here too
     assert changed["signature"] == "changed" and changed["size"] == 5
     assert summary["evidence"]["changed_recurrence"]["size"] == 5
+    held = json.loads((run / "evidence.json").read_text())["held_recurrence"]   # the triggers' picture, data-wide
+    assert held["signature"] == "held" and held["k"] == 5 and held["n_reference"] == 64
+    assert held["p_value"] <= 0.01 and held["gap"] > held["null_group_p99"] and held["size"] == 5
+    assert held["size"] + held["holders"] == len(poisoned)          # the top-k's images and every other poison
+    assert summary["evidence"]["held_recurrence"]["holders"] == held["holders"]
     positives = json.loads((run / "classifier.json").read_text())["positives"]
     assert sorted(positives) == sorted(t["index"] for t in summary["top_k"])  # the group: all five
     removed = (run / "removed.txt").read_text().split()
@@ -385,13 +390,14 @@ def test_the_papers_rule_and_max(toy, tmp_path, runtime):
     """The paper's poison score (any flip image whose cluster changes) and PatchSearch's max aggregate."""
     run = tmp_path / "ps_rules"
     summary = P.run_detect(small_cfg(toy, run, method="patchsearch", score_rule="changed", aggregate="max",
-                                     changed_copies=False, **NO_SIGNAL), runtime, quiet=True)
+                                     changed_copies=False, held_pictures=False, **NO_SIGNAL), runtime, quiet=True)
     search = json.loads((run / "search.json").read_text())
     assert search["rule"] == "changed" and search["aggregate"] == "max"
     assert summary["top_k"][0]["id"] in toy["poisoned"] and summary["top_k"][0]["poison_score"] >= 30
     evidence = json.loads((run / "evidence.json").read_text())
     assert len(evidence["null_scores"]) == 64 and np.median(evidence["null_scores"]) < 5
     assert evidence["changed_recurrence"] is None and summary["evidence"]["changed_recurrence"] is None   # off
+    assert evidence["held_recurrence"] is None and summary["evidence"]["held_recurrence"] is None
 
 
 def test_finished_run_resumes_to_its_summary_and_outputs_need_a_fresh_folder(toy, tmp_path, runtime):

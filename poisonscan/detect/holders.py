@@ -1,0 +1,200 @@
+"""Is a top-k window's picture held by many images of the data set, set apart from all the others?
+
+The recurrence tests (detect/recurrence.py) look for a picture among the top-k windows, so they need several copies
+of the trigger there. Where the poisons are few and scattered over many clusters (0.25% of tinyimagenet100: no
+cluster holds more than 5 of 125), the search scores few of them and the top 20 hold two or three copies: no group.
+Each copy is still pasted on every poison, and the data set shows it: every image's best match to a trigger window
+(:func:`window_matches`, the recurrence test's similarity at every position) sorts into the poisons, near 1, a gap,
+and the clean images far below. A clean window's best matches fall off smoothly. The statistic is that gap: for each
+window, the largest drop between consecutive sorted best matches with at least :data:`MIN_HOLDERS` images above it
+(:func:`largest_gap`, the window's own image left out); the test compares the top-k's largest gap with the largest
+gaps of as many random windows (the recurrence test's reference, their own images left out), so the run's own images
+set the bar (:func:`held_picture_test`).
+
+The images above the gap *hold* the picture. The windows whose gaps stand above random windows' and whose holders
+agree (their gaps overlap) are the group; the picture match searches every image for it with the middle of the
+shared gap as its bar (detect/matching.py). A picture that many images share as a whole (copies of one photograph)
+passes too; the trigger gallery shows which it is. Costs one pass of small convolutions over every image for the k
+top windows and the reference windows together; no threat-model forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from poisonscan import runtime as rt
+from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD, SIGNIFICANCE, as_compared, normalised
+
+#: the fewest images above a gap that count as holding a picture: an attack pastes its trigger on far more images
+#: than this, while a picture held by one to four others is a near-copy of its own image (a convention, not fitted;
+#: the random windows' gaps are measured with the same rule)
+MIN_HOLDERS = 5
+#: the share of the random windows' gaps, the largest, whose excesses set the exponential tail the test reads
+#: beyond them (peaks over a threshold): 256 random windows cannot say how rare a gap above all of theirs is
+TAIL_SHARE = 0.25
+#: the most images above a gap, as a share of the data set: a trigger pasted on more than a quarter of it is not
+#: looked for (it would also be the data set's most common picture)
+MAX_HOLDER_SHARE = 0.25
+
+
+def prepared_templates(templates_u8: Tensor) -> tuple[Tensor, float]:
+    """The templates as the recurrence test compares windows (shrunk, each channel centred, unit norm, flat ones
+    zeroed), as convolution kernels; and the factor the images must be shrunk by to match."""
+    t = as_compared(templates_u8)
+    w = int(templates_u8.shape[-1])
+    return normalised(t).view_as(t), (COMPARE_SIZE / w if w > COMPARE_SIZE else 1.0)
+
+
+def _batch_matches(x: Tensor, tmpl: Tensor, scale: float) -> Tensor:
+    """Each image's (``x``: B x C x S x S, 0-1) best similarity to each template: B x k."""
+    k, c, w, _ = tmpl.shape
+    if scale != 1.0:
+        side = max(w, int(round(x.shape[-1] * scale)))
+        x = F.interpolate(x, size=(side, side), mode="area")
+    if x.shape[-1] < w:
+        return torch.zeros(len(x), k, device=x.device)
+    area = float(w * w)
+    # the templates are centred per channel, so the numerator needs no window mean
+    num = F.conv2d(x, tmpl)                                                    # B x k x P x P
+    mean = F.avg_pool2d(x, w, stride=1)                                        # B x C x P x P
+    sq = F.avg_pool2d(x * x, w, stride=1)
+    norm = ((sq - mean * mean).clamp_min(0.0) * area).sum(1, keepdim=True).sqrt()   # centred window's norm
+    flat = norm < FLAT_STD * (c * area) ** 0.5
+    sim = torch.where(flat, torch.zeros_like(num), num / norm.clamp_min(1e-12))
+    return sim.amax(dim=(2, 3))
+
+
+def window_matches(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256,
+                   quiet: bool = True, label: str = "picture match", split: bool = False) -> Tensor:
+    """For each image (uint8 N x 3 x S x S) and each template (uint8 k x 3 x w x w), the largest similarity of any
+    of the image's windows to the template, in [-1, 1] (float32 N x k, on the CPU); windows flatter than
+    :data:`FLAT_STD` count 0. With ``split`` the images are shared out among the ranks and the rows gathered."""
+    n, k = int(images_u8.shape[0]), int(templates_u8.shape[0])
+    if n == 0 or k == 0:
+        return torch.zeros(n, k)
+    tmpl, scale = prepared_templates(templates_u8)
+    tmpl = tmpl.to(runtime.device)
+
+    def work(share: range) -> Tensor:
+        out = torch.empty(len(share), k)
+        with torch.inference_mode(), rt.progress(label, len(share), quiet) as bar:
+            for start in range(0, len(share), batch_size):
+                idx = share[start:start + batch_size]
+                x = images_u8[idx.start:idx.stop].to(runtime.device).float() / 255.0
+                out[start:start + len(idx)] = _batch_matches(x, tmpl, scale).float().cpu()
+                bar.advance(len(idx))
+        return out
+
+    if not split:
+        return work(range(n))
+    return torch.cat(rt.split_gather(runtime, n, work))
+
+
+def largest_gap(matches: np.ndarray, own: int | None = None, min_holders: int = MIN_HOLDERS,
+                max_share: float = MAX_HOLDER_SHARE) -> tuple[int, float, float, float]:
+    """The largest drop between consecutive best matches (``matches``: one window's, every image), sorted from the
+    highest, with at least ``min_holders`` and at most ``max_share`` of the images above it; the window's ``own``
+    image left out. Returns ``(holders, gap, lowest holder's match, highest other's match)``; no gap (0) when the
+    window is flat or the data set too small."""
+    m = np.asarray(matches, dtype=np.float64)
+    if own is not None and 0 <= own < len(m):
+        m = np.delete(m, own)
+    top = max(min_holders, int(max_share * len(m)))
+    if len(m) <= min_holders or not np.any(m != 0):
+        return 0, 0.0, 1.0, 1.0
+    top = min(top, len(m) - 1)
+    best = -np.partition(-m, top)[:top + 1] if top + 1 < len(m) else m
+    s = np.sort(best)[::-1]                        # the top + 1 best matches, from the highest
+    gaps = s[:-1] - s[1:]                          # gaps[i]: between the (i+1)-th and the (i+2)-th best
+    gaps[:min_holders - 1] = -np.inf
+    i = int(np.argmax(gaps))
+    return i + 1, float(gaps[i]), float(s[i]), float(s[i + 1])
+
+
+def tail_probability(gap: float, reference: np.ndarray, tail: float = TAIL_SHARE) -> float:
+    """The chance that a random window's largest gap reaches ``gap``: the share of the ``reference`` gaps that do,
+    and above their ``1 - tail`` quantile an exponential tail fitted to the excesses over it (peaks over a
+    threshold), which reaches past the largest reference gap."""
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.size == 0:
+        return 1.0
+    q = float(np.quantile(ref, 1.0 - tail))
+    if gap <= q:
+        return float((1 + np.sum(ref >= gap)) / (1 + ref.size))
+    over = ref[ref > q] - q
+    scale = max(float(over.mean()) if over.size else 0.0, 1e-6)
+    return float(np.mean(ref > q)) * float(np.exp(-(gap - q) / scale))
+
+
+def tail_gap(reference: np.ndarray, k: int, level: float, tail: float = TAIL_SHARE) -> float:
+    """The gap the largest of ``k`` random windows' gaps exceeds with chance ``level`` (the inverse of
+    :func:`tail_probability` for the largest of k)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.size == 0 or k < 1:
+        return float("inf")
+    one = 1.0 - (1.0 - level) ** (1.0 / k)
+    q = float(np.quantile(ref, 1.0 - tail))
+    over = ref[ref > q] - q
+    share, scale = float(np.mean(ref > q)), max(float(over.mean()) if over.size else 0.0, 1e-6)
+    if one >= share:
+        return float(np.quantile(ref, 1.0 - one))
+    return q + scale * float(np.log(share / one))
+
+
+def held_picture_test(matches: np.ndarray, top_images: list[int], reference_images: list[int],
+                      level: float = SIGNIFICANCE) -> dict[str, Any]:
+    """The held-picture test on every image's best matches (``matches``: N x (k + n), the k top windows' columns
+    first, then the n reference windows', cut from ``top_images`` and ``reference_images``). Each window's largest
+    gap (:func:`largest_gap`) gets the chance that a random window's reaches it (:func:`tail_probability`); the
+    p-value is the chance that the largest of k random windows' gaps reaches the top-k's largest,
+    ``1 - (1 - P)^k``. The group: top-k windows whose own gap is significant that way at ``level`` and whose holders
+    agree with the strongest one's (their gaps overlap); its bar is the middle of the shared gap. Returns the keys of
+    the recurrence records (``size``, ``members``: positions in the top-k, the strongest first, ``bar``,
+    ``quantile`` (``1 - level``), the reference gaps' median as ``null_group_median`` and the gap k random windows
+    reach with chance ``level`` as ``null_group_p99``, ``p_value``, ``n_reference``, ``k``), with ``holders``
+    (images beyond the group's own whose best match to one of its windows reaches the bar) and ``gap`` (the
+    top-k's largest)."""
+    m = np.asarray(matches, dtype=np.float64)
+    k, n = len(top_images), len(reference_images)
+    gaps = [largest_gap(m[:, j], own) for j, own in enumerate(list(top_images) + list(reference_images))]
+    top_gap = np.array([g[1] for g in gaps[:k]])
+    ref_gap = np.array([g[1] for g in gaps[k:]])
+    enough = n >= max(k, 2)                  # too few random windows to tell: no evidence either way
+
+    def p_of(gap: float) -> float:
+        return float(-np.expm1(k * np.log1p(-tail_probability(gap, ref_gap)))) if enough and gap > 0 else 1.0
+
+    stat = float(top_gap.max()) if k else 0.0
+    members: list[int] = []
+    lo, hi = -np.inf, np.inf
+    for j in np.argsort(-top_gap, kind="stable"):
+        if p_of(float(top_gap[j])) > level:
+            break
+        j_lo, j_hi = max(lo, gaps[j][3]), min(hi, gaps[j][2])
+        if j_lo < j_hi:                                  # its holders are the group's (the gaps overlap)
+            members.append(int(j))
+            lo, hi = j_lo, j_hi
+    bar = float((lo + hi) / 2) if members else 1.0
+    holders = 0
+    if members:
+        holds = m[:, members].max(axis=1) >= bar - 1e-9
+        holds[np.asarray([top_images[j] for j in members], dtype=np.int64)] = False
+        holders = int(holds.sum())
+    return {
+        "size": len(members),
+        "members": members,
+        "bar": bar,
+        "quantile": 1.0 - level,
+        "null_group_median": float(np.median(ref_gap)) if n else 0.0,
+        "null_group_p99": tail_gap(ref_gap, k, level) if enough else 0.0,
+        "p_value": p_of(stat),
+        "n_reference": int(n),
+        "k": int(k),
+        "holders": holders,
+        "gap": stat,
+    }
