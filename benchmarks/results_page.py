@@ -107,7 +107,8 @@ def row(r: dict[str, Any]) -> str:
     d, rec = r.get("decision") or {}, r.get("recurrence") or {}
     bar = "found" if (r.get("effect_bar") or {}).get("backdoor_found") else "no signal"
     cells = [f"**{r['name']}**: {r.get('setting', '')}", r.get("role", "-"), _strength(r.get("threat_model")),
-             _num(r.get("z")), _pct(r.get("effect")), _group(rec, top_k=True) + _changed(r.get("changed_recurrence")) + _held(r.get("held_recurrence")),
+             _num(r.get("z")), _pct(r.get("effect")), (_group(rec, top_k=True) + _changed(r.get("changed_recurrence"))
+              + _held(r.get("held_recurrence"))),
              _group(r.get("feature_recurrence")),
              _decision(d), _pct(d.get("recall")),
              _pct(d.get("precision")), bar]
@@ -118,8 +119,8 @@ def render(records: list[dict[str, Any]]) -> str:
     """The page for ``records`` (sorted: tuned settings first, then by name)."""
     records = sorted(records, key=lambda r: (ROLES.get(r.get("role", ""), 2), r["name"]))
     lines = [HEADER, "| run | role | threat model: k-NN ASR (clean rate, ratio) | z | effect | recurrence: group "
-             "(random p99), p; changed copies (each window's own bar); held across the data set (largest gap) | feature recurrence: group (search-like "
-             "p99), p | decision | recall | precision | effect bar alone |",
+             "(random p99), p; changed copies (each window's own bar); held across the data set (largest gap) | "
+             "feature recurrence: group (search-like p99), p | decision | recall | precision | effect bar alone |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in records]
     lines += ["", "## Why each run decided as it did, and how to reproduce it", ""]

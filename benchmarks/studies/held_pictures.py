@@ -87,7 +87,8 @@ def main() -> None:
         print(f"{r['run']}: {r['images']:,} images, {r['poisons']} poisons ({r['seconds']} s)")
         print("  top-k gaps:", " ".join(f"{w['gap']:.3f}{'P' if w['poison'] else ''}" for w in r["top_k"]))
         print(f"  random windows' largest gaps: {r['random_gaps_top5']}")
-        print(f"  test: largest gap {t['gap']:.3f}, random windows' 1% level {t['null_group_p99']:.3f}, p {t['p_value']:.3f}, "
+        print(f"  test: largest gap {t['gap']:.3f}, random windows' 1% level {t['null_group_p99']:.3f}, "
+              f"p {t['p_value']:.3g}, "
               f"group {t['size']}, holders {t['holders']}, bar {t['bar']:.3f}")
         if "match" in r:
             m = r["match"]

@@ -287,8 +287,8 @@ def group_text(rec: Recurrence) -> str:
                 f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})")
     if rec.signature == "held":
         return (f"the picture of {rec.size} of the top {rec.k} windows is held by {rec.holders} images of the data "
-                f"set, set apart from the others by a gap of {rec.gap:.2f} in similarity (random windows' pictures: "
-                f"gaps up to {rec.null_group_p99:.2f}, {p_text(rec.p_value)})")
+                f"set, set apart from the others by a gap of {rec.gap:.3f} in similarity (random windows' pictures: "
+                f"gaps up to {rec.null_group_p99:.3f}, {p_text(rec.p_value)})")
     if rec.signature == "features":
         return (f"{rec.size} of the top {rec.k} windows look alike to the threat model, though not pixel for pixel "
                 f"(windows the search picks in random images: groups of up to {rec.null_group_p99:g}, p = "
@@ -349,8 +349,8 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
                     f"up to {changed.null_group_p99:g}, p = {changed.p_value:.3f})")
         held = ev.held_recurrence
         if held is not None:
-            why += (f" nor is a window's picture held across the data set (largest gap {held.gap:.2f}; random "
-                    f"windows' pictures: up to {held.null_group_p99:.2f}, {p_text(held.p_value)})")
+            why += (f" nor is a window's picture held across the data set (largest gap {held.gap:.3f}; random "
+                    f"windows' pictures: up to {held.null_group_p99:.3f}, {p_text(held.p_value)})")
         if feat is not None:
             why += (f" nor do they look alike to the threat model (largest group {feat.size}; search-like windows: "
                     f"up to {feat.null_group_p99:g}, p = {feat.p_value:.3f})")
@@ -417,7 +417,8 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
         feat["members"] = [int(top[j]) for j in feat["members"]]
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     return Evidence.from_json({
-        **ev, "recurrence": rec, "changed_recurrence": changed, "held_recurrence": held, "feature_recurrence": feat, "top_k": top,
+        **ev, "recurrence": rec, "changed_recurrence": changed, "held_recurrence": held, "feature_recurrence": feat,
+        "top_k": top,
         "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
         "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip,
         "null_sources": src.tolist(),

@@ -286,8 +286,9 @@ def changed_copies(ev: Evidence, max_p: float) -> bool:
 
 def trigger_group(ev: Evidence, max_p: float) -> Recurrence | None:
     """The top-k windows taken as one trigger's copies: the recurring picture (:func:`recurring_group`, exact or
-    changed copies, or held across the data set), else the group that looks alike to the threat model (``ev.feature_recurrence`` at
-    ``p <= max_p``), else None: what the evidence gate and the classifier's positives ask."""
+    changed copies, or held across the data set), else the group that looks alike to the threat model
+    (``ev.feature_recurrence`` at ``p <= max_p``), else None: what the evidence gate and the classifier's positives
+    ask."""
     rec = recurring_group(ev, max_p)
     if rec is not None:
         return rec

@@ -33,8 +33,8 @@ def test_rows_give_strength_evidence_decision_and_commands(tmp_path) -> None:
     assert "- **b-held**: backdoor signal: z = 5.71." in page and "  `poisonscan detect --out b-held`" in page
     held_test = {"size": 2, "k": 20, "p_value": 1e-9, "null_group_p99": 0.021, "holders": 123, "gap": 0.288}
     line = results_page.row(_record("c", "held-out", True, held_recurrence=held_test))
-    assert "p 0.001; poisons: 13 in it, 13 in the top-k; held: gap 0.29 (random 0.02), p < 0.001, 2 windows, 123 holders" \
-        in line
+    assert ("p 0.001; poisons: 13 in it, 13 in the top-k; held: gap 0.29 (random 0.02), p < 0.001, 2 windows, "
+            "123 holders") in line
 
     folder, speed = tmp_path / "records", tmp_path / "speed"
     folder.mkdir()

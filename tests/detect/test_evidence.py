@@ -297,7 +297,7 @@ def test_a_picture_held_across_the_data_set_stands_in_where_the_top_k_hold_too_f
               "feature_recurrence": feats}
     found, reason = gate(record, 3.0, 0.15)
     assert found and ("the picture of 2 of the top 20 windows is held by 123 images of the data set, set apart from "
-                      "the others by a gap of 0.29 in similarity (random windows' pictures: gaps up to 0.02, "
+                      "the others by a gap of 0.288 in similarity (random windows' pictures: gaps up to 0.018, "
                       "p = 0.001)") in reason
     parsed = Evidence.from_json(record)
     assert recurring_group(parsed, 0.01) is parsed.held_recurrence and trigger_group(parsed, 0.01).signature == "held"
@@ -308,9 +308,9 @@ def test_a_picture_held_across_the_data_set_stands_in_where_the_top_k_hold_too_f
     assert recurring_group(empty, 0.01) is None                                   # a p without a group holds nothing
     found, reason = gate({**record, "held_recurrence": {**held, "p_value": 0.4, "size": 0, "gap": 0.01},
                           "feature_recurrence": {**feats, "p_value": 0.5}}, 3.0, 0.15)
-    assert not found and ("nor is a window's picture held across the data set (largest gap 0.01; random windows' "
-                          "pictures: up to 0.02, p = 0.400)") in reason
-    assert "gaps up to 0.02, p < 0.001)" in gate({**record, "held_recurrence": {**held, "p_value": 1e-9}}, 3.0, 0.15)[1]
+    assert not found and ("nor is a window's picture held across the data set (largest gap 0.010; random windows' "
+                          "pictures: up to 0.018, p = 0.400)") in reason
+    assert "gaps up to 0.018, p < 0.001)" in gate({**record, "held_recurrence": {**held, "p_value": 1e-9}}, 3.0, 0.15)[1]
     assert Evidence.from_json({"held_recurrence": pixels}).held_recurrence is None          # another test's record
 
 
