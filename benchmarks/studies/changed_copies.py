@@ -101,7 +101,7 @@ def study(run: Path, truth: Path | None, n_boot: int = 1000, seed: int = 0) -> d
     seconds = time.perf_counter() - t0
     poison = poisons_of(run, truth, top)
     recorded = {}
-    for key in ("recurrence", "changed_recurrence", "feature_recurrence"):
+    for key in ("recurrence", "changed_recurrence", "held_recurrence", "feature_recurrence"):
         rec = ev.get(key) or {}
         if rec:
             recorded[key] = {"size": rec.get("size"), "p_value": rec.get("p_value"),

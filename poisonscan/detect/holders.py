@@ -2,8 +2,8 @@
 
 The recurrence tests (detect/recurrence.py) look for a picture among the top-k windows, so they need several copies
 of the trigger there. Where the poisons are few and scattered over many clusters (0.25% of tinyimagenet100: no
-cluster holds more than 5 of 125), the search scores few of them and the top 20 hold two or three copies: no group.
-Each copy is still pasted on every poison, and the data set shows it: every image's best match to a trigger window
+cluster holds more than 5 of 125), the search scores few of them and the top 20 hold four copies, two of them cut:
+no group. Each copy is still pasted on every poison, and the data set shows it: every image's best match to a trigger window
 (:func:`window_matches`, the recurrence test's similarity at every position) sorts into the poisons, near 1, a gap,
 and the clean images far below. A clean window's best matches fall off smoothly. The statistic is that gap: for each
 window, the largest drop between consecutive sorted best matches with at least :data:`MIN_HOLDERS` images above it
@@ -37,6 +37,9 @@ MIN_HOLDERS = 5
 #: the share of the random windows' gaps, the largest, whose excesses set the exponential tail the test reads
 #: beyond them (peaks over a threshold): 256 random windows cannot say how rare a gap above all of theirs is
 TAIL_SHARE = 0.25
+#: the fewest random windows' gaps in that share for the tail to be fitted; with fewer the gaps are read as they are
+#: (and a gap cannot be rarer than 1 in n + 1)
+MIN_TAIL = 10
 #: the most images above a gap, as a share of the data set: a trigger pasted on more than a quarter of it is not
 #: looked for (it would also be the data set's most common picture)
 MAX_HOLDER_SHARE = 0.25
@@ -98,16 +101,16 @@ def window_matches(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime,
 def largest_gap(matches: np.ndarray, own: int | None = None, min_holders: int = MIN_HOLDERS,
                 max_share: float = MAX_HOLDER_SHARE) -> tuple[int, float, float, float]:
     """The largest drop between consecutive best matches (``matches``: one window's, every image), sorted from the
-    highest, with at least ``min_holders`` and at most ``max_share`` of the images above it; the window's ``own``
-    image left out. Returns ``(holders, gap, lowest holder's match, highest other's match)``; no gap (0) when the
-    window is flat or the data set too small."""
+    highest, with at least ``min_holders`` (1 or more) and at most the larger of ``min_holders`` and ``max_share``
+    of the images above it; the window's ``own`` image left out. Returns ``(holders, gap, lowest holder's match,
+    highest other's match)``; no holders and no gap (0) when the window is flat or the data set too small."""
     m = np.asarray(matches, dtype=np.float64)
     if own is not None and 0 <= own < len(m):
         m = np.delete(m, own)
-    top = max(min_holders, int(max_share * len(m)))
+    min_holders = max(1, int(min_holders))
     if len(m) <= min_holders or not np.any(m != 0):
         return 0, 0.0, 1.0, 1.0
-    top = min(top, len(m) - 1)
+    top = min(max(min_holders, int(max_share * len(m))), len(m) - 1)
     best = -np.partition(-m, top)[:top + 1] if top + 1 < len(m) else m
     s = np.sort(best)[::-1]                        # the top + 1 best matches, from the highest
     gaps = s[:-1] - s[1:]                          # gaps[i]: between the (i+1)-th and the (i+2)-th best
@@ -116,55 +119,70 @@ def largest_gap(matches: np.ndarray, own: int | None = None, min_holders: int = 
     return i + 1, float(gaps[i]), float(s[i]), float(s[i + 1])
 
 
+def _tail(reference: np.ndarray, tail: float) -> tuple[float, float, float] | None:
+    """``(threshold, share above it, mean excess)`` of the exponential tail over the reference gaps' ``1 - tail``
+    quantile, or None where fewer than :data:`MIN_TAIL` gaps lie above it (then the gaps are read as they are)."""
+    q = float(np.quantile(reference, 1.0 - tail))
+    over = reference[reference > q] - q
+    if over.size < MIN_TAIL:
+        return None
+    return q, over.size / reference.size, max(float(over.mean()), 1e-6)
+
+
 def tail_probability(gap: float, reference: np.ndarray, tail: float = TAIL_SHARE) -> float:
-    """The chance that a random window's largest gap reaches ``gap``: the share of the ``reference`` gaps that do,
-    and above their ``1 - tail`` quantile an exponential tail fitted to the excesses over it (peaks over a
-    threshold), which reaches past the largest reference gap."""
+    """The chance that a random window's largest gap reaches ``gap``: the share of the ``reference`` gaps that do
+    (``(1 + count) / (1 + n)``), and above their ``1 - tail`` quantile an exponential tail fitted to the excesses over
+    it (peaks over a threshold), which reaches past the largest reference gap."""
     ref = np.asarray(reference, dtype=np.float64)
     if ref.size == 0:
         return 1.0
-    q = float(np.quantile(ref, 1.0 - tail))
-    if gap <= q:
+    fit = _tail(ref, tail)
+    if fit is None or gap <= fit[0]:
         return float((1 + np.sum(ref >= gap)) / (1 + ref.size))
-    over = ref[ref > q] - q
-    scale = max(float(over.mean()) if over.size else 0.0, 1e-6)
-    return float(np.mean(ref > q)) * float(np.exp(-(gap - q) / scale))
+    q, share, scale = fit
+    return share * float(np.exp(-(gap - q) / scale))
 
 
 def tail_gap(reference: np.ndarray, k: int, level: float, tail: float = TAIL_SHARE) -> float:
     """The gap the largest of ``k`` random windows' gaps exceeds with chance ``level`` (the inverse of
-    :func:`tail_probability` for the largest of k)."""
+    :func:`tail_probability` for the largest of k); 0 without reference gaps or windows."""
     ref = np.asarray(reference, dtype=np.float64)
     if ref.size == 0 or k < 1:
-        return float("inf")
+        return 0.0
     one = 1.0 - (1.0 - level) ** (1.0 / k)
-    q = float(np.quantile(ref, 1.0 - tail))
-    over = ref[ref > q] - q
-    share, scale = float(np.mean(ref > q)), max(float(over.mean()) if over.size else 0.0, 1e-6)
-    if one >= share:
-        return float(np.quantile(ref, 1.0 - one))
+    fit = _tail(ref, tail)
+    if fit is None or one >= fit[1]:
+        return float(np.quantile(ref, max(0.0, 1.0 - one)))
+    q, share, scale = fit
     return q + scale * float(np.log(share / one))
+
+
+def _holders(column: np.ndarray, gap: tuple[int, float, float, float], own: int) -> np.ndarray:
+    """The images above a window's gap (its ``own`` image left out)."""
+    held = np.flatnonzero(column >= (gap[2] + gap[3]) / 2)
+    return held[held != own]
 
 
 def held_picture_test(matches: np.ndarray, top_images: list[int], reference_images: list[int],
                       level: float = SIGNIFICANCE) -> dict[str, Any]:
     """The held-picture test on every image's best matches (``matches``: N x (k + n), the k top windows' columns
     first, then the n reference windows', cut from ``top_images`` and ``reference_images``). Each window's largest
-    gap (:func:`largest_gap`) gets the chance that a random window's reaches it (:func:`tail_probability`); the
-    p-value is the chance that the largest of k random windows' gaps reaches the top-k's largest,
-    ``1 - (1 - P)^k``. The group: top-k windows whose own gap is significant that way at ``level`` and whose holders
-    agree with the strongest one's (their gaps overlap); its bar is the middle of the shared gap. Returns the keys of
-    the recurrence records (``size``, ``members``: positions in the top-k, the strongest first, ``bar``,
-    ``quantile`` (``1 - level``), the reference gaps' median as ``null_group_median`` and the gap k random windows
-    reach with chance ``level`` as ``null_group_p99``, ``p_value``, ``n_reference``, ``k``), with ``holders``
-    (images beyond the group's own whose best match to one of its windows reaches the bar) and ``gap`` (the
-    top-k's largest)."""
-    m = np.asarray(matches, dtype=np.float64)
-    k, n = len(top_images), len(reference_images)
-    gaps = [largest_gap(m[:, j], own) for j, own in enumerate(list(top_images) + list(reference_images))]
+    gap (:func:`largest_gap`) gets the chance that a random window's reaches it (:func:`tail_probability`; flat
+    random windows, which hold nothing, are left out); the p-value is the chance that the largest of k random
+    windows' gaps reaches the top-k's largest, ``1 - (1 - P)^k``. The group: the top-k windows whose own gap is
+    significant that way at ``level``, whose holders are mostly the strongest one's and whose gaps overlap it (so
+    one bar, the middle of the shared gap, serves them all). Returns the keys of the recurrence records (``size``,
+    ``members``: positions in the top-k, the strongest first, ``bar``, ``quantile`` (``1 - level``), the reference
+    gaps' median as ``null_group_median`` and the gap k random windows reach with chance ``level`` as
+    ``null_group_p99``, ``p_value``, ``n_reference``, ``k``), with ``holders`` (images beyond the group's own
+    whose best match to one of its windows reaches the bar) and ``gap`` (the top-k's largest)."""
+    m = np.asarray(matches)
+    k = len(top_images)
+    owners = list(top_images) + list(reference_images)
+    gaps = [largest_gap(m[:, j], own) for j, own in enumerate(owners)]
     top_gap = np.array([g[1] for g in gaps[:k]])
-    ref_gap = np.array([g[1] for g in gaps[k:]])
-    enough = n >= max(k, 2)                  # too few random windows to tell: no evidence either way
+    ref_gap = np.array([g[1] for g in gaps[k:] if g[0] > 0])
+    enough = k > 0 and len(ref_gap) >= max(k, 2)      # too few random windows to tell: no evidence either way
 
     def p_of(gap: float) -> float:
         return float(-np.expm1(k * np.log1p(-tail_probability(gap, ref_gap)))) if enough and gap > 0 else 1.0
@@ -172,11 +190,16 @@ def held_picture_test(matches: np.ndarray, top_images: list[int], reference_imag
     stat = float(top_gap.max()) if k else 0.0
     members: list[int] = []
     lo, hi = -np.inf, np.inf
+    first = np.zeros(0, dtype=np.int64)
     for j in np.argsort(-top_gap, kind="stable"):
         if p_of(float(top_gap[j])) > level:
             break
+        held = _holders(m[:, j], gaps[j], owners[j])
+        if members and np.isin(held, first).sum() < 0.5 * len(held):
+            continue                                     # another picture: its holders are not the group's
         j_lo, j_hi = max(lo, gaps[j][3]), min(hi, gaps[j][2])
-        if j_lo < j_hi:                                  # its holders are the group's (the gaps overlap)
+        if j_lo < j_hi:                                  # one bar serves it and the group (the gaps overlap)
+            first = held if not members else first
             members.append(int(j))
             lo, hi = j_lo, j_hi
     bar = float((lo + hi) / 2) if members else 1.0
@@ -190,10 +213,10 @@ def held_picture_test(matches: np.ndarray, top_images: list[int], reference_imag
         "members": members,
         "bar": bar,
         "quantile": 1.0 - level,
-        "null_group_median": float(np.median(ref_gap)) if n else 0.0,
+        "null_group_median": float(np.median(ref_gap)) if len(ref_gap) else 0.0,
         "null_group_p99": tail_gap(ref_gap, k, level) if enough else 0.0,
         "p_value": p_of(stat),
-        "n_reference": int(n),
+        "n_reference": int(len(ref_gap)),
         "k": int(k),
         "holders": holders,
         "gap": stat,

@@ -4,8 +4,9 @@ When the top-k windows hold copies of one picture (detect/recurrence.py), or a t
 many images of the data set (detect/holders.py), each image is searched for it: its best
 window's similarity to any of the group's windows, with the recurrence test's measure (normalised cross-correlation,
 each channel centred, :func:`~poisonscan.detect.recurrence.window_similarity`) at every position. An image
-contains the picture when that similarity reaches both the recurrence test's bar (the 99th percentile of the
-similarities between random windows of the run) and an outlier bar over all images' best matches
+contains the picture when that similarity reaches both the group's bar (for the recurrence test the 99th
+percentile of the similarities between random windows of the run; for changed copies the lowest of the group's own
+bars; for a held picture the middle of the gap its holders share) and an outlier bar over all images' best matches
 (:func:`match_threshold`): an image's best match is a maximum over hundreds of windows, so where random windows are
 little alike (noise-like images) a clean image's best window can pass the pair-level bar by chance. Computed as
 convolutions over whole batches of images, so the scan costs about as much as one small forward pass per image.
@@ -119,7 +120,7 @@ def run_match(images_u8: Tensor, search: SearchResult, evidence: Evidence, runti
         return Matching(reason="no backdoor signal")
     rec = recurring_group(evidence, max_recurrence_p)
     if rec is None:
-        return Matching(reason="no picture recurs among the top-k windows")
+        return Matching(reason="no picture recurs among the top-k windows or across the data set")
     members = [int(i) for i in rec.members]
     boxes = search.boxes
     templates = cut_windows(images_u8[torch.as_tensor(members)],

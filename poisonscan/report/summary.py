@@ -221,7 +221,7 @@ _GROUPS = {"pixels": ("recurrence", "show one picture", "random windows"),
            "changed": ("changed_recurrence", "show one picture, changed copy by copy",
                        "random windows, each against its own bar"),
            "held": ("held_recurrence", "show a picture many images of the data set hold",
-                    "random windows' pictures: gaps"),
+                    "random windows' pictures' gaps"),
            "features": ("feature_recurrence", "look alike to the threat model",
                         "windows the search picks in random images")}
 
@@ -232,10 +232,13 @@ def _recurrence_text(ev: Mapping[str, Any], signature: str = "pixels") -> Text:
     if not isinstance(rec, Mapping):
         return Text("-")
     if signature == "held":
-        shows += f" ({format_value(rec.get('holders'))}; largest gap {format_value(rec.get('gap'), 2)})"
+        shows += (f" (held by {format_value(rec.get('holders'))} images; largest gap "
+                  f"{float(rec.get('gap') or 0.0):.3f})")
+    p = rec.get("p_value")
+    p_text = "p < 0.001" if isinstance(p, (int, float)) and p < 0.001 else f"p = {format_value(p, 3)}"
     return Text(f"{format_value(rec.get('size'))} of the top {format_value(rec.get('k'))} windows {shows}  "
-                f"({against}: up to {format_value(rec.get('null_group_p99'))}; p = "
-                f"{format_value(rec.get('p_value'), 3)}, maximum {format_value(ev.get('max_recurrence_p'), 3)})")
+                f"({against}: up to {format_value(rec.get('null_group_p99'))}; {p_text}, maximum "
+                f"{format_value(ev.get('max_recurrence_p'), 3)})")
 
 
 def _evidence(ev: Mapping[str, Any]) -> Table:

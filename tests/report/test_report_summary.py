@@ -52,6 +52,12 @@ def test_evidence_gives_both_recurrence_tests(fake_run) -> None:
     console = _console()
     print_detect_summary(dict(summary, evidence={**summary["evidence"], "feature_recurrence": None}), console)
     assert "feature recurrence" in console.export_text()        # the row stays, with "-"
+    held = {"size": 2, "k": 20, "p_value": 0.0, "null_group_p99": 0.021, "holders": 123, "gap": 0.2876}
+    console = _console()
+    print_detect_summary(dict(summary, evidence={**summary["evidence"], "held_recurrence": held}), console)
+    assert ("2 of the top 20 windows show a picture many images of the data set hold (held by 123 images; largest "
+            "gap 0.288) (random windows' pictures' gaps: up to 0.021; p < 0.001, maximum 0.01)") in \
+        " ".join(console.export_text().split())
 
 
 def test_ids_are_not_parsed_as_markup(fake_run) -> None:
