@@ -3,16 +3,17 @@
 The recurrence tests (detect/recurrence.py) look for a picture among the top-k windows, so they need several copies
 of the trigger there. Where the poisons are few and scattered over many clusters (0.25% of tinyimagenet100: no
 cluster holds more than 5 of 125), the search scores few of them and the top 20 hold four copies, two of them cut:
-no group. Each copy is still pasted on every poison, and the data set shows it: every image's best match to a trigger window
-(:func:`window_matches`, the recurrence test's similarity at every position) sorts into the poisons, near 1, a gap,
-and the clean images far below. A clean window's best matches fall off smoothly. The statistic is that gap: for each
-window, the largest drop between consecutive sorted best matches with at least :data:`MIN_HOLDERS` images above it
-(:func:`largest_gap`, the window's own image left out); the test compares the top-k's largest gap with the largest
-gaps of as many random windows (the recurrence test's reference, their own images left out), so the run's own images
-set the bar (:func:`held_picture_test`).
+no group. Each copy is still pasted on every poison, and the data set shows it: every image's best match to a
+trigger window (:func:`window_matches`, the recurrence test's similarity at every position) sorts into the poisons,
+near 1, a gap, and the clean images far below. A clean window's best matches fall off smoothly. The statistic is
+that gap: for each window, the largest drop between consecutive sorted best matches with at least
+:data:`MIN_HOLDERS` images above it (:func:`largest_gap`, the window's own image left out). The null is the largest
+gaps of the recurrence test's random windows (their own images left out, flat ones dropped), read past the largest
+of them with an exponential tail (:func:`tail_probability`), so the run's own images set the bar
+(:func:`held_picture_test`).
 
-The images above the gap *hold* the picture. The windows whose gaps stand above random windows' and whose holders
-agree (their gaps overlap) are the group; the picture match searches every image for it with the middle of the
+The images above the gap *hold* the picture. The significant windows whose holders are mostly the strongest one's
+and whose gaps overlap it are the group; the picture match searches every image for it with the middle of the
 shared gap as its bar (detect/matching.py). A picture that many images share as a whole (copies of one photograph)
 passes too; the trigger gallery shows which it is. Costs one pass of small convolutions over every image for the k
 top windows and the reference windows together; no threat-model forward.

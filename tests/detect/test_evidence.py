@@ -310,7 +310,8 @@ def test_a_picture_held_across_the_data_set_stands_in_where_the_top_k_hold_too_f
                           "feature_recurrence": {**feats, "p_value": 0.5}}, 3.0, 0.15)
     assert not found and ("nor is a window's picture held across the data set (largest gap 0.010; random windows' "
                           "pictures: up to 0.018, p = 0.400)") in reason
-    assert "gaps up to 0.018, p < 0.001)" in gate({**record, "held_recurrence": {**held, "p_value": 1e-9}}, 3.0, 0.15)[1]
+    tiny_p = {**record, "held_recurrence": {**held, "p_value": 1e-9}}
+    assert "gaps up to 0.018, p < 0.001)" in gate(tiny_p, 3.0, 0.15)[1]
     assert Evidence.from_json({"held_recurrence": pixels}).held_recurrence is None          # another test's record
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from poisonscan import runtime as rt
-from poisonscan.detect.holders import (MIN_HOLDERS, held_picture_test, largest_gap, tail_gap, tail_probability,
+from poisonscan.detect.holders import (held_picture_test, largest_gap, tail_gap, tail_probability,
                                       window_matches)
 from poisonscan.detect.masking import cut_windows
 from poisonscan.detect.matching import best_match
