@@ -304,10 +304,9 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     recurring pixel for pixel, else its copies changed one by one (each window's own bar), else a top-k window's
     picture held by many images of the data set (detect/holders.py), else a group alike in the threat model's
     features, at ``p <= max_recurrence_p``; 0: the flip test alone decides; a record without the tests has no
-    group) whose windows also stand above random
-    ones on the flip test: ``z >= min_evidence``, or, for a trigger learned too weakly to reach that ``z``, the
-    bootstrap's ``p <= weak_signal_p`` (the top-k median above the top-k medians of random windows picked the same
-    way; 0: ``z`` is needed). A signal that rests on a recurring picture stands only if the picture match finds
+    group) whose windows also stand above random ones on the flip test: ``z >= min_evidence``, or, for a trigger
+    learned too weakly to reach that ``z``, the bootstrap's ``p <= weak_signal_p`` (the top-k median above the top-k
+    medians of random windows picked the same way; 0: ``z`` is needed). A signal that rests on a recurring picture stands only if the picture match finds
     images that hold it (detect/matching.py)."""
     z, effect, p = float(ev.z), effect_of(ev), float(ev.p_value)
     found = trigger_group(ev, max_recurrence_p)
@@ -400,16 +399,15 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     top_windows = cut_windows(images[torch.as_tensor(top, dtype=torch.int64)],
                               torch.as_tensor([boxes[i] for i in top], dtype=torch.int64).reshape(-1, 4))
     rec, changed = pixel_recurrence_tests(top_windows, patches, seed=flip.seed, changed=settings.changed_copies)
-    for group in (rec, changed):
-        if group is not None:
-            group["members"] = [int(top[j]) for j in group["members"]]      # image indices
     held = None
     if settings.held_pictures:
         ref = min(REFERENCE_SIZE, len(patches))
         matches = window_matches(images, torch.cat([top_windows, patches[:ref]]), flip.runtime, flip.batch_size,
                                  quiet, "held pictures", split=True)
         held = {"signature": "held", **held_picture_test(matches.numpy(), [int(i) for i in top], src[:ref].tolist())}
-        held["members"] = [int(top[j]) for j in held["members"]]
+    for group in (rec, changed, held):
+        if group is not None:
+            group["members"] = [int(top[j]) for j in group["members"]]      # image indices
     feat = None
     if settings.feature_recurrence and search_like is not None:
         reference = search_like(src[:REFERENCE_SIZE].numpy())
