@@ -41,12 +41,12 @@ imagenette-96 at 2% with the 30-epoch model (`decision.weak_signal_p`), the MoCo
 chosen on its poisons), CIFAR-10 50k with `trigger_13` changed copy by copy at 15 epochs (the feature recurrence
 test's null of search-like windows, chosen with that run in view, `classifier.feature_group_turn` and
 `decision.confident_prob`), the demo's images with `trigger_11` changed copy by copy (the changed copies' test,
-found on it, and `decision.confident_prob`), and tinyimagenet100 at 0.25% with `trigger_12` (the held-picture test,
-designed on it); a *held-out* setting is one no default was chosen on (another rate,
-target class or trigger, or a clean-data model none was set with). PoisonCAM finds only what the threat model
-learned, so every
-row gives the model's strength: its k-NN attack success rate (ASR: patched validation images of other classes
-whose 20 nearest training neighbours vote for the target) against the clean rate (the same vote on unpatched images).
+found on it, and `decision.confident_prob`), tinyimagenet100 at 0.25% with `trigger_12` (the held-picture test,
+designed on it) and with `trigger_10` (`recurrence.HELD_SHARE`; the held-picture test itself held out there); a
+*held-out* setting is one no default was chosen on (another rate, target class or trigger, or a clean-data model
+none was set with). PoisonCAM finds only what the threat model learned, so every row gives the model's strength:
+its k-NN attack success rate (ASR: patched validation images of other classes whose 20 nearest training neighbours
+vote for the target) against the clean rate (the same vote on unpatched images).
 A model whose ASR is not well above its clean rate has no backdoor to find. The evidence gate and the recurrence
 test are described in [design](design.md), "The evidence gate".
 """

@@ -1,6 +1,6 @@
 """poisonscan: find and remove backdoor-poisoned images (PoisonCAM)."""
 
-__version__ = "0.10.0"
+__version__ = "0.10.1"
 
 
 def __getattr__(name: str):

@@ -283,8 +283,8 @@ def test_a_group_alike_to_the_threat_model_stands_in_where_no_picture_recurs() -
 
 def test_a_picture_held_across_the_data_set_stands_in_where_the_top_k_hold_too_few_copies() -> None:
     """Two copies of a trigger among the top 20 form no group, but the data set's images hold their picture: the
-    gate passes on it (after exact and changed copies, before the features) and says so; without it, the reason
-    names the held-picture test too."""
+    gate passes on it (after exact and changed copies, before the features, and before changed copies most of
+    whose windows it holds) and says so; without it, the reason names the held-picture test too."""
     null = np.r_[np.full(250, 120.0), np.full(6, 124.0)]
     ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
                            n_boot=300)
@@ -304,6 +304,13 @@ def test_a_picture_held_across_the_data_set_stands_in_where_the_top_k_hold_too_f
     assert not changed_copies(parsed, 0.01)
     exact = Evidence.from_json({**record, "recurrence": {**pixels, "size": 9, "p_value": 0.001}})
     assert recurring_group(exact, 0.01) is exact.recurrence                       # exact copies come first
+    # changed copies whose windows the held group mostly holds are alike as they are: the held group decides
+    alike = {**changed, "p_value": 0.001, "size": 3, "members": [9, 7, 11]}
+    both = Evidence.from_json({**record, "changed_recurrence": alike})
+    assert recurring_group(both, 0.01) is both.held_recurrence and not changed_copies(both, 0.01)
+    assert "is held by 123 images" in gate({**record, "changed_recurrence": alike}, 3.0, 0.15)[1]
+    many = Evidence.from_json({**record, "changed_recurrence": {**alike, "size": 8, "members": [7, *range(10, 17)]}})
+    assert recurring_group(many, 0.01) is many.changed_recurrence and changed_copies(many, 0.01)   # 1 of 8 held
     empty = Evidence.from_json({**record, "held_recurrence": {**held, "size": 0}})
     assert recurring_group(empty, 0.01) is None                                   # a p without a group holds nothing
     found, reason = gate({**record, "held_recurrence": {**held, "p_value": 0.4, "size": 0, "gap": 0.01},
