@@ -302,12 +302,13 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     """Is there a backdoor signal, and a one-line reason? Either the flip test alone (:func:`by_effect`), or one
     trigger's copies among the top-k windows (:func:`~poisonscan.detect.recurrence.trigger_group`: the picture
     recurring pixel for pixel, else its copies changed one by one (each window's own bar), else a top-k window's
-    picture held by many images of the data set (detect/holders.py), else a group alike in the threat model's
-    features, at ``p <= max_recurrence_p``; 0: the flip test alone decides; a record without the tests has no
-    group) whose windows also stand above random ones on the flip test: ``z >= min_evidence``, or, for a trigger
-    learned too weakly to reach that ``z``, the bootstrap's ``p <= weak_signal_p`` (the top-k median above the top-k
-    medians of random windows picked the same way; 0: ``z`` is needed). A signal that rests on a recurring picture stands only if the picture match finds
-    images that hold it (detect/matching.py)."""
+    picture held by many images of the data set (detect/holders.py; first where it holds most of the changed
+    copies' windows), else a group alike in the threat model's features, at ``p <= max_recurrence_p``; 0: the flip
+    test alone decides; a record without the tests has no group) whose windows also stand above random ones on the
+    flip test: ``z >= min_evidence``, or, for a trigger learned too weakly to reach that ``z``, the bootstrap's
+    ``p <= weak_signal_p`` (the top-k median above the top-k medians of random windows picked the same way; 0: ``z``
+    is needed). A signal that rests on a recurring picture stands only if the picture match finds images that hold
+    it (detect/matching.py)."""
     z, effect, p = float(ev.z), effect_of(ev), float(ev.p_value)
     found = trigger_group(ev, max_recurrence_p)
     rec = found or ev.recurrence
