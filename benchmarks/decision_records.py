@@ -60,6 +60,7 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
     by_effect, effect_reason = evidence_gate(ev, 3.0, EFFECT_BAR, max_recurrence_p=0.0)
     out: dict[str, Any] = {
         "name": name, "setting": setting, "role": role, "commands": list(commands or []), "run": str(run),
+        "version": summary.get("version"),
         "threat_model": _strength(backdoor),
         "z": ev.z, "effect": ev.effect,
         "recurrence": {k: rec.get(k) for k in keys},

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from poisonscan import __version__
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "results" / "decisions"
 SPEED = ROOT / "benchmarks" / "results" / "speed"
@@ -48,7 +50,9 @@ none was set with). PoisonCAM finds only what the threat model learned, so every
 its k-NN attack success rate (ASR: patched validation images of other classes whose 20 nearest training neighbours
 vote for the target) against the clean rate (the same vote on unpatched images).
 A model whose ASR is not well above its clean rate has no backdoor to find. The evidence gate and the recurrence
-test are described in [design](design.md), "The evidence gate".
+test are described in [design](design.md), "The evidence gate". The version is the poisonscan release whose detect
+made the run's decision (a finished run resumed by a later release from the first stage that release changes is
+that release's decision: `benchmarks/stage_ab.py` resumes a copy of a run folder).
 """
 
 
@@ -107,7 +111,8 @@ def row(r: dict[str, Any]) -> str:
     """One table row of a record."""
     d, rec = r.get("decision") or {}, r.get("recurrence") or {}
     bar = "found" if (r.get("effect_bar") or {}).get("backdoor_found") else "no signal"
-    cells = [f"**{r['name']}**: {r.get('setting', '')}", r.get("role", "-"), _strength(r.get("threat_model")),
+    cells = [f"**{r['name']}**: {r.get('setting', '')}", r.get("role", "-"), r.get("version") or "-",
+             _strength(r.get("threat_model")),
              _num(r.get("z")), _pct(r.get("effect")), (_group(rec, top_k=True) + _changed(r.get("changed_recurrence"))
               + _held(r.get("held_recurrence"))),
              _group(r.get("feature_recurrence")),
@@ -119,10 +124,13 @@ def row(r: dict[str, Any]) -> str:
 def render(records: list[dict[str, Any]]) -> str:
     """The page for ``records`` (sorted: tuned settings first, then by name)."""
     records = sorted(records, key=lambda r: (ROLES.get(r.get("role", ""), 2), r["name"]))
-    lines = [HEADER, "| run | role | threat model: k-NN ASR (clean rate, ratio) | z | effect | recurrence: group "
+    current = sum(r.get("version") == __version__ for r in records)
+    lines = [HEADER, f"{current} of the {len(records)} runs were decided by this release ({__version__}); the others'",
+             "figures are their release's, kept until the run is repeated.", "",
+             "| run | role | version | threat model: k-NN ASR (clean rate, ratio) | z | effect | recurrence: group "
              "(random p99), p; changed copies (each window's own bar); held across the data set (largest gap) | "
              "feature recurrence: group (search-like p99), p | decision | recall | precision | effect bar alone |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in records]
     lines += ["", "## Why each run decided as it did, and how to reproduce it", ""]
     for r in records:

@@ -20,8 +20,9 @@ def _record(name: str, role: str, found: bool, **kw: object) -> dict:
 
 
 def test_rows_give_strength_evidence_decision_and_commands(tmp_path) -> None:
-    page = results_page.render([_record("b-held", "held-out", True), _record("a-tuned", "tuned", False,
-                                                                            threat_model=None)])
+    page = results_page.render([_record("b-held", "held-out", True, version=results_page.__version__),
+                                _record("a-tuned", "tuned", False, threat_model=None, version="0.1.0")])
+    assert f"1 of the 2 runs were decided by this release ({results_page.__version__})" in page
     assert page.index("**a-tuned**") < page.index("**b-held**")              # tuned settings first
     held = next(line for line in page.splitlines() if line.startswith("| **b-held**"))
     assert "a / setting" in held                                              # a pipe in a cell cannot break the table
@@ -29,7 +30,7 @@ def test_rows_give_strength_evidence_decision_and_commands(tmp_path) -> None:
     assert "13 of 20 (5), p 0.001; poisons: 13 in it, 13 in the top-k" in held
     assert "found, 505 of 49,980 removed | 99.0% | 95.0% | no signal |" in held
     tuned = next(line for line in page.splitlines() if line.startswith("| **a-tuned**"))
-    assert "| tuned | - |" in tuned and "no signal, 505 removed" in tuned
+    assert "| tuned | 0.1.0 | - |" in tuned and "no signal, 505 removed" in tuned
     assert "- **b-held**: backdoor signal: z = 5.71." in page and "  `poisonscan detect --out b-held`" in page
     held_test = {"size": 2, "k": 20, "p_value": 1e-9, "null_group_p99": 0.021, "holders": 123, "gap": 0.288}
     line = results_page.row(_record("c", "held-out", True, held_recurrence=held_test))
