@@ -1,6 +1,7 @@
 r"""The evidence gate on finished detect runs: the run's decision beside the effect bar's alone.
 
-For each run it prints and records the threat model's strength (k-NN ASR against the rate at which clean images
+For each run it prints and records the poisonscan release whose detect made the decision (``version``, from the
+run's ``summary.json``), the threat model's strength (k-NN ASR against the rate at which clean images
 are already put with the target), ``z``, the effect, the recurrence test (the largest group of top-k windows
 showing one picture against the largest groups of random windows), what the run decided, what the effect bar
 alone (``decision.min_effect = 0.15`` with ``z >= 3``, ``decision.max_recurrence_p = 0``) would have decided on the
