@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,18 @@ def write_runs(path: Path | None, rows: list[dict[str, Any]]) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+
+
+def study_runs(ap: argparse.ArgumentParser, study: Callable[[Path, Path | None], dict[str, Any]],
+               show: Callable[[dict[str, Any]], None]) -> None:
+    """A study's command line: ``study`` on each ``RUN_DIR TRUTH_CSV`` pair, each row shown, all written to
+    ``--json``."""
+    args, pairs = run_truth_pairs(ap)
+    rows = []
+    for run, truth in pairs:
+        rows.append(study(run, truth))
+        show(rows[-1])
+    write_runs(args.json, rows)
 
 
 def _self_sim(feats: torch.Tensor) -> np.ndarray:

@@ -27,7 +27,7 @@ from poisonscan.detect.holders import window_matches
 from poisonscan.detect.masking import cut_windows
 from poisonscan.runtime import setup_runtime
 
-from benchmarks.studies.feature_recurrence import poisons_of, run_truth_pairs, write_runs
+from benchmarks.studies.feature_recurrence import poisons_of, study_runs
 
 THUMB = 16          # the side whole images are compared at
 CLOSEST = 0.01      # the share of the data set that counts as an image's closest
@@ -75,22 +75,21 @@ def study(run: Path, truth: Path | None, runtime: Any) -> dict[str, Any]:
     return out
 
 
+def show(r: dict[str, Any]) -> None:
+    """One run's held group and its windows' holders, printed."""
+    h = r["held"]
+    print(f"{r['run']}: held group {h['size']} windows, {h['holders']} holders")
+    for w in r.get("windows", []):
+        print(f"  window of image {w['image']}{' (poison)' if w['poison'] else ''}: {w['holders']} holders "
+              f"({w['poisons_among_holders']} poisons), likeness median {w['holders_median_likeness']:.3f} "
+              f"(every image: {w['data_median_likeness']:.3f}), in its closest 1%: "
+              f"{100 * w['closest_share_of_holders']:.0f}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, pairs = run_truth_pairs(ap)
     runtime = setup_runtime("cpu")
-    rows = []
-    for run, truth in pairs:
-        r = study(run, truth, runtime)
-        h = r["held"]
-        print(f"{r['run']}: held group {h['size']} windows, {h['holders']} holders")
-        for w in r.get("windows", []):
-            print(f"  window of image {w['image']}{' (poison)' if w['poison'] else ''}: {w['holders']} holders "
-                  f"({w['poisons_among_holders']} poisons), likeness median {w['holders_median_likeness']:.3f} "
-                  f"(every image: {w['data_median_likeness']:.3f}), in its closest 1%: "
-                  f"{100 * w['closest_share_of_holders']:.0f}%")
-        rows.append(r)
-    write_runs(args.json, rows)
+    study_runs(ap, lambda run, truth: study(run, truth, runtime), show)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from poisonscan.detect.matching import find_picture
 from poisonscan.detect.recurrence import REFERENCE_SIZE
 from poisonscan.runtime import setup_runtime
 
-from benchmarks.studies.feature_recurrence import poisons_of, run_truth_pairs, write_runs
+from benchmarks.studies.feature_recurrence import poisons_of, study_runs
 
 
 def study(run: Path, truth: Path | None, runtime: Any) -> dict[str, Any]:
@@ -75,27 +75,26 @@ def study(run: Path, truth: Path | None, runtime: Any) -> dict[str, Any]:
     return out
 
 
+def show(r: dict[str, Any]) -> None:
+    """One run's top-k gaps, random windows' gaps, test and match, printed."""
+    t = r["test"]
+    print(f"{r['run']}: {r['images']:,} images, {r['poisons']} poisons ({r['seconds']} s)")
+    print("  top-k gaps:", " ".join(f"{w['gap']:.3f}{'P' if w['poison'] else ''}" for w in r["top_k"]))
+    print(f"  random windows' largest gaps: {r['random_gaps_top5']}")
+    print(f"  test: largest gap {t['gap']:.3f}, random windows' 1% level {t['null_group_p99']:.3f}, "
+          f"p {t['p_value']:.3g}, "
+          f"group {t['size']}, holders {t['holders']}, bar {t['bar']:.3f}")
+    if "match" in r:
+        m = r["match"]
+        print(f"  match: threshold {m['threshold']:.3f} (outlier bar {m['outlier_bar']:.3f}): {m['holders']} "
+              f"images, {m['poisons_holding']} poisons")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, pairs = run_truth_pairs(ap)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runtime = setup_runtime("cpu")
-    rows = []
-    for run, truth in pairs:
-        r = study(run, truth, runtime)
-        t = r["test"]
-        print(f"{r['run']}: {r['images']:,} images, {r['poisons']} poisons ({r['seconds']} s)")
-        print("  top-k gaps:", " ".join(f"{w['gap']:.3f}{'P' if w['poison'] else ''}" for w in r["top_k"]))
-        print(f"  random windows' largest gaps: {r['random_gaps_top5']}")
-        print(f"  test: largest gap {t['gap']:.3f}, random windows' 1% level {t['null_group_p99']:.3f}, "
-              f"p {t['p_value']:.3g}, "
-              f"group {t['size']}, holders {t['holders']}, bar {t['bar']:.3f}")
-        if "match" in r:
-            m = r["match"]
-            print(f"  match: threshold {m['threshold']:.3f} (outlier bar {m['outlier_bar']:.3f}): {m['holders']} "
-                  f"images, {m['poisons_holding']} poisons")
-        rows.append(r)
-    write_runs(args.json, rows)
+    study_runs(ap, lambda run, truth: study(run, truth, runtime), show)
 
 
 if __name__ == "__main__":
