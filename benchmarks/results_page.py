@@ -49,10 +49,11 @@ designed on it) and with `trigger_10` (`recurrence.HELD_SHARE`; the held-picture
 none was set with). PoisonCAM finds only what the threat model learned, so every row gives the model's strength:
 its k-NN attack success rate (ASR: patched validation images of other classes whose 20 nearest training neighbours
 vote for the target) against the clean rate (the same vote on unpatched images).
-A model whose ASR is not well above its clean rate has no backdoor to find. The evidence gate and the recurrence
-test are described in [design](design.md), "The evidence gate". The version is the poisonscan release whose detect
-made the run's decision (a finished run resumed by a later release from the first stage that release changes is
-that release's decision: `benchmarks/stage_ab.py` resumes a copy of a run folder).
+A model whose ASR is not well above its clean rate learned the trigger weakly, if at all: the search often finds
+nothing in it, though the poisons' shared picture can still give them away (cifar10-r0.05-e8). The evidence gate and
+the recurrence test are described in [design](design.md), "The evidence gate". The version is the poisonscan release
+whose detect made the run's decision (a finished run resumed by a later release from the first stage that release
+changes is that release's decision: `benchmarks/stage_ab.py` resumes a copy of a run folder).
 """
 
 
