@@ -11,11 +11,15 @@ complete store. A later ``build_store`` with the same source (kind, resolved spe
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
-from collections.abc import Callable
+import stat
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +34,16 @@ from poisonscan.data.sources import MAX_ASPECT_RATIO, SampleError, Source
 from poisonscan.errors import DataError, UsageError
 from poisonscan.runs import atomic_write_text, temp_file
 
+try:
+    import fcntl
+except ImportError:             # no flock on this platform: store builds are not locked
+    fcntl = None  # type: ignore[assignment]
+
 STORE_FORMAT = "poisonscan-image-store"
 STORE_VERSION = 1
 IMAGES_FILE = "images.npy"
 META_FILE = "store.json"
+BUILD_LOCK = ".build.lock"
 
 
 @dataclass
@@ -244,6 +254,73 @@ def _reusable(path: Path, source: Source, size: int) -> ImageStore | None:
     return store if same else None
 
 
+@contextlib.contextmanager
+def _building(path: Path, quiet: bool) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path/.build.lock`` while a store is written at ``path``; yields whether it
+    is held.
+
+    A second process building at the same ``path`` waits for the first. While the lock is held no other builder
+    writes there, so the temp files an interrupted build left (``.images.npy.*.tmp``, reserved at full size) are
+    removed. The lock file is deleted before it is unlocked; a waiter that then gets the deleted file locks anew.
+    Without ``fcntl``, or on a file system without ``flock``, nothing is locked and nothing is removed.
+    """
+    fd = _lock_build(path, quiet) if fcntl is not None else None
+    if fd is None:
+        yield False
+        return
+    try:
+        for stale in path.glob(f".{IMAGES_FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        yield True
+    finally:
+        try:
+            (path / BUILD_LOCK).unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(fd)                            # closing the descriptor releases the lock
+
+
+def _lock_build(path: Path, quiet: bool) -> int | None:
+    """The descriptor of ``path/.build.lock``, exclusively locked (waiting, with one line on stderr, while another
+    process holds it); None on a file system without ``flock`` (some network mounts)."""
+    lock = path / BUILD_LOCK
+    said = quiet
+    while True:
+        try:        # never through a link: a shared cache folder's lock must not point the open elsewhere
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            raise UsageError(f"cannot lock the image store {path}: {lock} is not a plain file we can open "
+                             f"({exc.strerror or exc})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"cannot lock the image store {path}: {lock} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    return None
+                if not said:
+                    print(f"poisonscan: waiting for another process building the image store at {path}",
+                          file=sys.stderr, flush=True)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, lock):
+            return fd
+        os.close(fd)                            # its holder finished and deleted it meanwhile: lock anew
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def build_store(source: Source, size: int, path: Path | str | None = None, runtime: rt.Runtime | None = None,
                 quiet: bool = False, num_workers: int | None = None, batch_size: int = 256,
                 draft: bool = False) -> ImageStore:
@@ -251,9 +328,11 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
 
     Failed samples are left out and listed in ``errors`` (after the source's own structural errors). With ``path``
     the store is saved there (``images.npy`` + ``store.json``) and reused on the next call when source and size
-    match. ``num_workers`` defaults to ``min(4, cpu count)``; ``draft=True`` lets JPEGs decode at a reduced DCT scale
-    that keeps the short side >= ``size`` (several times faster for large photos, pixels differ slightly from a full
-    decode; off by default so the store equals torchvision's Resize + CenterCrop).
+    match; a build there holds ``path/.build.lock``, so concurrent builds of one store decode it once, and removes
+    what an interrupted build left. ``num_workers`` defaults to ``min(4, cpu count)``; ``draft=True`` lets JPEGs
+    decode at a reduced DCT scale that keeps the short side >= ``size`` (several times faster for large photos,
+    pixels differ slightly from a full decode; off by default so the store equals torchvision's Resize +
+    CenterCrop).
     """
     if size < 1:
         raise DataError(f"image size must be positive, got {size}")
@@ -270,23 +349,44 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
     if world > 1:
         mine = [parts[k] for k in rt.shard_indices(len(parts), rank, world)]
         return _build_distributed(source, size, path, mine, workers, batch_size, quiet, draft, rank)
+    if path is None:
+        return _build_in_memory(source, size, parts, workers, batch_size, quiet, draft)
+    path.mkdir(parents=True, exist_ok=True)
+    with _building(path, quiet):
+        cached = _reusable(path, source, size)      # built by a process this one waited for
+        if cached is not None:
+            return cached
+        return _build_saved(source, size, path, parts, workers, batch_size, quiet, draft)
+
+
+def _build_in_memory(source: Source, size: int, parts: list[list[int]], workers: int, batch_size: int,
+                     quiet: bool, draft: bool) -> ImageStore:
     n = len(source)
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_npy(path)
-        buf: np.ndarray = _allocate_npy(tmp, (n, 3, size, size))
-    else:
-        buf = np.empty((n, 3, size, size), dtype=np.uint8)
+    buf = np.empty((n, 3, size, size), dtype=np.uint8)
 
     def sink(idx: np.ndarray, imgs: np.ndarray) -> None:
         buf[idx] = imgs
 
+    ok, errs = _decode(source, parts, size, sink, workers, batch_size, quiet, draft)
+    errors = list(source.errors) + [e for _, e in errs]
+    images = buf if len(ok) == n else buf[ok]
+    return _store_from(source, size, torch.from_numpy(images), ok, errors, None)
+
+
+def _build_saved(source: Source, size: int, path: Path, parts: list[list[int]], workers: int, batch_size: int,
+                 quiet: bool, draft: bool) -> ImageStore:
+    """Decode into a full-size memory map beside ``path/images.npy``, compact it when samples failed, rename it into
+    place, then write ``store.json`` (the mark of a complete store)."""
+    n = len(source)
+    tmp = _tmp_npy(path)
     try:
+        buf: np.ndarray = _allocate_npy(tmp, (n, 3, size, size))
+
+        def sink(idx: np.ndarray, imgs: np.ndarray) -> None:
+            buf[idx] = imgs
+
         ok, errs = _decode(source, parts, size, sink, workers, batch_size, quiet, draft)
         errors = list(source.errors) + [e for _, e in errs]
-        if path is None:
-            images = buf if len(ok) == n else buf[ok]
-            return _store_from(source, size, torch.from_numpy(images), ok, errors, None)
         final = tmp
         if len(ok) < n:
             final = _tmp_npy(path)
@@ -300,8 +400,7 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
         del buf
         os.replace(final, path / IMAGES_FILE)
     finally:
-        if path is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     _write_meta(path, _meta(source, size, [source.ids[i] for i in ok], [source.labels[i] for i in ok], ok, errors))
     return open_store(path)
 
@@ -333,16 +432,17 @@ def _build_distributed(source: Source, size: int, path: Path | None, mine: list[
     errors = list(source.errors) + [e for _, e in sorted((x for s in shares for x in s[2]), key=lambda e: e[0])]
     if path is not None and rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_npy(path)
-        try:
-            with open(tmp, "wb") as fh:
-                np.save(fh, images, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path / IMAGES_FILE)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _write_meta(path, _meta(source, size, [source.ids[i] for i in ok_sorted],
-                                [source.labels[i] for i in ok_sorted], ok_sorted, errors))
+        with _building(path, quiet):
+            tmp = _tmp_npy(path)
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, images, allow_pickle=False)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path / IMAGES_FILE)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _write_meta(path, _meta(source, size, [source.ids[i] for i in ok_sorted],
+                                    [source.labels[i] for i in ok_sorted], ok_sorted, errors))
     rt.barrier()
     return _store_from(source, size, torch.from_numpy(images), ok_sorted, errors, path)

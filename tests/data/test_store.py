@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from torchvision import transforms as T
 
 from poisonscan.data.sources import SampleError, open_source
 from poisonscan.data.store import (ImageStore, build_store, open_store, resize_center_crop, write_errors_csv)
-from poisonscan.errors import DataError
+from poisonscan.errors import DataError, UsageError
 
 
 @pytest.mark.parametrize("wh", [(40, 30), (30, 47), (64, 64), (17, 90)])
@@ -73,6 +76,58 @@ def test_store_is_saved_and_reused(wds_shards_gz: Path, tmp_path: Path, monkeypa
     monkeypatch.undo()
     other = build_store(src, 12, path=path, num_workers=0)  # a different size rebuilds
     assert other.images.shape == (8, 3, 12, 12)
+
+
+def test_build_removes_what_an_interrupted_build_left(wds_shards_gz: Path, tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    path.mkdir()
+    stale = path / ".images.npy.k2j4x9.tmp"            # a build killed mid-decode leaves its full-size map
+    stale.write_bytes(b"\0" * 4096)
+    other = path / "notes.txt"
+    other.write_text("kept")
+    store = build_store(open_source(wds_shards_gz), 16, path=path, num_workers=0)
+    assert len(store) == 8 and not stale.exists() and other.read_text() == "kept"
+    assert sorted(p.name for p in path.iterdir()) == ["images.npy", "notes.txt", "store.json"]
+
+
+def test_concurrent_build_waits_and_reuses(wds_shards_gz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    src = open_source(wds_shards_gz)
+    done = build_store(src, 16, path=tmp_path / "built", num_workers=0)
+    path = tmp_path / "store"
+    path.mkdir()
+    held = os.open(path / ".build.lock", os.O_RDWR | os.O_CREAT)   # another builder holds the lock
+    fcntl.flock(held, fcntl.LOCK_EX)
+    got: list[ImageStore] = []
+    worker = threading.Thread(target=lambda: got.append(build_store(src, 16, path=path, num_workers=0)))
+    worker.start()
+    worker.join(1.0)
+    assert worker.is_alive() and not (path / "store.json").exists()    # it waits instead of decoding alongside
+    for name in ("images.npy", "store.json"):                         # the holder finishes the store ...
+        shutil.copy(tmp_path / "built" / name, path / name)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("decoded again instead of reusing the store built meanwhile")
+
+    monkeypatch.setattr(type(src), "iter_indexed", boom)
+    (path / ".build.lock").unlink()                                   # ... and releases it as a build does
+    os.close(held)
+    worker.join(30)
+    assert not worker.is_alive() and got and got[0].ids == done.ids and torch.equal(got[0].images, done.images)
+    assert "waiting for another process building the image store" in capsys.readouterr().err
+    assert sorted(p.name for p in path.iterdir()) == ["images.npy", "store.json"]
+
+
+def test_build_refuses_a_link_at_the_lock(wds_shards_gz: Path, tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    path.mkdir()
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("untouched")
+    (path / ".build.lock").symlink_to(target)
+    with pytest.raises(UsageError, match="cannot lock the image store"):
+        build_store(open_source(wds_shards_gz), 16, path=path, num_workers=0)
+    assert target.read_text() == "untouched" and not (path / "store.json").exists()
 
 
 def test_parallel_workers_match_serial(wds_shards_gz: Path, file_list: Path) -> None:
