@@ -255,62 +255,83 @@ def _reusable(path: Path, source: Source, size: int) -> ImageStore | None:
 
 
 @contextlib.contextmanager
-def _building(path: Path, quiet: bool) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path/.build.lock`` while a store is written at ``path``; yields whether it
-    is held.
+def _building(path: Path, quiet: bool, wait: bool = True) -> Iterator[str]:
+    """Hold an exclusive ``flock`` on ``path/.build.lock`` while a store is written at ``path``.
 
-    A second process building at the same ``path`` waits for the first. While the lock is held no other builder
-    writes there, so the temp files an interrupted build left (``.images.npy.*.tmp``, reserved at full size) are
-    removed. The lock file is deleted before it is unlocked; a waiter that then gets the deleted file locks anew.
-    Without ``fcntl``, or on a file system without ``flock``, nothing is locked and nothing is removed.
+    Yields ``"held"``; ``"busy"`` when ``wait`` is False and another process holds it; ``"unlocked"`` where
+    nothing can be locked (no ``fcntl``, or a file system without ``flock``). A second process building at the same
+    ``path`` waits for the first. While the lock is held no other builder writes there, so the temp files an
+    interrupted build left (``.images.npy.*.tmp``, reserved at full size) are removed. The lock file is deleted
+    before it is unlocked; a waiter that then gets the deleted file locks anew.
     """
-    fd = _lock_build(path, quiet) if fcntl is not None else None
-    if fd is None:
-        yield False
+    fd = _lock_build(path, quiet, wait) if fcntl is not None else None
+    if not isinstance(fd, int):
+        yield fd or "unlocked"
         return
     try:
         for stale in path.glob(f".{IMAGES_FILE}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        yield True
+            _unlink_quietly(stale)
+        yield "held"
     finally:
-        try:
-            (path / BUILD_LOCK).unlink(missing_ok=True)
-        except OSError:
-            pass
+        _unlink_quietly(path / BUILD_LOCK)
         os.close(fd)                            # closing the descriptor releases the lock
 
 
-def _lock_build(path: Path, quiet: bool) -> int | None:
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:                             # not ours to remove (a shared folder) or not a file: leave it
+        pass
+
+
+def _lock_build(path: Path, quiet: bool, wait: bool) -> int | str | None:
     """The descriptor of ``path/.build.lock``, exclusively locked (waiting, with one line on stderr, while another
-    process holds it); None on a file system without ``flock`` (some network mounts)."""
+    process holds it); ``"busy"`` when ``wait`` is False and it is held; None where ``flock`` is not supported."""
     lock = path / BUILD_LOCK
     said = quiet
     while True:
         try:        # never through a link: a shared cache folder's lock must not point the open elsewhere
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
             raise UsageError(f"cannot lock the image store {path}: {lock} is not a plain file we can open "
                              f"({exc.strerror or exc})") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise UsageError(f"cannot lock the image store {path}: {lock} is not a regular file")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    return None
+            got = _flock(fd, blocking=False)
+            if got is False and not wait:
+                os.close(fd)
+                return "busy"
+            if got is False:
                 if not said:
                     print(f"poisonscan: waiting for another process building the image store at {path}",
                           file=sys.stderr, flush=True)
                     said = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                got = _flock(fd, blocking=True)
+            if got is None:
+                os.close(fd)
+                _unlink_quietly(lock)
+                return None
         except BaseException:
             os.close(fd)
             raise
         if _same_file(fd, lock):
             return fd
         os.close(fd)                            # its holder finished and deleted it meanwhile: lock anew
+
+
+def _flock(fd: int, blocking: bool) -> bool | None:
+    """Lock ``fd`` exclusively: True when locked, False when another process holds it (only when not
+    ``blocking``), None where the file system does not support ``flock`` (some network mounts)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if not blocking and exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return None
+        raise UsageError(f"cannot lock the image store: {exc.strerror or exc}") from None
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -398,6 +419,7 @@ def _build_saved(source: Source, size: int, path: Path, parts: list[list[int]], 
         else:
             buf.flush()
         del buf
+        (path / META_FILE).unlink(missing_ok=True)  # a store is complete only once its own store.json is written
         os.replace(final, path / IMAGES_FILE)
     finally:
         tmp.unlink(missing_ok=True)
@@ -432,17 +454,25 @@ def _build_distributed(source: Source, size: int, path: Path | None, mine: list[
     errors = list(source.errors) + [e for _, e in sorted((x for s in shares for x in s[2]), key=lambda e: e[0])]
     if path is not None and rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-        with _building(path, quiet):
-            tmp = _tmp_npy(path)
-            try:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, images, allow_pickle=False)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path / IMAGES_FILE)
-            finally:
-                tmp.unlink(missing_ok=True)
-            _write_meta(path, _meta(source, size, [source.ids[i] for i in ok_sorted],
-                                    [source.labels[i] for i in ok_sorted], ok_sorted, errors))
+        # never wait here (the other ranks sit in the barrier): a store another process is writing or has just
+        # written is left to it, since every rank holds the images in memory already
+        with _building(path, quiet, wait=False) as lock:
+            if lock != "busy" and _reusable(path, source, size) is None:
+                _save_gathered(path, images, _meta(source, size, [source.ids[i] for i in ok_sorted],
+                                                   [source.labels[i] for i in ok_sorted], ok_sorted, errors))
     rt.barrier()
     return _store_from(source, size, torch.from_numpy(images), ok_sorted, errors, path)
+
+
+def _save_gathered(path: Path, images: np.ndarray, meta: dict[str, Any]) -> None:
+    tmp = _tmp_npy(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, images, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        (path / META_FILE).unlink(missing_ok=True)
+        os.replace(tmp, path / IMAGES_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_meta(path, meta)

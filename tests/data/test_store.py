@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,7 @@ def test_store_is_saved_and_reused(wds_shards_gz: Path, tmp_path: Path, monkeypa
 
 
 def test_build_removes_what_an_interrupted_build_left(wds_shards_gz: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fcntl")
     path = tmp_path / "store"
     path.mkdir()
     stale = path / ".images.npy.k2j4x9.tmp"            # a build killed mid-decode leaves its full-size map
@@ -102,7 +104,13 @@ def test_concurrent_build_waits_and_reuses(wds_shards_gz: Path, tmp_path: Path, 
     got: list[ImageStore] = []
     worker = threading.Thread(target=lambda: got.append(build_store(src, 16, path=path, num_workers=0)))
     worker.start()
-    worker.join(1.0)
+    err = ""
+    for _ in range(600):                                              # until it says it waits for the holder
+        err += capsys.readouterr().err
+        if "waiting for another process building the image store" in err or not worker.is_alive():
+            break
+        time.sleep(0.05)
+    assert "waiting for another process building the image store" in err
     assert worker.is_alive() and not (path / "store.json").exists()    # it waits instead of decoding alongside
     for name in ("images.npy", "store.json"):                         # the holder finishes the store ...
         shutil.copy(tmp_path / "built" / name, path / name)
@@ -115,8 +123,23 @@ def test_concurrent_build_waits_and_reuses(wds_shards_gz: Path, tmp_path: Path, 
     os.close(held)
     worker.join(30)
     assert not worker.is_alive() and got and got[0].ids == done.ids and torch.equal(got[0].images, done.images)
-    assert "waiting for another process building the image store" in capsys.readouterr().err
     assert sorted(p.name for p in path.iterdir()) == ["images.npy", "store.json"]
+
+
+def test_a_build_that_must_not_wait_sees_the_lock_busy(tmp_path: Path) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    from poisonscan.data.store import _building
+
+    held = os.open(tmp_path / ".build.lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    (tmp_path / ".images.npy.x1.tmp").write_bytes(b"0")             # the holder's own temp file
+    with _building(tmp_path, quiet=True, wait=False) as lock:
+        assert lock == "busy"
+    assert (tmp_path / ".images.npy.x1.tmp").exists() and (tmp_path / ".build.lock").exists()
+    os.close(held)
+    with _building(tmp_path, quiet=True, wait=False) as lock:
+        assert lock == "held" and not (tmp_path / ".images.npy.x1.tmp").exists()
+    assert not (tmp_path / ".build.lock").exists()
 
 
 def test_build_refuses_a_link_at_the_lock(wds_shards_gz: Path, tmp_path: Path) -> None:
