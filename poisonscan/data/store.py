@@ -11,15 +11,11 @@ complete store. A later ``build_store`` with the same source (kind, resolved spe
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import errno
 import io
 import json
 import os
-import stat
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,18 +28,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from poisonscan import runtime as rt
 from poisonscan.data.sources import MAX_ASPECT_RATIO, SampleError, Source
 from poisonscan.errors import DataError, UsageError
+from poisonscan.data.build_lock import building
 from poisonscan.runs import atomic_write_text, temp_file
-
-try:
-    import fcntl
-except ImportError:             # no flock on this platform: store builds are not locked
-    fcntl = None  # type: ignore[assignment]
 
 STORE_FORMAT = "poisonscan-image-store"
 STORE_VERSION = 1
 IMAGES_FILE = "images.npy"
 META_FILE = "store.json"
-BUILD_LOCK = ".build.lock"
 
 
 @dataclass
@@ -254,94 +245,6 @@ def _reusable(path: Path, source: Source, size: int) -> ImageStore | None:
     return store if same else None
 
 
-@contextlib.contextmanager
-def _building(path: Path, quiet: bool, wait: bool = True) -> Iterator[str]:
-    """Hold an exclusive ``flock`` on ``path/.build.lock`` while a store is written at ``path``.
-
-    Yields ``"held"``; ``"busy"`` when ``wait`` is False and another process holds it; ``"unlocked"`` where
-    nothing can be locked (no ``fcntl``, or a file system without ``flock``). A second process building at the same
-    ``path`` waits for the first. While the lock is held no other builder writes there, so the temp files an
-    interrupted build left (``.images.npy.*.tmp``, reserved at full size) are removed. The lock file is deleted
-    before it is unlocked; a waiter that then gets the deleted file locks anew.
-    """
-    fd = _lock_build(path, quiet, wait) if fcntl is not None else None
-    if not isinstance(fd, int):
-        yield fd or "unlocked"
-        return
-    try:
-        for stale in path.glob(f".{IMAGES_FILE}.*.tmp"):
-            _unlink_quietly(stale)
-        yield "held"
-    finally:
-        _unlink_quietly(path / BUILD_LOCK)
-        os.close(fd)                            # closing the descriptor releases the lock
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:                             # not ours to remove (a shared folder) or not a file: leave it
-        pass
-
-
-def _lock_build(path: Path, quiet: bool, wait: bool) -> int | str | None:
-    """The descriptor of ``path/.build.lock``, exclusively locked (waiting, with one line on stderr, while another
-    process holds it); ``"busy"`` when ``wait`` is False and it is held; None where ``flock`` is not supported."""
-    lock = path / BUILD_LOCK
-    said = quiet
-    while True:
-        try:        # never through a link: a shared cache folder's lock must not point the open elsewhere
-            fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except OSError as exc:
-            raise UsageError(f"cannot lock the image store {path}: {lock} is not a plain file we can open "
-                             f"({exc.strerror or exc})") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UsageError(f"cannot lock the image store {path}: {lock} is not a regular file")
-            got = _flock(fd, blocking=False)
-            if got is False and not wait:
-                os.close(fd)
-                return "busy"
-            if got is False:
-                if not said:
-                    print(f"poisonscan: waiting for another process building the image store at {path}",
-                          file=sys.stderr, flush=True)
-                    said = True
-                got = _flock(fd, blocking=True)
-            if got is None:
-                os.close(fd)
-                _unlink_quietly(lock)
-                return None
-        except BaseException:
-            os.close(fd)
-            raise
-        if _same_file(fd, lock):
-            return fd
-        os.close(fd)                            # its holder finished and deleted it meanwhile: lock anew
-
-
-def _flock(fd: int, blocking: bool) -> bool | None:
-    """Lock ``fd`` exclusively: True when locked, False when another process holds it (only when not
-    ``blocking``), None where the file system does not support ``flock`` (some network mounts)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as exc:
-        if not blocking and exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            return None
-        raise UsageError(f"cannot lock the image store: {exc.strerror or exc}") from None
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
 def build_store(source: Source, size: int, path: Path | str | None = None, runtime: rt.Runtime | None = None,
                 quiet: bool = False, num_workers: int | None = None, batch_size: int = 256,
                 draft: bool = False) -> ImageStore:
@@ -373,7 +276,7 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
     if path is None:
         return _build_in_memory(source, size, parts, workers, batch_size, quiet, draft)
     path.mkdir(parents=True, exist_ok=True)
-    with _building(path, quiet):
+    with building(path, quiet, images_file=IMAGES_FILE):
         cached = _reusable(path, source, size)      # built by a process this one waited for
         if cached is not None:
             return cached
@@ -456,7 +359,7 @@ def _build_distributed(source: Source, size: int, path: Path | None, mine: list[
         path.mkdir(parents=True, exist_ok=True)
         # never wait here (the other ranks sit in the barrier): a store another process is writing or has just
         # written is left to it, since every rank holds the images in memory already
-        with _building(path, quiet, wait=False) as lock:
+        with building(path, quiet, wait=False, images_file=IMAGES_FILE) as lock:
             if lock != "busy" and _reusable(path, source, size) is None:
                 _save_gathered(path, images, _meta(source, size, [source.ids[i] for i in ok_sorted],
                                                    [source.labels[i] for i in ok_sorted], ok_sorted, errors))
