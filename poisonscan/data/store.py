@@ -26,9 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from poisonscan import runtime as rt
+from poisonscan.data.build_lock import building
 from poisonscan.data.sources import MAX_ASPECT_RATIO, SampleError, Source
 from poisonscan.errors import DataError, UsageError
-from poisonscan.data.build_lock import building
 from poisonscan.runs import atomic_write_text, temp_file
 
 STORE_FORMAT = "poisonscan-image-store"
