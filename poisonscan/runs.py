@@ -286,7 +286,7 @@ def _lock_pid(fd: int) -> int | None:
         return None
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
     """Whether ``path`` still names the file open as ``fd``."""
     try:
         a, b = os.fstat(fd), os.stat(path)
@@ -348,7 +348,7 @@ def lock_run(folder: Path | str, created: bool = False) -> RunLock | None:
                 who = f" (pid {pid})" if pid is not None else ""
                 raise UsageError(f"run folder {folder} is in use by another poisonscan process{who}") from None
             return None                             # a file system without flock (some network mounts)
-        if _same_file(fd, path):
+        if same_file(fd, path):
             break
         os.close(fd)                                # its holder released and deleted it meanwhile: lock anew
     try:

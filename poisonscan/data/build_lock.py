@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from poisonscan.errors import UsageError
+from poisonscan.runs import same_file
 
 try:
     import fcntl
@@ -85,7 +86,7 @@ def _lock_build(path: Path, quiet: bool, wait: bool) -> int | str | None:
         except BaseException:
             os.close(fd)
             raise
-        if _same_file(fd, lock):
+        if same_file(fd, lock):
             return fd
         os.close(fd)                            # its holder finished and deleted it meanwhile: lock anew
 
@@ -102,11 +103,3 @@ def _flock(fd: int, blocking: bool) -> bool | None:
         if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return None
         raise UsageError(f"cannot lock the image store: {exc.strerror or exc}") from None
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
