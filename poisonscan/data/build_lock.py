@@ -3,6 +3,8 @@
 An exclusive ``flock`` on ``<folder>/.build.lock``, opened never through a link. The file is deleted before it is
 unlocked; a waiter that then holds the deleted file locks anew (the protocol of the run-folder lock in
 ``poisonscan.runs``). Without ``fcntl``, or on a file system without ``flock``, nothing is locked and nothing removed.
+A forked decode worker inherits the descriptor, and with it the lock; :func:`close_inherited` drops the worker's copy,
+so the lock ends when the builder lets it go, not when its last worker exits.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ except ImportError:             # no flock on this platform: store builds are no
     fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = ".build.lock"
+_held: set[int] = set()                         # descriptors this process holds locked (copied into forked children)
 
 
 @contextlib.contextmanager
@@ -39,13 +42,26 @@ def building(path: Path, quiet: bool, wait: bool = True, images_file: str = "ima
     if not isinstance(fd, int):
         yield fd or "unlocked"
         return
+    _held.add(fd)
     try:
         for stale in path.glob(f".{images_file}.*.tmp"):
             unlink_quietly(stale)
         yield "held"
     finally:
         unlink_quietly(path / LOCK_FILE)
-        os.close(fd)                            # closing the descriptor releases the lock
+        _held.discard(fd)
+        os.close(fd)                            # closing the last copy of the descriptor releases the lock
+
+
+def close_inherited(_worker_id: int = 0) -> None:
+    """Close, in a forked child (a DataLoader worker: usable as its ``worker_init_fn``), the copies of the lock
+    descriptors its parent held. ``flock`` is released only when every copy is closed; the parent's stays."""
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
 
 
 def unlink_quietly(path: Path) -> None:

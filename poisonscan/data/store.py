@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from poisonscan import runtime as rt
-from poisonscan.data.build_lock import building
+from poisonscan.data.build_lock import building, close_inherited
 from poisonscan.data.sources import MAX_ASPECT_RATIO, SampleError, Source
 from poisonscan.errors import DataError, UsageError
 from poisonscan.runs import atomic_write_text, temp_file
@@ -144,7 +144,8 @@ def _decode(source: Source, parts: list[list[int]], size: int, sink: Callable[[n
     """Decode the partitions, handing ``(indices, N x 3 x S x S)`` batches to ``sink``; returns ok indices, errors."""
     workers = min(num_workers, len(parts))
     loader = DataLoader(_DecodeStream(source, parts, size, draft), batch_size=batch_size, collate_fn=_collate,
-                        num_workers=workers if workers > 1 else 0, persistent_workers=False)
+                        num_workers=workers if workers > 1 else 0, persistent_workers=False,
+                        worker_init_fn=close_inherited if workers > 1 else None)
     ok: list[int] = []
     errors: list[tuple[int, SampleError]] = []
     with rt.progress("decode images", total=sum(len(p) for p in parts), quiet=quiet) as bar:

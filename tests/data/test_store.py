@@ -145,6 +145,36 @@ def test_parallel_workers_match_serial(wds_shards_gz: Path, file_list: Path) -> 
         assert parallel.ids == serial.ids and torch.equal(parallel.images, serial.images)
 
 
+def test_decode_workers_drop_the_build_lock(wds_shards_gz: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import poisonscan.data.build_lock as bl
+    import poisonscan.data.store as store_module
+
+    seen: list[tuple[int, ...]] = []
+
+    def worker_init(worker_id: int) -> None:                         # runs in each forked decode worker
+        inherited = tuple(bl._held)
+        bl.close_inherited(worker_id)
+        for fd in inherited:
+            with pytest.raises(OSError):                             # the worker's copy is closed
+                os.fstat(fd)
+        (tmp_path / f"worker{worker_id}-dropped{len(inherited)}").touch()
+
+    monkeypatch.setattr(store_module, "close_inherited", worker_init)
+    real = store_module.DataLoader
+
+    def loader(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(tuple(bl._held))                                 # the builder holds the lock while decoding
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "DataLoader", loader)
+    serial = build_store(open_source(wds_shards_gz), 16, num_workers=0)
+    store = build_store(open_source(wds_shards_gz), 16, path=tmp_path / "s", num_workers=2, batch_size=2)
+    assert store.ids == serial.ids and torch.equal(store.images, serial.images)
+    assert seen[-1] and not bl._held and not (tmp_path / "s" / ".build.lock").exists()
+    assert sorted(p.name for p in tmp_path.glob("worker*")) == ["worker0-dropped1", "worker1-dropped1"]
+
+
 def test_store_with_non_utf8_ids(tmp_path: Path, make_images) -> None:
     import os
 
