@@ -7,7 +7,8 @@ For each poison of the run's store (its ``store``, ``ids.json`` and ``clusters.n
 the candidate window of coarse-to-fine pixel zeroing (the CNN default: ``w`` px windows, 73 masks), of dropping the
 covered tokens at every token position (``search.vit_masking = "drop-tokens"``) and of zeroing the pixels of the same
 token-aligned windows. Prints and records each mode's mean IoU with the trigger box, its catch rate (the window covers
-at least half of the trigger) and its seconds on this machine.
+at least half of the trigger) and its seconds on this machine, at ``--precision`` (``auto``: bf16 on a CPU with bf16
+units, else fp32).
 """
 
 from __future__ import annotations
@@ -45,19 +46,25 @@ def localisation(boxes: np.ndarray, truth: np.ndarray) -> dict[str, float]:
             "any_overlap": round(float((cover > 0).mean()), 3)}
 
 
+def rt_precision(runtime: rt.Runtime) -> str:
+    """The autocast dtype the study ran at: ``bfloat16``, ``float16`` or ``fp32``."""
+    return str(runtime.amp_dtype).replace("torch.", "") if runtime.amp_dtype else "fp32"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     ap.add_argument("--model", required=True)
     ap.add_argument("--truth", required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--precision", default="auto", help="auto (bf16 where this CPU has it, else fp32), bf16 or fp32")
     args = ap.parse_args()
     store = open_store(args.run / "store")
     ids = json.loads((args.run / "ids.json").read_text())
     enc, _ = load_encoder(args.model)
     if not enc.drops_tokens:
         raise SystemExit(f"{args.model}: not a ViT that can drop tokens")
-    runtime = rt.Runtime(torch.device("cpu"), torch.bfloat16)
+    runtime = rt.setup_runtime("cpu", args.precision)
     clustering = Clustering.load(args.run / "clusters.npz")
     size, patch = int(store.images.shape[-1]), int(enc.patch_size)
     w = window_pixels(None, size)
@@ -89,6 +96,7 @@ def main() -> None:
         print(f"{name:<60} {masks:>3} masks  IoU {row['iou']:.3f}  catch {row['catch']:.3f}  "
               f"any {row['any_overlap']:.3f}  {row['seconds']:.1f} s", flush=True)
     atomic_write_json(args.out, {"run": str(args.run), "model": args.model, "image_size": size, "patch": patch,
+                                 "precision": rt_precision(runtime),
                                  "window_px": w, "poisons": len(poisons), "trigger_side": int(truth[0, 2]),
                                  "rows": rows, "environment": environment_record()})
 
