@@ -250,11 +250,21 @@ DETECT_FLAGS = {"search.method": "--method", "search.masks": "--masks", "search.
                 "search.flip_size": "--flip-size", "decision.force": "--force"}
 
 
+def file_table(file: Path | str) -> dict[str, Any]:
+    """The detect settings of a config file. A detect run's saved ``config.json`` (a ``version`` string at its top)
+    is one too: without its version line and its own run folder (``out``), so ``--config scan/config.json`` repeats
+    that scan's settings into a new ``--out``; a setting this release does not know is refused as in any file."""
+    table = read_table(file, "detect")
+    if isinstance(table.get("version"), str):
+        table = {k: v for k, v in table.items() if k not in ("version", "out")}
+    return table
+
+
 def _file_preset(file: Path | str | None) -> str | None:
     """The ``preset`` a detect config file names (a preset's name, checked by :func:`preset_table`)."""
     if file is None:
         return None
-    name = read_table(file, "detect").get("preset")
+    name = file_table(file).get("preset")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{file}: preset must be a preset's name, one of {', '.join(presets())}")
     return name
@@ -266,7 +276,8 @@ def detect_config(preset: str | None = None, file: Path | str | None = None,
     (``section.key`` names a section's setting). The preset is ``preset`` (``--preset``), else the config file's
     ``preset`` key, else ``default``."""
     name = preset or _file_preset(file) or "default"
-    return resolve_config(DetectConfig, file, {**(flags or {}), "preset": name}, tables=[preset_table(name)],
+    tables = [preset_table(name)] + ([(str(file), file_table(file))] if file else [])
+    return resolve_config(DetectConfig, None, {**(flags or {}), "preset": name}, tables=tables,
                           flag_names=DETECT_FLAGS)
 
 

@@ -78,6 +78,26 @@ def test_the_default_preset_file_is_the_dataclass_defaults() -> None:
             flat_defaults(DetectConfig)[key] == value, key
 
 
+def test_a_saved_run_config_repeats_its_settings(tmp_path: Path) -> None:
+    import json
+
+    from poisonscan import __version__
+    from poisonscan.runs import config_record
+
+    scan = detect_config("paper", None, {"data": "d", "model": "m.safetensors", "clusters": 60, "search.masks": 12,
+                                         "decision.min_effect": 0.1, "out": str(tmp_path / "scan")})
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({"version": __version__, **config_record(scan)}))
+    again = detect_config(None, saved, {"out": str(tmp_path / "rescan")})
+    assert again.preset == "paper" and again.search == scan.search and again.decision == scan.decision
+    assert again.clusters == 60 and again.model == str(Path("m.safetensors").resolve())
+    assert again.out == str(tmp_path / "rescan")
+    assert detect_config(None, saved).out is None                   # never the scanned run's own folder
+    saved.write_text(json.dumps({"version": "0.0.1", **config_record(scan), "masks_per_image": 3}))
+    with pytest.raises(ConfigError, match="unknown setting 'masks_per_image'"):
+        detect_config(None, saved)
+
+
 def test_sections_are_owned_by_their_stages_and_names_are_unique() -> None:
     owners = {name: cls.__module__ for name, cls in sections(DetectConfig).items()}
     assert owners == {"search": "poisonscan.detect.search", "evidence": "poisonscan.detect.evidence",

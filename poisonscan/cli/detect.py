@@ -60,7 +60,7 @@ def detect(
     settings: list[str] | None = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
                                               help="Any setting of a stage (search, evidence, classifier, "
                                                    "decision), e.g. --set decision.min_effect=0.1; repeatable. "
-                                                   "The settings and their defaults: docs/configuration.md."),
+                                                   "The settings and their defaults: docs/commands/detect.md."),
     method: str | None = typer.Option(None, "--method", help="poisoncam (cluster activation masking) or "
                                                              "patchsearch (Grad-CAM baseline) "
                                                              f"{default(DetectConfig, 'search.method')}."),

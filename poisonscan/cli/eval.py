@@ -150,7 +150,7 @@ def probe(
         return
     if as_json:
         print_json(result)
-    if not cfg.quiet or not as_json:
+    if not cfg.quiet:
         _print_probe(result, _console(as_json))
 
 
@@ -214,7 +214,7 @@ def backdoor(
         return
     if as_json:
         print_json(result)
-    if not cfg.quiet or not as_json:
+    if not cfg.quiet:
         _print_backdoor(result, _console(as_json))
 
 

@@ -133,6 +133,8 @@ def test_backdoor_with_truth(model: Path, data: dict[str, Path], tmp_path: Path)
     assert out["clusters"]["n_poisons"] == 1 and out["clusters"]["n_clusters"] == 2
     assert out["flips"]["flip_set"] == 2 and out["probe"] is not None
     assert (tmp_path / "bd" / "metrics.csv").is_file() and (tmp_path / "bd" / "summary.json").is_file()
+    res = runner.invoke(app, [a for a in args if a != "--json"])            # -q alone: no table either
+    assert res.exit_code == 0 and res.stdout == "", res.output
     truth.write_text("sample_id,poisoned\nnot/here.png,1\n")
     res = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "bd2"), "--device", "cpu"])
     assert res.exit_code == 2 and "not in the ground truth" in res.output
