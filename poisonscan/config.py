@@ -19,8 +19,9 @@ from poisonscan.detect.evidence import EvidenceSettings
 from poisonscan.detect.search import SearchSettings
 from poisonscan.detect.features import FEATURE_DTYPES
 from poisonscan.errors import ConfigError
-from poisonscan.settings import (PAPER, above, at_least, between, check_config, one_of, read_table, resolve_config,
-                                 stage)
+from poisonscan.runs import INVOCATION_SETTINGS
+from poisonscan.settings import (PAPER, above, at_least, between, check_config, flag_only, one_of, read_table,
+                                 resolve_config, stage)
 
 
 @dataclass
@@ -121,7 +122,7 @@ class DetectConfig(CommonConfig):
     out: str | None = None
     resume: str | None = None
     batch_size: int = field(default=256, metadata=at_least(1))
-    trust_checkpoint: bool = False
+    trust_checkpoint: bool = field(default=False, metadata=flag_only("--trust-checkpoint"))
     overwrite: bool = False
 
 
@@ -162,7 +163,7 @@ class EvalProbeConfig(CommonConfig):
     model: str = ""
     arch: str | None = None
     image_size: int | None = field(default=None, metadata=at_least(8))
-    trust_checkpoint: bool = False
+    trust_checkpoint: bool = field(default=False, metadata=flag_only("--trust-checkpoint"))
     train: str = ""
     val: str = ""
     val_patched: str | None = None
@@ -184,7 +185,7 @@ class EvalBackdoorConfig(CommonConfig):
     model: str = ""
     arch: str | None = None
     image_size: int | None = field(default=None, metadata=at_least(8))
-    trust_checkpoint: bool = False
+    trust_checkpoint: bool = field(default=False, metadata=flag_only("--trust-checkpoint"))
     data: str = ""
     trigger: str = ""
     target: str = ""
@@ -252,11 +253,12 @@ DETECT_FLAGS = {"search.method": "--method", "search.masks": "--masks", "search.
 
 def file_table(file: Path | str) -> dict[str, Any]:
     """The detect settings of a config file. A detect run's saved ``config.json`` (a ``version`` string at its top)
-    is one too: without its version line and its own run folder (``out``), so ``--config scan/config.json`` repeats
-    that scan's settings into a new ``--out``; a setting this release does not know is refused as in any file."""
+    is one too: without its version line, its own run folder (``out``) and the switches of its invocation, so
+    ``--config scan/config.json`` repeats that scan's settings into a new ``--out``; a setting this release does not
+    know is refused as in any file."""
     table = read_table(file, "detect")
     if isinstance(table.get("version"), str):
-        table = {k: v for k, v in table.items() if k not in ("version", "out")}
+        table = {k: v for k, v in table.items() if k not in {"version", "out", *INVOCATION_SETTINGS}}
     return table
 
 

@@ -161,10 +161,10 @@ PATH_SETTINGS = frozenset({"data", "model", "out", "resume", "run", "source", "r
                            "store_cache", "csv", "plots", "shared_data"})
 #: ``CLASS=TRIGGER.png`` settings: the part after ``=`` is a path
 TARGET_SETTINGS = frozenset({"targets"})
-#: switches of one invocation that a saved config leaves out: how it prints (``quiet``) and what it does to the
-#: folder (``overwrite``, ``resume``); kept, they would be frozen in a resumed run or act again when the saved
-#: config is reused as ``--config``
-INVOCATION_SETTINGS = frozenset({"quiet", "overwrite", "resume"})
+#: switches of one invocation that a saved config leaves out: how it prints (``quiet``), what it does to the
+#: folder (``overwrite``, ``resume``) and what it may run (``trust_checkpoint``: only its flag allows a pickle's
+#: code); kept, they would be frozen in a resumed run or act again when the saved config is reused as ``--config``
+INVOCATION_SETTINGS = frozenset({"quiet", "overwrite", "resume", "trust_checkpoint"})
 
 
 def absolute_spec(spec: str) -> str:

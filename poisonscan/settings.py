@@ -70,6 +70,12 @@ def one_of(choices: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     return {"choices": tuple(choices)}
 
 
+def flag_only(flag: str) -> dict[str, str]:
+    """Field metadata: a switch only the command line (``flag``) or Python turns on; a config file, preset or saved
+    run that sets it true is refused (file content must not allow what the switch allows: running a pickle's code)."""
+    return {"flag_only": flag}
+
+
 def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> dict[str, Range]:
     """Field metadata: the setting must lie between ``lo`` and ``hi`` (each end included unless open)."""
     return {"range": Range(min=lo, max=hi, min_open=lo_open, max_open=hi_open)}
@@ -272,6 +278,10 @@ def _check_table(cls: type, data: dict[str, Any], where: str, prefix: str = "") 
             out[name] = _check_table(sub, value, where, f"{prefix}{name}.")
         else:
             out[name] = _check_value(cls, name, value, f"setting '{prefix}{key}' in {where}")
+            flag = next((f.metadata.get("flag_only") for f in fields(cls) if f.name == name), None)
+            if flag and out[name]:
+                raise ConfigError(f"setting '{prefix}{key}' in {where}: only the {flag} flag turns it on, never a "
+                                  "file")
     return out
 
 

@@ -98,6 +98,29 @@ def test_a_saved_run_config_repeats_its_settings(tmp_path: Path) -> None:
         detect_config(None, saved)
 
 
+def test_only_a_flag_allows_a_pickle_to_run(tmp_path: Path) -> None:
+    import json
+
+    from poisonscan import __version__
+    from poisonscan.config import EvalBackdoorConfig
+    from poisonscan.runs import config_record
+
+    path = tmp_path / "c.toml"
+    path.write_text('[detect]\ntrust_checkpoint = true\n')
+    with pytest.raises(ConfigError, match="only the --trust-checkpoint flag turns it on"):
+        detect_config(None, path)
+    with pytest.raises(ConfigError, match="only the --trust-checkpoint flag"):
+        resolve_config(EvalBackdoorConfig, tables=[("e.json", {"trust_checkpoint": True})])
+    path.write_text('[detect]\ntrust_checkpoint = false\n')
+    assert detect_config(None, path).trust_checkpoint is False
+    assert detect_config(None, None, {"trust_checkpoint": True}).trust_checkpoint is True   # the flag
+    trusted = detect_config(None, None, {"data": "d", "model": "m.pth", "trust_checkpoint": True})
+    assert "trust_checkpoint" not in config_record(trusted)                  # a saved run never carries it
+    saved = tmp_path / "config.json"                                          # ... nor does an older one's count
+    saved.write_text(json.dumps({"version": __version__, **config_record(trusted), "trust_checkpoint": True}))
+    assert detect_config(None, saved).trust_checkpoint is False
+
+
 def test_sections_are_owned_by_their_stages_and_names_are_unique() -> None:
     owners = {name: cls.__module__ for name, cls in sections(DetectConfig).items()}
     assert owners == {"search": "poisonscan.detect.search", "evidence": "poisonscan.detect.evidence",

@@ -16,7 +16,7 @@ from poisonscan import __version__
 from poisonscan import runtime as rt
 from poisonscan.config import DetectConfig
 from poisonscan.errors import UsageError
-from poisonscan.runs import RunDir, absolute_settings, config_record, create_run, lock_run
+from poisonscan.runs import INVOCATION_SETTINGS, RunDir, absolute_settings, config_record, create_run, lock_run
 from poisonscan.settings import sections
 
 
@@ -56,8 +56,8 @@ def rerun_from(saved: dict[str, Any], cfg: DetectConfig) -> str | None:
 
 
 def read_run_config(path: Path) -> dict[str, Any]:
-    """The settings of the detect run folder ``path`` (its ``config.json`` without the version line); a run of
-    another poisonscan version, or no run at all, is refused with one line."""
+    """The settings of the detect run folder ``path`` (its ``config.json`` without the version line and the switches
+    of its invocation); a run of another poisonscan version, or no run at all, is refused with one line."""
     if not (path / "config.json").is_file():
         raise UsageError(f"{path}: not a detect run folder (no config.json)")
     saved = RunDir(path).read_json("config.json")
@@ -65,7 +65,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
     if version != __version__:
         raise UsageError(f"{path}: a detect run written by poisonscan {version or 'of another version'}, this is "
                          f"{__version__}; run detect again")
-    return saved
+    return {k: v for k, v in saved.items() if k not in INVOCATION_SETTINGS}
 
 
 def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
