@@ -48,7 +48,7 @@ class PretrainConfig(CommonConfig):
     warmup_epochs: float = field(default=1.0, metadata=at_least(0.0))
     grad_clip: float | None = field(default=None, metadata=above(0.0))
     num_workers: int = field(default=2, metadata=at_least(0))
-    resume: str | None = None
+    resume: str | None = field(default=None, metadata=flag_only("--resume"))
     save_fp16: bool = False
     # also keep encoder-eNNN.safetensors every N epochs (0: only the last)
     keep_every: int = field(default=0, metadata=at_least(0))
@@ -61,7 +61,8 @@ class PretrainConfig(CommonConfig):
     # projector (and MoCo v3 predictor) hidden width [simclr 2048, mocov3 4096]
     proj_hidden: int | None = field(default=None, metadata=at_least(1))
     proj_dim: int | None = field(default=None, metadata=at_least(1))  # projection output width [simclr 128, mocov3 256]
-    overwrite: bool = False             # allow writing into a non-empty --out folder
+    # allow writing into a non-empty --out folder
+    overwrite: bool = field(default=False, metadata=flag_only("--overwrite"))
 
 
 @dataclass
@@ -87,7 +88,7 @@ class PoisonConfig:
     ctrl_block: int = field(default=32, metadata=at_least(0))
     val: str | None = None
     seed: int = 0
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=flag_only("--overwrite"))
     link: bool = False
     preset: str | None = None
     shared_data: str | None = None      # presets' data root (default $POISONSCAN_DATA, else ../shared/data)
@@ -120,10 +121,10 @@ class DetectConfig(CommonConfig):
     fail_on_unreadable: int | None = field(default=None, metadata=stage("outputs", **at_least(0)))
     preset: str = "default"             # the preset file the settings started from (poisonscan/presets/)
     out: str | None = None
-    resume: str | None = None
+    resume: str | None = field(default=None, metadata=flag_only("--resume"))
     batch_size: int = field(default=256, metadata=at_least(1))
     trust_checkpoint: bool = field(default=False, metadata=flag_only("--trust-checkpoint"))
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=flag_only("--overwrite"))
 
 
 @dataclass
@@ -134,7 +135,8 @@ class CleanConfig:
     out: str = ""
     reshard: str | None = None
     strict: bool = False
-    keep_unreadable: bool = False       # keep samples the run could not scan (left out by default)
+    # keep samples the run could not scan (left out by default)
+    keep_unreadable: bool = field(default=False, metadata=flag_only("--keep-unreadable"))
     shard_size: int = field(default=5000, metadata=at_least(1))
     compress: bool = False
     seed: int = 0                       # taken like every command's: cleaning draws nothing at random ...

@@ -72,7 +72,9 @@ def one_of(choices: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
 
 def flag_only(flag: str) -> dict[str, str]:
     """Field metadata: a switch only the command line (``flag``) or Python turns on; a config file, preset or saved
-    run that sets it true is refused (file content must not allow what the switch allows: running a pickle's code)."""
+    run that sets it is refused. File content must not allow what such a switch allows: running a pickle's code
+    (``--trust-checkpoint``), clearing or reopening a folder (``--overwrite``, ``--resume``), passing unscanned
+    samples on (``--keep-unreadable``)."""
     return {"flag_only": flag}
 
 

@@ -79,8 +79,6 @@ def test_the_default_preset_file_is_the_dataclass_defaults() -> None:
 
 
 def test_a_saved_run_config_repeats_its_settings(tmp_path: Path) -> None:
-    import json
-
     from poisonscan import __version__
     from poisonscan.runs import config_record
 
@@ -99,8 +97,6 @@ def test_a_saved_run_config_repeats_its_settings(tmp_path: Path) -> None:
 
 
 def test_only_a_flag_allows_a_pickle_to_run(tmp_path: Path) -> None:
-    import json
-
     from poisonscan import __version__
     from poisonscan.config import EvalBackdoorConfig
     from poisonscan.runs import config_record
@@ -119,6 +115,20 @@ def test_only_a_flag_allows_a_pickle_to_run(tmp_path: Path) -> None:
     saved = tmp_path / "config.json"                                          # ... nor does an older one's count
     saved.write_text(json.dumps({"version": __version__, **config_record(trusted), "trust_checkpoint": True}))
     assert detect_config(None, saved).trust_checkpoint is False
+
+
+@pytest.mark.parametrize(("command", "setting", "value"), [
+    ("detect", "overwrite", True), ("detect", "resume", "runs/other"), ("pretrain", "overwrite", True),
+    ("pretrain", "resume", "runs/other"), ("poison", "overwrite", True), ("clean", "keep_unreadable", True)])
+def test_a_file_cannot_clear_reopen_or_pass_unscanned(tmp_path: Path, command: str, setting: str, value) -> None:
+    from poisonscan.config import CleanConfig, PoisonConfig, PretrainConfig
+
+    cls = {"detect": DetectConfig, "pretrain": PretrainConfig, "poison": PoisonConfig, "clean": CleanConfig}[command]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({command: {setting: value}}))
+    with pytest.raises(ConfigError, match=f"only the --{setting.replace('_', '-')} flag turns it on"):
+        resolve_config(cls, path)
+    assert getattr(resolve_config(cls, None, {setting: value}), setting) == value          # the flag does
 
 
 def test_sections_are_owned_by_their_stages_and_names_are_unique() -> None:
