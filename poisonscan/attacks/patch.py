@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from poisonscan.data.sources.base import DECODE_FORMATS, DEFAULT_MAX_PIXELS, MAX_MEMBER_BYTES
 from poisonscan.errors import UsageError
 
 ImageLike = Image.Image | np.ndarray
@@ -52,13 +53,20 @@ def as_rgb_array(img: ImageLike) -> np.ndarray:
 
 
 def load_trigger(path: Path | str) -> Image.Image:
-    """Read a trigger image as RGB (alpha composited on black); a missing or unreadable file is a ``UsageError``."""
+    """Read a trigger image as RGB (alpha composited on black); a missing or unreadable file is a ``UsageError``.
+
+    Bounded like a data set's images: at most ``MAX_MEMBER_BYTES`` and ``DEFAULT_MAX_PIXELS``, decoded only by the
+    ``DECODE_FORMATS`` decoders (sniffed from the content: no plugin that runs an external program)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"trigger file {path} not found")
     try:
+        if path.stat().st_size > MAX_MEMBER_BYTES:
+            raise UsageError(f"trigger file {path} is over {MAX_MEMBER_BYTES >> 20} MiB: not a trigger")
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
+            if im.width * im.height > DEFAULT_MAX_PIXELS:
+                raise UsageError(f"trigger file {path} is {im.width} x {im.height} px: too large for a trigger")
             im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")

@@ -262,6 +262,7 @@ def _source_sizes(spec: str, ids: list[str], need: np.ndarray) -> np.ndarray | N
     from PIL import Image, UnidentifiedImageError
 
     from poisonscan.data.sources import open_source
+    from poisonscan.data.sources.base import DECODE_FORMATS
 
     try:
         source = open_source(spec)
@@ -274,7 +275,7 @@ def _source_sizes(spec: str, ids: list[str], need: np.ndarray) -> np.ndarray | N
         if i is None:
             continue
         try:
-            with Image.open(io.BytesIO(source.read_members(i)[source.image_ext(i)])) as im:
+            with Image.open(io.BytesIO(source.read_members(i)[source.image_ext(i)]), formats=DECODE_FORMATS) as im:
                 out[row] = im.size
         except (UsageError, OSError, KeyError, UnidentifiedImageError, Image.DecompressionBombError):
             continue

@@ -119,6 +119,12 @@ def test_load_trigger(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(UsageError, match="not a readable image"):
         load_trigger(tmp_path / "bad.png")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.ico")                  # a format no data set is decoded with
+    with pytest.raises(UsageError, match="not a readable image"):
+        load_trigger(tmp_path / "t.ico")
+    (tmp_path / "eps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n")  # Ghostscript's
+    with pytest.raises(UsageError, match="not a readable image"):
+        load_trigger(tmp_path / "eps.png")
 
 
 def test_a_scaled_box_is_cut_back_to_the_margins_never_below_the_unscaled_side() -> None:
