@@ -152,13 +152,46 @@ def field_range(cls: type, name: str) -> Range | None:
     return spec.range if spec else None
 
 
-def _show(value: Any) -> str:
-    """A value as the config file would spell it (``null``, ``true``, ``"abc"``, ``1.5``), on one short line."""
+def _show(value: Any, width: int = 60) -> str:
+    """A value as the config file would spell it (``null``, ``true``, ``"abc"``, ``1.5``), on one short line.
+
+    Spelled piece by piece and stopped once ``width`` is passed: a YAML file's aliases can nest a few hundred bytes
+    into a value of billions of items, which a whole ``json.dumps`` would expand."""
+    parts: list[str] = []
+
+    class Full(Exception):
+        pass
+
+    def put(text: str) -> None:
+        parts.append(text)
+        if sum(map(len, parts)) > width:
+            raise Full
+
+    def spell(v: Any) -> None:
+        if isinstance(v, dict):
+            put("{")
+            for i, (k, x) in enumerate(v.items()):
+                put((", " if i else "") + json.dumps(str(k), ensure_ascii=False) + ": ")
+                spell(x)
+            put("}")
+        elif isinstance(v, (list, tuple)):
+            put("[")
+            for i, x in enumerate(v):
+                put(", " if i else "")
+                spell(x)
+            put("]")
+        else:
+            try:
+                put(json.dumps(v, default=str, ensure_ascii=False))
+            except (TypeError, ValueError):
+                put(repr(v))
+
     try:
-        text = json.dumps(value, default=str, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        spell(value)
+    except Full:
+        pass
+    text = "".join(parts)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _convert(value: Any, base: type) -> Any:

@@ -131,6 +131,16 @@ def test_a_file_cannot_clear_reopen_or_pass_unscanned(tmp_path: Path, command: s
     assert getattr(resolve_config(cls, None, {setting: value}), setting) == value          # the flag does
 
 
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path: Path) -> None:
+    nested = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    nested += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]     # 10**10 strings, 1 kB
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"detect:\n  data: [{', '.join(nested)}]\n")
+    with pytest.raises(ConfigError, match="setting 'data'") as info:
+        detect_config(None, path)
+    assert len(str(info.value)) < 200
+
+
 def test_sections_are_owned_by_their_stages_and_names_are_unique() -> None:
     owners = {name: cls.__module__ for name, cls in sections(DetectConfig).items()}
     assert owners == {"search": "poisonscan.detect.search", "evidence": "poisonscan.detect.evidence",
