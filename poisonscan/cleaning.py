@@ -12,7 +12,7 @@ from typing import Any
 
 from poisonscan.config import CleanConfig
 from poisonscan.data.sources import Source, open_source
-from poisonscan.data.writers import read_removal_list, removal_indices, reshard, write_manifest
+from poisonscan.data.writers import overlaps, read_removal_list, removal_indices, reshard, write_manifest
 from poisonscan.detect.run import DetectRun
 from poisonscan.errors import UsageError
 
@@ -71,9 +71,7 @@ def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
             keep = [i for i in keep if i not in dropped]
 
     out = Path(cfg.out)
-    protected = {os.path.realpath(p) for p in source.input_paths()} | {os.path.realpath(removed_path)}
-    if os.path.realpath(out) in protected:
-        raise UsageError(f"--out {out} is an input file; the input is never modified")
+    _refuse_input(out, source, removed_path)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name")
 
@@ -97,3 +95,14 @@ def clean_dataset(cfg: CleanConfig) -> dict[str, Any]:
                               "errors": [{"id": e.id, "reason": e.reason} for e in res.errors]}
     summary["ok"] = True
     return summary
+
+
+def _refuse_input(out: Path, source: Source, removed_path: Path) -> None:
+    """``UsageError`` when the manifest ``out`` would replace an input (a shard, list, image or the removal list) or
+    land inside an image folder being cleaned: the input is never modified."""
+    real = os.path.realpath(out)
+    protected = {os.path.realpath(p) for p in [*source.input_paths(), removed_path, *getattr(source, "paths", ())]}
+    if real in protected:
+        raise UsageError(f"--out {out} is an input file; the input is never modified")
+    if source.kind == "folder" and overlaps(real, source.root):
+        raise UsageError(f"--out {out} is inside the input folder {source.root}; the input is never modified")

@@ -99,6 +99,22 @@ def test_clean_usage_errors(file_list: Path, tmp_path: Path) -> None:
     assert file_list.read_bytes() == original
 
 
+def test_clean_never_writes_over_or_into_the_input(file_list: Path, image_folder: Path, tmp_path: Path) -> None:
+    removed = tmp_path / "removed.txt"
+    removed.write_text("images/img_0.png\n")
+    image = file_list.parent / "images" / "img_1.png"                # a listed image, not the list itself
+    before = image.read_bytes()
+    res = runner.invoke(app, ["clean", "--source", str(file_list), "--removed", str(removed), "--out", str(image)])
+    assert res.exit_code == 2 and "is an input file" in res.stderr and image.read_bytes() == before
+    res = runner.invoke(app, ["clean", "--source", str(image_folder), "--removed", str(removed),
+                              "--out", str(image_folder / "cat" / "clean.txt")])
+    assert res.exit_code == 2 and "inside the input folder" in res.stderr
+    assert not (image_folder / "cat" / "clean.txt").exists()
+    res = runner.invoke(app, ["clean", "--source", str(file_list), "--removed", str(removed),
+                              "--out", str(file_list.parent / "clean.txt")])   # beside a list is fine
+    assert res.exit_code == 0, res.output
+
+
 def test_clean_leaves_unscanned_samples_out_unless_kept(corrupt_folder: Path, tmp_path: Path) -> None:
     """A sample the run could not read (errors.csv), or never saw, is not passed on as clean."""
     ids = open_source(corrupt_folder).ids
