@@ -531,7 +531,11 @@ def load_encoder(path: Path | str, arch: str | None = None, image_size: int | No
         if arch is None:
             raise CheckpointError(f"{path} is a plain state dict: say which architecture it is (--arch, e.g. "
                                   "resnet18, cifar_resnet18, vit_small_patch16_224)")
-        size = int(image_size or _infer_vit_image_size(state) or default_image_size(arch))
+        inferred = None if image_size else _infer_vit_image_size(state)
+        if inferred is not None and not IMAGE_SIZES[0] <= inferred <= IMAGE_SIZES[1]:
+            raise CheckpointError(f"{path}: its position embedding implies {inferred} px images, outside "
+                                  f"[{IMAGE_SIZES[0]}, {IMAGE_SIZES[1]}]; give --image-size if it is right")
+        size = int(image_size or inferred or default_image_size(arch))
         encoder = create_encoder(arch, size, init_weights=False)
         matched, report = match_state_dict(state, encoder, source=str(path),
                                            max_missing=0 if strict else MAX_MISSING,

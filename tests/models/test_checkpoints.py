@@ -157,6 +157,11 @@ def test_timm_safetensors_state_dict_and_vit_size_inference(tmp_path: Path) -> N
     loaded, meta = load_encoder(path, arch="vit_tiny_patch16_224")
     assert loaded.image_size == 64 and meta["format"] == "safetensors"
     assert torch.equal(_features(loaded, 64), _features(enc, 64))
+    tiny = tmp_path / "tiny.safetensors"                                 # 168 bytes asking for 160,000,000 px
+    save_file({"pos_embed": torch.zeros(1, 10**8, 0), "patch_embed.proj.weight": torch.zeros(0, 3, 16, 16000)},
+              str(tiny))
+    with pytest.raises(CheckpointError, match="implies 160000000 px images"):
+        load_encoder(tiny, arch="vit_tiny_patch16_224")
 
 
 @pytest.mark.parametrize("payload", [argparse.Namespace(lr=0.1), TrainingArgs()])
