@@ -163,9 +163,12 @@ def _decode(source: Source, parts: list[list[int]], size: int, sink: Callable[[n
 
 
 def _meta(source: Source, size: int, ids: list[str], labels: list[int | None], src_idx: list[int],
-          errors: list[SampleError]) -> dict[str, Any]:
+          errors: list[SampleError], stamp: str) -> dict[str, Any]:
+    """``store.json``: what was decoded, from which source (its ids' hash and ``stamp``, its files' fingerprint taken
+    before decoding)."""
     return {"format": STORE_FORMAT, "version": STORE_VERSION, "size": size, "n": len(ids),
-            "source": source.describe(), "source_ids_hash": _ids_hash(source.ids), "class_names": source.class_names,
+            "source": source.describe(), "source_ids_hash": _ids_hash(source.ids), "source_files": stamp,
+            "class_names": source.class_names,
             "ids": ids, "labels": labels, "source_indices": src_idx,
             "errors": [{"id": e.id, "reason": e.reason} for e in errors]}
 
@@ -233,8 +236,9 @@ def _open_store(path: Path) -> tuple[ImageStore, dict[str, Any]]:
     return store, meta
 
 
-def _reusable(path: Path, source: Source, size: int) -> ImageStore | None:
-    """The saved store at ``path`` when it was built from the same source at the same size, else None."""
+def _reusable(path: Path, source: Source, size: int, stamp: str) -> ImageStore | None:
+    """The saved store at ``path`` when it was built from the same source, unchanged since (``stamp``, its files'
+    fingerprint), at the same size, else None."""
     if not (path / META_FILE).exists():
         return None
     try:
@@ -242,7 +246,7 @@ def _reusable(path: Path, source: Source, size: int) -> ImageStore | None:
     except (DataError, KeyError, TypeError):
         return None
     same = (store.size == size and store.source == source.describe()
-            and meta.get("source_ids_hash") == _ids_hash(source.ids))
+            and meta.get("source_ids_hash") == _ids_hash(source.ids) and meta.get("source_files") == stamp)
     return store if same else None
 
 
@@ -253,7 +257,8 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
 
     Failed samples are left out and listed in ``errors`` (after the source's own structural errors). With ``path``
     the store is saved there (``images.npy`` + ``store.json``) and reused on the next call when source and size
-    match; a build there holds ``path/.build.lock``, so concurrent builds of one store decode it once, and removes
+    match and none of its files changed (``Source.fingerprint``: size, mtime and ctime of each shard, list or
+    image); a build there holds ``path/.build.lock``, so concurrent builds of one store decode it once, and removes
     what an interrupted build left. ``num_workers`` defaults to ``min(4, cpu count)``; ``draft=True`` lets JPEGs
     decode at a reduced DCT scale that keeps the short side >= ``size`` (several times faster for large photos,
     pixels differ slightly from a full decode; off by default so the store equals torchvision's Resize +
@@ -263,25 +268,26 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
         raise DataError(f"image size must be positive, got {size}")
     rank, world = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
     workers = min(4, os.cpu_count() or 1) if num_workers is None else max(0, num_workers)
+    stamp = source.fingerprint() if path is not None else ""
     if path is not None:
         path = Path(path)
-        cached = _reusable(path, source, size) if rank == 0 else None
+        cached = _reusable(path, source, size, stamp) if rank == 0 else None
         if rt.broadcast_object(cached is not None):  # every rank takes the same path
-            cached = cached if rank == 0 else _reusable(path, source, size)
+            cached = cached if rank == 0 else _reusable(path, source, size, stamp)
             if cached is not None:
                 return cached
     parts = source.partitions(batch_size)
     if world > 1:
         mine = [parts[k] for k in rt.shard_indices(len(parts), rank, world)]
-        return _build_distributed(source, size, path, mine, workers, batch_size, quiet, draft, rank)
+        return _build_distributed(source, size, path, mine, workers, batch_size, quiet, draft, rank, stamp)
     if path is None:
         return _build_in_memory(source, size, parts, workers, batch_size, quiet, draft)
     path.mkdir(parents=True, exist_ok=True)
     with building(path, quiet, images_file=IMAGES_FILE):
-        cached = _reusable(path, source, size)      # built by a process this one waited for
+        cached = _reusable(path, source, size, stamp)      # built by a process this one waited for
         if cached is not None:
             return cached
-        return _build_saved(source, size, path, parts, workers, batch_size, quiet, draft)
+        return _build_saved(source, size, path, parts, workers, batch_size, quiet, draft, stamp)
 
 
 def _build_in_memory(source: Source, size: int, parts: list[list[int]], workers: int, batch_size: int,
@@ -299,7 +305,7 @@ def _build_in_memory(source: Source, size: int, parts: list[list[int]], workers:
 
 
 def _build_saved(source: Source, size: int, path: Path, parts: list[list[int]], workers: int, batch_size: int,
-                 quiet: bool, draft: bool) -> ImageStore:
+                 quiet: bool, draft: bool, stamp: str) -> ImageStore:
     """Decode into a full-size memory map beside ``path/images.npy``, compact it when samples failed, rename it into
     place, then write ``store.json`` (the mark of a complete store)."""
     n = len(source)
@@ -327,7 +333,8 @@ def _build_saved(source: Source, size: int, path: Path, parts: list[list[int]], 
         os.replace(final, path / IMAGES_FILE)
     finally:
         tmp.unlink(missing_ok=True)
-    _write_meta(path, _meta(source, size, [source.ids[i] for i in ok], [source.labels[i] for i in ok], ok, errors))
+    _write_meta(path, _meta(source, size, [source.ids[i] for i in ok], [source.labels[i] for i in ok], ok, errors,
+                            stamp))
     return open_store(path)
 
 
@@ -338,7 +345,7 @@ def _store_from(source: Source, size: int, images: torch.Tensor, ok: list[int], 
 
 
 def _build_distributed(source: Source, size: int, path: Path | None, mine: list[list[int]], workers: int,
-                       batch_size: int, quiet: bool, draft: bool, rank: int) -> ImageStore:
+                       batch_size: int, quiet: bool, draft: bool, rank: int, stamp: str) -> ImageStore:
     """Each rank decodes its partitions; every rank gathers all shares; rank 0 saves when ``path`` is given."""
     my_idx = sorted(i for part in mine for i in part)
     pos = {i: k for k, i in enumerate(my_idx)}
@@ -361,9 +368,9 @@ def _build_distributed(source: Source, size: int, path: Path | None, mine: list[
         # never wait here (the other ranks sit in the barrier): a store another process is writing or has just
         # written is left to it, since every rank holds the images in memory already
         with building(path, quiet, wait=False, images_file=IMAGES_FILE) as lock:
-            if lock != "busy" and _reusable(path, source, size) is None:
+            if lock != "busy" and _reusable(path, source, size, stamp) is None:
                 _save_gathered(path, images, _meta(source, size, [source.ids[i] for i in ok_sorted],
-                                                   [source.labels[i] for i in ok_sorted], ok_sorted, errors))
+                                                   [source.labels[i] for i in ok_sorted], ok_sorted, errors, stamp))
     rt.barrier()
     return _store_from(source, size, torch.from_numpy(images), ok_sorted, errors, path)
 

@@ -79,6 +79,18 @@ def test_store_is_saved_and_reused(wds_shards_gz: Path, tmp_path: Path, monkeypa
     assert other.images.shape == (8, 3, 12, 12)
 
 
+def test_new_pixels_under_old_names_are_decoded_anew(image_folder: Path, tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    first = build_store(open_source(image_folder), 16, path=path, num_workers=0)
+    image = image_folder / "cat" / "cat_0.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(image)                 # the same name, other pixels
+    again = build_store(open_source(image_folder), 16, path=path, num_workers=0)
+    k = again.ids.index("cat/cat_0.png")
+    assert again.ids == first.ids and not torch.equal(again.images[k], first.images[k])
+    assert torch.all(again.images[k][0] == 255) and torch.all(again.images[k][1:] == 0)
+    assert json.loads((path / "store.json").read_text())["source_files"] == open_source(image_folder).fingerprint()
+
+
 def test_build_removes_what_an_interrupted_build_left(wds_shards_gz: Path, tmp_path: Path) -> None:
     pytest.importorskip("fcntl")
     path = tmp_path / "store"

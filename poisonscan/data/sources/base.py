@@ -188,6 +188,25 @@ class Source(ABC):
         spec = self.spec()
         return [Path(self.root)] + [Path(f) for f in ([spec] if isinstance(spec, str) else spec)]
 
+    def read_files(self) -> list[Path]:
+        """The files this source reads samples from: shards, a list or manifest (a file source adds its images)."""
+        return [p for p in self.input_paths() if p.is_file()]
+
+    def fingerprint(self) -> str:
+        """A hash of the path, size, mtime and ctime of every file of :meth:`read_files`; a decoded copy of the
+        source (the image store) is reused only while it is unchanged, so new pixels under old names are decoded
+        anew. A file that cannot be stat'ed is hashed as missing."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.read_files():
+            try:
+                st = os.stat(p)
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:
+                h.update(f"{p}\0missing\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
     def describe(self) -> dict[str, Any]:
         """JSON-safe identity of the source (kind, resolved spec, root, size) for caches and run records."""
         return {"kind": self.kind, "spec": self.spec(), "root": str(self.root), "n": len(self)}

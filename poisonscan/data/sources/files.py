@@ -44,6 +44,10 @@ class FileSource(Source):
     def image_ext(self, i: int) -> str:
         return os.path.splitext(self.paths[i])[1].lower().lstrip(".") or "img"
 
+    def read_files(self) -> list[Path]:
+        """The list file (if any) and every image file."""
+        return [*super().read_files(), *(Path(p) for p in self.paths)]
+
     def locator(self, i: int) -> str:
         label = self.labels[i]
         return self.paths[i] if label is None else f"{self.paths[i]} {label}"

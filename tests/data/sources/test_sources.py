@@ -350,3 +350,16 @@ def test_shared_cifar_shard_and_imagenette_class() -> None:
     cls = open_source(first_class)
     assert len(cls) > 100 and cls.class_names is None
     assert cls.load(0).image.size == (96, 96)
+
+
+def test_fingerprint_follows_the_files_read(wds_shards_gz: Path, file_list: Path) -> None:
+    for spec in (wds_shards_gz, file_list):
+        src = open_source(spec)
+        files = src.read_files()
+        assert files and all(f.is_file() for f in files)
+        before = src.fingerprint()
+        assert open_source(spec).fingerprint() == before                   # stable while nothing changes
+        st = os.stat(files[-1])
+        os.utime(files[-1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # a shard or image rewritten
+        assert open_source(spec).fingerprint() != before
+    assert len(open_source(file_list).read_files()) == 1 + len(open_source(file_list))   # the list and its images
