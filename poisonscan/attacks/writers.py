@@ -4,7 +4,6 @@ the same kind as the input."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from poisonscan.data.sources import IMAGE_EXTENSIONS, WDS_IMAGE_EXTS, FileListSource, FileSource, Source
@@ -15,9 +14,13 @@ _IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS} | set(WDS_IMAGE_EXTS)
 
 
 class FileSetWriter:
-    """Image folder (same relative paths) or file list (``images/...`` plus a new list with the same name)."""
+    """Image folder (same relative paths) or file list (``images/...`` plus a new list with the same name).
 
-    needs_bytes = False
+    Clean samples arrive read through the source's bounded reader and are written as read, unreadable content
+    included (the poisoned set keeps the input's broken files for the scanner to report); a fifo, a device or a file
+    over the member limit is dropped and listed, never copied."""
+
+    needs_bytes = True
 
     def __init__(self, source: Source, dest: Path, link: bool = False) -> None:
         self.source, self.dest, self.link = source, dest, link
@@ -47,18 +50,20 @@ class FileSetWriter:
         return path
 
     def add_clean(self, i: int, members: dict[str, bytes] | None) -> str:
+        data = (members if members is not None else self.source.read_members(i))[self.source.image_ext(i)]
         rel = self.taken[i]
         dst = self._target(rel)
         if self.link:
             try:
                 os.link(self.paths[i], dst)
                 self.linked += 1
+                self.lines.append((rel, self.source.labels[i]))
+                return rel
             except OSError:
-                shutil.copy2(self.paths[i], dst)
-                self.copied += 1
-        else:
-            shutil.copy2(self.paths[i], dst)
-            self.copied += 1
+                pass
+        with open(dst, "wb") as fh:
+            fh.write(data)
+        self.copied += 1
         self.lines.append((rel, self.source.labels[i]))
         return rel
 

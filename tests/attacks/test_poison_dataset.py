@@ -381,3 +381,17 @@ def test_only_rank_zero_writes(image_folder: Path, trigger: Path, tmp_path: Path
     monkeypatch.setenv("RANK", "1")
     summary = poison_dataset(_cfg(image_folder, tmp_path / "o", [f"cat={trigger}"]), quiet=True)
     assert "skipped" in summary and not (tmp_path / "o").exists()
+
+
+def test_clean_files_are_read_bounded_and_a_device_is_dropped(image_folder: Path, trigger: Path,
+                                                               tmp_path: Path) -> None:
+    import os
+
+    os.symlink("/dev/zero", image_folder / "dog" / "zero.jpg")              # copied, it would never end
+    out = tmp_path / "out"
+    summary = poison_dataset(_cfg(image_folder, out, [f"cat={trigger}"], trigger_size=10), quiet=True)
+    dropped = summary["train"]["dropped_unreadable"]
+    assert dropped["n"] == 1 and dropped["examples"][0]["id"] == "dog/zero.jpg"
+    assert "not a regular file" in dropped["examples"][0]["reason"]
+    assert not (out / "train" / "dog" / "zero.jpg").exists()
+    assert [r["sample_id"] for r in _gt(out / "ground_truth.csv")] == open_source(out / "train").ids
