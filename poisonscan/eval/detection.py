@@ -144,7 +144,8 @@ def read_truth(path: Path | str) -> GroundTruth:
         raise DataError(f"ground truth {path} has no rows")
     ids = [r["sample_id"] for r in rows]
     if len(set(ids)) != len(ids):
-        dup = next(s for s in ids if ids.count(s) > 1)
+        seen: set[str] = set()
+        dup = next(s for s in ids if s in seen or seen.add(s))
         raise DataError(f"ground truth {path} lists sample {dup!r} more than once")
     poisoned = np.zeros(len(rows), dtype=bool)
     for i, r in enumerate(rows):

@@ -205,3 +205,10 @@ def test_the_picture_match_column_is_evaluated_when_the_picture_was_searched_for
     plots = detection_plots(run, truth)
     assert "picture_match_hist.png" in plots and "classifier_prob_hist.png" not in plots
     assert read_run(write_run(tmp_path / "plain")).picture_match is None
+
+
+def test_truth_naming_a_sample_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("sample_id,poisoned\n" + "".join(f"s{i},0\n" for i in range(50_000)) + "s7,1\n")
+    with pytest.raises(DataError, match="lists sample 's7' more than once"):
+        read_truth(path)
