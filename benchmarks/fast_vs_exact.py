@@ -28,7 +28,7 @@ from poisonscan.config import EXACT, DetectConfig, EvalDetectionConfig
 from poisonscan.detect.pipeline import run_detect
 from poisonscan.detect.run import DetectRun
 from poisonscan.eval.runner import run_detection
-from poisonscan.runs import atomic_write_json, config_record, environment_record
+from poisonscan.runs import INVOCATION_SETTINGS, atomic_write_json, config_record, environment_record
 from poisonscan.runtime import setup_runtime
 from poisonscan.settings import dotted_names, resolve_config
 
@@ -87,7 +87,7 @@ def prepare(run: Path, dst: Path) -> dict[str, Any]:
     for stage in REUSED_STAGES:
         shutil.copy2(run / "stages" / f"{stage}.done", dst / "stages" / f"{stage}.done")
     saved = json.loads((run / "config.json").read_text())
-    saved.pop("version", None)
+    saved = {k: v for k, v in saved.items() if k != "version" and k not in INVOCATION_SETTINGS}
     if "search" not in saved:                    # a run of the flat settings: the same settings in their sections
         renamed = {OLD_NAMES.get(k, k): v for k, v in saved.items()}
         flat = dotted_names(DetectConfig, {k: v for k, v in renamed.items() if k not in DROPPED})

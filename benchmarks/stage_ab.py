@@ -27,7 +27,7 @@ from poisonscan.detect.pipeline import run_detect
 from poisonscan.detect.resume import STAGES
 from poisonscan.detect.run import DetectRun
 from poisonscan.eval.runner import run_detection
-from poisonscan.runs import LOCK_NAME, atomic_write_json, environment_record
+from poisonscan.runs import INVOCATION_SETTINGS, LOCK_NAME, atomic_write_json, environment_record
 from poisonscan.runtime import setup_runtime
 from poisonscan.settings import resolve_config
 from benchmarks.fast_vs_exact import comparison_args, link_tree, threat_model_strength
@@ -50,7 +50,7 @@ def prepare(run: Path, dst: Path, first: str) -> dict[str, Any]:
     shutil.rmtree(dst / "gallery", ignore_errors=True)
     (dst / LOCK_NAME).unlink(missing_ok=True)
     saved = json.loads((run / "config.json").read_text())
-    saved.pop("version", None)
+    saved = {k: v for k, v in saved.items() if k != "version" and k not in INVOCATION_SETTINGS}
     (dst / "config.json").unlink()
     (dst / "config.json").write_text(json.dumps({"version": __version__, **saved}, indent=2))
     return saved

@@ -254,12 +254,12 @@ DETECT_FLAGS = {"search.method": "--method", "search.masks": "--masks", "search.
 
 
 def file_table(file: Path | str) -> dict[str, Any]:
-    """The detect settings of a config file. A detect run's saved ``config.json`` (a ``version`` string at its top)
-    is one too: without its version line, its own run folder (``out``) and the switches of its invocation, so
-    ``--config scan/config.json`` repeats that scan's settings into a new ``--out``; a setting this release does not
-    know is refused as in any file."""
+    """The detect settings of a config file. A detect run's saved ``config.json`` (a ``.json`` file with a
+    ``version`` string at its top) is one too: without its version line, its own run folder (``out``) and the
+    switches of its invocation, so ``--config scan/config.json`` repeats that scan's settings into a new ``--out``;
+    a setting this release does not know is refused as in any file."""
     table = read_table(file, "detect")
-    if isinstance(table.get("version"), str):
+    if Path(file).suffix == ".json" and isinstance(table.get("version"), str):
         table = {k: v for k, v in table.items() if k not in {"version", "out", *INVOCATION_SETTINGS}}
     return table
 

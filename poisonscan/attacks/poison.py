@@ -193,7 +193,10 @@ def write_train(cfg: PoisonConfig, source: Source, plan: Plan, dest: Path, quiet
                 rows.append(Row(writer.add_image(i, POISON_SUFFIX, png, data), sid, source.labels[i], target, box,
                                 image.size))
             else:
-                rows.append(Row(writer.add_clean(i, members), sid, source.labels[i]))
+                try:
+                    rows.append(Row(writer.add_clean(i, members), sid, source.labels[i]))
+                except DataError as exc:                    # a device or oversized file: listed, never copied
+                    dropped.append(SampleError(sid, str(exc)))
     spec = writer.finish()
     return {"rows": rows, "spec": spec, "dropped": dropped, "linked": writer.linked, "copied": writer.copied}
 

@@ -4,6 +4,7 @@ the same kind as the input."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from poisonscan.data.sources import IMAGE_EXTENSIONS, WDS_IMAGE_EXTS, FileListSource, FileSource, Source
@@ -16,14 +17,13 @@ _IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS} | set(WDS_IMAGE_EXTS)
 class FileSetWriter:
     """Image folder (same relative paths) or file list (``images/...`` plus a new list with the same name).
 
-    Clean samples arrive read through the source's bounded reader and are written as read, unreadable content
-    included (the poisoned set keeps the input's broken files for the scanner to report); a fifo, a device or a file
-    over the member limit is dropped and listed, never copied."""
-
-    needs_bytes = True
+    Clean samples are copied through the source's bounded reader, unreadable content included (the poisoned set
+    keeps the input's broken files for the scanner to report), or hard-linked after a ``stat`` shows a regular file
+    within the member limit; a fifo, a device or a larger file is dropped and listed (``DataError``), never copied."""
 
     def __init__(self, source: Source, dest: Path, link: bool = False) -> None:
         self.source, self.dest, self.link = source, dest, link
+        self.needs_bytes = not link                 # a link needs no bytes; a copy reads them in the stream
         assert isinstance(source, FileSource)
         self.paths: list[str] = list(source.paths)
         self.is_list = isinstance(source, FileListSource)
@@ -50,10 +50,16 @@ class FileSetWriter:
         return path
 
     def add_clean(self, i: int, members: dict[str, bytes] | None) -> str:
-        data = (members if members is not None else self.source.read_members(i))[self.source.image_ext(i)]
         rel = self.taken[i]
-        dst = self._target(rel)
-        if self.link:
+        if self.link and members is None:
+            try:
+                st = os.stat(self.paths[i])
+            except OSError as exc:
+                raise DataError(f"cannot read ({exc.strerror or exc})") from None
+            limit = self.source.max_member_bytes
+            if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+                raise DataError("not a regular file within the member limit; not linked or copied")
+            dst = self._target(rel)
             try:
                 os.link(self.paths[i], dst)
                 self.linked += 1
@@ -61,6 +67,8 @@ class FileSetWriter:
                 return rel
             except OSError:
                 pass
+        data = (members if members is not None else self.source.read_members(i))[self.source.image_ext(i)]
+        dst = self._target(rel)
         with open(dst, "wb") as fh:
             fh.write(data)
         self.copied += 1

@@ -216,6 +216,9 @@ def backdoor(
         print_json(result)
     if not cfg.quiet:
         _print_backdoor(result, _console(as_json))
+    else:
+        for w in result.get("warnings", []):
+            typer.echo(f"warning: {w}", err=True)
 
 
 def _print_backdoor(r: dict[str, Any], console: Console) -> None:

@@ -209,6 +209,16 @@ def _allocate_npy(tmp: Path, shape: tuple[int, ...]) -> np.ndarray:
                          f"{exc.strerror or exc}") from None
 
 
+def store_is_current(path: Path | str, source: Source) -> bool:
+    """Whether the saved store at ``path`` was decoded from ``source``'s files as they are now (its ``store.json``
+    records their :meth:`Source.fingerprint`; a store without one, or unreadable, is not current)."""
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("source_files") == source.fingerprint()
+
+
 def open_store(path: Path | str) -> ImageStore:
     """Load a saved store (images memory-mapped copy-on-write). Raises ``DataError`` when absent or damaged."""
     return _open_store(Path(path))[0]
@@ -268,7 +278,8 @@ def build_store(source: Source, size: int, path: Path | str | None = None, runti
         raise DataError(f"image size must be positive, got {size}")
     rank, world = (runtime.rank, runtime.world_size) if runtime is not None else (0, 1)
     workers = min(4, os.cpu_count() or 1) if num_workers is None else max(0, num_workers)
-    stamp = source.fingerprint() if path is not None else ""
+    # rank 0's fingerprint for every rank: ranks that judged reuse apart would leave the collectives unmatched
+    stamp = rt.broadcast_object(source.fingerprint() if rank == 0 else None) if path is not None else ""
     if path is not None:
         path = Path(path)
         cached = _reusable(path, source, size, stamp) if rank == 0 else None

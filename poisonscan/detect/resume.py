@@ -1,13 +1,14 @@
 """A detect run's folder: created, or reopened by ``--resume`` with the stages whose settings changed forgotten.
 
 Each setting's stage is read from the dataclasses' ``stage`` metadata (:class:`poisonscan.config.DetectConfig`):
-a resume reruns from the earliest stage a changed setting shapes. ``config.json`` records the poisonscan version; a
-run of another version is refused.
+a resume reruns from the earliest stage a changed setting shapes, and from the store when the data's files changed
+since it was decoded. ``config.json`` records the poisonscan version; a run of another version is refused.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from poisonscan import __version__
 from poisonscan import runtime as rt
 from poisonscan.config import DetectConfig
+from poisonscan.data.sources import open_source
+from poisonscan.data.store import store_is_current
 from poisonscan.errors import UsageError
 from poisonscan.runs import INVOCATION_SETTINGS, RunDir, absolute_settings, config_record, create_run, lock_run
 from poisonscan.settings import sections
@@ -80,6 +83,12 @@ def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
         run = RunDir(path, lock_run(path) if runtime.is_main else None)
         if runtime.is_main:
             rerun = rerun_from(saved, cfg)
+            if rerun != STAGES[0] and run.stage_done("store") and not store_is_current(run.file("store"),
+                                                                                      open_source(cfg.data)):
+                if not cfg.quiet:
+                    print(f"poisonscan: the data's files changed since {path} decoded them: decoding them again",
+                          file=sys.stderr, flush=True)
+                rerun = STAGES[0]
             if rerun is not None:
                 _clear_from(run, rerun)
     else:

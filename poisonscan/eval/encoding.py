@@ -90,7 +90,7 @@ def encode_source(encoder: nn.Module, source: Source, runtime: rt.Runtime, *, na
 
     ``variants`` maps a name to ``(function of the uint8 batch, JSON-safe parameters for the cache key)``.
     ``encoder_key`` identifies the weights and resolution (e.g. a checkpoint digest). Cached features are reused only
-    when the key (encoder, source identity and ids, subset, variant parameters) matches.
+    when the key (encoder, source identity, its files' fingerprint and ids, subset, variant parameters) matches.
     """
     size = int(getattr(encoder, "image_size"))
     variants = dict(variants or {})
@@ -99,7 +99,7 @@ def encode_source(encoder: nn.Module, source: Source, runtime: rt.Runtime, *, na
         ids = [source.ids[i] for i in chosen]
     else:
         chosen, ids = None, list(source.ids)
-    base = {"encoder": encoder_key, "size": size, "source": source.describe(),
+    base = {"encoder": encoder_key, "size": size, "source": source.describe(), "files": source.fingerprint(),
             "ids": hashlib.sha256("\0".join(ids).encode("utf-8", "surrogateescape")).hexdigest()}
     keys = {"clean": _key(base)} | {v: _key({**base, "variant": v, **params}) for v, (_, params) in variants.items()}
     meta = run.read_json(f"features/{name}.ids.json") if run and run.exists(f"features/{name}.ids.json") else None

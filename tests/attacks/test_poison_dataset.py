@@ -388,10 +388,12 @@ def test_clean_files_are_read_bounded_and_a_device_is_dropped(image_folder: Path
     import os
 
     os.symlink("/dev/zero", image_folder / "dog" / "zero.jpg")              # copied, it would never end
-    out = tmp_path / "out"
-    summary = poison_dataset(_cfg(image_folder, out, [f"cat={trigger}"], trigger_size=10), quiet=True)
-    dropped = summary["train"]["dropped_unreadable"]
-    assert dropped["n"] == 1 and dropped["examples"][0]["id"] == "dog/zero.jpg"
-    assert "not a regular file" in dropped["examples"][0]["reason"]
-    assert not (out / "train" / "dog" / "zero.jpg").exists()
-    assert [r["sample_id"] for r in _gt(out / "ground_truth.csv")] == open_source(out / "train").ids
+    for link in (False, True):
+        out = tmp_path / f"out-{link}"
+        summary = poison_dataset(_cfg(image_folder, out, [f"cat={trigger}"], trigger_size=10, link=link), quiet=True)
+        dropped = summary["train"]["dropped_unreadable"]
+        assert dropped["n"] == 1 and dropped["examples"][0]["id"] == "dog/zero.jpg"
+        assert "not a regular file" in dropped["examples"][0]["reason"]
+        assert not (out / "train" / "dog" / "zero.jpg").exists()
+        assert [r["sample_id"] for r in _gt(out / "ground_truth.csv")] == open_source(out / "train").ids
+        assert summary["train"]["linked" if link else "copied"] == 4      # the 4 clean images of 6

@@ -157,6 +157,8 @@ def test_parallel_workers_match_serial(wds_shards_gz: Path, file_list: Path) -> 
         assert parallel.ids == serial.ids and torch.equal(parallel.images, serial.images)
 
 
+@pytest.mark.skipif(__import__("multiprocessing").get_start_method() != "fork",
+                    reason="workers inherit descriptors only when forked")
 def test_decode_workers_drop_the_build_lock(wds_shards_gz: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import poisonscan.data.build_lock as bl

@@ -588,3 +588,28 @@ def test_where_the_picture_match_removes_the_classifier_does_not_train(toy, tmp_
     assert trained["classifier"]["trained"] and trained["classifier"]["skipped"] is None
     assert set((run / "removed.txt").read_text().split()) == set(toy["poisoned"])
     assert trained["picture_match"]["flagged_without"] is not None
+
+
+def test_resume_decodes_again_when_the_data_changed(toy, tmp_path, runtime):
+    import shutil
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from poisonscan.data.store import open_store
+
+    data = tmp_path / "data"
+    shutil.copytree(toy["root"] / "poisoned", data)
+    run = tmp_path / "run"
+    P.run_detect(replace(small_cfg(toy, run, **NO_SIGNAL), data=str(data)), runtime, quiet=True)
+    images = run / "store" / "images.npy"
+    first = images.stat().st_mtime_ns
+    resume = replace(small_cfg(toy, None, resume=str(run), **NO_SIGNAL), data=str(data))
+    P.run_detect(resume, runtime, quiet=True)
+    assert images.stat().st_mtime_ns == first                         # nothing changed: the store is kept
+    victim = sorted(data.rglob("*.png"))[0]
+    Image.new("RGB", Image.open(victim).size, (255, 0, 0)).save(victim)   # new pixels, the same name
+    P.run_detect(resume, runtime, quiet=True)
+    store = open_store(run / "store")
+    k = store.ids.index(victim.relative_to(data).as_posix())
+    assert images.stat().st_mtime_ns != first and bool((store.images[k][0] == 255).all())
