@@ -63,6 +63,7 @@ BUILD_KWARGS: dict[str, tuple[type, float, float]] = {
 }
 IMAGE_SIZES = (8, 4096)                 # the image_size a checkpoint's metadata may ask for
 STAT_LIMIT = 1000.0                     # largest |mean| or std a checkpoint's metadata may ask for
+MAX_KEY_CHARS = 1024                    # longest weight name matched (prefix search is quadratic in a name's length)
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
@@ -349,6 +350,10 @@ def match_state_dict(state: Mapping[str, torch.Tensor], encoder: Encoder, *, max
     model_sd = encoder.backbone.state_dict()
     model_keys = set(model_sd)
     top_level = {k.split(".")[0] for k in model_keys}
+    long = next((k for k in state if len(k) > MAX_KEY_CHARS), None)
+    if long is not None:
+        raise CheckpointError(f"{source} names a weight with {len(long)} characters (over {MAX_KEY_CHARS}): not a "
+                              "model's state dict")
     keys = {_strip_wrappers(k): k for k in state}
     prefix, count = _choose_prefix(list(keys), model_keys)
     if count == 0:
