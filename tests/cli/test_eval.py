@@ -135,6 +135,9 @@ def test_backdoor_with_truth(model: Path, data: dict[str, Path], tmp_path: Path)
     assert (tmp_path / "bd" / "metrics.csv").is_file() and (tmp_path / "bd" / "summary.json").is_file()
     res = runner.invoke(app, [a for a in args if a != "--json"])            # -q alone: no table either
     assert res.exit_code == 0 and res.stdout == "", res.output
+    few = [a if a != "5" else "50" for a in args if a != "--json"]          # k over the target's bank images
+    res = runner.invoke(app, few[:few.index("--out") + 1] + [str(tmp_path / "bd50")] + few[few.index("--out") + 2:])
+    assert res.exit_code == 0 and res.stdout == "" and "warning: the k-NN bank holds" in res.stderr, res.output
     truth.write_text("sample_id,poisoned\nnot/here.png,1\n")
     res = runner.invoke(app, args[:-4] + ["--out", str(tmp_path / "bd2"), "--device", "cpu"])
     assert res.exit_code == 2 and "not in the ground truth" in res.output
