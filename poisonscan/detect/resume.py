@@ -71,6 +71,23 @@ def read_run_config(path: Path) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in INVOCATION_SETTINGS}
 
 
+def _data_changed(run: RunDir, cfg: DetectConfig) -> bool:
+    """Whether the data's files changed since the run's store decoded them (said on stderr). Data that cannot be
+    opened now is not checked: the store decoded from it is kept, with a warning."""
+    try:
+        source = open_source(cfg.data)
+    except (UsageError, OSError) as exc:
+        print(f"poisonscan: warning: cannot check {cfg.data} against {run.path}'s image store ({exc}); keeping the "
+              "store", file=sys.stderr, flush=True)
+        return False
+    if store_is_current(run.file("store"), source):
+        return False
+    if not cfg.quiet:
+        print(f"poisonscan: the data's files changed since {run.path} decoded them: decoding them again",
+              file=sys.stderr, flush=True)
+    return True
+
+
 def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
     """Create the run folder, or reopen it for ``--resume`` and forget the stages whose settings changed.
 
@@ -83,11 +100,7 @@ def open_run(cfg: DetectConfig, runtime: rt.Runtime) -> RunDir:
         run = RunDir(path, lock_run(path) if runtime.is_main else None)
         if runtime.is_main:
             rerun = rerun_from(saved, cfg)
-            if rerun != STAGES[0] and run.stage_done("store") and not store_is_current(run.file("store"),
-                                                                                      open_source(cfg.data)):
-                if not cfg.quiet:
-                    print(f"poisonscan: the data's files changed since {path} decoded them: decoding them again",
-                          file=sys.stderr, flush=True)
+            if rerun != STAGES[0] and run.stage_done("store") and _data_changed(run, cfg):
                 rerun = STAGES[0]
             if rerun is not None:
                 _clear_from(run, rerun)

@@ -590,7 +590,7 @@ def test_where_the_picture_match_removes_the_classifier_does_not_train(toy, tmp_
     assert trained["picture_match"]["flagged_without"] is not None
 
 
-def test_resume_decodes_again_when_the_data_changed(toy, tmp_path, runtime):
+def test_resume_decodes_again_when_the_data_changed(toy, tmp_path, runtime, capsys):
     import shutil
     from dataclasses import replace
 
@@ -613,3 +613,8 @@ def test_resume_decodes_again_when_the_data_changed(toy, tmp_path, runtime):
     store = open_store(run / "store")
     k = store.ids.index(victim.relative_to(data).as_posix())
     assert images.stat().st_mtime_ns != first and bool((store.images[k][0] == 255).all())
+    shutil.rmtree(data)                                               # data gone: the store is kept, with a warning
+    capsys.readouterr()
+    P.run_detect(replace(resume, decision=replace(resume.decision, force=True)), runtime, quiet=True)
+    assert open_store(run / "store").ids == store.ids and (run / "removed.txt").is_file()
+    assert "cannot check" in capsys.readouterr().err
