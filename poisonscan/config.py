@@ -264,11 +264,9 @@ def file_table(file: Path | str) -> dict[str, Any]:
     return table
 
 
-def _file_preset(file: Path | str | None) -> str | None:
-    """The ``preset`` a detect config file names (a preset's name, checked by :func:`preset_table`)."""
-    if file is None:
-        return None
-    name = file_table(file).get("preset")
+def _file_preset(file: Path | str | None, table: dict[str, Any]) -> str | None:
+    """The ``preset`` a detect config file's ``table`` names (a preset's name, checked by :func:`preset_table`)."""
+    name = table.get("preset")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"{file}: preset must be a preset's name, one of {', '.join(presets())}")
     return name
@@ -279,8 +277,9 @@ def detect_config(preset: str | None = None, file: Path | str | None = None,
     """``detect``'s settings: the dataclass defaults, then the preset, then the config file, then the flags
     (``section.key`` names a section's setting). The preset is ``preset`` (``--preset``), else the config file's
     ``preset`` key, else ``default``."""
-    name = preset or _file_preset(file) or "default"
-    tables = [preset_table(name)] + ([(str(file), file_table(file))] if file else [])
+    table = file_table(file) if file else {}
+    name = preset or _file_preset(file, table) or "default"
+    tables = [preset_table(name)] + ([(str(file), table)] if file else [])
     return resolve_config(DetectConfig, None, {**(flags or {}), "preset": name}, tables=tables,
                           flag_names=DETECT_FLAGS)
 

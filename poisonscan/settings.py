@@ -152,6 +152,12 @@ def field_range(cls: type, name: str) -> Range | None:
     return spec.range if spec else None
 
 
+@functools.cache
+def _flag_only(cls: type) -> dict[str, str]:
+    """``{setting: flag}`` of the fields of ``cls`` with :func:`flag_only` metadata."""
+    return {f.name: f.metadata["flag_only"] for f in fields(cls) if "flag_only" in f.metadata}
+
+
 def _show(value: Any, width: int = 60) -> str:
     """A value as the config file would spell it (``null``, ``true``, ``"abc"``, ``1.5``), on one short line.
 
@@ -313,7 +319,7 @@ def _check_table(cls: type, data: dict[str, Any], where: str, prefix: str = "") 
             out[name] = _check_table(sub, value, where, f"{prefix}{name}.")
         else:
             out[name] = _check_value(cls, name, value, f"setting '{prefix}{key}' in {where}")
-            flag = next((f.metadata.get("flag_only") for f in fields(cls) if f.name == name), None)
+            flag = _flag_only(cls).get(name)
             if flag and out[name]:
                 raise ConfigError(f"setting '{prefix}{key}' in {where}: only the {flag} flag turns it on, never a "
                                   "file")
