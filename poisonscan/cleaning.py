@@ -101,8 +101,8 @@ def _refuse_input(out: Path, source: Source, removed_path: Path) -> None:
     """``UsageError`` when the manifest ``out`` would replace an input (a shard, list, image or the removal list) or
     land inside an image folder being cleaned: the input is never modified."""
     real = os.path.realpath(out)
-    images = getattr(source, "paths", ()) if os.path.lexists(out) else ()   # a path not there is no listed image
-    protected = {os.path.realpath(p) for p in [*source.input_paths(), removed_path, *images]}
+    files = source.read_files() if os.path.lexists(out) else []     # a path not there is no listed image
+    protected = {os.path.realpath(p) for p in [*source.input_paths(), removed_path, *files]}
     if real in protected:
         raise UsageError(f"--out {out} is an input file; the input is never modified")
     if source.kind == "folder" and overlaps(real, source.root):
