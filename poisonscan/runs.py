@@ -321,13 +321,17 @@ class RunLock:
 
 def lock_run(folder: Path | str, created: bool = False) -> RunLock | None:
     """Lock the run folder ``folder`` (it must exist) for this process: a non-blocking exclusive ``flock`` on
-    ``folder/.lock``, held until released (:func:`releases_run_locks`: for the command's life).
+    ``folder/.lock``, held until released (:func:`releases_run_locks`: for the command's life). A folder holding a
+    link is refused (:func:`refuse_links`).
 
     Another process holding it: ``UsageError`` naming its pid. Under torchrun only rank 0 locks (the other ranks
     get None), and so does a platform without ``fcntl`` or a file system without ``flock``: nothing is locked there.
     """
     folder = Path(folder)
-    if fcntl is None or _rank() != 0:
+    if _rank() != 0:
+        return None
+    if fcntl is None:
+        refuse_links(folder)
         return None
     path = folder / LOCK_NAME
     while True:
@@ -347,7 +351,8 @@ def lock_run(folder: Path | str, created: bool = False) -> RunLock | None:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 who = f" (pid {pid})" if pid is not None else ""
                 raise UsageError(f"run folder {folder} is in use by another poisonscan process{who}") from None
-            return None                             # a file system without flock (some network mounts)
+            refuse_links(folder)                    # a file system without flock (some network mounts)
+            return None
         if same_file(fd, path):
             break
         os.close(fd)                                # its holder released and deleted it meanwhile: lock anew
@@ -358,7 +363,25 @@ def lock_run(folder: Path | str, created: bool = False) -> RunLock | None:
         pass                                        # the pid is for the message of a refused process only
     lock = RunLock(folder, fd, created)
     _held().append(lock)
+    try:
+        refuse_links(folder)
+    except UsageError:
+        lock.release()
+        _held().remove(lock)
+        raise
     return lock
+
+
+def refuse_links(folder: Path) -> None:
+    """Refuse a run folder that holds a symbolic link anywhere inside (``UsageError`` naming it): a reopened
+    folder (``--resume``, ``--overwrite``) made by someone else could otherwise point ``search/`` or a stage file
+    elsewhere and have this run write, or clear, through it."""
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise UsageError(f"run folder {folder} holds a link ({path}): poisonscan writes only into plain "
+                                 "folders; remove the link or choose another output folder")
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -136,3 +136,31 @@ def test_lock_never_writes_through_a_link(tmp_path):
     with pytest.raises(UsageError, match="not a plain file"):
         lock_run(run)
     assert victim.read_text() == "keep me\n"
+
+
+def test_a_run_folder_holding_a_link_is_refused(tmp_path):
+    """Reopening a folder whose search/ links elsewhere (--resume, --overwrite) is refused before anything is written
+    or cleared through it; the folder is left unlocked."""
+    from poisonscan.errors import UsageError
+    from poisonscan.runs import create_run, lock_run
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep me\n")
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "search").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UsageError, match="holds a link"):
+        create_run("detect", run, overwrite=True)
+    with pytest.raises(UsageError, match="holds a link"):
+        lock_run(run)
+    (run / "search").unlink()
+    (run / "stages" / "x.done").symlink_to(elsewhere / "keep.txt")
+    with pytest.raises(UsageError, match="holds a link"):
+        create_run("detect", run, resume=True)
+    assert (elsewhere / "keep.txt").read_text() == "keep me\n"
+    (run / "stages" / "x.done").unlink()
+    lock = lock_run(run)                      # released: a plain folder locks again
+    assert lock is not None
+    lock.release()

@@ -201,11 +201,17 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 
 def resume_config(run_path: Path | str, overrides: dict[str, Any] | None = None) -> PretrainConfig:
     """The config stored in a run's checkpoint, with ``overrides`` (flags given again) applied on top; the
-    invocation switches (``quiet``, ...) are this invocation's own, whatever the checkpoint holds."""
+    invocation switches (``quiet``, ...) and the ``store_cache`` folder written to are this invocation's own,
+    whatever the checkpoint holds."""
     ckpt = load_checkpoint(run_path)
     run_dir = Path(run_path) if Path(run_path).is_dir() else Path(run_path).parent
     saved = {k: v for k, v in ckpt["config"].items() if k not in INVOCATION_SETTINGS}
-    values = {**saved, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cache = saved.pop("store_cache", None)      # where this process writes is chosen by its flags, not by the run
+    if cache and "store_cache" not in given:
+        print(f"poisonscan: warning: {run_dir}'s image cache {cache} is not reused on --resume unless --store-cache "
+              "names it again; decoding the data anew", file=sys.stderr, flush=True)
+    values = {**saved, **given}
     values.update(resume=str(run_dir), out=str(run_dir))
     return resolve_config(PretrainConfig, None, values)
 

@@ -79,6 +79,20 @@ def test_resume_equals_uninterrupted(image_folder: Path, tmp_path: Path) -> None
     assert [r["loss"] for r in history] == [r["loss"] for r in load_checkpoint(full)["history"]]
 
 
+def test_resume_writes_only_to_a_cache_named_again(image_folder: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The store cache a checkpoint names is not where a resumed run writes: only --store-cache given again is."""
+    from poisonscan.ssl.trainer import resume_config
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    run_pretrain(_cfg(image_folder, run, epochs=1, store_cache=str(cache)))
+    assert (cache / "store.json").is_file()
+    cfg = resume_config(run, {"epochs": 2})
+    assert cfg.store_cache is None and cfg.epochs == 2
+    assert "not reused on --resume" in capsys.readouterr().err
+    assert resume_config(run, {"store_cache": str(cache)}).store_cache == str(cache)
+
+
 def test_knn_monitor_logged(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     summary = run_pretrain(_cfg(image_folder, out, epochs=1, knn_val=str(image_folder), knn_every=1))
