@@ -57,7 +57,9 @@ class Runtime:
         }
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def _pick_device(device: str, local_rank: int, world: int = 1) -> torch.device:
+    """``auto`` and ``cuda``: this rank's GPU (``cuda:LOCAL_RANK``); ``cuda:N`` names one GPU, so only for one
+    process (under torchrun every rank would share it and NCCL refuses duplicate GPUs)."""
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.startswith("cuda"):
@@ -65,6 +67,9 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
             raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
         if device == "cuda":
             return torch.device(f"cuda:{local_rank}")
+        if world > 1:
+            raise UsageError(f"--device {device} names one GPU for all {world} processes: under torchrun use "
+                             "--device cuda (each process takes the GPU of its LOCAL_RANK)")
     try:
         return torch.device(device)
     except RuntimeError as exc:
@@ -93,7 +98,8 @@ def _pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on CUDA (fp16 where bf16 is missing), bf16 on a CPU with native bf16, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            native = torch.cuda.is_bf16_supported(including_emulation=False)        # emulated on pre-Ampere GPUs
+            return torch.bfloat16 if native else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
     if precision not in table:
@@ -111,14 +117,14 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+    dev = _pick_device(device, local_rank, world)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.cuda.set_device(dev)        # before NCCL, and so that stray allocations land on this GPU
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        # convolutions may use TF32 (torch's default); fp32 matrix products stay exact, since k-means assignments,
+        # attention maps and window scores outside autocast would otherwise differ from a CPU run's
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     return Runtime(dev, _pick_precision(precision, dev), rank, world, local_rank)

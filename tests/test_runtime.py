@@ -66,3 +66,21 @@ def test_autocast_is_a_no_op_in_fp32(monkeypatch):
 
 def test_synchronize_is_a_no_op_on_cpu():
     rt.synchronize(torch.device("cpu"))
+
+
+def test_cuda_device_choice_per_rank(monkeypatch):
+    """``cuda`` is each rank's own GPU; ``cuda:N`` names one GPU, refused for several processes (NCCL would stop
+    on duplicate GPUs); ``auto`` on CUDA picks bf16 only where the GPU computes it natively."""
+    from poisonscan.runtime import _pick_device, _pick_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _pick_device("cuda", 3, world=4) == torch.device("cuda:3")
+    assert _pick_device("auto", 2, world=4) == torch.device("cuda:2")
+    assert _pick_device("cuda:1", 0, world=1) == torch.device("cuda:1")
+    with pytest.raises(UsageError, match="under torchrun use --device cuda"):
+        _pick_device("cuda:1", 0, world=2)
+    cuda = torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert _pick_precision("auto", cuda) == torch.float16            # only emulated: fp16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert _pick_precision("auto", cuda) == torch.bfloat16

@@ -265,6 +265,8 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     total = max(1, cfg.iterations)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    # fp16 on a GPU needs loss scaling, or small gradients round to zero (bf16 and fp32 need none)
+    scaler = torch.amp.GradScaler("cuda", enabled=_on_gpu(runtime) and runtime.amp_dtype == torch.float16)
     g = torch.Generator(device=dev).manual_seed(seed)
     g_cpu = torch.Generator().manual_seed(seed)
     patches_dev = patches.to(dev)
@@ -283,8 +285,9 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
         with _amp(runtime):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         bar.advance(1)
         if it % cfg.eval_every == 0 or it == cfg.iterations:

@@ -71,6 +71,9 @@ def gradcam_maps(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, 
     captured: list[Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple)
                                                                                else out))
+    # fp16 gradients of a cosine under 1 fall below fp16's normal range: scale by a power of two (exact; the
+    # min-max scaled maps are the same)
+    grad_scale = 1024.0 if runtime.amp_dtype == torch.float16 else 1.0
     maps, etas = [], []
     try:
         with eval_mode(encoder), torch.inference_mode(False), torch.enable_grad(), \
@@ -86,7 +89,8 @@ def gradcam_maps(encoder: nn.Module, clustering: Clustering, images_u8: Tensor, 
                 if not captured:
                     raise RuntimeError("the Grad-CAM layer was not run by the encoder's forward pass")
                 act = captured[-1]
-                (grad,) = torch.autograd.grad(sims.gather(1, eta[:, None]).sum(), act)
+                target = sims.gather(1, eta[:, None]).sum() * grad_scale
+                (grad,) = torch.autograd.grad(target, act)
                 a, g = _to_map(encoder, act.detach()).float(), _to_map(encoder, grad).float()
                 if start == 0 and a.shape[-2] * a.shape[-1] == 1 and size not in _WARNED_NO_LOCATION:
                     _WARNED_NO_LOCATION.add(size)       # once per image size, not once per search round
