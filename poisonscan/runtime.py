@@ -11,6 +11,7 @@ import random
 import sys
 from dataclasses import dataclass
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, Iterator
 
 import numpy as np
@@ -18,6 +19,13 @@ import torch
 import torch.distributed as dist
 
 from poisonscan.errors import UsageError
+
+#: how long a rank waits in a collective: rank 0 alone clusters, tests the evidence and writes the outputs while the
+#: others wait (torch's default is 10 minutes for NCCL)
+DIST_TIMEOUT = timedelta(hours=2)
+#: the group object collectives use: gloo beside NCCL, which would stage every pickled object (a rank's decoded
+#: images, the feature matrix) in GPU memory; None (the default group) otherwise
+_object_group: Any = None
 
 
 @dataclass
@@ -121,7 +129,11 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)        # before NCCL, and so that stray allocations land on this GPU
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        global _object_group
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
+        if backend == "nccl":
+            _object_group = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT)
     if dev.type == "cuda":
         # convolutions may use TF32 (torch's default); fp32 matrix products stay exact, since k-means assignments,
         # attention maps and window scores outside autocast would otherwise differ from a CPU run's
@@ -149,24 +161,24 @@ def is_distributed() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=_object_group)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    """Gather a picklable object from every rank (a one-element list without distributed)."""
+    """Gather a picklable object from every rank (a one-element list without distributed), through host memory."""
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_object_group)
     return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Send ``obj`` from rank ``src`` to every rank."""
+    """Send ``obj`` from rank ``src`` to every rank, through host memory."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_object_group)
     return box[0]
 
 
