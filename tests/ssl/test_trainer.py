@@ -164,3 +164,15 @@ def test_backdoor_monitor_needs_val_trigger_and_target(image_folder: Path, tmp_p
 
     with pytest.raises(UsageError, match="backdoor monitor"):
         run_pretrain(_cfg(image_folder, tmp_path / "run", epochs=1, backdoor_target="cat"))
+
+
+def test_rng_state_of_another_machines_gpus_is_not_restored() -> None:
+    """A checkpoint holding one CUDA state per GPU of the saving machine (a list) restores the CPU states and leaves
+    the GPUs' alone; the CPU state round-trips."""
+    from poisonscan.ssl.trainer import rng_state, set_rng_state
+
+    state = rng_state()
+    expected = torch.rand(3)
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
