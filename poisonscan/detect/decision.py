@@ -42,10 +42,14 @@ class DecisionSettings:
     #: bootstrap's spread (at least 0.5 flips). Without a recurring picture it is needed with the effect; with one,
     #: the bootstrap's p <= 0.01 stands in for it: at the "to_source" score's small counts z moves in steps of 2
     #: (one flip over the floor), so a learned trigger recurring in 6 of the top 20 windows reached only z = 2
-    #: (p = 0.0005; imagenette-96 at 2%, 30 epochs), while clean-data models reached 4 and 5 (docs/design.md)
+    #: (p = 0.0005; imagenette-96 at 2%, 30 epochs), while clean-data models reached 4 and 5 (docs/design.md).
+    #: Set with ``min_effect`` on the demo, imagenette-96 and CIFAR-10 50k at 5-10% under the paper's score
     min_evidence: float = 3.0
     #: the share of the flip-set images random windows leave in place that the top-k move; set between the recorded
-    #: runs of the demo, imagenette-96 and CIFAR-10 50k at 5-10%
+    #: runs of the demo, imagenette-96 and CIFAR-10 50k at 5-10% under the paper's score (``search.score_rule =
+    #: "changed"``). Under the default "to_source" score no recorded run reaches it (the demo's 12.2% is the
+    #: largest, clean-data models at most 1.0%): every recorded decision passed the gate by a recurring picture
+    #: (docs/design.md, "What it changes downstream"); a trigger that does not recur needs the paper's score
     min_effect: float = field(default=0.15, metadata=between(0.0, 1.0))
     #: a picture recurring among the top-k windows at this p stands in for the effect (detect/recurrence.py,
     #: calibrated by each run's own random windows; 0.01 is a convention, not fitted). Checked where nothing was
@@ -54,14 +58,19 @@ class DecisionSettings:
     max_recurrence_p: float = field(default=0.01, metadata=between(0.0, 1.0))
     #: with a recurring picture and ``z`` below ``min_evidence``, the bootstrap's p at which the group's windows
     #: still count as standing above random ones (a weakly learned trigger; the picture match must then find it in
-    #: some image). Set on imagenette-96 at 2% with a 30-epoch model; 0.01 is a convention, not fitted; not yet
-    #: checked on a second run (no other recorded run has a recurring picture with z < 3). 0: ``z`` is needed
+    #: some image). Set on imagenette-96 at 2% with a 30-epoch model; 0.01 is a convention, not fitted. Checked on
+    #: three held-out runs with z = 2: tinyimagenet100 at 0.25% with trigger_10, 8 epochs (p 0.0035: the 125
+    #: poisons removed, recall and precision 100%), CIFAR-10 50k with trigger_13 changed copy by copy, 8 epochs
+    #: (p 0.0095: 27 of 1,000 poisons, no clean image) and a clean-data CIFAR-10 model (p 0.0005: withdrawn by the
+    #: picture match, 0 removed). 0: ``z`` is needed
     weak_signal_p: float = field(default=0.01, metadata=between(0.0, 1.0))
     #: remove even without a backdoor signal: the images that hold a recurring picture, else the classifier's picks
     force: bool = False
-    #: removed: removal score > threshold
+    #: removed: removal score > threshold (the paper's cut on P, kept for the removal score; not fitted)
     threshold: float = field(default=0.5, metadata=stage("classifier", **between(0.0, 1.0)))
-    #: removal score = (P + the support of this many feature-space neighbours) / 2; 0: P alone (the paper)
+    #: removal score = (P + the support of this many feature-space neighbours) / 2; 0: P alone (the paper). 10 is
+    #: a round number, not fitted (no other k measured); chosen on the demo and checked on the demo's images with
+    #: trigger_12 and on imagenette-96 (docs/design.md, "The removal score")
     neighbours: int = field(default=10, metadata=stage("classifier", **at_least(0)))
     #: flip-test the window the classifier looks at in images it flags above this P that the neighbours keep
     #: (detect/verification.py); 1: off
@@ -74,8 +83,8 @@ class DecisionSettings:
     #: images); docs/design.md, "A trigger changed copy by copy", says where else it was checked. 1: off
     confident_prob: float = field(default=0.9, metadata=stage("outputs", **between(0.0, 1.0)))
     #: with a recurring picture, the removal is exactly the images that contain it (detect/matching.py). Chosen on
-    #: tinyimagenet100 at 1% (classifier: recall 93.2%, precision 43.9%; every poison's match >= 0.88, every clean
-    #: image's <= 0.64); checked on CIFAR-10 50k at 2% and tinyimagenet100 at 0.5%: exactly the poisons both times
+    #: tinyimagenet100 at 1% (the classifier alone: recall 98.0%, precision 86.4%; every poison's best match >= 0.89,
+    #: every clean image's <= 0.63, docs/design.md); checked on CIFAR-10 50k at 2% and tinyimagenet100 at 0.5%: exactly the poisons both times
     match_picture: bool = field(default=True, metadata=stage("match"))
 
 

@@ -37,6 +37,7 @@ from poisonscan.detect.recurrence import COMPARE_SIZE, FLAT_STD, SIGNIFICANCE, a
 MIN_HOLDERS = 5
 #: the share of the random windows' gaps, the largest, whose excesses set the exponential tail the test reads
 #: beyond them (peaks over a threshold): 256 random windows cannot say how rare a gap above all of theirs is
+#: (the upper quartile, a common peaks-over-threshold choice; not fitted, as is MIN_TAIL)
 TAIL_SHARE = 0.25
 #: the fewest random windows' gaps in that share for the tail to be fitted; with fewer the gaps are read as they are
 #: (and a gap cannot be rarer than 1 in n + 1)

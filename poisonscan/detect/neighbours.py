@@ -20,7 +20,8 @@ import numpy as np
 from poisonscan.detect.clustering import ASSIGN_CHUNK
 
 #: up to this many images the neighbours are exact (one flat inner-product index); above, an inverted-file index
-#: over the run's k-means centroids searches the ``nprobe`` nearest clusters of each image
+#: over the run's k-means centroids searches the ``nprobe`` nearest clusters of each image: a cost bound, not
+#: fitted, so the removal score of every scan of more than 20,000 images uses approximate neighbours
 EXACT_LIMIT = 20_000
 NPROBE = 8
 

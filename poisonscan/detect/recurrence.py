@@ -46,11 +46,13 @@ from poisonscan.runtime import broadcast_object
 ALIKE_QUANTILE = 0.99
 #: the p-value at which a group counts as recurring (the default of ``decision.max_recurrence_p``)
 SIGNIFICANCE = 0.01
-#: the first this many random windows of the evidence test (drawn uniformly) are the reference
+#: the first this many random windows of the evidence test (drawn uniformly) are the reference. This and the next
+#: two are conventions of the comparison, not fitted to any run: set once with the test and kept on every run since
 REFERENCE_SIZE = 256
-#: windows are compared over shifts of up to this share of their width each way
+#: windows are compared over shifts of up to this share of their width each way (a trigger smaller than the window
+#: sits anywhere in it)
 SHIFT_SHARE = 1 / 3
-#: windows wider than this are shrunk (area average) to this many pixels before they are compared
+#: windows wider than this are shrunk (area average) to this many pixels before they are compared (a cost bound)
 COMPARE_SIZE = 16
 #: the share of the changed copies' group's windows that the held-picture group must hold to decide in its place.
 #: A trigger pasted unchanged: 5 of 5 (tinyimagenet100 at 0.25% with trigger_10, where the shared bar missed the
@@ -59,6 +61,7 @@ COMPARE_SIZE = 16
 #: trigger_10 run with the three changed ones in view
 HELD_SHARE = 0.5
 #: a window whose pixels vary less than this (standard deviation, in units of the pixel range) shows no pattern
+#: (a convention: 2% of the range is below any visible texture; not fitted)
 FLAT_STD = 0.02
 
 

@@ -34,7 +34,8 @@ VIT_MASKINGS = ("drop-tokens", "zero")
 @dataclass
 class SearchSettings:
     """The search stage's settings (``[detect.search]``; ``--set search.KEY=VALUE``): how candidate windows are
-    found and scored. Defaults are the paper's (section VI) except ``score_rule``."""
+    found and scored. Defaults are the paper's (section VI) except ``score_rule``, ``masking`` and ``vit_masking``,
+    whose comments say where each was chosen and checked."""
 
     #: candidate windows: "poisoncam" (cluster activation masking) or "patchsearch" (Grad-CAM, the baseline)
     method: str = field(default="poisoncam", metadata=one_of(METHODS))
