@@ -30,7 +30,8 @@ def test_a_cnn_compares_coarse_to_fine_with_the_papers_masks() -> None:
     from tests.detect.detect_toys import toy_encoder
 
     enc = toy_encoder(16)
-    clustering = Clustering(np.eye(4, enc.feature_dim, dtype=np.float32), np.zeros(4, np.int64), np.zeros(4, np.float32))
+    centroids = np.eye(4, enc.feature_dim, dtype=np.float32)
+    clustering = Clustering(centroids, np.zeros(4, np.int64), np.zeros(4, np.float32))
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     modes = masking_modes(enc, clustering, images, 5, 0, Runtime(torch.device("cpu"), None))
     assert [m[1] for m in modes] == [modes[0][1], 256] and "coarse-to-fine" in modes[0][0]
