@@ -71,8 +71,9 @@ class SearchSettings:
     #: how a ViT threat model is masked: "drop-tokens" removes the tokens a window covers (the window rounded to
     #: whole tokens, every token position of the grid, or the coarse-to-fine plan on it where that needs fewer
     #: masks); "zero" sets the window's pixels to zero like a CNN's (paper). CNNs are always masked by "zero".
-    #: Chosen on the poisons of one MoCo v3 ViT-Tiny (CIFAR-10 shard, trigger_12; not checked on a second ViT):
-    #: catch rate 0.203 against 0.149 for pixel zeroing in 82% of its time (docs/design.md, "Masking a ViT")
+    #: Chosen on the poisons of one MoCo v3 ViT-Tiny (CIFAR-10 shard, trigger_12): catch rate 0.203 against 0.149
+    #: for pixel zeroing in 82% of its time. A second ViT (trigger_10) learned no backdoor and localises in no mode
+    #: (0.079 against 0.091 in 73% of the time): no check either way (docs/design.md, "Masking a ViT")
     vit_masking: str = field(default="drop-tokens", metadata=one_of(VIT_MASKINGS))
 
 
