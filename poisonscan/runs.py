@@ -376,12 +376,15 @@ def refuse_links(folder: Path) -> None:
     """Refuse a run folder that holds a symbolic link anywhere inside (``UsageError`` naming it): a reopened
     folder (``--resume``, ``--overwrite``) made by someone else could otherwise point ``search/`` or a stage file
     elsewhere and have this run write, or clear, through it."""
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        for name in dirs + files:
-            path = Path(root) / name
-            if path.is_symlink():
-                raise UsageError(f"run folder {folder} holds a link ({path}): poisonscan writes only into plain "
-                                 "folders; remove the link or choose another output folder")
+    todo = [str(folder)]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    raise UsageError(f"run folder {folder} holds a link ({entry.path}): poisonscan writes only into "
+                                     "plain folders; remove the link or choose another output folder")
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
 
 
 def _remove_if_empty(folder: Path) -> None:

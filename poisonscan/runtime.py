@@ -130,13 +130,15 @@ def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         torch.cuda.set_device(dev)        # before NCCL, and so that stray allocations land on this GPU
     if world > 1 and not dist.is_initialized():
         global _object_group
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=DIST_TIMEOUT)
-        if backend == "nccl":
+        if dev.type == "cuda":            # training's collectives keep NCCL's own timeout; the waits are gloo's
+            dist.init_process_group(backend="nccl")
             _object_group = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT)
+        else:
+            dist.init_process_group(backend="gloo", timeout=DIST_TIMEOUT)
     if dev.type == "cuda":
         # convolutions may use TF32 (torch's default); fp32 matrix products stay exact, since k-means assignments,
         # attention maps and window scores outside autocast would otherwise differ from a CPU run's
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     return Runtime(dev, _pick_precision(precision, dev), rank, world, local_rank)

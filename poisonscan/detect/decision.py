@@ -83,8 +83,9 @@ class DecisionSettings:
     #: images); docs/design.md, "A trigger changed copy by copy", says where else it was checked. 1: off
     confident_prob: float = field(default=0.9, metadata=stage("outputs", **between(0.0, 1.0)))
     #: with a recurring picture, the removal is exactly the images that contain it (detect/matching.py). Chosen on
-    #: tinyimagenet100 at 1% (the classifier alone: recall 98.0%, precision 86.4%; every poison's best match >= 0.89,
-    #: every clean image's <= 0.63, docs/design.md); checked on CIFAR-10 50k at 2% and tinyimagenet100 at 0.5%: exactly the poisons both times
+    #: tinyimagenet100 at 1% (the classifier alone: recall 98.0%, precision 86.4%; every poison's best match
+    #: >= 0.89, every clean image's <= 0.63, docs/design.md); checked on CIFAR-10 50k at 2% and tinyimagenet100 at
+    #: 0.5%: exactly the poisons both times
     match_picture: bool = field(default=True, metadata=stage("match"))
 
 

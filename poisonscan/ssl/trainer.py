@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import sys
 import time
@@ -160,7 +161,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
-    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():     # a list: every GPU of another machine
+    if isinstance(cuda, (list, tuple)):             # one state per GPU of the saving machine: this process's, if any
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[index] if index < len(cuda) else None
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
 
 
@@ -209,7 +213,7 @@ def resume_config(run_path: Path | str, overrides: dict[str, Any] | None = None)
     saved = {k: v for k, v in ckpt["config"].items() if k not in INVOCATION_SETTINGS}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     cache = saved.pop("store_cache", None)      # where this process writes is chosen by its flags, not by the run
-    if cache and "store_cache" not in given:
+    if cache and "store_cache" not in given and os.environ.get("RANK", "0") == "0":
         print(f"poisonscan: warning: {run_dir}'s image cache {cache} is not reused on --resume unless --store-cache "
               "names it again; decoding the data anew", file=sys.stderr, flush=True)
     values = {**saved, **given}

@@ -166,13 +166,40 @@ def test_backdoor_monitor_needs_val_trigger_and_target(image_folder: Path, tmp_p
         run_pretrain(_cfg(image_folder, tmp_path / "run", epochs=1, backdoor_target="cat"))
 
 
-def test_rng_state_of_another_machines_gpus_is_not_restored() -> None:
-    """A checkpoint holding one CUDA state per GPU of the saving machine (a list) restores the CPU states and leaves
-    the GPUs' alone; the CPU state round-trips."""
+def test_cuda_rng_state_restores_this_processs_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saved state is one tensor (this process's GPU) or, from older checkpoints, one per GPU of the saving
+    machine: the entry of the current GPU is restored when it exists, nothing when it does not; CPU states round-trip."""
     from poisonscan.ssl.trainer import rng_state, set_rng_state
 
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t, device="cuda": restored.append(t))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda ts: pytest.fail("every GPU's state restored"))
     state = rng_state()
     expected = torch.rand(3)
-    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
-    set_rng_state(state)
+    gpus = [torch.full((16,), k, dtype=torch.uint8) for k in range(8)]
+    set_rng_state({**state, "cuda": gpus})
     assert torch.equal(torch.rand(3), expected)
+    assert len(restored) == 1 and torch.equal(restored[0], gpus[2])
+    set_rng_state({**state, "cuda": gpus[:2]})                # a machine with fewer GPUs than this index
+    assert len(restored) == 1
+    set_rng_state({**state, "cuda": gpus[5]})
+    assert len(restored) == 2 and torch.equal(restored[1], gpus[5])
+
+
+def test_an_empty_scaler_state_is_not_loaded(image_folder: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run saved without fp16 loss scaling (CPU, bf16) resumes with fp16 scaling on: the empty saved scaler state
+    is not loaded (torch refuses to load one into an enabled scaler)."""
+    from poisonscan.ssl.trainer import build_trainer, resume_config
+
+    run = tmp_path / "run"
+    run_pretrain(_cfg(image_folder, run, epochs=1))
+    assert load_checkpoint(run)["scaler"] == {}
+    monkeypatch.setattr(torch.amp.GradScaler, "is_enabled", lambda self: True)
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
+                        lambda self, sd: pytest.fail("an empty scaler state was loaded"))
+    trainer = build_trainer(resume_config(run, {"epochs": 2}))
+    assert trainer.epoch == 1
+    trainer.run.release()
