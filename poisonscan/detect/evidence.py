@@ -325,7 +325,8 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}, though "
                        f"{group}: their poison scores do not stand above random windows' (p = {p:.3f}, "
                        f"asked: {weak_signal_p:g}), {'a pattern' if rec.signature == 'features' else 'a picture'} "
-                       "the threat model has not learned to respond to")
+                       "the threat model responds to too weakly to call a backdoor, or not at all (--set "
+                       "decision.force=true removes the images that hold it)")
     if z < min_evidence:
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g} (the best "
                        "windows the search found move the flip set hardly more than random windows do: the threat "

@@ -56,7 +56,9 @@ def test_a_weak_signal_no_image_holds_apart_is_withdrawn() -> None:
 
 def test_without_the_weak_path_or_significance_nothing_is_found() -> None:
     assert not _run(_evidence(), 3, DecisionSettings(weak_signal_p=0.0)).backdoor_found
-    assert not _run(_evidence(p_value=0.3), contain=3).backdoor_found
+    weak = _run(_evidence(p_value=0.3), contain=3)
+    assert not weak.backdoor_found and "responds to too weakly" in weak.reason
+    assert "--set decision.force=true removes the images that hold it" in weak.reason      # what the user can do
     assert not _run(_evidence(recurrence={**GROUP, "p_value": 0.2}), contain=3).backdoor_found
 
 
