@@ -291,9 +291,9 @@ def _train_one(images_u8: Tensor, patches: Tensor, split: ClassifierSplit, val_x
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
-        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scale = scaler.get_scale()                  # 1.0 when disabled
         scaler.update()
-        if not scaler.is_enabled() or scaler.get_scale() >= scale:     # a step fp16 overflow skipped keeps its lr
+        if scaler.get_scale() >= scale:             # a step fp16 overflow skipped keeps its lr
             sched.step()
         bar.advance(1)
         if it % cfg.eval_every == 0 or it == cfg.iterations:
