@@ -52,10 +52,11 @@ from torch import Tensor
 
 from poisonscan.detect.bounds import hypergeom_upper, kth_largest
 from poisonscan.detect.fliptest import FlipTest, StagedScores, torch_generator
-from poisonscan.detect.holders import held_picture_test, window_matches
+from poisonscan.detect.held_response import held_response_test
+from poisonscan.detect.holders import held_picture_test, holder_mask, window_matches
 from poisonscan.detect.masking import cut_windows
-from poisonscan.detect.records import Evidence, Recurrence, SearchResult
-from poisonscan.detect.recurrence import (REFERENCE_SIZE, SIGNIFICANCE, feature_recurrence_test,
+from poisonscan.detect.records import Evidence, HeldResponse, Recurrence, SearchResult
+from poisonscan.detect.recurrence import (HELD_SHARE, REFERENCE_SIZE, SIGNIFICANCE, feature_recurrence_test,
                                           pixel_recurrence_tests, trigger_group)
 from poisonscan.detect.search import top_k
 from poisonscan.detect.seeds import torch_gen
@@ -95,6 +96,11 @@ class EvidenceSettings:
     #: trigger whose copies are too few among the top-k to group. One pass of small convolutions over every image;
     #: no forward pass
     held_pictures: bool = True
+    #: with a held group, the pairs of the response test (detect/held_response.py): a holder's copy of the picture
+    #: against an alike window of an image of its cluster that does not hold it, both on the flip test; what ties a
+    #: weakly learned trigger's picture to the threat model where the top-k's few windows cannot. Costs 2 x pairs
+    #: windows on the flip set (64: an eighth of the null's 1,024; a cost choice, not fitted). 0: off
+    held_response_pairs: int = field(default=64, metadata=at_least(0))
     #: also test whether the top-k windows look alike to the threat model (detect/recurrence.py,
     #: :func:`~poisonscan.detect.recurrence.feature_recurrence_test`): what shows a trigger changed copy by copy.
     #: Costs the search's masking of 256 random images (about 19k forwards at 32 px with coarse-to-fine masking)
@@ -299,6 +305,24 @@ def group_text(rec: Recurrence) -> str:
             f"{rec.null_group_p99:g}, p = {rec.p_value:.3f})")
 
 
+def held_response_of(ev: Evidence, group: Recurrence | None) -> HeldResponse | None:
+    """The held picture's response test where it speaks for ``group`` (the gate's recurring picture): the held
+    group itself, or a group at least :data:`~poisonscan.detect.recurrence.HELD_SHARE` of whose windows it holds;
+    else None."""
+    held, response = ev.held_recurrence, ev.held_response
+    if group is None or held is None or response is None or not held.size:
+        return None
+    if group is held or len(set(group.members) & set(held.members)) >= HELD_SHARE * max(1, group.size):
+        return response
+    return None
+
+
+def response_text(response: HeldResponse) -> str:
+    """The response test in words."""
+    return (f"copies from {response.pairs} images that hold it against alike windows of images of their clusters: "
+            f"{response.wins} moved more of the flip set, {response.losses} fewer, {p_text(response.p_value)}")
+
+
 def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recurrence_p: float = SIGNIFICANCE,
                   weak_signal_p: float = SIGNIFICANCE) -> tuple[bool, str]:
     """Is there a backdoor signal, and a one-line reason? Either the flip test alone (:func:`by_effect`), or one
@@ -308,23 +332,33 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
     copies' windows), else a group alike in the threat model's features, at ``p <= max_recurrence_p``; 0: the flip
     test alone decides; a record without the tests has no group) whose windows also stand above random ones on the
     flip test: ``z >= min_evidence``, or, for a trigger learned too weakly to reach that ``z``, the bootstrap's
-    ``p <= weak_signal_p`` (the top-k median above the top-k medians of random windows picked the same way; 0: ``z``
-    is needed). A signal that rests on a recurring picture stands only if the picture match finds images that hold
-    it (detect/matching.py)."""
+    ``p <= weak_signal_p`` (the top-k median above the top-k medians of random windows picked the same way) or, for
+    a held picture, its response test's (:func:`held_response_of`; 0: ``z`` is needed). Either of the two looks at
+    that level may pass, so a picture held across the data set is let through at up to twice ``weak_signal_p``. A
+    signal that rests on a recurring picture stands only if the picture match finds images that hold it
+    (detect/matching.py)."""
     z, effect, p = float(ev.z), effect_of(ev), float(ev.p_value)
     found = trigger_group(ev, max_recurrence_p)
     rec = found or ev.recurrence
     recurring = found is not None
     moved = f"the top-k move {100 * effect:.1f}% of the flip-set images random windows leave in place"
     group = group_text(rec) if rec else ""
+    response = held_response_of(ev, found)
+    weak = f"though z = {z:.2f} is below the minimum evidence {min_evidence:g} and {moved}: a trigger the " \
+           "threat model learned weakly"
     if z < min_evidence and recurring and p <= weak_signal_p:
         return True, (f"backdoor signal: {group}, and their poison scores stand above random windows' (p = "
-                      f"{p:.4f}), though z = {z:.2f} is below the minimum evidence {min_evidence:g} and {moved}: a "
-                      "trigger the threat model learned weakly")
+                      f"{p:.4f}), {weak}")
+    if z < min_evidence and recurring and response is not None and 0 < weak_signal_p and \
+            response.p_value <= weak_signal_p:
+        return True, (f"backdoor signal: {group}, and the threat model responds to it ({response_text(response)}), "
+                      f"{weak}")
     if z < min_evidence and recurring:
+        also = f", nor does the threat model respond to it ({response_text(response)})" if response else ""
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}, though "
                        f"{group}: their poison scores do not stand above random windows' (p = {p:.3f}, "
-                       f"asked: {weak_signal_p:g}), {'a pattern' if rec.signature == 'features' else 'a picture'} "
+                       f"asked: {weak_signal_p:g}){also}, "
+                       f"{'a pattern' if rec.signature == 'features' else 'a picture'} "
                        "the threat model responds to too weakly to call a backdoor, or not at all (--set "
                        "decision.force=true removes the images that hold it)")
     if z < min_evidence:
@@ -386,7 +420,8 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     ``settings.feature_recurrence`` and ``search_like`` (the windows the search picks in the given images), whether
     the top-k windows look alike to the threat model against the search-like windows of the first 256 null
     images; with ``settings.held_pictures``, whether a top-k window's picture is held across the data set
-    (detect/holders.py, against the same 256 random windows)."""
+    (detect/holders.py, against the same 256 random windows) and, where it is, whether the threat model responds
+    to it (detect/held_response.py, ``settings.held_response_pairs``)."""
     scores = search.scores
     top = top_k(scores, settings.top_k)
     labels = flip.clustering.labels
@@ -403,12 +438,19 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
     top_windows = cut_windows(images[torch.as_tensor(top, dtype=torch.int64)],
                               torch.as_tensor([boxes[i] for i in top], dtype=torch.int64).reshape(-1, 4))
     rec, changed = pixel_recurrence_tests(top_windows, patches, seed=flip.seed, changed=settings.changed_copies)
-    held = None
+    held = response = None
     if settings.held_pictures:
         ref = min(REFERENCE_SIZE, len(patches))
         matches = window_matches(images, torch.cat([top_windows, patches[:ref]]), flip.runtime, flip.batch_size,
                                  quiet, "held pictures", split=True)
         held = {"signature": "held", **held_picture_test(matches.numpy(), [int(i) for i in top], src[:ref].tolist())}
+        if held["size"] and settings.held_response_pairs > 0:
+            members = held["members"]
+            own = matches[:, members].numpy()             # every image's best matches to the group's windows
+            response = held_response_test(flip, images, top_windows[torch.as_tensor(members)],
+                                          holder_mask(own, list(range(len(members))), held["bar"],
+                                                      [int(top[j]) for j in members]),
+                                          own.max(axis=1), [int(i) for i in top], settings.held_response_pairs)
     for group in (rec, changed, held):
         if group is not None:
             group["members"] = [int(top[j]) for j in group["members"]]      # image indices
@@ -420,7 +462,8 @@ def run_evidence(settings: EvidenceSettings, search: SearchResult, images: Tenso
         feat["members"] = [int(top[j]) for j in feat["members"]]
     excluded = sorted({int(c) for c in labels[np.asarray(top, dtype=np.int64)]}) if pool is not None else []
     return Evidence.from_json({
-        **ev, "recurrence": rec, "changed_recurrence": changed, "held_recurrence": held, "feature_recurrence": feat,
+        **ev, "recurrence": rec, "changed_recurrence": changed, "held_recurrence": held, "held_response": response,
+        "feature_recurrence": feat,
         "top_k": top,
         "topk_scores": [scores[i] for i in top], "null_scores": null.tolist(),
         "null_testing": settings.null_testing, "null_tested": null_tested, "n_flip": n_flip,

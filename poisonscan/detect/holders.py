@@ -55,14 +55,15 @@ def prepared_templates(templates_u8: Tensor) -> tuple[Tensor, float]:
     return normalised(t).view_as(t), (COMPARE_SIZE / w if w > COMPARE_SIZE else 1.0)
 
 
-def _batch_matches(x: Tensor, tmpl: Tensor, scale: float) -> Tensor:
-    """Each image's (``x``: B x C x S x S, 0-1) best similarity to each template: B x k."""
+def _similarity_maps(x: Tensor, tmpl: Tensor, scale: float) -> Tensor | None:
+    """Each image's (``x``: B x C x S x S, 0-1) similarity to each template at every position, in the shrunk
+    images' pixels: B x k x P x P (``None``: the images are smaller than the templates)."""
     k, c, w, _ = tmpl.shape
     if scale != 1.0:
         side = max(w, int(round(x.shape[-1] * scale)))
         x = F.interpolate(x, size=(side, side), mode="area")
     if x.shape[-1] < w:
-        return torch.zeros(len(x), k, device=x.device)
+        return None
     area = float(w * w)
     # the templates are centred per channel, so the numerator needs no window mean
     num = F.conv2d(x, tmpl)                                                    # B x k x P x P
@@ -70,8 +71,38 @@ def _batch_matches(x: Tensor, tmpl: Tensor, scale: float) -> Tensor:
     sq = F.avg_pool2d(x * x, w, stride=1)
     norm = ((sq - mean * mean).clamp_min(0.0) * area).sum(1, keepdim=True).sqrt()   # centred window's norm
     flat = norm < FLAT_STD * (c * area) ** 0.5
-    sim = torch.where(flat, torch.zeros_like(num), num / norm.clamp_min(1e-12))
-    return sim.amax(dim=(2, 3))
+    return torch.where(flat, torch.zeros_like(num), num / norm.clamp_min(1e-12))
+
+
+def _batch_matches(x: Tensor, tmpl: Tensor, scale: float) -> Tensor:
+    """Each image's (``x``: B x C x S x S, 0-1) best similarity to each template: B x k."""
+    sim = _similarity_maps(x, tmpl, scale)
+    return torch.zeros(len(x), tmpl.shape[0], device=x.device) if sim is None else sim.amax(dim=(2, 3))
+
+
+def best_boxes(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256) -> Tensor:
+    """Where each image (uint8 n x 3 x S x S) best matches any of the templates (uint8 k x 3 x w x w): the
+    window's box ``(x, y, w, w)`` in the image's pixels (int64 n x 4; the top-left corner where the images are
+    smaller than the templates)."""
+    n, w = int(images_u8.shape[0]), int(templates_u8.shape[-1])
+    boxes = torch.zeros(n, 4, dtype=torch.int64)
+    boxes[:, 2:] = w
+    if n == 0 or templates_u8.shape[0] == 0:
+        return boxes
+    tmpl, scale = prepared_templates(templates_u8)
+    tmpl = tmpl.to(runtime.device)
+    limit = max(0, int(images_u8.shape[-1]) - w)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = images_u8[start:start + batch_size].to(runtime.device).float() / 255.0
+            sim = _similarity_maps(x, tmpl, scale)
+            if sim is None:
+                continue
+            best = sim.amax(dim=1).flatten(1).argmax(dim=1).cpu()              # over templates, then positions
+            side = int(sim.shape[-1])
+            xy = torch.stack([best % side, best // side], dim=1).double() / scale
+            boxes[start:start + len(x), :2] = xy.round().long().clamp(0, limit)
+    return boxes
 
 
 def window_matches(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, batch_size: int = 256,
@@ -165,6 +196,14 @@ def _holders(column: np.ndarray, gap: tuple[int, float, float, float], own: int)
     return held[held != own]
 
 
+def holder_mask(matches: np.ndarray, members: list[int], bar: float, top_images: list[int]) -> np.ndarray:
+    """The images beyond the group's own whose best match to one of its windows (``members``: columns of
+    ``matches``, positions in ``top_images``) reaches the group's ``bar``: bool, one per row."""
+    holds = np.asarray(matches)[:, members].max(axis=1) >= bar - 1e-9
+    holds[np.asarray([top_images[j] for j in members], dtype=np.int64)] = False
+    return holds
+
+
 def held_picture_test(matches: np.ndarray, top_images: list[int], reference_images: list[int],
                       level: float = SIGNIFICANCE) -> dict[str, Any]:
     """The held-picture test on every image's best matches (``matches``: N x (k + n), the k top windows' columns
@@ -205,11 +244,7 @@ def held_picture_test(matches: np.ndarray, top_images: list[int], reference_imag
             members.append(int(j))
             lo, hi = j_lo, j_hi
     bar = float((lo + hi) / 2) if members else 1.0
-    holders = 0
-    if members:
-        holds = m[:, members].max(axis=1) >= bar - 1e-9
-        holds[np.asarray([top_images[j] for j in members], dtype=np.int64)] = False
-        holders = int(holds.sum())
+    holders = int(holder_mask(m, members, bar, top_images).sum()) if members else 0
     return {
         "size": len(members),
         "members": members,

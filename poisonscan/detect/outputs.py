@@ -122,7 +122,9 @@ def summary_of(cfg: DetectConfig, run_dir: str, r: ScanResult, timings: dict[str
     evidence.update(min_evidence=settings.min_evidence, min_effect=settings.min_effect,
                     backdoor_found=dec.backdoor_found, max_recurrence_p=settings.max_recurrence_p, forced=dec.forced,
                     recurrence=_group(ev.recurrence), changed_recurrence=_group(ev.changed_recurrence),
-                    held_recurrence=_group(ev.held_recurrence), feature_recurrence=_group(ev.feature_recurrence),
+                    held_recurrence=_group(ev.held_recurrence),
+                    held_response=ev.held_response.to_json() if ev.held_response is not None else None,
+                    feature_recurrence=_group(ev.feature_recurrence),
                     reason=dec.reason)
     meta = {k: v for k, v in r.model["metadata"].items() if k not in ("missing_keys", "unexpected_keys")}
     n_unreadable = len(store.errors)

@@ -7,7 +7,8 @@ records and lists of records converted), :meth:`Record.from_json` reads them bac
 ``when_trained()`` is written only for a trained classifier.
 
     SearchResult   the scored images (window, poison score, cluster, round) and the flip test set
-    Evidence       the top-k against random windows: z, effect, and the recurring picture (``Recurrence``)
+    Evidence       the top-k against random windows: z, effect, the recurring picture (``Recurrence``) and the
+                   threat model's response to a held picture (``HeldResponse``)
     Matching       the recurring picture searched for in every image (``PictureMatch``)
     ClassifierResult  the gate's answer and, when it trained, the classifier's figures and P of every image
     Verification   the isolated flags flip-tested (``VerifiedFlag``)
@@ -167,6 +168,20 @@ class Recurrence(Record):
 
 
 @dataclass
+class HeldResponse(Record):
+    """The held picture's response test (detect/held_response.py): ``pairs`` of a holder's copy and an alike window
+    of an image of its cluster that does not hold it, scored on the flip test; ``wins`` / ``losses`` the pairs
+    whose copy moved more / fewer flip-set images, the two sides' mean scores and the sign test's ``p_value``."""
+
+    pairs: int = 0
+    wins: int = 0
+    losses: int = 0
+    holders_mean: float = 0.0
+    others_mean: float = 0.0
+    p_value: float = 1.0
+
+
+@dataclass
 class Evidence(Record):
     """The evidence stage's record (``evidence.json``): the top-k poison scores against random windows' (``z``,
     ``effect``; detect/evidence.py), the recurrence test, the top-k themselves and the null windows' scores and
@@ -191,6 +206,8 @@ class Evidence(Record):
     changed_recurrence: Recurrence | None = nested(Recurrence)
     #: a top-k window's picture held by many images of the data set (detect/holders.py; ``None``: not run)
     held_recurrence: Recurrence | None = nested(Recurrence)
+    #: whether the threat model responds to the held group's picture (``None``: no held group, or not run)
+    held_response: HeldResponse | None = nested(HeldResponse)
     #: the same test on the threat model's features against search-like windows (``None``: not run)
     feature_recurrence: Recurrence | None = nested(Recurrence)
     top_k: list[int] = field(default_factory=list)

@@ -325,6 +325,8 @@ def _evidence(ev: Mapping[str, Any]) -> str:
                                      "than to 99% of random windows)"),
               ("held_recurrence", "held pictures (top-k windows whose picture many images of the data set hold, "
                                   "set apart by a gap in their best matches, against random windows' pictures)"),
+              ("held_response", "held picture's response (its copies against alike windows of images of the same "
+                                "clusters that do not hold it, on the flip test: pairs, wins, losses, sign test)"),
               ("feature_recurrence", "feature recurrence test (largest group of top-k windows alike to the threat "
                                      "model, against windows the search picks in random images)"),
               ("reason", "reason"),

@@ -241,6 +241,17 @@ def _recurrence_text(ev: Mapping[str, Any], signature: str = "pixels") -> Text:
                 f"{format_value(ev.get('max_recurrence_p'), 3)})")
 
 
+def _response_text(ev: Mapping[str, Any]) -> Text:
+    res = ev.get("held_response")
+    if not isinstance(res, Mapping):
+        return Text("-")
+    p = res.get("p_value")
+    p_text = "p < 0.001" if isinstance(p, (int, float)) and p < 0.001 else f"p = {format_value(p, 3)}"
+    return Text(f"copies from {format_value(res.get('pairs'))} holders against alike windows of their clusters: "
+                f"{format_value(res.get('wins'))} moved more of the flip set, {format_value(res.get('losses'))} "
+                f"fewer ({p_text})")
+
+
 def _evidence(ev: Mapping[str, Any]) -> Table:
     found = ev.get("backdoor_found")
     verdict = Text("yes" if found else "no", style="bold red" if found else "bold green")
@@ -257,6 +268,7 @@ def _evidence(ev: Mapping[str, Any]) -> Table:
         ("recurrence", _recurrence_text(ev)),
         ("changed copies", _recurrence_text(ev, "changed")),
         ("held pictures", _recurrence_text(ev, "held")),
+        ("held picture's response", _response_text(ev)),
         ("feature recurrence", _recurrence_text(ev, "features")),
         ("top-k median score", ev.get("topk_median")),
         ("null median score", Text(f"{format_value(ev.get('null_median'))}  "

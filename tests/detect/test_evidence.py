@@ -8,6 +8,7 @@ import torch
 
 from poisonscan.detect.evidence import (backdoor_evidence, bootstrap_is_exact, bootstrap_topk_medians, effect_of, effect_size,
                                         evidence_gate, evidence_z, null_pool, null_windows, topk_spread)
+from poisonscan.detect.held_response import sign_test_p
 from poisonscan.detect.records import Evidence
 from poisonscan.detect.recurrence import changed_copies, recurring_group, trigger_group
 
@@ -327,3 +328,37 @@ def test_a_p_value_of_zero_does_not_pass_where_no_recurring_picture_is_asked_for
     ev = Evidence.from_json({"held_recurrence": held, "feature_recurrence": {**held, "signature": "features"}})
     assert recurring_group(ev, 0.0) is None and trigger_group(ev, 0.0) is None
     assert recurring_group(ev, 0.01) is ev.held_recurrence
+
+
+def test_the_held_pictures_response_stands_in_for_the_bootstrap_of_a_weakly_learned_trigger() -> None:
+    """z below the bar and the bootstrap's p above it: a held picture whose copies beat alike windows passes the
+    weak-signal path and says so; one they do not beat fails and the reason names both tests; the response speaks
+    only for the held group (or a group it mostly holds), and ``weak_signal_p = 0`` asks for z."""
+    null = np.r_[np.full(250, 120.0), np.full(6, 124.0)]
+    ev = backdoor_evidence(np.r_[np.full(10, 140.0), np.full(10, 135.0)], null, n_scored=1500, n_flip=250,
+                           n_boot=300)
+    held = {"signature": "held", "size": 5, "k": 20, "null_group_p99": 0.021, "p_value": 1e-9, "holders": 495,
+            "gap": 0.39, "members": [3, 4, 5, 6, 7], "bar": 0.59}
+    response = {"pairs": 64, "wins": 31, "losses": 3, "holders_mean": 1.2, "others_mean": 0.3,
+                "p_value": sign_test_p(31, 3)}
+    record = {**ev, "z": 2.0, "p_value": 0.038, "held_recurrence": held, "held_response": response}
+    found, reason = gate(record, 3.0, 0.15)
+    assert found and reason.startswith("backdoor signal: the picture of 5 of the top 20 windows is held by 495")
+    assert ("and the threat model responds to it (copies from 64 images that hold it against alike windows of "
+            "images of their clusters: 31 moved more of the flip set, 3 fewer, p < 0.001), though z = 2.00") in reason
+    assert "learned weakly" in reason
+    assert Evidence.from_json(record).held_response.wins == 31
+    flat = {**response, "wins": 12, "losses": 10, "p_value": sign_test_p(12, 10)}
+    found, reason = gate({**record, "held_response": flat}, 3.0, 0.15)
+    assert not found and "do not stand above random windows' (p = 0.038, asked: 0.01), nor does the threat model " \
+        "respond to it (copies from 64 images that hold it" in reason and "12 moved more" in reason
+    assert not gate(record, 3.0, 0.15, weak_signal_p=0.0)[0]                    # 0: z is needed
+    pixels = {"signature": "pixels", "size": 6, "k": 20, "null_group_p99": 5.0, "p_value": 0.001,
+              "members": [10, 11, 12, 13, 14, 15]}
+    other = {**record, "recurrence": pixels}                                  # another picture decides: not read
+    found, reason = gate(other, 3.0, 0.15)
+    assert not found and "6 of the top 20 windows show one picture" in reason
+    assert "nor does the threat model respond" not in reason
+    mostly = {**record, "recurrence": {**pixels, "members": [3, 4, 5, 6, 20, 21]}}   # 4 of 6 in the held group
+    assert gate(mostly, 3.0, 0.15)[0]
+    assert not gate({**record, "held_response": None}, 3.0, 0.15)[0]           # not run: the bootstrap alone

@@ -94,6 +94,12 @@ def test_end_to_end_finds_and_removes_the_poison(toy, tmp_path, runtime):
     assert held["p_value"] <= 0.01 and held["gap"] > held["null_group_p99"] and held["size"] == 5
     assert held["size"] + held["holders"] == len(poisoned)          # the top-k's images and every other poison
     assert summary["evidence"]["held_recurrence"]["holders"] == held["holders"]
+    response = json.loads((run / "evidence.json").read_text())["held_response"]   # its copies on the flip test
+    labels = np.load(run / "clusters.npz")["labels"]
+    holder_rows = [i for i, s in enumerate(json.loads((run / "ids.json").read_text())) if s in poisoned]
+    assert len(set(labels[holder_rows])) == 1 and (labels == labels[holder_rows[0]]).sum() == len(poisoned)
+    assert response["pairs"] == 0 and response["p_value"] == 1.0    # the poisons fill a cluster: no image to pair
+    assert summary["evidence"]["held_response"] == response
     positives = json.loads((run / "classifier.json").read_text())["positives"]
     assert sorted(positives) == sorted(t["index"] for t in summary["top_k"])  # the group: all five
     removed = (run / "removed.txt").read_text().split()

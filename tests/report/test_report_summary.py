@@ -58,6 +58,12 @@ def test_evidence_gives_both_recurrence_tests(fake_run) -> None:
     assert ("2 of the top 20 windows show a picture many images of the data set hold (held by 123 images; largest "
             "gap 0.288) (random windows' pictures' gaps: up to 0.021; p < 0.001, maximum 0.01)") in \
         " ".join(console.export_text().split())
+    response = {"pairs": 64, "wins": 31, "losses": 3, "holders_mean": 1.2, "others_mean": 0.3, "p_value": 3.8e-7}
+    console = _console()
+    print_detect_summary(dict(summary, evidence={**summary["evidence"], "held_recurrence": held,
+                                                 "held_response": response}), console)
+    assert ("copies from 64 holders against alike windows of their clusters: 31 moved more of the flip set, 3 fewer "
+            "(p < 0.001)") in " ".join(console.export_text().split())
 
 
 def test_ids_are_not_parsed_as_markup(fake_run) -> None:
