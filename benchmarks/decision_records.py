@@ -67,6 +67,7 @@ def row(name: str, run: Path, truth: str | None, backdoor: str | None, setting: 
         "recurrence": {k: rec.get(k) for k in keys},
         "changed_recurrence": {k: changed.get(k) for k in keys} if changed is not None else None,
         "held_recurrence": ({k: held.get(k) for k in (*keys, "holders", "gap")} if held is not None else None),
+        "held_response": ev.held_response.to_json() if ev.held_response is not None else None,
         "feature_recurrence": {k: feat.get(k) for k in keys} if feat is not None else None,
         "decision": {"backdoor_found": summary["evidence"]["backdoor_found"], "reason": summary["evidence"]["reason"],
                      "removed": summary["counts"]["removed"], "scanned": summary["counts"]["scanned"]},

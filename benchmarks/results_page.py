@@ -44,9 +44,10 @@ chosen on its poisons), CIFAR-10 50k with `trigger_13` changed copy by copy at 1
 test's null of search-like windows, chosen with that run in view, `classifier.feature_group_turn` and
 `decision.confident_prob`), the demo's images with `trigger_11` changed copy by copy (the changed copies' test,
 found on it, and `decision.confident_prob`), tinyimagenet100 at 0.25% with `trigger_12` (the held-picture test,
-designed on it) and with `trigger_10` (`recurrence.HELD_SHARE`; the held-picture test itself held out there); a
-*held-out* setting is one no default was chosen on (another rate, target class or trigger, or a clean-data model
-none was set with). PoisonCAM finds only what the threat model learned, so every row gives the model's strength:
+designed on it) and with `trigger_10` (`recurrence.HELD_SHARE`; the held-picture test itself held out there),
+tinyimagenet100 at 1% with `trigger_13` and an 8-epoch model (the held picture's response test); a *held-out* setting
+is one no default was chosen on (another rate, target class or trigger, or a clean-data model none was set with).
+PoisonCAM finds only what the threat model learned, so every row gives the model's strength:
 its k-NN attack success rate (ASR: patched validation images of other classes whose 20 nearest training neighbours
 vote for the target) against the clean rate (the same vote on unpatched images).
 A model whose ASR is not well above its clean rate learned the trigger weakly, if at all: the search often finds
@@ -102,6 +103,15 @@ def _held(rec: dict[str, Any] | None) -> str:
     return text
 
 
+def _response(res: dict[str, Any] | None) -> str:
+    """The held picture's response test (nothing where the record has none): decided pairs won, p."""
+    if not res or not res.get("pairs"):
+        return ""
+    p = res.get("p_value")
+    return (f"; response: {res.get('wins', 0)} of {res.get('wins', 0) + res.get('losses', 0)} decided pairs won "
+            f"({res['pairs']} pairs), " + ("p < 0.001" if p is not None and p < 0.001 else f"p {_num(p, 3)}"))
+
+
 def _decision(d: dict[str, Any]) -> str:
     if not d.get("backdoor_found"):
         return f"no signal, {d.get('removed', 0):,} removed"
@@ -115,7 +125,7 @@ def row(r: dict[str, Any]) -> str:
     cells = [f"**{r['name']}**: {r.get('setting', '')}", r.get("role", "-"), r.get("version") or "-",
              _strength(r.get("threat_model")),
              _num(r.get("z")), _pct(r.get("effect")), (_group(rec, top_k=True) + _changed(r.get("changed_recurrence"))
-              + _held(r.get("held_recurrence"))),
+              + _held(r.get("held_recurrence")) + _response(r.get("held_response"))),
              _group(r.get("feature_recurrence")),
              _decision(d), _pct(d.get("recall")),
              _pct(d.get("precision")), bar]
@@ -129,7 +139,8 @@ def render(records: list[dict[str, Any]]) -> str:
     lines = [HEADER, f"{current} of the {len(records)} runs were decided by this release ({__version__}); the others'",
              "figures are their release's, kept until the run is repeated.", "",
              "| run | role | version | threat model: k-NN ASR (clean rate, ratio) | z | effect | recurrence: group "
-             "(random p99), p; changed copies (each window's own bar); held across the data set (largest gap) | "
+             "(random p99), p; changed copies (each window's own bar); held across the data set (largest gap); "
+             "the held picture's response (pairs won) | "
              "feature recurrence: group (search-like p99), p | decision | recall | precision | effect bar alone |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in records]

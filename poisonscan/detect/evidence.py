@@ -99,8 +99,10 @@ class EvidenceSettings:
     #: with a held group, the pairs of the response test (detect/held_response.py): a holder's copy of the picture
     #: against an alike window of an image of its cluster that does not hold it, both on the flip test; what ties a
     #: weakly learned trigger's picture to the threat model where the top-k's few windows cannot. Costs 2 x pairs
-    #: windows on the flip set (64: an eighth of the null's 1,024; a cost choice, not fitted). 0: off
-    held_response_pairs: int = field(default=64, metadata=at_least(0))
+    #: windows on the flip set (as many as a quarter of the null's 1,024). Chosen for the draw's spread on
+    #: tinyimagenet100 at 1% with an 8-epoch model, the run the test was built on: two draws of 64 pairs gave p 0.0068
+    #: and 4e-7 (24 of 33 and 31 of 34 decided pairs won). 0: off
+    held_response_pairs: int = field(default=128, metadata=at_least(0))
     #: also test whether the top-k windows look alike to the threat model (detect/recurrence.py,
     #: :func:`~poisonscan.detect.recurrence.feature_recurrence_test`): what shows a trigger changed copy by copy.
     #: Costs the search's masking of 256 random images (about 19k forwards at 32 px with coarse-to-fine masking)
