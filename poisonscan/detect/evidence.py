@@ -99,7 +99,8 @@ class EvidenceSettings:
     #: with a held group, the pairs of the response test (detect/held_response.py): a holder's copy of the picture
     #: against an alike window of an image of its cluster that does not hold it, both on the flip test; what ties a
     #: weakly learned trigger's picture to the threat model where the top-k's few windows cannot. Costs 2 x pairs
-    #: windows on the flip set (as many as a quarter of the null's 1,024). Chosen for the draw's spread on
+    #: windows on the flip set (as many as a quarter of the null's 1,024), wherever a held group forms, also where
+    #: z clears the bar without it (there it buys the record's figure only). Chosen for the draw's spread on
     #: tinyimagenet100 at 1% with an 8-epoch model, the run the test was built on: two draws of 64 pairs gave p 0.0068
     #: and 4e-7 (24 of 33 and 31 of 34 decided pairs won). 0: off
     held_response_pairs: int = field(default=128, metadata=at_least(0))
@@ -356,7 +357,8 @@ def evidence_gate(ev: Evidence, min_evidence: float, min_effect: float, max_recu
         return True, (f"backdoor signal: {group}, and the threat model responds to it ({response_text(response)}), "
                       f"{weak}")
     if z < min_evidence and recurring:
-        also = f", nor does the threat model respond to it ({response_text(response)})" if response else ""
+        also = (f", nor does the threat model respond to it ({response_text(response)})"
+                if response is not None and weak_signal_p > 0 else "")
         return False, (f"no backdoor signal: z = {z:.2f} is below the minimum evidence {min_evidence:g}, though "
                        f"{group}: their poison scores do not stand above random windows' (p = {p:.3f}, "
                        f"asked: {weak_signal_p:g}){also}, "

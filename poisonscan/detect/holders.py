@@ -99,8 +99,9 @@ def best_boxes(images_u8: Tensor, templates_u8: Tensor, runtime: rt.Runtime, bat
             if sim is None:
                 continue
             best = sim.amax(dim=1).flatten(1).argmax(dim=1).cpu()              # over templates, then positions
-            side = int(sim.shape[-1])
-            xy = torch.stack([best % side, best // side], dim=1).double() / scale
+            side = int(sim.shape[-1])                  # positions in images shrunk to side + w - 1 pixels
+            shrink = (side + int(tmpl.shape[-1]) - 1) / float(images_u8.shape[-1])
+            xy = torch.stack([best % side, best // side], dim=1).double() / shrink
             boxes[start:start + len(x), :2] = xy.round().long().clamp(0, limit)
     return boxes
 

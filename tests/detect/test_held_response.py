@@ -34,7 +34,7 @@ def test_pairs_take_an_alike_image_of_the_holders_cluster_that_holds_nothing() -
     similarity = rng.random(n)
     exclude = [40, 41, 42]
     holders, others = response_pairs(holds, similarity, labels, exclude, 25, seed=1)
-    assert len(holders) == len(others) == 25 and len(set(holders.tolist())) == 25
+    assert len(holders) == len(others) == 25 and len(set(holders.tolist())) == len(set(others.tolist())) == 25
     assert holds[holders].all() and not holds[others].any() and not np.isin(others, exclude).any()
     assert (labels[holders] == labels[others]).all() and (holders < 40).all()
     for h, o in zip(holders, others):
@@ -42,8 +42,11 @@ def test_pairs_take_an_alike_image_of_the_holders_cluster_that_holds_nothing() -
         assert similarity[o] >= np.quantile(similarity[pool], 1 - ALIKE_SHARE)
     again = response_pairs(holds, similarity, labels, exclude, 25, seed=1)
     assert (again[0] == holders).all() and (again[1] == others).all()             # seeded
-    few, _ = response_pairs(holds, similarity, labels, exclude, 100, seed=1)
-    assert len(few) == 40                                                          # every holder that has a pair
+    every, _ = response_pairs(holds, similarity, labels, exclude, 100, seed=1)
+    free = ~holds & ~np.isin(np.arange(n), exclude)
+    alike = {c: int((similarity[free & (labels == c)] >= np.quantile(similarity[free & (labels == c)],
+                                                                      1 - ALIKE_SHARE)).sum()) for c in range(4)}
+    assert len(every) == sum(min(int((labels[:40] == c).sum()), alike[c]) for c in range(4))   # no image twice
 
 
 def test_best_boxes_find_where_the_picture_is() -> None:
@@ -65,7 +68,7 @@ def test_best_boxes_find_where_the_picture_is() -> None:
     assert np.abs(got[:, :2].numpy() - np.array(spots)).max() <= 2
 
 
-def _scan(picture: torch.Tensor, holders: int = 30, n: int = 120) -> tuple[FlipTest, torch.Tensor, np.ndarray]:
+def _scan(picture: torch.Tensor, holders: int = 30, n: int = 400) -> tuple[FlipTest, torch.Tensor, np.ndarray]:
     """``n`` dim 16-px images, the first ``holders`` with ``picture`` (5 x 5) pasted; two clusters of store images,
     the flip test of the toy threat model (a bright spot flips its images)."""
     g = torch.Generator().manual_seed(5)
