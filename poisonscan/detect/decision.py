@@ -64,7 +64,7 @@ class DecisionSettings:
     #: (p 0.0095: 27 of 1,000 poisons, no clean image) and a clean-data CIFAR-10 model (p 0.0005: withdrawn by the
     #: picture match, 0 removed). On a fourth, tinyimagenet100 at 1% with trigger_13, 8 epochs (k-NN ASR 8.6x; 495
     #: images hold the top windows' picture, bootstrap p 0.038), the held picture's response test passes at this
-    #: level instead (``evidence.held_response_pairs``, p 7e-9): the 500 poisons removed. 0: ``z`` is needed
+    #: level instead (``evidence.held_response_pairs``, p 1.3e-6): the 500 poisons removed. 0: ``z`` is needed
     weak_signal_p: float = field(default=0.01, metadata=between(0.0, 1.0))
     #: remove even without a backdoor signal: the images that hold a recurring picture, else the classifier's picks
     force: bool = False
